@@ -870,13 +870,13 @@ def with_budget(tools_, max_calls):
 
 
 def run_mode(mode, model, processor, tools_, questions, max_turns=6, max_new_tokens=256, batch_size=64,
-             seed=0, progress=False):
+             seed=0, progress=False, dtype=None):
     """Greedy rollouts of one mode over questions (rows from tools.load_questions); batch_size is the
     number of trajectories rollout keeps in flight; progress: rollout's bar with ETA. Returns one
     Trajectory per question, in order."""
     import rollout
     kw = dict(group_size=1, max_turns=max_turns, max_new_tokens=max_new_tokens, temperature=0.0, seed=seed,
-              batch_size=batch_size, progress=progress)
+              batch_size=batch_size, progress=progress, dtype=dtype)
     if mode == "agent":
         return rollout.rollout(model, processor, tools_, questions, **kw)
     if mode == "direct":  # no search at all
@@ -1189,7 +1189,7 @@ def gather(obj, world):
 
 
 def evaluate(mode, model, processor, tools_, questions, bench, judge=None, rank=0, world=1,
-             max_turns=6, max_new_tokens=256, batch_size=64, seed=0, progress=True):
+             max_turns=6, max_new_tokens=256, batch_size=64, seed=0, progress=True, dtype=None):
     """Run one mode on this rank's share of questions, score it, gather all ranks' records.
     Returns (records in question order, wall seconds of the slowest rank)."""
     idx = shard(len(questions), rank, world)
@@ -1198,7 +1198,7 @@ def evaluate(mode, model, processor, tools_, questions, bench, judge=None, rank=
         print(f"{bench} / {mode}: {len(questions)} questions on {world} rank(s)", file=sys.stderr, flush=True)
     t0 = time.time()
     trajs = run_mode(mode, model, processor, tools_, mine, max_turns=max_turns, max_new_tokens=max_new_tokens,
-                     batch_size=batch_size, seed=seed, progress=(rank == 0 and progress))
+                     batch_size=batch_size, seed=seed, progress=(rank == 0 and progress), dtype=dtype)
     records = []
     for i, q, t in zip(idx, mine, trajs):
         s = score(t.answer, q["answers"])
@@ -1231,6 +1231,8 @@ def _run_parser():
     p.add_argument("--max_turns", type=int, default=6)
     p.add_argument("--max_new_tokens", type=int, default=256, help="per assistant turn")
     p.add_argument("--batch_size", type=int, default=64, help="questions per rollout batch")
+    p.add_argument("--max_pixels", type=int, default=None, help="image size cap (default: the checkpoint's, "
+                   "at most 1280x28x28 for real ones)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--judge_url", default=None, help="OpenAI-compatible endpoint of an LLM judge, e.g. "
                    "http://127.0.0.1:8000/v1 (key from $OPENAI_API_KEY if set)")
@@ -1278,7 +1280,7 @@ def run(args):
         if not Path(q).is_file():
             sys.exit(f"{q}: not found (python make_data.py writes the synthetic questions)")
     ckpt = Path(args.ckpt) if args.ckpt else default_checkpoint()
-    mdl, proc = M.load(ckpt, device=device, log=M.print0)
+    mdl, proc = M.load(ckpt, device=device, log=M.print0, max_pixels=args.max_pixels)
     tl = tools.make_tools(args.data, backend=args.backend, cache=args.cache, cache_mode=args.cache_mode,
                           server_url=args.server_url)
     judge = Judge(args.judge_url, args.judge_model, cache=args.judge_cache) if args.judge_url else None

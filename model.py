@@ -28,8 +28,15 @@ import tempfile
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+from torch.nn.parallel import DistributedDataParallel
 
 HERE = Path(__file__).resolve().parent
 IMAGE = "<image>"  # placeholder for an image inside string message content (design card)
@@ -54,6 +61,8 @@ class Processor:
     processor, which imports torchvision; we need images only, so this small class holds the
     two parts and reads/writes the same files as the real processor."""
 
+    MAX_PIXELS = 1280 * 28 * 28  # Qwen's recommended cap: at most 1280 image tokens per image
+
     def __init__(self, tokenizer, image_processor):
         self.tokenizer = tokenizer
         self.image_processor = image_processor
@@ -67,11 +76,21 @@ class Processor:
         self.pad_id = ids["<|endoftext|>"]
 
     @classmethod
-    def from_pretrained(cls, path):
+    def from_pretrained(cls, path, max_pixels=None):
+        """max_pixels: the most pixels an image is resized to (so at most max_pixels / 28^2 image
+        tokens). None: the folder's value, capped at Qwen's recommended 1280*28*28; the hub's own
+        12,845,056 would turn one photo into up to 16,384 tokens."""
         from transformers import AutoTokenizer
+        from transformers.image_utils import SizeDict
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
         tok = AutoTokenizer.from_pretrained(path)
         ip = Qwen2VLImageProcessorPil.from_pretrained(path)
+        # this processor keeps min/max pixels as size.shortest_edge / size.longest_edge
+        lo, hi = ip.size.shortest_edge, ip.size.longest_edge
+        hi = max_pixels if max_pixels is not None else min(hi, cls.MAX_PIXELS)
+        if hi < lo:
+            raise ValueError(f"max_pixels={hi} is below min_pixels={lo} of {path}/preprocessor_config.json")
+        ip.size = SizeDict(shortest_edge=lo, longest_edge=hi)  # a new object: never mutate a shared default
         if not tok.chat_template:
             raise ValueError(f"{path}: the tokenizer has no chat template (chat_template.jinja or "
                              "tokenizer_config.json 'chat_template')")
@@ -164,7 +183,6 @@ def _check_folder(path):
         shards = ["model.safetensors"]
     else:
         raise FileNotFoundError(f"{path / 'model.safetensors'}: missing (no weights in {path})")
-    from safetensors import safe_open
     for s in shards:
         f = path / s
         if not f.is_file():
@@ -176,9 +194,10 @@ def _check_folder(path):
             raise ValueError(f"{f}: corrupt safetensors file ({e})") from None
 
 
-def load(path, device=None, dtype=None, log=print):
+def load(path, device=None, dtype=None, log=print, max_pixels=None):
     """Load any local Qwen2.5-VL checkpoint folder (HF layout) -> (model, processor).
-    device: default cuda if available else cpu; dtype: default bf16 on CUDA, fp32 on CPU."""
+    device: default cuda if available else cpu; dtype: default bf16 on CUDA, fp32 on CPU;
+    max_pixels: see Processor.from_pretrained."""
     from transformers import Qwen2_5_VLForConditionalGeneration
     _check_folder(path)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -186,7 +205,7 @@ def load(path, device=None, dtype=None, log=print):
     attn = attn_implementation(device)
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype, attn_implementation=attn)
     model.to(device).eval()
-    processor = Processor.from_pretrained(path)
+    processor = Processor.from_pretrained(path, max_pixels=max_pixels)
     if log:
         log(f"loaded {path}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
             f"{dtype}, {device}, attention={attn}")
@@ -464,7 +483,13 @@ def policy_logits(lm_head, h, config):
     """fp32 next-token logits of hidden states h (N, D) -> (N, V), with the image and video
     placeholder tokens made impossible: they stand for pixels and must never be sampled. Rollout
     samples from these logits and training scores with them, so both see one distribution."""
-    logits = lm_head(h).float()
+    if h.device.type == "cpu" and (h.dtype != torch.float32 or torch.is_autocast_enabled("cpu")):
+        # On CPU (the tests' twin of a bf16 GPU run) the head runs in fp32: a bf16 GEMM with a
+        # 151k-long inner dimension, the head's backward, takes 4.3 s there against 0.05 s in fp32.
+        with torch.autocast("cpu", enabled=False):
+            logits = F.linear(h.float(), lm_head.weight.float())
+    else:
+        logits = lm_head(h).float()
     logits[..., [config.image_token_id, config.video_token_id]] = float("-inf")
     return logits
 
@@ -510,22 +535,25 @@ def token_logprobs(model, batch, temperature=1.0, chunk=1024, return_entropy=Fal
 # ----------------------------------------------------------------------------- LoRA
 
 class LoRALinear(nn.Module):
-    """y = W x + (alpha/r) B A x, with B = 0 at start so the model is unchanged at initialisation."""
+    """y = W x + (alpha/r) B A x, with B = 0 at start so the model is unchanged at initialisation.
+    `enabled = False` gives the base layer alone: the LoRA run's KL reference is the policy itself."""
 
     def __init__(self, base: nn.Linear, rank, alpha):
         super().__init__()
-        self.base, self.scale = base, alpha / rank
-        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, dtype=base.weight.dtype,
-                                               device=base.weight.device))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, dtype=base.weight.dtype,
-                                               device=base.weight.device))
+        self.base, self.rank, self.alpha, self.scale, self.enabled = base, rank, alpha, alpha / rank, True
+        kw = dict(dtype=torch.float32, device=base.weight.device)  # trainable: fp32 masters over any base
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, **kw))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, **kw))
         nn.init.kaiming_uniform_(self.lora_A, a=5 ** 0.5)
 
     def forward(self, x):
-        return self.base(x) + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale
-
-    def merged_weight(self):
-        return self.base.weight + (self.lora_B @ self.lora_A) * self.scale
+        y = self.base(x)
+        if not self.enabled:
+            return y
+        a, b = self.lora_A, self.lora_B
+        if not torch.is_autocast_enabled(x.device.type):  # fp32 run or bf16 parameters: match x's dtype
+            a, b = a.to(x.dtype), b.to(x.dtype)
+        return y + F.linear(F.linear(x, a), b) * self.scale
 
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -546,26 +574,104 @@ def add_lora(model, rank=8, alpha=16, targets=LORA_TARGETS):
     return model
 
 
+@contextlib.contextmanager
+def lora_disabled(model):
+    """The base model, adapters off (the reference policy of a LoRA run, at no memory cost)."""
+    mods = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    for m in mods:
+        m.enabled = False
+    try:
+        yield model
+    finally:
+        for m in mods:
+            m.enabled = True
+
+
+def _full(t):
+    """A parameter as a plain tensor; under FSDP2 an all-gather (every rank must call it, in the same order)."""
+    return (t.full_tensor() if isinstance(t, DTensor) else t).detach()
+
+
 def merged_state_dict(model):
-    """The model's state dict in the original layout, with LoRA folded into the base weights."""
-    sd = model.state_dict()
+    """The model's state dict in the original layout, LoRA folded into the base weights, every tensor
+    fp32 (a bf16 W + dW would round most of a small LoRA delta away). A collective under FSDP2: each
+    sharded tensor is gathered in turn; rank 0 returns the dict, other ranks None."""
+    sd, first, main = {}, {}, _rank() == 0
+    for k, v in model.state_dict(keep_vars=True).items():
+        if id(v) in first:  # a tied weight (lm_head = embed_tokens): one tensor under both names, so
+            if main:        # that save_pretrained stores it once
+                sd[k] = sd[first[id(v)]]
+            continue
+        first[id(v)] = k
+        v = _full(v)
+        if main:
+            sd[k] = v.cpu().float() if v.is_floating_point() else v.cpu()
+    if not main:
+        return None
     for name, mod in model.named_modules():
         if isinstance(mod, LoRALinear):
-            for k in ("lora_A", "lora_B"):
-                sd.pop(f"{name}.{k}")
-            sd.pop(f"{name}.base.weight")
-            sd[f"{name}.weight"] = mod.merged_weight().detach()
-            if mod.base.bias is not None:
+            a, b = sd.pop(f"{name}.lora_A"), sd.pop(f"{name}.lora_B")
+            sd[f"{name}.weight"] = sd.pop(f"{name}.base.weight") + (b @ a) * mod.scale
+            if f"{name}.base.bias" in sd:
                 sd[f"{name}.bias"] = sd.pop(f"{name}.base.bias")
     return sd
 
 
+# The adapter lives in a subfolder: transformers with peft installed attaches an adapter_config.json
+# found beside config.json on top of the weights, which would apply the (already merged) LoRA twice.
+ADAPTER_DIR, ADAPTER_FILE, ADAPTER_CONFIG = "adapter", "adapter_model.safetensors", "adapter_config.json"
+
+
+def lora_adapter(model, base=None):
+    """(tensors, config) of the LoRA factors in PEFT's layout (fp32), or None without LoRA; the
+    exact form of a LoRA run's result (merged weights are its approximation in one file). A
+    collective under FSDP2; rank 0 gets the tensors."""
+    mods = [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+    if not mods:
+        return None
+    tensors = {}
+    for name, m in mods:
+        for k in ("lora_A", "lora_B"):
+            tensors[f"base_model.model.{name}.{k}.weight"] = _full(getattr(m, k)).float().cpu().contiguous()
+    targets = sorted({n.rsplit(".", 1)[1] for n, _ in mods})
+    config = {"peft_type": "LORA", "task_type": None, "r": mods[0][1].rank, "lora_alpha": mods[0][1].alpha,
+              "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
+              "base_model_name_or_path": str(base) if base else None,
+              # a regex: the vision tower has gate/up/down_proj too, which our LoRA leaves alone
+              "target_modules": rf".*language_model.*\.({'|'.join(targets)})"}
+    return tensors, config
+
+
+def load_adapter(model, path):
+    """Load the PEFT-layout adapter of a checkpoint written by `save_checkpoint` (path/adapter/)
+    into the LoRALinear layers of `model`."""
+    f = Path(path) / ADAPTER_DIR / ADAPTER_FILE
+    if not f.is_file():
+        raise FileNotFoundError(f"{f}: missing (the LoRA factors of the run)")
+    tensors = load_file(str(f))
+    mods = {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+    for key, t in tensors.items():
+        name, k = key.removeprefix("base_model.model.").removesuffix(".weight").rsplit(".", 1)
+        if name not in mods or k not in ("lora_A", "lora_B"):
+            raise ValueError(f"{f}: {key} matches no LoRA layer of this model (other base or rank?)")
+        with torch.no_grad():
+            getattr(mods[name], k).copy_(t)
+    if len(tensors) != 2 * len(mods):
+        raise ValueError(f"{f}: {len(tensors)} tensors for {len(mods)} LoRA layers")
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
-def save(model, processor, out_dir, meta, state_dict=None):
-    """Atomic Hugging Face checkpoint: safetensors + processor files + meta.json, written to a
-    temporary folder beside `out_dir` and renamed over it, so a crash never leaves half a checkpoint.
-    `state_dict`: pass a gathered full state dict for sharded (FSDP) models."""
+TRAIN_STATE = "train_state.pt"  # optimizer, scheduler, RNG, data position: beside the HF files, ignored by loaders
+SIDE_FILES = ("log.txt",)  # a run's files in its checkpoint folder that are not part of the checkpoint
+
+
+def save(model, processor, out_dir, meta, state_dict=None, train_state=None, adapter=None):
+    """Atomic checkpoint: safetensors (fp32) + processor files + meta.json, and for a training run its
+    train state and LoRA adapter, all written to a temporary folder beside `out_dir` and swapped in,
+    so that weights, adapter and train state are one unit. A kill -9 at any moment leaves the old unit
+    or the new one (`recover` finishes an interrupted swap). Files of out_dir that are not part of the
+    unit (log.txt) are carried over. `state_dict`: a gathered full state dict (FSDP)."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
@@ -573,18 +679,67 @@ def save(model, processor, out_dir, meta, state_dict=None):
     try:
         sd = state_dict if state_dict is not None else merged_state_dict(model)
         model.save_pretrained(tmp, state_dict=sd, safe_serialization=True)
+        cfg = json.loads((tmp / "config.json").read_text())
+        cfg["dtype"] = "float32"  # what the tensors are; `dtype="auto"` loaders must not read bf16
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
         processor.save_pretrained(tmp)
+        if adapter is not None:
+            (tmp / ADAPTER_DIR).mkdir()
+            save_file(adapter[0], str(tmp / ADAPTER_DIR / ADAPTER_FILE), metadata={"format": "pt"})
+            (tmp / ADAPTER_DIR / ADAPTER_CONFIG).write_text(json.dumps(adapter[1], indent=1))
+        if train_state is not None:
+            torch.save(train_state, tmp / TRAIN_STATE)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
-        old = out_dir.with_name(f".{out_dir.name}.old")
-        if out_dir.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
+        _fsync_dir(tmp)
+        _swap(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def _fsync_dir(d):
+    for f in Path(d).rglob("*"):  # data on disk before the rename makes it visible
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+
+
+def _side(out_dir, what):
+    return out_dir.with_name(f".{out_dir.name}.{what}")
+
+
+def _swap(tmp, out_dir):
+    """out_dir's side files (the log) -> .keep; out_dir -> .old; tmp -> out_dir; side files back.
+    Every step is one rename, and `recover` knows how to finish from between any two."""
+    keep, old = _side(out_dir, "keep"), _side(out_dir, "old")
+    if out_dir.exists():
+        keep.mkdir(exist_ok=True)
+        for name in SIDE_FILES:
+            if (out_dir / name).exists():
+                os.replace(out_dir / name, keep / name)
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    recover(out_dir)
+
+
+def recover(out_dir):
+    """Finish a swap that a kill interrupted (run by rank 0 before anything reads out_dir): bring
+    back the previous unit if the new one never arrived, drop the old one and unfinished temporary
+    folders, and put the side files back."""
+    out_dir = Path(out_dir)
+    keep, old = _side(out_dir, "keep"), _side(out_dir, "old")
+    if not out_dir.exists() and old.is_dir():
+        os.replace(old, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+    for tmp in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+    if keep.is_dir():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for f in keep.iterdir():
+            os.replace(f, out_dir / f.name)
+        keep.rmdir()
 
 
 # ----------------------------------------------------------------------------- distributed, logs
@@ -592,7 +747,6 @@ def save(model, processor, out_dir, meta, state_dict=None):
 def setup_dist():
     """From torchrun's environment (NCCL on CUDA, gloo on CPU), or one process.
     Returns (rank, world_size, device)."""
-    import torch.distributed as dist
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
@@ -607,7 +761,6 @@ def setup_dist():
 
 
 def is_main():
-    import torch.distributed as dist
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
@@ -652,18 +805,22 @@ class RunLog:
             self.f.flush()
 
 
-def autocast(device):
-    """bf16 autocast on CUDA, nothing on CPU (fp32 there)."""
-    if torch.device(device).type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-# ----------------------------------------------------------------------------- training state and wrapping
+def compute_dtype(precision, device):
+    """--precision -> torch dtype; None: bf16 on CUDA, fp32 on CPU."""
+    return PRECISIONS[precision or ("bf16" if torch.device(device).type == "cuda" else "fp32")]
 
-TRAIN_STATE = "train_state.pt"  # lives in the checkpoint folder beside the HF files; loaders ignore it
-KEEP_FILES = ("log.txt", TRAIN_STATE)  # side files of a run's folder that a checkpoint swap carries over
 
+def autocast(device, dtype):
+    """Matmuls in `dtype` over fp32 master weights (CPU too: the tests run the GPU's dtype path)."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------- distributed training
 
 class LogProbs(nn.Module):
     """token_logprobs as a module's forward. DDP synchronises gradients, and FSDP2 gathers the
@@ -685,52 +842,69 @@ class LogProbs(nn.Module):
         return out
 
 
-def wrap(model, mode="ddp", device=None, find_unused_parameters=None):
+def wrap(model, mode="ddp", device=None, dtype=torch.float32):
     """-> a module w with w(batch, temperature=1.0, return_entropy=False) == token_logprobs(model, ...)
     whose gradients are averaged over ranks.
       ddp:  DistributedDataParallel, every rank holds the whole model.
       fsdp: FSDP2, `fully_shard` on each decoder block, then on the root (which keeps embeddings,
-            lm_head, norms and the vision tower, so tied weights share a group);
-            on CUDA parameters are gathered in bf16 and gradients reduced in fp32.
+            lm_head, norms and the vision tower, so tied weights share a group); parameters are
+            gathered in `dtype` (the compute precision), gradients reduced in fp32 into fp32 shards.
       none: no wrapper. Without an initialised process group every mode is "none".
     `unwrap(w)` gives back `model` (FSDP2 shards it in place: its parameters become DTensors)."""
-    import torch.distributed as dist
     root = LogProbs(model)
     if mode == "none" or not dist.is_initialized():
         return root
     device = torch.device(device or next(model.parameters()).device)
     if mode == "ddp":
-        from torch.nn.parallel import DistributedDataParallel
-        if find_unused_parameters is None:
-            # a text-only micro-batch leaves a trainable vision tower without gradients, which DDP
-            # treats as an error unless told to look for unused parameters
-            find_unused_parameters = any(p.requires_grad for p in model.model.visual.parameters())
+        # a text-only micro-batch leaves a trainable vision tower without gradients, which DDP
+        # treats as an error unless told to look for unused parameters
+        unused = any(p.requires_grad for p in model.model.visual.parameters())
         return DistributedDataParallel(root, device_ids=[device.index] if device.type == "cuda" else None,
-                                       find_unused_parameters=find_unused_parameters)
+                                       find_unused_parameters=unused)
     if mode == "fsdp":
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-        mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-              if device.type == "cuda" else MixedPrecisionPolicy())
+        mp = MixedPrecisionPolicy(param_dtype=None if dtype == torch.float32 else dtype, reduce_dtype=torch.float32)
         # Decoder blocks only: the vision tower stays in the root unit, gathered on every forward.
         # A vision block of its own would be gathered only by ranks whose micro-batch has images,
         # and a text-only micro-batch on another rank would then mismatch the collectives.
         for block in model.model.language_model.layers:
             fully_shard(block, mesh=mesh, mp_policy=mp)
         fully_shard(root, mesh=mesh, mp_policy=mp)
+        # FSDP2 decides which unit is the root at the first forward through it. The rollout calls
+        # the decoder blocks directly (see `unsharded`), which would make a block a root of its own.
+        root._get_fsdp_state()._lazy_init()
         return root
     raise ValueError(f"unknown wrap mode {mode!r} (ddp | fsdp | none)")
 
 
 def unwrap(wrapped):
-    """The Hugging Face model inside a `wrap` result."""
-    return getattr(wrapped, "module", wrapped).model
+    """The Hugging Face model inside a `wrap` result (or the model itself)."""
+    m = getattr(wrapped, "module", wrapped)  # DDP keeps it as .module
+    return m.model if isinstance(m, LogProbs) else m
 
 
 def is_sharded(model):
-    from torch.distributed.tensor import DTensor
     return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+@contextlib.contextmanager
+def unsharded(wrapped):
+    """Whole parameters on every rank, no collectives, for generation: ranks then decode different
+    numbers of steps without deadlocking. Under FSDP2 every unit is all-gathered once (in the compute
+    dtype) and kept gathered through its forwards (no reshard after forward), then resharded on exit.
+    A no-op for DDP and single processes. Costs one full copy of the weights per rank while inside."""
+    units = [m for m in wrapped.modules() if isinstance(m, FSDPModule)]
+    for m in units:
+        if m is not wrapped:  # the root's forward is never called by the rollout
+            m.set_reshard_after_forward(False, recurse=False)
+        m.unshard()
+    try:
+        yield unwrap(wrapped)
+    finally:
+        for m in units:
+            m.reshard()
+            if m is not wrapped:
+                m.set_reshard_after_forward(True, recurse=False)
 
 
 def grad_sync(wrapped, enabled):
@@ -745,7 +919,6 @@ def grad_sync(wrapped, enabled):
 def clip_grad_norm(params, max_norm):
     """Clip to `max_norm` (<= 0: no clipping) and return the global gradient norm as a float;
     under FSDP2 the norm of the sharded gradients is reduced over ranks."""
-    from torch.distributed.tensor import DTensor
     params = [p for p in params if p.grad is not None]
     if not params:
         return 0.0
@@ -755,93 +928,29 @@ def clip_grad_norm(params, max_norm):
     return norm.item()
 
 
+def reduce(values, op="sum"):
+    """Floats summed (op "sum") or maxed ("max") over ranks in one all-reduce; unchanged in one
+    process. The one place that reduces across ranks: the tensor lives on the process group's
+    device (NCCL serves CUDA tensors only, gloo CPU ones)."""
+    values = [float(v) for v in values]
+    if not dist.is_initialized():
+        return values
+    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor(values, dtype=torch.float64, device=dev)
+    dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
+    return t.tolist()
+
+
 def _rank():
-    import torch.distributed as dist
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def _barrier():
-    import torch.distributed as dist
+def barrier():
     if dist.is_initialized():
         dist.barrier()
 
 
-def full_state_dict(model):
-    """The model's full state dict in the original layout (LoRA folded in), on CPU on rank 0 and
-    None on other ranks. A collective when the model is FSDP2-sharded (every rank must call it):
-    each DTensor is gathered in turn and only rank 0 keeps a copy."""
-    if not is_sharded(model):
-        return merged_state_dict(model) if _rank() == 0 else None
-    from torch.distributed.tensor import DTensor
-    sd, first = {}, {}
-    for k, v in model.state_dict(keep_vars=True).items():
-        if id(v) in first:  # a tied weight (lm_head = embed_tokens): one tensor under both names, as
-            if _rank() == 0:  # unsharded, so that save_pretrained stores it once
-                sd[k] = sd[first[id(v)]]
-            continue
-        first[id(v)] = k
-        v = v.full_tensor() if isinstance(v, DTensor) else v
-        if _rank() == 0:
-            sd[k] = v.detach().cpu()
-    if _rank() != 0:
-        return None
-    for name, mod in model.named_modules():  # the same folding as merged_state_dict, on gathered tensors
-        if isinstance(mod, LoRALinear):
-            a, b = sd.pop(f"{name}.lora_A"), sd.pop(f"{name}.lora_B")
-            sd[f"{name}.weight"] = sd.pop(f"{name}.base.weight") + (b @ a) * mod.scale
-            if f"{name}.base.bias" in sd:
-                sd[f"{name}.bias"] = sd.pop(f"{name}.base.bias")
-    return sd
-
-
-def lora_state_dict(model):
-    """{name: full CPU tensor} of the LoRA parameters (model.save folds them into the base weights,
-    so an exact LoRA resume keeps them apart). A collective under FSDP2."""
-    from torch.distributed.tensor import DTensor
-    out = {}
-    for k, v in model.state_dict().items():
-        if ".lora_A" in k or ".lora_B" in k:
-            out[k] = (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu()
-    return out
-
-
-def _side_dir(out_dir):
-    return out_dir.with_name(f".{out_dir.name}.keep")
-
-
-def restore_side_files(out_dir):
-    """Move side files parked by an interrupted save_checkpoint back into `out_dir`."""
-    out_dir = Path(out_dir)
-    side = _side_dir(out_dir)
-    if side.is_dir():
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for f in side.iterdir():
-            os.replace(f, out_dir / f.name)
-        side.rmdir()
-
-
-def save_checkpoint(model, processor, out_dir, meta, keep=KEEP_FILES):
-    """model.save of the unwrapped model, from any wrapping: gathers FSDP2 shards (a collective:
-    every rank calls it), rank 0 writes, all ranks wait. model.save swaps the whole folder, which
-    would delete a run's side files that live in it (the open log, the train state): those are
-    renamed to a sibling folder during the swap and back after (a rename keeps an open log file
-    writing to the same file)."""
-    out_dir = Path(out_dir)
-    sd = full_state_dict(model)
-    if _rank() == 0:
-        restore_side_files(out_dir)
-        side = _side_dir(out_dir)
-        side.mkdir(parents=True, exist_ok=True)
-        for name in keep:
-            if (out_dir / name).exists():
-                os.replace(out_dir / name, side / name)
-        try:
-            save(model, processor, out_dir, meta, state_dict=sd)
-        finally:
-            restore_side_files(out_dir)
-    _barrier()
-    return out_dir
-
+# ----------------------------------------------------------------------------- training checkpoints
 
 def rng_states():
     import random
@@ -860,48 +969,46 @@ def set_rng_states(s):
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
-def _optimizer_state(optimizer, model):
-    """The optimizer's full state: gathered from FSDP2 shards when `model` (the wrapped root) is
-    sharded, keyed by parameter name there; the plain state_dict otherwise (identical on all ranks)."""
-    if model is not None and is_sharded(model):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-        return get_optimizer_state_dict(model, optimizer,
-                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return optimizer.state_dict()
-
-
-def save_train_state(path, optimizer, scheduler, step, extra=None, model=None):
-    """Everything besides the weights that an exact resume needs, in one file written atomically
-    (tmp + rename) by rank 0: optimizer state (pass the wrapped `model` under FSDP2 so that it is
-    gathered), scheduler state, every rank's python/numpy/torch/cuda RNG states, `step` (the data
-    position: the number of global batches consumed) and `extra` (any picklable dict).
-    A collective under torch.distributed: every rank must call it."""
-    import torch.distributed as dist
-    opt = _optimizer_state(optimizer, model)
-    rngs = [rng_states()]
-    if dist.is_initialized():
-        rngs = [None] * dist.get_world_size()
-        dist.all_gather_object(rngs, rng_states())
+def save_checkpoint(wrapped, processor, out_dir, meta, optimizer=None, scheduler=None, step=0, extra=None):
+    """A training run's checkpoint, from any wrapping, as one atomic unit (`save`): the weights (FSDP2
+    shards gathered, LoRA folded in), the PEFT adapter of a LoRA run, and the train state: optimizer
+    (gathered from FSDP2 shards to rank 0), scheduler, every rank's RNG states, `step` (the data
+    position) and `extra` (any picklable dict). A collective: every rank calls it; rank 0 writes."""
+    model = unwrap(wrapped)
+    sd = merged_state_dict(model)
+    adapter = lora_adapter(model, meta.get("base"))
+    state = None
+    if optimizer is not None:
+        if is_sharded(model):
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+            opt = get_optimizer_state_dict(wrapped, optimizer,
+                                           options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        else:
+            opt = optimizer.state_dict()
+        rngs = [rng_states()]
+        if dist.is_initialized():
+            rngs = [None] * dist.get_world_size()
+            dist.all_gather_object(rngs, rng_states())
+        state = {"step": step, "optimizer": opt, "scheduler": scheduler.state_dict() if scheduler else None,
+                 "rng": rngs, "extra": extra or {}}
     if _rank() == 0:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        torch.save({"step": step, "optimizer": opt, "scheduler": scheduler.state_dict() if scheduler else None,
-                    "rng": rngs, "extra": extra or {}}, tmp)
-        os.replace(tmp, path)
-    _barrier()
-    return path
+        save(model, processor, out_dir, dict(meta, step=step), state_dict=sd, train_state=state, adapter=adapter)
+    barrier()
+    return Path(out_dir)
 
 
-def load_train_state(path, optimizer, scheduler, model=None):
-    """Restore what save_train_state wrote into `optimizer` and `scheduler` (built as for a fresh
-    run, over the same parameters) and this rank's RNG states. Returns (step, extra).
-    A different world size keeps everything but RNG, which falls back to rank 0's, with a warning."""
-    import torch.distributed as dist
-    s = torch.load(path, map_location="cpu", weights_only=False)  # our own file: numpy RNG state inside
-    if model is not None and is_sharded(model):
+def load_train_state(out_dir, optimizer, scheduler, model=None):
+    """Restore what save_checkpoint wrote into `optimizer` and `scheduler` (built as for a fresh
+    run, over the same parameters) and this rank's RNG states. Returns (step, extra). The file is
+    memory-mapped: under FSDP2 only rank 0 reads the optimizer tensors and sends each rank its
+    shard, so no rank holds a second full copy. A different world size keeps everything but RNG,
+    which falls back to rank 0's, with a warning."""
+    path = Path(out_dir) / TRAIN_STATE
+    s = torch.load(path, map_location="cpu", weights_only=False, mmap=True)  # ours: numpy RNG state inside
+    if model is not None and is_sharded(unwrap(model)):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-        set_optimizer_state_dict(model, optimizer, s["optimizer"], options=StateDictOptions(full_state_dict=True))
+        set_optimizer_state_dict(model, optimizer, s["optimizer"] if _rank() == 0 else {},
+                                 options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     else:
         optimizer.load_state_dict(s["optimizer"])
     if scheduler is not None and s["scheduler"] is not None:

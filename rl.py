@@ -1,16 +1,31 @@
 """rl.py: online GRPO with live multi-turn search rollouts (the paper's second stage), by hand.
 
     python rl.py                                   # tiny model, synthetic world, from out/sft, CPU, minutes
-    python rl.py --steps 40 --group 8 --batch 8 --lr 1e-5
-    torchrun --standalone --nproc_per_node=4 rl.py --ckpt out/sft --lr 2e-6 --warmup 45 --beta 0.001
-    torchrun --standalone --nproc_per_node=8 rl.py --ckpt /models/Qwen2.5-VL-7B-sft --fsdp --backend serpapi
     python rl.py --resume                          # continue out/rl exactly where it stopped
+    torchrun --standalone --nproc_per_node=2 rl.py                     # DDP (gloo on CPU, NCCL on GPUs)
+    torchrun --standalone --nproc_per_node=8 rl.py --preset paper --ckpt /models/qwen2.5-vl-7b-sft \
+        --fsdp --grad_ckpt --micro_batch 2 --backend http --server_url http://127.0.0.1:8765
 
 Each step: a batch of RL prompts (sharded over ranks) -> rollout.rollout with G samples per prompt,
 tools called for real -> rewards (0.9 x correctness + 0.1 x format, correctness by eval.score) ->
-group-normalised advantages -> PPO-clipped updates on sampled tokens only (prompt, tool output and
-image tokens are masked), optionally with a k3 KL penalty to the frozen starting policy -> log ->
-checkpoint. Old log-probs are the ones rollout recorded while sampling; nothing is re-tokenized.
+advantages R - mean(R) within each group -> PPO-clipped updates on sampled tokens only (prompt,
+tool output and image tokens are masked), with a k3 KL penalty to the frozen starting policy ->
+log -> checkpoint. Nothing is re-tokenized: training scores the exact token ids that were sampled.
+
+Precision (--precision, default bf16 on CUDA, fp32 on CPU): trainable parameters and AdamW state are
+fp32 masters, matmuls run in bf16 (autocast under DDP; FSDP2 gathers bf16 copies of fp32 shards). In
+fp32 the rollout's log-probs equal a fresh forward and serve as the old policy; in bf16 the cached
+rollout and a full forward round differently, so the old log-probs are recomputed with the training
+forward (the PPO ratio starts at exactly 1) and the log line's `lp_gap` says how far apart they were.
+Under FSDP2 the rollout runs on gathered (unsharded) weights with no collectives (model.unsharded).
+The KL reference of a LoRA run is the policy with its adapters off; of a full fine-tuning run, a
+frozen fp32 copy run like the policy (sharded like it under --fsdp), so the KL starts at exactly 0.
+
+Simplified from the paper: no dynamic sampling or filtering of prompts (groups whose rewards are all
+equal get exactly zero advantage and no gradient; their share is logged as zero_adv), one PPO epoch
+by default, a fixed LR after warmup. `--preset paper` sets the paper's RL settings (LR 2e-6, warmup
+45, G = 8, clip 0.2, KL 0.001, 10 tool calls, one image search, 8,192 tokens); the defaults are what
+makes the tiny offline model learn in minutes.
 """
 import argparse
 import math
@@ -46,16 +61,19 @@ def reward(traj, search_penalty=0.0, judge=None):
     return 0.9 * correct + 0.1 * format_ok(traj)
 
 
-def group_advantages(rewards, group_size, scale="std", eps=1e-6):
-    """rewards (N,) in question-major groups of G -> advantages (N,): reward minus its group's
-    mean, divided by the group's std when scale == "std" (GRPO). Equal rewards give exactly 0."""
-    r = torch.as_tensor(rewards, dtype=torch.float32).view(-1, group_size)  # (Q, G)
+def group_advantages(rewards, group_size, scale="none", eps=1e-6):
+    """rewards (N,) in question-major groups of G -> advantages (N,): reward minus its group's mean
+    (the paper), divided by the group's std when scale == "std" (the original GRPO). A group whose
+    rewards are all equal gets exactly 0: in float arithmetic r - mean(r) need not be (0.1 x 8 / 8 !=
+    0.1), and dividing that residue by a zero std would blow it up."""
+    r = torch.as_tensor(rewards, dtype=torch.float64).view(-1, group_size)  # (Q, G)
     a = r - r.mean(1, keepdim=True)
     if scale == "std":
         a = a / (r.std(1, keepdim=True, unbiased=False) + eps)
     elif scale != "none":
         raise ValueError(f"scale must be 'std' or 'none', got {scale!r}")
-    return a.flatten()
+    equal = (r == r[:, :1]).all(1, keepdim=True)
+    return torch.where(equal, 0.0, a).float().flatten()
 
 
 def grpo_loss(logprobs, old_logprobs, advantages, mask, clip=0.2, ref_logprobs=None, beta=0.0, n_tokens=None):
@@ -106,81 +124,103 @@ def lr_at(step, lr, warmup):
 
 # ----------------------------------------------------------------------------- one step
 
-def update(wrapped, optimizer, trajs, adv, args, ref_model=None):
-    """PPO epochs over the rollout batch in mini-batches of args.mini_batch trajectories.
-    Returns summed stats (divide by 'tokens')."""
-    policy = M.unwrap(wrapped)
-    proc = args._processor
-    items = [t.item() for t in trajs]
-    for it, a in zip(items, adv.tolist()):
-        it["adv"] = a
-    if ref_model is not None and args.beta > 0:
-        with torch.no_grad():
-            for s in range(0, len(items), args.mini_batch):
-                mb = items[s:s + args.mini_batch]
-                b = M.to_device(M.collate(mb, proc), args._device)
-                ref = M.token_logprobs(ref_model, b, temperature=args.temperature_train).cpu()
-                for it, r in zip(mb, ref):
-                    it["ref"] = r[:len(it["input_ids"])]
-    stats = {"clip_frac": 0.0, "kl": 0.0, "ratio": 0.0, "tokens": 0.0, "entropy": 0.0, "grad_norm": 0.0,
-             "updates": 0}
-    gen = torch.Generator().manual_seed(args.seed * 31 + args._step)
+def micro_batches(items, size):
+    return [items[s:s + size] for s in range(0, len(items), size)]
+
+
+def micro_size(args):
+    return args.micro_batch or args.mini_batch
+
+
+@torch.no_grad()
+def score_old_and_ref(wrapped, items, proc, device, dtype, args, ref=None):
+    """Per trajectory: "old" log-probs (the rollout's, or in bf16 recomputed by the training forward
+    over the same micro-batches as the first update, so that the first ratio is exactly 1) and "ref"
+    log-probs of the KL reference. ref: None (no KL), "lora" (the policy, adapters off) or a wrapped
+    frozen model. Every rank runs the same number of forwards (FSDP2 gathers in lockstep).
+    Returns the mean |rollout - recomputed| log-prob over sampled tokens (0.0 when not recomputed)."""
+    recompute = dtype != torch.float32
+    gap, n = 0.0, 0.0
+    for mb in micro_batches(items, micro_size(args)):
+        b = M.to_device(M.collate(mb, proc, extra_keys=("logprobs",)), device)
+        with M.autocast(device, dtype):
+            old = wrapped(b, temperature=args.temperature).float() if recompute else b["logprobs"]
+            lp_ref = None
+            if ref == "lora":
+                with M.lora_disabled(M.unwrap(wrapped)):
+                    lp_ref = wrapped(b, temperature=args.temperature).float()
+            elif ref is not None:
+                lp_ref = ref(b, temperature=args.temperature).float()
+        mask = b["loss_mask"].float()
+        gap += ((old - b["logprobs"]).abs() * mask).sum().item()
+        n += mask.sum().item()
+        for i, it in enumerate(mb):
+            T_ = len(it["input_ids"])
+            it["old"] = old[i, :T_].cpu()
+            if lp_ref is not None:
+                it["ref"] = lp_ref[i, :T_].cpu()
+    return gap / max(n, 1.0)
+
+
+def update(wrapped, optimizer, params, items, args, proc, device, dtype, step):
+    """PPO epochs over the rollout batch: one optimizer step per mini-batch of args.mini_batch
+    trajectories (per rank), accumulated over micro-batches of args.micro_batch, each token weighted
+    1 / (trained tokens of the global mini-batch). Returns summed stats (divide by 'tokens')."""
     world = dist.get_world_size() if dist.is_initialized() else 1
-    for _ in range(args.ppo_epochs):
-        order = torch.randperm(len(items), generator=gen).tolist() if args.ppo_epochs > 1 else range(len(items))
-        order = list(order)
-        for s in range(0, len(order), args.mini_batch):
-            mb = [items[i] for i in order[s:s + args.mini_batch]]
-            keys = ("logprobs", "ref") if "ref" in mb[0] else ("logprobs",)
-            b = M.to_device(M.collate(mb, proc, extra_keys=keys), args._device)
-            n_tok = b["loss_mask"].sum().float()
-            if dist.is_initialized():  # token-level normalisation over the global mini-batch
-                dist.all_reduce(n_tok)
-            with M.autocast(args._device):
-                lp, ent = wrapped(b, temperature=args.temperature_train, return_entropy=True)
-            adv_t = torch.tensor([it["adv"] for it in mb], device=args._device)
-            loss, st = grpo_loss(lp, b["logprobs"], adv_t, b["loss_mask"], args.clip, b.get("ref"), args.beta,
-                                 n_tokens=n_tok / world)  # DDP averages over ranks: undo it
+    stats = dict.fromkeys(("clip_frac", "kl", "ratio", "tokens", "entropy", "grad_norm", "updates"), 0.0)
+    gen = torch.Generator().manual_seed(args.seed * 31 + step)
+    keys = ("old", "ref") if "ref" in items[0] else ("old",)
+    for epoch in range(args.ppo_epochs):
+        # the first epoch in rollout order: its micro-batches are those the old log-probs came from
+        order = torch.randperm(len(items), generator=gen).tolist() if epoch else range(len(items))
+        for mini in micro_batches([items[i] for i in order], args.mini_batch):
+            (n_tok,) = M.reduce([sum(float(it["loss_mask"].sum()) for it in mini)])
+            micros = micro_batches(mini, micro_size(args))
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            stats["grad_norm"] += M.clip_grad_norm(policy.parameters(), args.grad_clip)
+            for k, mb in enumerate(micros):
+                b = M.to_device(M.collate(mb, proc, extra_keys=keys), device)
+                adv = torch.tensor([it["adv"] for it in mb], device=device)
+                with M.grad_sync(wrapped, k == len(micros) - 1):
+                    with M.autocast(device, dtype):
+                        lp, ent = wrapped(b, temperature=args.temperature, return_entropy=True)
+                    loss, st = grpo_loss(lp.float(), b["old"], adv, b["loss_mask"], args.clip, b.get("ref"),
+                                         args.beta, n_tokens=n_tok / world)  # DDP / FSDP average over ranks: undo it
+                    loss.backward()
+                for key in ("clip_frac", "kl", "ratio", "tokens"):
+                    stats[key] += st[key]
+                stats["entropy"] += (ent * b["loss_mask"]).sum().item()
+            stats["grad_norm"] += M.clip_grad_norm(params, args.grad_clip)
             optimizer.step()
-            for k in ("clip_frac", "kl", "ratio", "tokens"):
-                stats[k] += st[k]
-            stats["entropy"] += (ent * b["loss_mask"]).sum().item()
             stats["updates"] += 1
     return stats
 
 
 def summarize(trajs, rewards, adv, group_size):
-    """Per-step rollout statistics (this rank's trajectories)."""
-    n = len(trajs)
+    """Per-step rollout statistics of this rank's trajectories (sums; `n` counts them)."""
     acc = [E.score(t.answer if t.finish == "answer" else None, t.question.get("answers", [])) for t in trajs]
-    zero = (adv.view(-1, group_size).abs().amax(1) < 1e-8).float().mean().item()
-    return {"reward": sum(rewards) / n, "acc": sum(acc) / n, "fmt": sum(format_ok(t) for t in trajs) / n,
-            "turns": sum(t.turns for t in trajs) / n,
-            "text": sum(t.n_text_search for t in trajs) / n,
-            "img": sum(t.n_img_search - t.n_crop for t in trajs) / n,
-            "crop": sum(t.n_crop for t in trajs) / n,
-            "tool_err": sum(t.n_tool_errors for t in trajs) / max(1, sum(len(t.observations) for t in trajs)),
-            "resp_len": sum(t.gen_tokens for t in trajs) / n, "zero_adv": zero,
-            "gen_tokens": sum(t.gen_tokens for t in trajs)}
-
-
-def reduce_mean(d):
-    """Average a dict of floats over ranks."""
-    if not dist.is_initialized():
-        return d
-    keys = sorted(d)
-    t = torch.tensor([float(d[k]) for k in keys], dtype=torch.float64)
-    dist.all_reduce(t)
-    return {k: v / dist.get_world_size() for k, v in zip(keys, t.tolist())}
+    return {"n": len(trajs), "reward": sum(rewards), "acc": sum(acc), "fmt": sum(format_ok(t) for t in trajs),
+            "turns": sum(t.turns for t in trajs), "text": sum(t.n_text_search for t in trajs),
+            "img": sum(t.n_img_search - t.n_crop for t in trajs), "crop": sum(t.n_crop for t in trajs),
+            "tool_err": sum(t.n_tool_errors for t in trajs), "obs": sum(len(t.observations) for t in trajs),
+            "gen_tokens": sum(t.gen_tokens for t in trajs),
+            # prompts that do not fit the token budget (raise --max_total_tokens or lower --max_pixels)
+            "too_long": sum(t.finish == "length" and t.gen_tokens == 0 for t in trajs),
+            "errors": sum(t.finish == "error" for t in trajs),  # bad images: no tokens, no gradient
+            "zero_adv": (adv.view(-1, group_size).abs().amax(1) == 0).sum().item() * group_size}
 
 
 # ----------------------------------------------------------------------------- CLI and main
 
+PRESETS = {  # the paper's RL settings (section 4.1 and appendix); explicit flags still win
+    "paper": dict(lr=2e-6, warmup=45, group=8, clip=0.2, beta=0.001, adv_scale="none", max_calls=10,
+                  max_img_search=1, max_turns=11, max_total_tokens=8192, max_new_tokens=1024),
+}
+
+
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="Online GRPO with live multi-turn search rollouts.")
+    p = argparse.ArgumentParser(description="Online GRPO with live multi-turn search rollouts.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="a named set of defaults")
     p.add_argument("--ckpt", default="out/sft", help="the starting policy (the SFT checkpoint)")
     p.add_argument("--data", default="data", help="world folder: search indexes and RL prompts")
     p.add_argument("--prompts", default=None, help="RL prompt JSONL (default: DATA/rl.jsonl)")
@@ -189,25 +229,35 @@ def get_args(argv=None):
     p.add_argument("--batch", type=int, default=8, help="prompts per step (all ranks together)")
     p.add_argument("--group", type=int, default=8, help="samples per prompt (GRPO group size G)")
     p.add_argument("--mini_batch", type=int, default=16, help="trajectories per optimizer step (per rank)")
+    p.add_argument("--micro_batch", type=int, default=0, help="trajectories per forward (gradient "
+                   "accumulation inside a mini-batch; 1-2 for 7B; 0: the whole mini-batch)")
     p.add_argument("--ppo_epochs", type=int, default=1)
     p.add_argument("--lr", type=float, default=2e-5, help="the paper: 2e-6 for 7B; the tiny model wants more")
     p.add_argument("--warmup", type=int, default=3, help="warmup RL steps (the paper: 45)")
     p.add_argument("--clip", type=float, default=0.2)
     p.add_argument("--beta", type=float, default=0.001, help="KL coefficient (k3) to the starting policy")
-    p.add_argument("--adv_scale", choices=("std", "none"), default="std")
+    p.add_argument("--adv_scale", choices=("none", "std"), default="none",
+                   help="none: R - mean(R) (the paper); std: also divide by the group's std")
     p.add_argument("--search_penalty", type=float, default=0.0, help="MMSearch-R1: correct-with-search x (1-p)")
     p.add_argument("--judge_url", default=None, help="OpenAI-compatible endpoint for an LLM judge")
     p.add_argument("--judge_model", default=None)
     p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--max_turns", type=int, default=6)
+    p.add_argument("--max_turns", type=int, default=6, help="assistant turns per trajectory")
+    p.add_argument("--max_calls", type=int, default=10, help="tool calls per trajectory")
+    p.add_argument("--max_img_search", type=int, default=1, help="image searches per trajectory")
     p.add_argument("--max_new_tokens", type=int, default=64, help="per assistant turn")
     p.add_argument("--max_total_tokens", type=int, default=1024, help="token budget per trajectory")
+    p.add_argument("--max_pixels", type=int, default=None, help="image size cap (default: the checkpoint's, "
+                   "at most 1280x28x28 for real ones)")
     p.add_argument("--grad_clip", type=float, default=1.0)
     p.add_argument("--weight_decay", type=float, default=0.0)
     p.add_argument("--lora_rank", type=int, default=0, help="0: full fine-tuning")
     p.add_argument("--lora_alpha", type=float, default=16)
     p.add_argument("--freeze_vision", action="store_true", help="train the language model only")
     p.add_argument("--fsdp", action="store_true", help="FSDP2 sharding instead of DDP")
+    p.add_argument("--grad_ckpt", action="store_true", help="gradient checkpointing in the decoder blocks")
+    p.add_argument("--precision", choices=sorted(M.PRECISIONS), default=None,
+                   help="compute precision (default bf16 on CUDA, fp32 on CPU); masters are fp32")
     p.add_argument("--backend", default="local", help="search backend: local | http | serpapi")
     p.add_argument("--server_url", default=None)
     p.add_argument("--cache", default=None, help="SQLite search cache path")
@@ -215,26 +265,37 @@ def get_args(argv=None):
     p.add_argument("--resume", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    preset = p.parse_known_args(argv)[0].preset
+    if preset:
+        p.set_defaults(**PRESETS[preset])
     return p.parse_args(argv)
 
 
-def build_policy(args, device):
-    """(policy, reference, processor). The policy starts at args.ckpt (or, on --resume, at the
-    saved weights, with LoRA parameters restored separately); the reference is the frozen start."""
-    log = M.print0
-    start = args.ckpt
-    state = Path(args.out) / M.TRAIN_STATE
-    if args.resume and not state.is_file():
-        raise FileNotFoundError(f"--resume: no {state}")
-    if args.resume and not args.lora_rank:
-        start = args.out  # full fine-tuning: the saved weights are the policy
-    policy, proc = M.load(start, device=device, log=log)
+def build_models(args, device, dtype, log):
+    """(policy, reference, processor). The policy's trainable parameters are fp32; a LoRA run's frozen
+    base is loaded in the compute dtype. It starts at args.ckpt, or on --resume at the run's own
+    checkpoint (full fine-tuning: its fp32 weights; LoRA: the base plus its saved adapter). The
+    reference is the frozen start: "lora" (adapters off), a frozen copy stored like the policy (so
+    that the same forward gives KL exactly 0 at the start), or None."""
+    out = Path(args.out)
+    if args.resume and not (out / M.TRAIN_STATE).is_file():
+        raise SystemExit(f"rl.py: --resume: no {out / M.TRAIN_STATE}")
+    resume_full = args.resume and not args.lora_rank
+    policy, proc = M.load(out if resume_full else args.ckpt, device=device,
+                          dtype=dtype if args.lora_rank else torch.float32, log=log, max_pixels=args.max_pixels)
     if args.freeze_vision:
-        for p in policy.model.visual.parameters():
-            p.requires_grad_(False)
+        policy.model.visual.requires_grad_(False)
     if args.lora_rank:
+        torch.manual_seed(args.seed)  # the same LoRA init on every rank (FSDP2 does not broadcast it)
         M.add_lora(policy, args.lora_rank, args.lora_alpha)
-    ref = M.load(args.ckpt, device=device, log=None)[0].requires_grad_(False) if args.beta > 0 else None
+        if args.resume:
+            M.load_adapter(policy, out)
+    if args.grad_ckpt:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ref = None
+    if args.beta > 0:
+        ref = "lora" if args.lora_rank else M.load(args.ckpt, device=device, dtype=torch.float32, log=None,
+                                                   max_pixels=args.max_pixels)[0].requires_grad_(False)
     return policy, ref, proc
 
 
@@ -244,73 +305,81 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     rank, world, device = M.setup_dist()
     if args.batch % world:
-        raise ValueError(f"--batch {args.batch} must divide over {world} ranks")
+        raise SystemExit(f"rl.py: --batch {args.batch} must divide over {world} ranks")
+    if args.mini_batch % micro_size(args):
+        raise SystemExit(f"rl.py: --mini_batch {args.mini_batch} is not a multiple of --micro_batch {args.micro_batch}")
+    dtype = M.compute_dtype(args.precision, device)
     torch.manual_seed(args.seed + rank)
     out = Path(args.out)
-    M.restore_side_files(out)
+    if rank == 0:
+        M.recover(out)  # finish a checkpoint swap that a kill interrupted
+    M.barrier()
     log = M.RunLog(out / "log.txt", args)
-    policy, ref, proc = build_policy(args, device)
-    args._processor, args._device, args.temperature_train = proc, device, args.temperature
-    wrapped = M.wrap(policy, "fsdp" if args.fsdp else "ddp", device)
+    policy, ref, proc = build_models(args, device, dtype, log)
+    mode = "fsdp" if args.fsdp else "ddp"
+    wrapped = M.wrap(policy, mode, device, dtype)
+    if ref is not None and ref != "lora":
+        ref = M.wrap(ref, "fsdp" if args.fsdp else "none", device, dtype)
     params = [p for p in wrapped.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.99))
     start = 0
     if args.resume:
-        start, extra = M.load_train_state(out / M.TRAIN_STATE, optimizer, None, model=wrapped)
-        if args.lora_rank:
-            policy.load_state_dict(extra["lora"], strict=False)
+        start, _ = M.load_train_state(out, optimizer, None, model=wrapped)
         log(f"resumed at step {start}")
     judge = E.Judge(args.judge_url, args.judge_model) if args.judge_url else None
-    tools = T.make_tools(args.data, backend=args.backend, server_url=args.server_url, cache=args.cache)
+    tools = T.make_tools(args.data, backend=args.backend, server_url=args.server_url, cache=args.cache,
+                         max_calls=args.max_calls, max_img_search=args.max_img_search)
     questions = T.load_questions(args.prompts or f"{args.data}/rl.jsonl")
-    log(f"{len(questions)} RL prompts; {args.batch} x G={args.group} per step on {world} rank(s); "
-        f"{sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters; attention "
-        f"{policy.config._attn_implementation}")
+    log(f"{len(questions)} RL prompts; {args.batch} x G={args.group} per step on {world} rank(s) ({mode}); "
+        f"{sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters "
+        f"({', '.join(sorted({str(p.dtype) for p in params}))}); compute {dtype}; attention "
+        f"{policy.config._attn_implementation}; reference {'adapters off' if ref == 'lora' else ref and 'frozen copy'}; "
+        f"old log-probs {'rollout' if dtype == torch.float32 else 'recomputed'}")
     for step in range(start, args.steps):
-        args._step = step
         for g in optimizer.param_groups:
             g["lr"] = lr_at(step, args.lr, args.warmup)
         prompts = step_prompts(questions, step, args.batch, args.seed, rank, world)
         t0 = time.perf_counter()
-        trajs = R.rollout(policy, proc, tools, prompts, group_size=args.group, max_turns=args.max_turns,
-                          max_new_tokens=args.max_new_tokens, max_total_tokens=args.max_total_tokens,
-                          temperature=args.temperature, seed=args.seed * 100_003 + step * world + rank,
-                          batch_size=max(args.group, 64))
+        with M.unsharded(wrapped):  # FSDP2: whole weights, no collectives while ranks decode
+            trajs = R.rollout(policy, proc, tools, prompts, group_size=args.group, max_turns=args.max_turns,
+                              max_new_tokens=args.max_new_tokens, max_total_tokens=args.max_total_tokens,
+                              temperature=args.temperature, seed=args.seed * 100_003 + step * world + rank,
+                              batch_size=max(args.group, 64), dtype=dtype)
         t_roll = time.perf_counter() - t0
         rewards = [reward(t, args.search_penalty, judge) for t in trajs]
         adv = group_advantages(rewards, args.group, args.adv_scale)
+        items = [t.item() for t in trajs]
+        for it, a in zip(items, adv.tolist()):
+            it["adv"] = a
         t0 = time.perf_counter()
         policy.train()
-        st = update(wrapped, optimizer, trajs, adv, args, ref)
+        gap = score_old_and_ref(wrapped, items, proc, device, dtype, args, ref)
+        t_score = time.perf_counter() - t0
+        st = update(wrapped, optimizer, params, items, args, proc, device, dtype, step)
         policy.eval()
-        t_upd = time.perf_counter() - t0
+        t_upd = time.perf_counter() - t0 - t_score
         s = summarize(trajs, rewards, adv, args.group)
-        tok = max(st["tokens"], 1.0)
-        s.update(clip_frac=st["clip_frac"] / tok, kl=st["kl"] / tok, entropy=st["entropy"] / tok,
-                 grad_norm=st["grad_norm"] / max(1, st["updates"]),
-                 roll_tps=s["gen_tokens"] / t_roll, upd_tps=st["tokens"] / t_upd,
-                 t_roll=t_roll, t_upd=t_upd)
-        s = reduce_mean(s)
-        log(f"step {step + 1:4d} | reward {s['reward']:.3f} | acc {s['acc']:.3f} | fmt {s['fmt']:.2f} | "
-            f"turns {s['turns']:.2f} | search/q text {s['text']:.2f} img {s['img']:.2f} crop {s['crop']:.2f} | "
-            f"tool_err {s['tool_err']:.2f} | len {s['resp_len']:.0f} | zero_adv {s['zero_adv']:.2f} | "
-            f"clip {s['clip_frac']:.3f} | kl {s['kl']:.4f} | ent {s['entropy']:.3f} | gnorm {s['grad_norm']:.2f} | "
-            f"lr {lr_at(step, args.lr, args.warmup):.2e} | tok/s roll {s['roll_tps']:.0f} upd {s['upd_tps']:.0f} | "
-            f"time roll {s['t_roll']:.1f}s upd {s['t_upd']:.1f}s")
-        if not all(math.isfinite(float(s[k])) for k in ("reward", "kl", "entropy")):
-            raise RuntimeError(f"step {step + 1}: non-finite statistics; last good checkpoint is {out}")
+        keys = sorted(s) + ["clip_frac", "kl", "ratio", "tokens", "entropy"]
+        tot = dict(zip(keys, M.reduce([s[k] for k in sorted(s)] + [st[k] for k in keys[len(s):]])))
+        # times, throughput, gap, grad norm: the slowest / largest rank's
+        mx = dict(zip(("t_roll", "t_score", "t_upd", "gap", "gnorm"),
+                      M.reduce([t_roll, t_score, t_upd, gap, st["grad_norm"] / max(1, st["updates"])], op="max")))
+        n, tok, obs = tot["n"], max(tot["tokens"], 1.0), max(tot["obs"], 1.0)
+        log(f"step {step + 1:4d} | reward {tot['reward'] / n:.3f} | acc {tot['acc'] / n:.3f} | fmt {tot['fmt'] / n:.2f} | "
+            f"turns {tot['turns'] / n:.2f} | search/q text {tot['text'] / n:.2f} img {tot['img'] / n:.2f} "
+            f"crop {tot['crop'] / n:.2f} | tool_err {tot['tool_err'] / obs:.2f} | len {tot['gen_tokens'] / n:.0f} | "
+            f"zero_adv {tot['zero_adv'] / n:.2f} | too_long {tot['too_long']:.0f} | errors {tot['errors']:.0f} | "
+            f"clip {tot['clip_frac'] / tok:.3f} | kl {tot['kl'] / tok:.4f} | ent {tot['entropy'] / tok:.3f} | "
+            f"lp_gap {mx['gap']:.4f} | gnorm {mx['gnorm']:.2f} | lr {lr_at(step, args.lr, args.warmup):.2e} | "
+            f"tok/s roll {tot['gen_tokens'] / max(mx['t_roll'], 1e-9):.0f} upd {tot['tokens'] / max(mx['t_upd'], 1e-9):.0f} | "
+            f"time roll {mx['t_roll']:.1f}s score {mx['t_score']:.1f}s upd {mx['t_upd']:.1f}s")
+        if not all(math.isfinite(tot[k]) for k in ("reward", "kl", "entropy")):
+            raise SystemExit(f"rl.py: step {step + 1}: non-finite statistics; last good checkpoint is {out}")
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
-            save(policy, proc, optimizer, wrapped, args, step + 1, out)
+            meta = {"stage": "rl", "base": args.ckpt, "config": vars(args)}
+            M.save_checkpoint(wrapped, proc, out, meta, optimizer, step=step + 1)
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-def save(policy, proc, optimizer, wrapped, args, step, out):
-    """Weights (HF layout, LoRA merged), then the train state (optimizer, RNG, step, LoRA factors)."""
-    meta = {"step": step, "stage": "rl", "config": {k: v for k, v in vars(args).items() if not k.startswith("_")}}
-    M.save_checkpoint(policy, proc, out, meta)
-    extra = {"lora": M.lora_state_dict(policy)} if args.lora_rank else {}
-    M.save_train_state(out / M.TRAIN_STATE, optimizer, None, step, extra, model=wrapped)
 
 
 if __name__ == "__main__":

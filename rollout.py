@@ -6,26 +6,43 @@
 
 How it works. The cache has a fixed number of slots; each slot holds one trajectory's keys and values
 contiguously from position 0 (`SlotCache`). Every loop iteration feeds each live row the tokens it
-has not fed yet: one sampled token for a decoding row, or a whole chunk (the prompt, or `<|im_end|>` +
-a user turn with `<information>` and images + `<|im_start|>assistant\\n`) for a row whose tool just
-returned. Rows therefore sit at different turns and never re-prefill their conversation. A row stops
-at the end of an action tag or at `<|im_end|>`; its tool runs in a thread while the others decode.
-Multimodal rotary positions of each chunk continue from the row's last position (model.mrope_positions),
-so the cache equals that of one full forward (tests/test_rollout.py checks tokens and log-probs).
-A finished row's slot is given to the next trajectory, so memory does not grow with finished rows.
+has not fed yet: a whole chunk (the prompt, or `<|im_end|>` + a user turn with `<information>` and
+images + `<|im_start|>assistant\\n`) for a row whose tool just returned, then one sampled token for
+every decoding row. Rows therefore sit at different turns and never re-prefill their conversation.
+A row stops at the end of an action tag or at `<|im_end|>`; its tool runs in a thread while the
+others decode. Multimodal rotary positions of each chunk continue from the row's last position
+(model.mrope_positions), so the cache equals that of one full forward (tests/test_rollout.py checks
+tokens and log-probs).
+
+Memory traffic. Live rows are kept in the lowest slots (`live[i]` holds slot i): when one finishes,
+the highest live row moves into its slot, one copy per finished trajectory. A decode step is then one
+forward over a contiguous range of slots, whose keys and values the attention reads in place (no
+gather, no copy per step); rows in that range that are not decoding (waiting on a tool) ride along
+as masked dummies. The text decoder runs with our own attention (`slot_attention`) whatever the model
+was loaded with (flash-attn reads our 4-D mask as a padding mask); the vision tower keeps its own.
+`dtype` is the compute dtype: the KV cache holds it, and forwards run under model.autocast(device,
+dtype), the training forward's rule, so fp32 master weights or fp32 LoRA factors over a bf16 base
+compute in bf16. Sampling is fp32.
 
 Exactness contract: `Trajectory.token_ids` is the sequence exactly as the model saw it (image tokens
 expanded), `loss_mask` is 1 on sampled tokens only, `logprobs` holds log softmax(logits / T) of each
 sampled token (the full tempered distribution, which is what training recomputes; top-p only
-restricts where samples land). Greedy (temperature 0) records T = 1 log-probs.
+restricts where samples land). Greedy (temperature 0) records T = 1 log-probs. A question whose image
+cannot be used (missing, corrupt, refused by the processor) gets trajectories with no tokens,
+finish "error" and an observation that says why; a tool's image the processor refuses is left out of
+the observation, which says so.
 """
 import argparse
+import contextlib
+import dataclasses
+import os
 import time
-from collections import deque
+from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from transformers import GenerationConfig
 
 import model as M
@@ -69,14 +86,15 @@ class Trajectory:
                 "pixel_values": torch.cat(self.pixel_values) if self.pixel_values else None}
 
 
-# ----------------------------------------------------------------------------- KV cache
+# ----------------------------------------------------------------------------- KV cache and attention
 
 class SlotCache:
     """Keys/values of `slots` trajectories, (slots, kv_heads, capacity, head_dim) per layer.
-    `begin(rows, starts, q)` says which slots the next forward feeds and where each one's q new
-    tokens go; the attention layers then call `update`, which writes them and returns the slots'
-    keys/values up to the longest row. The attention mask built by `mask()` hides what a row must
-    not see (other rows' lengths, padding), so rows of any length share one forward."""
+    `begin(rows, q)` says which slots the next forward feeds and where each one's q new tokens go;
+    the attention layers then call `update`, which writes them and returns the slots' keys/values up
+    to the longest row. The attention mask built by `mask()` hides what a row must not see (other
+    rows' lengths, padding), so rows of any length share one forward. `stats` counts forwards by kind
+    (decode / prefill, `_gather` when the slots were not contiguous), dummy rows and slot moves."""
 
     def __init__(self, n_layers, slots, kv_heads, head_dim, dtype, device, capacity=256, max_capacity=1 << 15):
         self.n_layers, self.max_capacity = n_layers, max_capacity
@@ -84,6 +102,7 @@ class SlotCache:
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.lengths = torch.zeros(slots, dtype=torch.long)  # tokens held per slot (host side)
+        self.stats = Counter()
 
     @property
     def capacity(self):
@@ -101,15 +120,20 @@ class SlotCache:
                 new[:, :, :t.shape[2]] = t
                 store[i] = new
 
-    def begin(self, rows, q):
+    def begin(self, rows, q, dummies=0):
         """Prepare a forward that appends q (padded) tokens to each slot in `rows` (a list)."""
         dev = self.k[0].device
         self.starts = self.lengths[rows].to(dev)  # (b,)
         self.used = int(self.lengths[rows].max()) + q
         if self.used > self.capacity:
             self._grow(self.used)
+        # A run of slots is a view of the cache. Any other set is a gather: a copy of those rows'
+        # keys and values in every layer. Decode steps never need one (see `_compact`); prefill
+        # chunks may, where the copy costs about what the chunk's own attention does.
         contiguous = rows == list(range(rows[0], rows[0] + len(rows)))
         self.rows = slice(rows[0], rows[0] + len(rows)) if contiguous else torch.tensor(rows, device=dev)
+        self.stats[("decode" if q == 1 else "prefill") + ("" if contiguous else "_gather")] += 1
+        self.stats["dummies"] += dummies
         self.write_idx = self.starts[:, None] + torch.arange(q, device=dev)  # (b, q)
         # Flat row numbers of the new keys in a (slots * kv_heads * capacity, head_dim) view of a
         # layer's cache: one index_copy_ per layer writes them all (advanced indexing is far slower).
@@ -125,10 +149,11 @@ class SlotCache:
         return (keys[None, None, :] <= self.write_idx[:, :, None])[:, None]
 
     def update(self, k, v, layer_idx, *args, **kwargs):
-        # k, v: (b, kv_heads, q, head_dim)
-        d = k.shape[-1]
-        self.k[layer_idx].view(-1, d).index_copy_(0, self.flat_idx, k.reshape(-1, d))
-        self.v[layer_idx].view(-1, d).index_copy_(0, self.flat_idx, v.reshape(-1, d))
+        # k, v: (b, kv_heads, q, head_dim); under autocast over fp32 weights they come out of RoPE in
+        # fp32 (cos/sin follow the fp32 residual stream), so they are cast to the cache's dtype
+        d, dtype = k.shape[-1], self.k[layer_idx].dtype
+        self.k[layer_idx].view(-1, d).index_copy_(0, self.flat_idx, k.reshape(-1, d).to(dtype))
+        self.v[layer_idx].view(-1, d).index_copy_(0, self.flat_idx, v.reshape(-1, d).to(dtype))
         sel = self.rows
         return self.k[layer_idx][sel, :, :self.used], self.v[layer_idx][sel, :, :self.used]
 
@@ -143,7 +168,56 @@ class SlotCache:
         return 0  # positions are always passed explicitly; nothing should ask
 
 
+ROLLOUT_ATTN = "rollout_slots"  # no "flash" in the name: transformers gives such names flash-attn semantics
+
+
+def slot_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+    """The text decoder's attention during a rollout. query (b, H, q, d); key/value (b, KV, T, d) from
+    SlotCache.update (a strided view of the cache, or a gathered copy for a prefill chunk);
+    attention_mask (b, 1, q, T) bool from SlotCache.mask(), True: attend (every query sees key 0, so
+    no row is fully masked). Returns ((b, q, H, d), None) in the query's dtype.
+    Decode (q = 1): grouped-query attention as two matmuls. The H / KV query heads that share a KV head
+    are the rows of one product with that head's keys, so each key is read once, in place (batch and
+    KV dims fold into one strided batch: no copy), never repeated. Scores come out of the matmul in
+    the cache dtype (as in eager attention), softmax runs in fp32. Chunks: SDPA with the bool mask and
+    enable_gqa (CUDA picks a kernel that takes a mask, else the math one: both exact)."""
+    b, H, q, d = query.shape
+    kv, out_dtype = key.shape[1], query.dtype
+    query = query.to(key.dtype)  # fp32 out of RoPE under autocast; the cache holds the compute dtype
+    scale = scaling or d ** -0.5
+    if q == 1:
+        s = torch.matmul(query.reshape(b, kv, H // kv, d), key.transpose(-1, -2)).float() * scale  # (b, KV, rep, T)
+        p = torch.softmax(s.masked_fill(~attention_mask, float("-inf")), -1).to(value.dtype)
+        out = torch.matmul(p, value).reshape(b, 1, H, d)  # (b, KV, rep, d): head h = kv_head * rep + r
+    else:
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scale,
+                                             enable_gqa=kv != H).transpose(1, 2)
+    return out.to(out_dtype), None
+
+
+@contextlib.contextmanager
+def rollout_attention(model):
+    """The text decoder runs with slot_attention inside, and gets back what it had on the way out
+    (exceptions too). Only the text config changes: it has no sub-configs, and the vision tower's
+    blocks read the vision config, so they keep flash-attn or SDPA. No mask is ever built under this
+    name: Engine.feed passes the mask mapping itself, and Qwen2_5_VLTextModel builds masks only when
+    attention_mask is not a dict."""
+    from transformers import AttentionInterface
+    AttentionInterface.register(ROLLOUT_ATTN, slot_attention)
+    cfg = model.model.language_model.config
+    old = cfg._attn_implementation
+    cfg._attn_implementation = ROLLOUT_ATTN
+    try:
+        yield
+    finally:
+        cfg._attn_implementation = old
+
+
 # ----------------------------------------------------------------------------- chunks
+
+class ImageError(ValueError):
+    """An image file that cannot be read, or an image the processor refuses (size, aspect ratio)."""
+
 
 def prompt_chunk(processor, question, image):
     """Token ids, images, pixel values and grids of the first user turn + `<|im_start|>assistant\\n`."""
@@ -160,17 +234,34 @@ def tool_chunk(processor, obs, closed):
 
 
 def encode_chunk(processor, text, images):
-    pv, grid = processor.images(images)
+    try:
+        pv, grid = processor.images(images)
+    except Exception as e:  # whatever the image processor objects to, the image is at fault, not the run
+        raise ImageError(f"{type(e).__name__}: {str(e)[:200]}") from e
     ids = processor.encode(M.expand_image_pads(text, grid, processor))
     return {"ids": ids, "images": images, "pixel_values": pv, "grid": grid}
 
 
 def load_image(question):
     from PIL import Image
-    if not question.get("image"):
+    img = question.get("image")
+    if not img:
         return None
-    img = question["image"]
-    return img if isinstance(img, Image.Image) else Image.open(img).convert("RGB")
+    if isinstance(img, Image.Image):
+        return img
+    try:
+        with Image.open(img) as f:
+            return f.convert("RGB")
+    except Exception as e:  # missing, not an image, truncated, a decompression bomb...
+        raise ImageError(f"{type(e).__name__}: {str(e)[:200]}") from e
+
+
+def without_images(obs, why):
+    """The observation with its images left out and a line that says so: the model is not told of an
+    image it does not get."""
+    text = obs.text.replace(M.IMAGE + "\n", "").replace(M.IMAGE, "")
+    note = f"The image could not be used ({why}); no image attached.\n"
+    return dataclasses.replace(obs, text=text.replace("<information>", "<information>" + note, 1), images=[])
 
 
 def stop_reason(processor, turn_ids):
@@ -180,6 +271,25 @@ def stop_reason(processor, turn_ids):
         return "eos"
     tail = processor.decode(turn_ids[-8:]).rstrip()
     return "tag" if tail.endswith(T.ACTION_END_TAGS) else None
+
+
+class StopCheck:
+    """stop_reason(processor, turn_ids), decoding only when the last token could end a tag: its own
+    text, stripped of trailing whitespace, ends with ">" or is empty, or it is not whole UTF-8 alone.
+    Any other last token cannot: byte-level decoding resynchronises at a token that starts a
+    character, so the turn's text ends with that token's text, whose last non-space is not ">"
+    (every closing tag, and the <|im_end|> / <|endoftext|> tokens, end with ">").
+    tests/test_rollout.py checks it against stop_reason on random sequences."""
+
+    def __init__(self, processor):
+        self.proc, self.can_end = processor, {}  # token id -> bool, filled as tokens are sampled
+
+    def __call__(self, turn_ids):
+        last = turn_ids[-1]
+        if last not in self.can_end:
+            s = self.proc.decode([last]).rstrip()
+            self.can_end[last] = s == "" or s.endswith(">") or "\ufffd" in s
+        return stop_reason(self.proc, turn_ids) if self.can_end[last] else None
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -204,7 +314,7 @@ def sample(logits, temperature, top_p, gens):
 
 # ----------------------------------------------------------------------------- the engine
 
-@dataclass
+@dataclass(eq=False)  # rows compare by identity
 class Row:
     traj: Trajectory
     image: object
@@ -226,13 +336,23 @@ class Engine:
     """Holds the model, processor, tools and settings of one `rollout` call."""
 
     def __init__(self, model, processor, tools, max_turns, max_new_tokens, max_total_tokens,
-                 temperature, top_p, forced_actions, tool_threads):
+                 temperature, top_p, forced_actions, tool_threads, dtype):
         self.model, self.proc, self.tools = model, processor, tools
         self.max_turns, self.max_new, self.max_total = max_turns, max_new_tokens, max_total_tokens
         self.temperature, self.top_p = temperature, top_p
         self.forced = list(forced_actions or [])
         self.pool = ThreadPoolExecutor(tool_threads) if tool_threads > 0 else None
-        self.device = next(model.parameters()).device
+        self.device, self.dtype = next(model.parameters()).device, dtype
+        self.stop = StopCheck(processor)
+
+    def prompt(self, q):
+        """(image, prompt chunk, None), or (None, None, why) when the question's image cannot be used."""
+        try:
+            image = load_image(q)
+            return image, prompt_chunk(self.proc, q, image), None
+        except ImageError as e:
+            name = q["image"] if isinstance(q["image"], (str, os.PathLike)) else "the question's image"
+            return None, None, f"<information>error: image {name} could not be used: {e}</information>"
 
     # -- bookkeeping shared by every way a turn can end
     def add_chunk(self, row, chunk):
@@ -282,13 +402,15 @@ class Engine:
         t = row.traj
         try:
             obs = row.future.result()
-            chunk = tool_chunk(self.proc, obs, row.closed)
-        except Exception as e:  # tools.execute never raises; a broken image or tokenizer might
-            t.finish = "error"
-            t.observations.append(T.Observation(text=f"<information>error: {e}</information>", images=[],
-                                                error=True, kind="error", box=None, results=[]))
+            row.future = None
+            try:
+                chunk = tool_chunk(self.proc, obs, row.closed)
+            except ImageError as e:  # the processor refuses the tool's image (a sliver of a crop): go on without it
+                obs = without_images(obs, str(e))
+                chunk = tool_chunk(self.proc, obs, row.closed)
+        except Exception as e:  # a tool that raised, or text that cannot be encoded, ends this trajectory
+            _fail(t, f"<information>error: {type(e).__name__}: {e}</information>")
             return "done"
-        row.future = None
         t.observations.append(obs)
         st = row.state
         t.n_text_search, t.n_img_search, t.n_crop, t.n_tool_errors = \
@@ -308,7 +430,7 @@ class Engine:
         t.gen_tokens += 1
         row.turn_ids.append(tok)
         row.pending = [tok]
-        why = stop_reason(self.proc, row.turn_ids)
+        why = self.stop(row.turn_ids)
         if why is None and len(row.turn_ids) < self.max_new:
             if len(t.token_ids) >= self.max_total:
                 t.finish = "length"
@@ -318,45 +440,65 @@ class Engine:
         return self.end_turn(row, self.proc.decode(ids), closed=why == "eos")
 
     # -- the model
-    def feed(self, cache, rows):
-        """One forward that appends each row's pending tokens to its slot; returns next-token
-        logits (b, V) fp32 at each row's last real position."""
-        q = max(len(r.pending) for r in rows)
-        slots = [r.slot for r in rows]
-        cache.begin(slots, q)
+    def step(self, cache, rows, live=None):
+        """Feed `rows`, sample each one's next token, record it (see feed for `live`)."""
+        logits = self.feed(cache, rows, live)
+        toks, lps = sample(logits, self.temperature, self.top_p, [r.gen for r in rows])
+        for r, tok, lp in zip(rows, toks.tolist(), lps.tolist()):
+            r.finished = self.on_token(r, tok, lp) == "done"
+
+    def feed(self, cache, rows, live=None):
+        """One forward that appends each row's pending tokens to its slot; returns next-token logits
+        (len(rows), V) fp32 at each row's last real position.
+        Decode step (`live` given, one pending token per row): the forward covers the slot range
+        live[lo:hi] that spans `rows`. The other rows in it (waiting on a tool) are dummies: a pad
+        token written at their length, where their next real feed writes, and an output nobody reads.
+        A prefill feeds exactly `rows`, padded to the longest."""
+        dev = self.device
         pvs, grids = [], []
-        if q == 1:  # decode step: one text token per row, at the row's next position on all three axes
-            ids = torch.tensor([r.pending for r in rows])  # (b, 1)
-            pos = torch.tensor([r.next_pos for r in rows]).view(1, -1, 1).expand(3, -1, 1)
+        if live is not None:
+            fed = set(rows)
+            lo, hi = min(r.slot for r in rows), max(r.slot for r in rows) + 1
+            batch = live[lo:hi]
+            cache.begin(list(range(lo, hi)), 1, dummies=len(batch) - len(rows))
+            ids = torch.tensor([[r.pending[0] if r in fed else self.proc.pad_id] for r in batch])  # (b, 1)
+            # a text token sits at the row's next position on all three axes
+            pos = torch.tensor([r.next_pos for r in batch]).view(1, -1, 1).expand(3, -1, 1)
+            pick = (torch.tensor([b for b, r in enumerate(batch) if r in fed], device=dev), 0)
             for r in rows:
                 r.next_pos += 1
-            rows_to_fill = ()
         else:
+            q = max(len(r.pending) for r in rows)
+            cache.begin([r.slot for r in rows], q)
             ids = torch.full((len(rows), q), self.proc.pad_id, dtype=torch.long)
             pos = torch.zeros(3, len(rows), q, dtype=torch.long)
-            rows_to_fill = rows
-        for b, r in enumerate(rows_to_fill):
-            n = len(r.pending)
-            ids[b, :n] = torch.tensor(r.pending)
-            grid = torch.cat(r.pending_grids) if r.pending_grids else None
-            p, r.next_pos = M.mrope_positions(r.pending, grid, self.proc, start=r.next_pos)
-            pos[:, b, :n] = p
-            pos[:, b, n:] = p[:, -1:]  # padding: any position, it is masked
-            pvs += r.pending_pv
-            grids += r.pending_grids
-        dev = self.device
-        dtype = next(self.model.parameters()).dtype
-        out = self.model.model(
-            input_ids=ids.to(dev), position_ids=pos.to(dev), past_key_values=cache, use_cache=True,
-            attention_mask={"full_attention": cache.mask()},
-            pixel_values=torch.cat(pvs).to(dev, dtype) if pvs else None,
-            image_grid_thw=torch.cat(grids).to(dev) if grids else None)
-        last = torch.tensor([len(r.pending) - 1 for r in rows], device=dev)
-        h = out.last_hidden_state[torch.arange(len(rows), device=dev), last]  # (b, D)
+            for b, r in enumerate(rows):
+                n = len(r.pending)
+                ids[b, :n] = torch.tensor(r.pending)
+                grid = torch.cat(r.pending_grids) if r.pending_grids else None
+                p, r.next_pos = M.mrope_positions(r.pending, grid, self.proc, start=r.next_pos)
+                pos[:, b, :n] = p
+                pos[:, b, n:] = p[:, -1:]  # padding: any position, it is masked
+                pvs += r.pending_pv
+                grids += r.pending_grids
+            pick = (torch.arange(len(rows), device=dev), torch.tensor([len(r.pending) - 1 for r in rows], device=dev))
+        with M.autocast(dev, self.dtype):
+            out = self.model.model(
+                input_ids=ids.to(dev), position_ids=pos.to(dev), past_key_values=cache, use_cache=True,
+                attention_mask={"full_attention": cache.mask()},
+                pixel_values=torch.cat(pvs).to(dev) if pvs else None,  # the patch embedding casts them
+                image_grid_thw=torch.cat(grids).to(dev) if grids else None)
+            logits = M.policy_logits(self.model.lm_head, out.last_hidden_state[pick], self.model.config)
         for r in rows:
             cache.lengths[r.slot] += len(r.pending)
             r.pending, r.pending_pv, r.pending_grids = [], [], []
-        return M.policy_logits(self.model.lm_head, h, self.model.config)
+        return logits
+
+
+def _fail(traj, text):
+    """End a trajectory with finish "error" and an observation that says why (never a raise)."""
+    traj.finish = "error"
+    traj.observations.append(T.Observation(text=text, images=[], error=True, kind="error", box=None, results=[]))
 
 
 class _Done:
@@ -375,12 +517,14 @@ class _Done:
 @torch.no_grad()
 def rollout(model, processor, tools, questions, group_size=1, max_turns=6, max_new_tokens=256,
             temperature=1.0, top_p=1.0, seed=None, forced_actions=None, batch_size=64,
-            max_total_tokens=4096, share_prefix=True, tool_threads=None, progress=False):
+            max_total_tokens=4096, share_prefix=True, tool_threads=None, progress=False, dtype=None):
     """Run every question `group_size` times to the end; returns trajectories, question-major.
     `forced_actions`: assistant turn texts fed (not sampled) before the model takes over, with
     `{question}` replaced (the RAG workflow). `share_prefix`: prefill a group's prompt once and copy.
     `tool_threads`: tools run in that many threads while other rows decode (default: inline for
-    the local in-memory indexes, which answer in microseconds; 8 threads for network backends)."""
+    the local in-memory indexes, which answer in microseconds; 8 threads for network backends).
+    `dtype`: the compute dtype (default: the embeddings', i.e. the base model's); the KV cache holds
+    it and forwards run under model.autocast(device, dtype), as the training forward does."""
     if tool_threads is None:
         local = (T.BM25Index, T.LocalImageIndex, type(None))
         tool_threads = 0 if (isinstance(getattr(tools, "text_backend", None), local)
@@ -391,46 +535,42 @@ def rollout(model, processor, tools, questions, group_size=1, max_turns=6, max_n
     model.eval()
     cfg = model.config.text_config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    dtype = next(model.parameters()).dtype
+    dtype = dtype or model.get_input_embeddings().weight.dtype
     cache = SlotCache(cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, head_dim, dtype,
                       next(model.parameters()).device, max_capacity=2 * max_total_tokens + 1024)  # padding may overshoot
     eng = Engine(model, processor, tools, max_turns, max_new_tokens, max_total_tokens, temperature, top_p,
-                 forced_actions, tool_threads)
+                 forced_actions, tool_threads, dtype)
     base_seed = seed if seed is not None else int(torch.randint(0, 2 ** 31, ()).item())
     todo = deque(enumerate(questions))
     out = [None] * (len(questions) * group_size)
-    free = list(range(batch_size))[::-1]
-    live = []  # rows holding a slot
+    live = []  # rows holding a slot; live[i] holds slot i (see _compact)
     bar = _bar(len(out), progress)
     try:
-        while todo or live:
-            # 1. admit whole groups while slots are free
-            while todo and len(free) >= group_size:
-                qi, q = todo.popleft()
-                for r in admit(eng, cache, q, qi, group_size, free, base_seed, out, share_prefix):
-                    if r.finished:
-                        r.slot = _release(r, cache, free, bar)
-                    else:
-                        live.append(r)
-            # 2. rows whose tool returned get their observation chunk queued
-            for r in live:
-                if r.future is not None and r.future.done():
-                    if eng.observe(r) == "done":
-                        r.slot = _release(r, cache, free, bar)
-            live = [r for r in live if r.slot >= 0]
-            # 3. feed: chunks (prefill) and single tokens (decode) in separate forwards
-            ready = [r for r in live if r.pending and r.future is None]
-            for group in (sorted([r for r in ready if len(r.pending) > 1], key=lambda r: len(r.pending)),
-                          [r for r in ready if len(r.pending) == 1]):
-                for part in _buckets(group):
-                    logits = eng.feed(cache, part)
-                    toks, lps = sample(logits, temperature, top_p, [r.gen for r in part])
-                    for r, tok, lp in zip(part, toks.tolist(), lps.tolist()):
-                        if eng.on_token(r, tok, lp) == "done":
-                            r.slot = _release(r, cache, free, bar)
-            live = [r for r in live if r.slot >= 0]
-            if live and not any(r.pending for r in live):
-                time.sleep(0.001)  # every live row waits on a network tool
+        with rollout_attention(model):
+            while todo or live:
+                # 1. admit whole groups while slots are free: they take the slots after the live rows
+                while todo and len(live) + group_size <= batch_size:
+                    qi, q = todo.popleft()
+                    live += admit(eng, cache, q, qi, group_size, len(live), base_seed, out, share_prefix)
+                    _compact(live, cache, bar)
+                # 2. rows whose tool returned get their observation chunk queued
+                for r in live:
+                    if r.future is not None and r.future.done():
+                        r.finished = eng.observe(r) == "done"
+                _compact(live, cache, bar)
+                # 3. prefill: chunks, in buckets of similar length
+                chunks = sorted([r for r in live if len(r.pending) > 1 and r.future is None],
+                                key=lambda r: len(r.pending))
+                for part in _buckets(chunks):
+                    eng.step(cache, part)
+                    _compact(live, cache, bar)
+                # 4. decode: one token for every row that has one, in one forward over a run of slots
+                ready = [r for r in live if len(r.pending) == 1 and r.future is None]
+                if ready:
+                    eng.step(cache, ready, live)
+                    _compact(live, cache, bar)
+                elif live and not chunks:
+                    time.sleep(0.001)  # every live row waits on a network tool
     finally:
         if eng.pool:
             eng.pool.shutdown(wait=False, cancel_futures=True)
@@ -440,20 +580,28 @@ def rollout(model, processor, tools, questions, group_size=1, max_turns=6, max_n
     return out
 
 
-def admit(eng, cache, q, qi, group_size, free, base_seed, out, share_prefix):
-    """Start a question's group: prefill its prompt once into the leader's slot, then copy the
-    leader's cache to the other rows (each samples its own first token from the shared logits)."""
-    image = load_image(q)
-    chunk = prompt_chunk(eng.proc, q, image)
+def admit(eng, cache, q, qi, group_size, first, base_seed, out, share_prefix):
+    """Start a question's group in slots first, first + 1, ...: prefill its prompt once into the
+    leader's slot, then copy the leader's cache to the other rows (each samples its own first token
+    from the shared logits). Rows that end at once (a bad image, a prompt over the token budget)
+    come back finished."""
+    image, chunk, why = eng.prompt(q)
     rows = []
     for g in range(group_size):
-        traj = Trajectory(qid=str(q.get("id", qi)), question=q, sample_index=g, prompt_len=len(chunk["ids"]))
+        traj = Trajectory(qid=str(q.get("id", qi)), question=q, sample_index=g,
+                          prompt_len=len(chunk["ids"]) if chunk else 0)
         gen = torch.Generator().manual_seed(base_seed * 1_000_003 + qi * 1009 + g)
-        row = Row(traj=traj, image=image, state=T.State(), gen=gen, slot=free.pop(), forced=deque(eng.forced))
+        row = Row(traj=traj, image=image, state=T.State(), gen=gen, slot=first + g, forced=deque(eng.forced))
         cache.lengths[row.slot] = 0
         out[qi * group_size + g] = traj
-        eng.add_chunk(row, chunk)
         rows.append(row)
+        if chunk is None:
+            _fail(traj, why)
+            row.finished = True
+        else:
+            eng.add_chunk(row, chunk)
+    if chunk is None:
+        return rows
     if len(chunk["ids"]) >= eng.max_total:  # the prompt alone is over the token budget
         for r in rows:
             r.traj.finish, r.finished = "length", True
@@ -473,12 +621,25 @@ def admit(eng, cache, q, qi, group_size, free, base_seed, out, share_prefix):
     return rows
 
 
-def _release(row, cache, free, bar):
-    cache.lengths[row.slot] = 0
-    free.append(row.slot)
+def _compact(live, cache, bar):
+    """Drop finished rows from `live` and move the highest live rows into their slots, so that
+    live[i] holds slot i again and a decode step is one contiguous run of slots: one copy of a row's
+    cache per finished trajectory, instead of a gather of every row in every decode step."""
+    keep = [r for r in live if not r.finished]
+    if len(keep) == len(live):
+        return
+    holes = [r.slot for r in live[:len(keep)] if r.finished]
+    movers = [r for r in live[len(keep):] if not r.finished]  # as many as there are holes
+    for slot, r in zip(holes, movers):
+        cache.copy_slot(r.slot, slot)
+        r.slot = slot
+        cache.stats["moves"] += 1
+    for r in live:
+        if r.finished:
+            r.slot = -1
     if bar:
-        bar.update(1)
-    return -1
+        bar.update(len(live) - len(keep))
+    live[:] = sorted(keep, key=lambda r: r.slot)
 
 
 def _buckets(rows, max_pad_waste=0.5):
@@ -505,20 +666,26 @@ def _bar(total, progress):
 
 @torch.no_grad()
 def rollout_baseline(model, processor, tools, questions, max_turns=6, max_new_tokens=256,
-                     max_total_tokens=4096, forced_actions=None):
+                     max_total_tokens=4096, forced_actions=None, dtype=None):
     """What open peers do, for the benchmark and the parity test: greedy, each turn runs
-    `model.generate` over the still-active conversations, re-prefilled from scratch (left-padded)."""
+    `model.generate` over the still-active conversations, re-prefilled from scratch (left-padded),
+    with the model's own attention. `dtype` as in rollout."""
+    dtype = dtype or model.get_input_embeddings().weight.dtype
     eng = Engine(model, processor, tools, max_turns, max_new_tokens, max_total_tokens, 0.0, 1.0,
-                 forced_actions, 0)
-    rows = []
+                 forced_actions, 0, dtype)
+    rows, active = [], []
     for qi, q in enumerate(questions):
-        image = load_image(q)
+        image, chunk, why = eng.prompt(q)
         traj = Trajectory(qid=str(q.get("id", qi)), question=q)
         row = Row(traj=traj, image=image, state=T.State(), gen=None, forced=deque(eng.forced))
-        eng.add_chunk(row, prompt_chunk(processor, q, image))
-        traj.prompt_len = len(traj.token_ids)
         rows.append(row)
-    active = [r for r in rows if eng.start_turn(r) != "done"]
+        if chunk is None:
+            _fail(traj, why)
+            continue
+        eng.add_chunk(row, chunk)
+        traj.prompt_len = len(traj.token_ids)
+        if eng.start_turn(row) != "done":
+            active.append(row)
     while active:
         for r in list(active):  # tools ran inline; a forced turn may queue another tool at once
             while r.future is not None:
@@ -527,7 +694,7 @@ def rollout_baseline(model, processor, tools, questions, max_turns=6, max_new_to
                     break
         if not active:
             break
-        new = _generate_turn(model, processor, [r.traj for r in active], max_new_tokens)
+        new = _generate_turn(model, processor, [r.traj for r in active], max_new_tokens, dtype)
         still = []
         for r, ids in zip(active, new):
             res = None
@@ -541,7 +708,7 @@ def rollout_baseline(model, processor, tools, questions, max_turns=6, max_new_to
     return [r.traj for r in rows]
 
 
-def _generate_turn(model, processor, trajs, max_new_tokens):
+def _generate_turn(model, processor, trajs, max_new_tokens, dtype):
     """One batched model.generate over whole conversations; returns per row [(token, logprob)]."""
     L = max(len(t.token_ids) for t in trajs)
     ids = torch.full((len(trajs), L), processor.pad_id, dtype=torch.long)
@@ -552,18 +719,18 @@ def _generate_turn(model, processor, trajs, max_new_tokens):
     pvs = [p for t in trajs for p in t.pixel_values]
     grids = [g for t in trajs for g in t.grids]
     dev = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
     # A fresh config: a real checkpoint's generation_config.json (repetition penalty, top-k) must
     # not change what greedy means here.
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=processor.pad_id,
                            suppress_tokens=[model.config.image_token_id, model.config.video_token_id],
                            eos_token_id=[processor.im_end_id, processor.pad_id],
                            output_logits=True, return_dict_in_generate=True)
-    out = model.generate(input_ids=ids.to(dev), attention_mask=att.to(dev),
-                         pixel_values=torch.cat(pvs).to(dev, dtype) if pvs else None,
-                         image_grid_thw=torch.cat(grids).to(dev) if grids else None,
-                         mm_token_type_ids=(ids == processor.image_token_id).int().to(dev),
-                         generation_config=cfg, stopping_criteria=[StopAtAction(processor, L)])
+    with M.autocast(dev, dtype):
+        out = model.generate(input_ids=ids.to(dev), attention_mask=att.to(dev),
+                             pixel_values=torch.cat(pvs).to(dev) if pvs else None,
+                             image_grid_thw=torch.cat(grids).to(dev) if grids else None,
+                             mm_token_type_ids=(ids == processor.image_token_id).int().to(dev),
+                             generation_config=cfg, stopping_criteria=[StopAtAction(processor, L)])
     seq = out.sequences[:, L:].cpu()
     forbid = [model.config.image_token_id, model.config.video_token_id]
     lps = torch.stack([torch.log_softmax(s.float().index_fill(-1, torch.tensor(forbid, device=s.device),

@@ -24,6 +24,8 @@ data position, for --resume). Global batch = micro_batch x accumulation x world 
 """
 import argparse
 import hashlib
+import io
+import itertools
 import json
 import math
 import random
@@ -33,8 +35,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from PIL import Image
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
+import eval as E
 import model as M
+import tools as T
 
 
 def get_args(argv=None):
@@ -78,9 +83,11 @@ def get_args(argv=None):
                    "(LoRA freezes them anyway)")
     p.add_argument("--grad_ckpt", action="store_true", help="gradient checkpointing in the decoder and vision blocks")
     p.add_argument("--fsdp", action="store_true", help="FSDP2 sharding per block instead of DDP (for 7B)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
-                   help="parameter dtype; auto: fp32 master weights (bf16 autocast on GPU), "
-                        "bf16 for the frozen base under LoRA on GPU")
+    p.add_argument("--precision", choices=sorted(M.PRECISIONS), default=None,
+                   help="compute precision (default bf16 on CUDA, fp32 on CPU); trainable weights and optimizer "
+                   "state are fp32 masters, a LoRA run's frozen base is kept in the compute dtype")
+    p.add_argument("--max_pixels", type=int, default=None, help="image size cap (default: the checkpoint's, "
+                   "at most 1280x28x28 for real ones)")
     # evaluation, checkpoints, stopping
     p.add_argument("--eval_every", type=int, default=250, help="held-out loss every N steps and at the end (0: end only)")
     p.add_argument("--agent_eval_n", type=int, default=16,
@@ -97,17 +104,28 @@ def get_args(argv=None):
 
 
 # ----------------------------------------------------------------------------- data
+# Trajectories are rendered lazily. At start each rank scans its share of the lines (r::world) for
+# what batching needs, each trajectory's token length and trained-token count, and the ranks share
+# these small results, so every rank plans the same batches. A micro-batch then renders (decodes and
+# tokenises) only its own trajectories: no pixels are held between steps, and no line is scanned twice.
+# The scan decodes every image fully, once, on the scanning rank, so a truncated file whose header is
+# fine is a bad line for all ranks at start instead of a crash (or a missing trajectory, which would
+# change the loss normalisation) in the middle of a run. Measured on data/sft.jsonl (4000 lines, one
+# small PNG each): decoding adds 0.08 ms a line to a scan of about 1.3 ms, most of it tokenising.
 
 class BadLine(ValueError):
     pass
 
 
 def parse_line(line, base_dir):
-    """One JSONL line -> (row, PIL images), or BadLine saying what is wrong with it."""
+    """One JSONL line (str or bytes) -> (row, image files), or BadLine saying what is wrong with it.
+    The images are not opened (open_image does that)."""
     try:
         row = json.loads(line)
     except json.JSONDecodeError as e:
         raise BadLine(f"not valid JSON ({e.msg})") from None
+    except UnicodeDecodeError:
+        raise BadLine("not valid UTF-8") from None
     if not isinstance(row, dict):
         raise BadLine("not a JSON object")
     for k in ("id", "images", "messages"):
@@ -127,56 +145,122 @@ def parse_line(line, base_dir):
     n_ph = sum(m["content"].count(M.IMAGE) for m in msgs)
     if n_ph != len(paths):
         raise BadLine(f"{n_ph} {M.IMAGE} placeholders but {len(paths)} images")
-    images = []
-    for rel in paths:
-        f = Path(base_dir) / rel
-        try:
-            with Image.open(f) as im:
-                images.append(im.convert("RGB"))  # convert() decodes fully: a truncated file fails here
-        except FileNotFoundError:
-            raise BadLine(f"image not found: {f}") from None
-        except (OSError, ValueError, Image.DecompressionBombError) as e:
-            raise BadLine(f"corrupt image {f} ({e})") from None
-    return row, images
+    return row, [Path(base_dir) / rel for rel in paths]
 
 
-def load_sft(path, processor, strict=False, max_len=None, dtype=torch.float32, log=print, progress=False):
-    """Read and render every trajectory of a JSONL file once -> list of rendered dicts
-    (input_ids (T,), loss_mask (T,), pixel_values (P, D) | None, image_grid_thw (N, 3) | None, id, where).
-    A bad line is logged as path:lineno and skipped (strict: ValueError naming path:lineno);
-    trajectories over max_len tokens are skipped and counted."""
+def open_image(f):
+    """Image file -> (decoded RGB PIL image, the file's bytes), or BadLine."""
+    try:
+        data = f.read_bytes()
+        with Image.open(io.BytesIO(data)) as im:
+            return im.convert("RGB"), data  # convert() decodes fully: a truncated file fails here
+    except FileNotFoundError:
+        raise BadLine(f"image not found: {f}") from None
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise BadLine(f"corrupt image {f} ({e})") from None
+
+
+def image_grid(image_processor, width, height):
+    """[t, h, w] patch grid of a width x height image by the image processor's own resize rule
+    (smart_resize with its patch size, merge size and min / max pixels), from the size alone."""
+    ip = image_processor
+    h, w = smart_resize(height, width, factor=ip.patch_size * ip.merge_size,
+                        min_pixels=ip.size.shortest_edge, max_pixels=ip.size.longest_edge)
+    return [1, h // ip.patch_size, w // ip.patch_size]
+
+
+class _SizesOnly:
+    """The processor, except that images() gives the patch grids known from the images' sizes and no
+    pixels: model.render, the one place that builds ids and loss masks, then tokenises a trajectory
+    exactly without resizing and normalising its images."""
+
+    def __init__(self, processor, grids):
+        self.processor, self.grids = processor, grids
+
+    def __getattr__(self, name):
+        return getattr(self.processor, name)
+
+    def images(self, images):
+        return None, (torch.tensor(self.grids) if self.grids else None)
+
+
+def _digest(line, image_bytes):
+    h = hashlib.sha1(line)
+    for b in image_bytes:
+        h.update(b)
+    return h.hexdigest()
+
+
+def scan_line(line, base_dir, processor):
+    """One JSONL line (bytes) -> {id, length, n_trained, digest} (digest: of the line and its images'
+    bytes), or BadLine. Pixels are decoded to check them, then dropped."""
+    row, files = parse_line(line, base_dir)
+    images = [open_image(f) for f in files]
+    try:
+        grids = [image_grid(processor.image_processor, *im.size) for im, _ in images]
+        r = M.render(_SizesOnly(processor, grids), row["messages"], [im for im, _ in images])
+    except ValueError as e:
+        raise BadLine(f"cannot render ({e})") from None
+    return {"id": str(row["id"]), "length": len(r["input_ids"]), "n_trained": int(r["loss_mask"].sum()),
+            "digest": _digest(line, [b for _, b in images])}
+
+
+def load_sft(path, processor, strict=False, max_len=None, log=print, progress=False, rank=0, world=1):
+    """Scan a JSONL file of trajectories -> list of small records {id, where (path:lineno), file, offset,
+    length, n_trained, digest}, the same list on every rank; render_item renders one when needed.
+    Rank r scans lines r::world; with world > 1 this is a collective (all_gather_object).
+    A bad line is logged as path:lineno and skipped (strict: ValueError naming path:lineno, raised on
+    every rank alike); trajectories over max_len tokens are skipped and counted."""
     path = Path(path)
-    lines = path.read_text().splitlines()
-    items, n_bad, n_long = [], 0, 0
+    with open(path, "rb") as f:
+        lines = f.readlines()  # split at b"\n" only, JSONL's rule, so byte offsets and line numbers hold
+    offsets = list(itertools.accumulate(map(len, lines), initial=0))
+    mine = range(rank, len(lines), world)
     if progress:
         from tqdm import tqdm
-        lines = tqdm(lines, desc=f"render {path.name}", leave=False)
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
+        mine = tqdm(mine, desc=f"scan {path.name}", leave=False)
+    results = []  # per line of mine: a record, the reason it is bad, or None for a blank line
+    for i in mine:
         try:
-            row, images = parse_line(line, path.parent)
-            try:
-                r = M.render(processor, row["messages"], images)
-            except ValueError as e:
-                raise BadLine(f"cannot render ({e})") from None
+            results.append(scan_line(lines[i], path.parent, processor) if lines[i].strip() else None)
         except BadLine as e:
+            results.append(str(e))
+    if world > 1:
+        shards = [None] * world
+        dist.all_gather_object(shards, results)
+        results = [shards[i % world][i // world] for i in range(len(lines))]
+    items, n_bad, n_long = [], 0, 0
+    for i, r in enumerate(results):
+        where = f"{path}:{i + 1}"
+        if isinstance(r, str):
             if strict:
-                raise ValueError(f"{where}: {e}") from None
-            log(f"{where}: skipped: {e}")
+                raise ValueError(f"{where}: {r}")
+            log(f"{where}: skipped: {r}")
             n_bad += 1
-            continue
-        if max_len and len(r["input_ids"]) > max_len:
+        elif r and max_len and r["length"] > max_len:
             n_long += 1
-            continue
-        if r["pixel_values"] is not None:
-            r["pixel_values"] = r["pixel_values"].to(dtype)  # what the forward casts to anyway
-        r.update(id=str(row["id"]), where=where)
-        items.append(r)
+        elif r:
+            items.append(dict(r, where=where, file=str(path), offset=offsets[i]))
     log(f"data {path}: {len(items)} trajectories, {n_bad} bad lines skipped, "
         f"{n_long} longer than {max_len} tokens skipped")
     return items
+
+
+def render_item(x, processor):
+    """A record of load_sft -> model.render's dict (input_ids, loss_mask, pixel_values, image_grid_thw),
+    rendered now. A line or image that changed since the scan is an error: the batches and token counts
+    that every rank planned with would no longer hold."""
+    with open(x["file"], "rb") as f:
+        f.seek(x["offset"])
+        line = f.readline()
+    try:
+        row, files = parse_line(line, Path(x["file"]).parent)
+        images = [open_image(f) for f in files]
+    except BadLine as e:
+        raise ValueError(f"{x['where']}: {e} (it was fine when the run started)") from None
+    if _digest(line, [b for _, b in images]) != x["digest"]:
+        raise ValueError(f"{x['where']}: the line or its images changed since the run started; restart it")
+    return M.render(processor, row["messages"], [im for im, _ in images])
 
 
 def hold_out(items, n, seed):
@@ -214,10 +298,11 @@ def rank_micro_batches(batch, lengths, micro, rank, world):
 
 
 def data_fingerprint(items):
-    """Changes when the rendered training data changes: a resume must see the same data."""
+    """Changes when the training data change (any byte of a kept line or its images, or how it
+    tokenises): a resume must see the same data."""
     h = hashlib.sha1()
     for x in items:
-        h.update(f"{x['id']}:{len(x['input_ids'])}:{int(x['loss_mask'].sum())};".encode())
+        h.update(f"{x['id']}:{x['length']}:{x['n_trained']}:{x['digest']};".encode())
     return h.hexdigest()[:16]
 
 
@@ -247,12 +332,6 @@ def default_lr(args, tiny):
     return 1e-4 if args.lora_rank else (2e-3 if tiny else 1e-5)
 
 
-def param_dtype(args, device):
-    if args.dtype != "auto":
-        return {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    return torch.bfloat16 if args.lora_rank and device.type == "cuda" else torch.float32
-
-
 def memory_gb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 30
@@ -260,81 +339,69 @@ def memory_gb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # Linux reports KiB
 
 
-def all_sum(*xs, device):
-    """Sum floats over ranks (one all-reduce)."""
-    t = torch.tensor(xs, dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(t)
-    return t.tolist()
-
-
 # ----------------------------------------------------------------------------- evaluation
 
 @torch.no_grad()
-def eval_loss(wrapped, items, processor, micro, device, rank, world):
+def eval_loss(wrapped, items, processor, micro, device, dtype, rank, world):
     """Mean NLL per trained token of the held-out set, over all ranks. Every rank runs the same
     number of forwards (FSDP2 gathers parameters in lockstep); a rank short of work repeats a
     micro-batch and ignores it."""
-    order = sorted(range(len(items)), key=lambda j: len(items[j]["input_ids"]))
+    order = sorted(range(len(items)), key=lambda j: items[j]["length"])
     chunks = [order[s:s + micro] for s in range(0, len(order), micro)]
     nll, n = 0.0, 0.0
     for k in range(-(-len(chunks) // world)):
         c = rank + k * world
-        batch = M.to_device(M.collate([items[j] for j in chunks[min(c, len(chunks) - 1)]], processor), device)
-        with M.autocast(device):
+        mb = chunks[min(c, len(chunks) - 1)]
+        batch = M.to_device(M.collate([render_item(items[j], processor) for j in mb], processor), device)
+        with M.autocast(device, dtype):
             logp = wrapped(batch)  # (B, T)
         if c < len(chunks):
             nll -= (logp * batch["loss_mask"]).sum().item()
             n += batch["loss_mask"].sum().item()
-    nll, n = all_sum(nll, n, device=device)
+    nll, n = M.reduce([nll, n])
     return nll / max(n, 1)
 
 
-_AGENT = {}  # the agent evaluation's questions and tools, built once per run
+def agent_setup(args, log):
+    """(questions, tools) of the agent evaluation: a fixed random sample of held-out questions (the
+    same at every evaluation, so accuracies are comparable over the run), or None."""
+    if not args.agent_eval_n:
+        return None
+    qfile = Path(args.agent_questions or Path(args.data).parent / "questions_eval.jsonl")
+    qs = T.load_questions(qfile) if qfile.is_file() else []
+    if not qs:
+        log(f"agent accuracy unavailable: no questions in {qfile}")
+        return None
+    return random.Random(args.seed).sample(qs, min(args.agent_eval_n, len(qs))), T.make_tools(str(Path(args.data).parent))
 
 
-def agent_accuracy(model, processor, args, rank, world, log):
-    """Agent accuracy (greedy, on-demand search) on a fixed random sample of held-out questions,
-    through eval.py, sharded over ranks. eval and tools are imported here: SFT itself needs neither.
-    None when they are unavailable (said once per run)."""
-    try:
-        import eval as E  # our eval.py (the name shadows the builtin inside this function only)
-        import tools
-        evaluate, metrics = E.evaluate, E.metrics
-        load_questions, make_tools = tools.load_questions, tools.make_tools
-    except (ImportError, AttributeError) as e:
-        if not _AGENT.get("warned"):
-            log(f"agent accuracy unavailable: eval.py cannot be used ({type(e).__name__}: {e})")
-            _AGENT["warned"] = True
-        return None
-    if "questions" not in _AGENT:
-        qfile = Path(args.agent_questions or Path(args.data).parent / "questions_eval.jsonl")
-        qs = load_questions(qfile) if qfile.is_file() else []
-        # the same sample at every evaluation, so accuracies are comparable over the run
-        _AGENT["questions"] = random.Random(args.seed).sample(qs, min(args.agent_eval_n, len(qs)))
-        _AGENT["tools"] = make_tools(str(Path(args.data).parent)) if qs else None
-        if not qs:
-            log(f"agent accuracy unavailable: no questions in {qfile}")
-    if not _AGENT["questions"]:
-        return None
-    records, _ = evaluate("agent", model, processor, _AGENT["tools"], _AGENT["questions"], "sft", rank=rank,
-                          world=world, max_new_tokens=args.agent_max_new_tokens, seed=args.seed, progress=False)
-    return metrics(records)["accuracy"]
+def agent_accuracy(wrapped, processor, agent, args, rank, world, dtype):
+    """Agent accuracy (greedy, on-demand search) through eval.py, the questions sharded over ranks;
+    under FSDP2 on gathered weights (M.unsharded), so ranks decode independently."""
+    questions, tools = agent
+    with M.unsharded(wrapped) as model:
+        records, _ = E.evaluate("agent", model, processor, tools, questions, "sft", rank=rank, world=world,
+                                max_new_tokens=args.agent_max_new_tokens, seed=args.seed, progress=False,
+                                dtype=dtype)
+    return E.metrics(records)["accuracy"]
 
 
 # ----------------------------------------------------------------------------- model
 
-def build_model(args, device, path, log):
-    """Load, set what trains (LoRA / frozen vision), gradient checkpointing -> (model, processor, tiny)."""
+def build_model(args, device, dtype, resume, log):
+    """Load, set what trains (LoRA / frozen vision), gradient checkpointing -> (model, processor, tiny).
+    Trainable weights are fp32 masters; a LoRA run's frozen base is loaded in the compute dtype.
+    Full fine-tuning resumes from the run's saved weights, LoRA from the base plus the saved adapter."""
     meta_file = Path(args.model) / "meta.json"
     tiny = bool(json.loads(meta_file.read_text()).get("tiny")) if meta_file.is_file() else False
-    model, processor = M.load(path, device=device, dtype=param_dtype(args, device), log=log)
+    path = args.out if resume and not args.lora_rank else args.model
+    model, processor = M.load(path, device=device, dtype=dtype if args.lora_rank else torch.float32, log=log,
+                              max_pixels=args.max_pixels)
     torch.manual_seed(args.seed)  # the same LoRA init on every rank (FSDP2 does not broadcast it)
     if args.lora_rank:
-        M.add_lora(model, rank=args.lora_rank, alpha=args.lora_alpha)
-        for p in model.parameters():
-            if p.requires_grad:
-                p.data = p.data.float()  # trainable LoRA weights stay fp32 over a bf16 base
+        M.add_lora(model, rank=args.lora_rank, alpha=args.lora_alpha)  # LoRA factors are fp32
+        if resume:
+            M.load_adapter(model, args.out)
     if args.freeze_vision:
         for p in model.model.visual.parameters():
             p.requires_grad_(False)
@@ -352,17 +419,6 @@ def make_optimizer(params, lr, weight_decay):
                               {"params": rest, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.999), eps=1e-8)
 
 
-def save(wrapped, processor, opt, sched, step, extra, args, meta, log):
-    """Checkpoint (HF folder, LoRA folded in) + train state beside it. Collective."""
-    out = Path(args.out)
-    hf = M.unwrap(wrapped)
-    if args.lora_rank:
-        extra = dict(extra, lora=M.lora_state_dict(hf))
-    M.save_checkpoint(hf, processor, out, dict(meta, step=step))
-    M.save_train_state(out / M.TRAIN_STATE, opt, sched, step, extra, model=wrapped)
-    log(f"saved {out} at step {step}")
-
-
 # ----------------------------------------------------------------------------- main
 
 def main(argv=None):
@@ -372,8 +428,8 @@ def main(argv=None):
     rank, world, device = M.setup_dist()
     out = Path(args.out)
     if rank == 0:
-        M.restore_side_files(out)  # an interrupted save may have parked the log and train state
-    M._barrier()
+        M.recover(out)  # finish a checkpoint swap that a kill interrupted
+    M.barrier()
     log = M.RunLog(out / "log.txt", args)
     try:
         return train(args, rank, world, device, log)
@@ -388,19 +444,12 @@ def train(args, rank, world, device, log):
     resume = args.resume and state_file.is_file()
     if args.resume and not resume:
         log(f"--resume: no {state_file}, starting fresh")
-    _AGENT.clear()  # a new run (tests run several in one process) samples its own questions
-    # Full fine-tuning resumes from the saved weights; LoRA from the base plus the saved LoRA weights
-    # (the checkpoint has them folded in).
-    model, processor, tiny = build_model(args, device, out if resume and not args.lora_rank else args.model, log)
-    if resume and args.lora_rank:
-        lora = torch.load(state_file, map_location="cpu", weights_only=False, mmap=True)["extra"]["lora"]
-        unexpected = model.load_state_dict(lora, strict=False).unexpected_keys
-        if unexpected:
-            raise SystemExit(f"sft.py: {state_file}: LoRA weights do not fit this model ({unexpected[:3]})")
+    dtype = M.compute_dtype(args.precision, device)
+    model, processor, tiny = build_model(args, device, dtype, resume, log)
 
-    # Data: rendered once, cached in memory (rendering is CPU work every epoch otherwise).
-    load = dict(processor=processor, strict=args.strict, max_len=args.max_len,
-                dtype=param_dtype(args, device), log=log, progress=world == 1)
+    # Data: scanned once for lengths (sharded over ranks); each micro-batch renders its own trajectories.
+    load = dict(processor=processor, strict=args.strict, max_len=args.max_len, log=log, progress=world == 1,
+                rank=rank, world=world)
     try:
         items = load_sft(args.data, **load)
         if args.eval_data and not Path(args.eval_data).is_file():
@@ -412,8 +461,8 @@ def train(args, rank, world, device, log):
             train_items, held = hold_out(items, args.eval_n, args.seed)
     except ValueError as e:
         raise SystemExit(f"sft.py: {e}") from None
-    lengths = [len(x["input_ids"]) for x in train_items]
-    n_trained = [int(x["loss_mask"].sum()) for x in train_items]
+    lengths = [x["length"] for x in train_items]
+    n_trained = [x["n_trained"] for x in train_items]
 
     G, micro = args.batch_size, args.micro_batch
     if G % (micro * world):
@@ -429,7 +478,7 @@ def train(args, rank, world, device, log):
     lr = default_lr(args, tiny)
 
     mode = "fsdp" if args.fsdp else "ddp"
-    wrapped = M.wrap(model, mode, device)
+    wrapped = M.wrap(model, mode, device, dtype)
     params = [p for p in wrapped.parameters() if p.requires_grad]
     opt = make_optimizer(params, lr, args.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, warmup, args.min_lr_ratio))
@@ -437,25 +486,24 @@ def train(args, rank, world, device, log):
             "per_epoch": per_epoch, "group_by_length": args.group_by_length}
     start, skipped, consecutive = 0, 0, 0
     if resume:
-        start, extra = M.load_train_state(state_file, opt, sched, model=wrapped)
+        start, extra = M.load_train_state(out, opt, sched, model=wrapped)
         if extra["plan"] != plan:
             raise SystemExit(f"sft.py: cannot resume exactly: the run in {out} had plan {extra['plan']}, "
                              f"this one {plan} (same data, batch size, seed and schedule needed)")
-        ckpt_step = json.loads((out / "meta.json").read_text())["step"]
-        if ckpt_step != start:
-            raise SystemExit(f"sft.py: {out}: checkpoint is at step {ckpt_step} but the train state at "
-                             f"{start} (a save was interrupted); cannot resume exactly")
         skipped, consecutive = extra["skipped"], extra["consecutive"]
     if not resume:  # a resumed run restores every rank's RNG state instead
         torch.manual_seed(args.seed + rank)
 
     n_train = sum(p.numel() for p in params)
     log(f"sft: {len(train_items)} train / {len(held)} held-out trajectories, world {world} ({mode}), "
+        f"compute {dtype}, attention {model.config._attn_implementation}, "
         f"global batch {G} = micro {micro} x accum {accum} x world {world}, {per_epoch} steps/epoch, "
         f"{total} steps, warmup {warmup}, lr {lr:g}, trainable {n_train / 1e6:.2f}M"
         f"{f' (LoRA r={args.lora_rank})' if args.lora_rank else ''}, {'resuming at step %d' % start if resume else 'fresh'}")
     meta = {"stage": "sft", "base": str(args.model), "tiny": tiny, "lora_rank": args.lora_rank,
             "config": vars(args)}
+
+    agent = agent_setup(args, log)
 
     def state_extra():
         return {"plan": plan, "skipped": skipped, "consecutive": consecutive}
@@ -472,14 +520,14 @@ def train(args, rank, world, device, log):
         nll = 0.0
         mbs = rank_micro_batches(gb, lengths, micro, rank, world)
         for k, mb in enumerate(mbs):
-            batch = M.to_device(M.collate([train_items[j] for j in mb], processor), device)
+            batch = M.to_device(M.collate([render_item(train_items[j], processor) for j in mb], processor), device)
             with M.grad_sync(wrapped, k == len(mbs) - 1):
-                with M.autocast(device):
+                with M.autocast(device, dtype):
                     logp = wrapped(batch)  # (B, T) log p of each trained token, 0 elsewhere
                 loss, part = micro_loss(logp, batch["loss_mask"], n_tok, world)
                 loss.backward()
             nll += part.item()
-        (nll,) = all_sum(nll, device=device)
+        (nll,) = M.reduce([nll])
         loss_val = nll / n_tok
         gnorm = M.clip_grad_norm(params, args.grad_clip)
         if math.isfinite(loss_val) and math.isfinite(gnorm):
@@ -507,13 +555,14 @@ def train(args, rank, world, device, log):
             raise SystemExit(msg)
 
         if step == total or (args.eval_every and step % args.eval_every == 0):
-            last_eval = evaluate(wrapped, held, processor, args, device, rank, world, step, log)
+            last_eval = evaluate(wrapped, held, processor, agent, args, device, dtype, rank, world, step, log)
         stop = step < total and ((args.stop_after_steps and step - start >= args.stop_after_steps) or
                                  (args.max_minutes and time.time() - t_run > 60 * args.max_minutes))
-        (stop,) = all_sum(float(stop), device=device)  # every rank must agree to stop on the same step
+        (stop,) = M.reduce([stop])  # every rank must agree to stop on the same step
         periodic = args.save_every and step % args.save_every == 0 and consecutive == 0  # only after a good step
         if step == total or stop or periodic:
-            save(wrapped, processor, opt, sched, step, state_extra(), args, dict(meta, eval_loss=last_eval), log)
+            M.save_checkpoint(wrapped, processor, out, dict(meta, eval_loss=last_eval), opt, sched, step, state_extra())
+            log(f"saved {out} at step {step}")
         if stop:
             log(f"stopped at step {step}/{total}; continue with --resume")
             break
@@ -523,22 +572,18 @@ def train(args, rank, world, device, log):
     return {"step": step, "losses": losses, "eval_loss": last_eval, "skipped": skipped}
 
 
-def evaluate(wrapped, held, processor, args, device, rank, world, step, log):
-    """Held-out loss (all ranks) and agent accuracy on a sample (rank 0, whole model only)."""
+def evaluate(wrapped, held, processor, agent, args, device, dtype, rank, world, step, log):
+    """Held-out loss and agent accuracy on a sample of questions (every rank takes part)."""
     if not held:
         return None
     wrapped.eval()
-    loss = eval_loss(wrapped, held, processor, args.micro_batch, device, rank, world)
+    loss = eval_loss(wrapped, held, processor, args.micro_batch, device, dtype, rank, world)
     line = f"eval step {step} | loss {loss:.6f} | trajectories {len(held)}"
-    if args.agent_eval_n:
-        if args.fsdp:  # generation runs on whole models; a sharded one would need lockstep decoding
-            line += " | agent_acc unavailable under --fsdp (the model is sharded)"
-        else:
-            rng = M.rng_states()  # generation must not shift the training run's random streams
-            acc = agent_accuracy(M.unwrap(wrapped), processor, args, rank, world, log)
-            M.set_rng_states(rng)
-            if acc is not None:
-                line += f" | agent_acc {acc:.4f} (n={len(_AGENT['questions'])})"
+    if agent:
+        rng = M.rng_states()  # generation must not shift the training run's random streams
+        acc = agent_accuracy(wrapped, processor, agent, args, rank, world, dtype)
+        M.set_rng_states(rng)
+        line += f" | agent_acc {acc:.4f} (n={len(agent[0])})"
     wrapped.train()
     log(line)
     return loss

@@ -24,6 +24,25 @@ def icon(colour):
     return im
 
 
+def write_world(folder):
+    """A four-entity world on disk in the data formats make_data.py writes: image index, corpus, and
+    RL prompts (rl.jsonl) that ask which entity an icon shows."""
+    import json
+    rows, corpus, qs = [], [], []
+    (folder / "images").mkdir(exist_ok=True)
+    for i, c in enumerate(["red", "blue", "green", "orange"]):
+        icon(c).save(folder / "images" / f"{c}.png")
+        rows.append({"id": f"e{i}", "image": f"images/{c}.png", "title": f"Entity {c}", "text": f"The {c} one.",
+                     "url": f"http://x/{c}"})
+        corpus.append({"id": f"p{i}", "title": f"Entity {c}", "text": f"Entity {c} was founded in 18{i}0.",
+                       "url": f"http://x/{c}"})
+        qs.append({"id": f"q{i}", "image": f"images/{c}.png", "question": "What is this?",
+                   "answers": [f"Entity {c}"], "needs_search": True, "meta": {"kind": "image"}})
+    for name, data in (("image_index", rows), ("corpus", corpus), ("rl", qs)):
+        (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in data))
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     import model
@@ -37,3 +56,13 @@ def tiny(tiny_dir):
     import model
     m, p = model.load(tiny_dir, log=None)
     return m, p
+
+
+@pytest.fixture(scope="session")
+def hub_dir(tmp_path_factory):
+    """A checkpoint laid out like the hub's Qwen2.5-VL-3B-Instruct with the real vocabulary (tests/hub.py)."""
+    import hub
+    if hub.qwen_tiktoken_file() is None:
+        pytest.skip("the real Qwen2 vocabulary (qwen_agent/utils/qwen.tiktoken) is not installed: "
+                    "pip install --no-deps -r requirements-test.txt")
+    return hub.build_hub_checkpoint(tmp_path_factory.mktemp("hub") / "Qwen2.5-VL-3B-Instruct")

@@ -1,19 +1,36 @@
 """rl.py: advantages, the clipped surrogate and its masks, KL at the start, rewards, a real step."""
-import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
+import pytest
 import torch
-from PIL import Image, ImageDraw
+from safetensors.torch import load_file
 
 import model as M
 import rl
 import rollout as R
 import tools as T
+from tests.conftest import write_world
+from tests.rl_entry import token_reward
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_equal_rewards_give_zero_advantage_and_zero_gradient(tiny_dir):
-    adv = rl.group_advantages([0.5, 0.5, 0.5, 1.0, 0.0, 1.0], group_size=3)
-    assert torch.equal(adv[:3], torch.zeros(3)) and adv[3:].abs().sum() > 0
-    assert torch.equal(rl.group_advantages([1.0] * 4, 4, scale="none"), torch.zeros(4))
+@pytest.mark.parametrize("scale", ["none", "std"])
+def test_equal_rewards_give_exactly_zero_advantage_for_any_value(scale):
+    values = [0.0, 0.1, 0.9, 1.0, 1 / 3, 0.1 + 0.2, 0.9 * 0.7 + 0.1, 1e-7, 123.456]
+    for g in (2, 3, 5, 8, 16):
+        adv = rl.group_advantages([v for v in values for _ in range(g)], g, scale)
+        assert torch.equal(adv, torch.zeros(len(values) * g)), (g, adv.abs().max())
+    adv = rl.group_advantages([0.1, 0.1, 1.0, 0.1], 4, scale)
+    assert adv[2] > 0 and (adv[[0, 1, 3]] < 0).all()
+    if scale == "none":  # the paper's R - mean(R)
+        assert torch.allclose(adv, torch.tensor([-0.225, -0.225, 0.675, -0.225]))
+
+
+def test_equal_rewards_give_zero_gradient(tiny_dir):
     # Through a real model: a group of equal rewards produces no gradient at all.
     model, proc = M.load(tiny_dir, log=None)
     b = M.collate([M.render(proc, [{"role": "user", "content": "hi"},
@@ -52,27 +69,8 @@ def test_clipping_on_hand_made_ratios():
     assert lp.grad[0, 0] == 0 and lp.grad[0, 4] != 0
 
 
-def _world(tmp_path):
-    """A four-entity world on disk in the data formats make_data.py writes."""
-    rows, corpus, qs = [], [], []
-    for i, c in enumerate(["red", "blue", "green", "orange"]):
-        im = Image.new("RGB", (56, 56), "white")
-        ImageDraw.Draw(im).ellipse([6, 6, 50, 50], fill=c)
-        (tmp_path / "images").mkdir(exist_ok=True)
-        im.save(tmp_path / "images" / f"{c}.png")
-        rows.append({"id": f"e{i}", "image": f"images/{c}.png", "title": f"Entity {c}", "text": f"The {c} one.",
-                     "url": f"http://x/{c}"})
-        corpus.append({"id": f"p{i}", "title": f"Entity {c}", "text": f"Entity {c} was founded in 18{i}0.",
-                       "url": f"http://x/{c}"})
-        qs.append({"id": f"q{i}", "image": f"images/{c}.png", "question": "What is this?",
-                   "answers": [f"Entity {c}"], "needs_search": True, "meta": {"kind": "image"}})
-    for name, data in (("image_index", rows), ("corpus", corpus), ("rl", qs)):
-        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in data))
-    return tmp_path
-
-
 def test_first_minibatch_ratio_is_one_and_kl_zero(tiny_dir, tmp_path):
-    d = _world(tmp_path)
+    d = write_world(tmp_path)
     model, proc = M.load(tiny_dir, log=None)
     ref, _ = M.load(tiny_dir, log=None)
     tools = T.make_tools(str(d))
@@ -118,10 +116,10 @@ def test_step_prompts_resume_and_shard():
 
 
 def test_rl_runs_and_resumes_exactly(tiny_dir, tmp_path, monkeypatch):
-    d = _world(tmp_path)
+    d = write_world(tmp_path)
     # An untrained model never answers, so every reward would be 0 and nothing would move: score
     # trajectories by a deterministic function of their tokens instead, to exercise real updates.
-    monkeypatch.setattr(rl, "reward", lambda t, *a: (sum(t.token_ids) % 7) / 7)
+    monkeypatch.setattr(rl, "reward", token_reward)
     base = ["--ckpt", str(tiny_dir), "--data", str(d), "--batch", "2", "--group", "2", "--mini_batch", "2",
             "--max_turns", "2", "--max_new_tokens", "6", "--save_every", "1", "--lr", "1e-3", "--beta", "0.01"]
     rl.main(base + ["--out", str(tmp_path / "a"), "--steps", "2"])
@@ -138,3 +136,48 @@ def test_rl_runs_and_resumes_exactly(tiny_dir, tmp_path, monkeypatch):
     mb, _ = M.load(tmp_path / "b", log=None)
     for (n, p), (_, q) in zip(ma.named_parameters(), mb.named_parameters()):
         assert torch.equal(p, q), n
+
+
+SMALL = ["--batch", "2", "--group", "2", "--mini_batch", "2", "--micro_batch", "1", "--max_turns", "2",
+         "--max_new_tokens", "6", "--save_every", "1", "--beta", "0.01", "--precision", "bf16"]
+
+
+def test_bf16_keeps_fp32_masters_so_small_updates_land(tiny_dir, tmp_path, monkeypatch):
+    """At the paper's LR 2e-6, bf16 weights would round almost every update away; fp32 masters
+    under bf16 compute change nearly all of them after one step."""
+    d = write_world(tmp_path)
+    monkeypatch.setattr(rl, "reward", token_reward)
+    rl.main(["--ckpt", str(tiny_dir), "--data", str(d), "--out", str(tmp_path / "o"), "--steps", "1",
+             *SMALL, "--lr", "2e-6", "--warmup", "1"])
+    assert "compute torch.bfloat16" in (tmp_path / "o" / "log.txt").read_text()
+    assert "(torch.float32)" in (tmp_path / "o" / "log.txt").read_text()  # the trainable parameters
+    a, b = load_file(tiny_dir / "model.safetensors"), load_file(tmp_path / "o" / "model.safetensors")
+    changed = sum((a[k].float() != b[k]).sum().item() for k in a)
+    assert changed / sum(v.numel() for v in a.values()) > 0.9
+
+
+def _torchrun_rl(*args):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "tests" / "rl_entry.py"), *args]
+    p = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_ranks_bf16_run_and_resume_exactly(tiny_dir, tmp_path, mode):
+    """torchrun, 2 gloo ranks, bf16: the rollout runs on whole (for FSDP2: gathered) weights while
+    ranks decode different lengths, the update syncs, and stop + --resume equals an unbroken run."""
+    d = write_world(tmp_path)
+    base = ["--ckpt", str(tiny_dir), "--data", str(d), *SMALL, "--lr", "1e-3"] + (["--fsdp"] if mode == "fsdp" else [])
+    _torchrun_rl(*base, "--out", str(tmp_path / "a"), "--steps", "2")
+    _torchrun_rl(*base, "--out", str(tmp_path / "b"), "--steps", "1")
+    _torchrun_rl(*base, "--out", str(tmp_path / "b"), "--steps", "2", "--resume")
+
+    def steps(p):
+        return [line.split("| tok/s")[0] for line in (p / "log.txt").read_text().splitlines()
+                if line.startswith("step")]
+    a, b = steps(tmp_path / "a"), steps(tmp_path / "b")
+    assert a == b and len(a) == 2 and "gnorm 0.00" not in a[0]
+    assert f"on 2 rank(s) ({mode})" in (tmp_path / "a" / "log.txt").read_text()
+    wa, wb = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)

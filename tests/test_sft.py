@@ -1,4 +1,4 @@
-"""sft.py: loss masking, overfitting, DDP == one process, exact resume, bad lines, non-finite steps."""
+"""sft.py: loss masking, overfitting, DDP == one process, exact resume, bad lines, lazy rendering, non-finite steps."""
 import json
 import os
 import re
@@ -124,6 +124,7 @@ def test_bad_lines_reported_and_skipped_or_fatal(tiny, tmp_path):
     path = write_sft(tmp_path, 3)
     good = path.read_text().splitlines()
     (tmp_path / "images" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    truncated_png(tmp_path / "images" / "truncated.png")
     row = json.loads(good[0])
     bad = [
         "{not json",
@@ -131,16 +132,70 @@ def test_bad_lines_reported_and_skipped_or_fatal(tiny, tmp_path):
         json.dumps(dict(row, images=["images/missing.png"])),
         json.dumps(dict(row, images=["images/broken.png"])),
         json.dumps(dict(row, images=[])),  # one <image> placeholder, no image
+        json.dumps(dict(row, images=["images/truncated.png"])),  # fails only when decoded
     ]
     path.write_text("\n".join(good[:1] + bad + good[1:]) + "\n")
     lines = []
     items = sft.load_sft(path, proc, log=lines.append)
     assert [x["id"] for x in items] == ["t0", "t1", "t2"]
-    for lineno, why in zip(range(2, 7), ["not valid JSON", "missing field 'messages'", "image not found",
-                                         "corrupt image", "1 <image> placeholders but 0 images"]):
+    for lineno, why in zip(range(2, 8), ["not valid JSON", "missing field 'messages'", "image not found",
+                                         "corrupt image", "1 <image> placeholders but 0 images", "corrupt image"]):
         assert any(ln.startswith(f"{path}:{lineno}: skipped: ") and why in ln for ln in lines), (lineno, lines)
     with pytest.raises(ValueError, match=re.escape(f"{path}:2: not valid JSON")):
         sft.load_sft(path, proc, strict=True, log=lines.append)
+
+
+def truncated_png(path):
+    """A PNG whose header is fine (Image.open reads its size) but whose pixel data is cut short."""
+    noise = torch.randint(0, 256, (64, 64, 3), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    Image.fromarray(noise.numpy()).save(path)
+    path.write_bytes(path.read_bytes()[:2000])
+    with Image.open(path) as im:
+        assert im.size == (64, 64)
+
+
+def test_scanned_lengths_equal_render(tiny, tmp_path):
+    """The scan counts tokens from the images' sizes only; render decodes and resizes them."""
+    _, proc = tiny
+    (tmp_path / "images").mkdir()
+    sizes = [(300, 500), (20, 20), (56, 140), (200, 28), (57, 85)]  # shrunk, grown, kept, elongated, rounded
+    for k, wh in enumerate(sizes):
+        Image.new("RGB", wh, COLORS[k]).save(tmp_path / "images" / f"s{k}.png")
+    rows = []
+    for k in range(3):
+        names = [f"images/s{(k + i) % len(sizes)}.png" for i in range(k + 1)]  # 1, 2 and 3 images
+        msgs = [{"role": "user", "content": "<image>" * len(names) + "\nWhat are these?"},
+                {"role": "assistant", "content": f"<reason>Shapes.</reason><answer>{k}</answer>"}]
+        rows.append({"id": f"m{k}", "images": names, "messages": msgs})
+    path = tmp_path / "sft.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    items = sft.load_sft(path, proc, log=lambda s: None)
+    assert [x["id"] for x in items] == ["m0", "m1", "m2"]
+    for x, row in zip(items, rows):
+        r = M.render(proc, row["messages"], [Image.open(tmp_path / p) for p in row["images"]])
+        assert (x["length"], x["n_trained"]) == (len(r["input_ids"]), int(r["loss_mask"].sum()))
+        lazy = sft.render_item(x, proc)
+        assert torch.equal(lazy["input_ids"], r["input_ids"]) and torch.equal(lazy["pixel_values"], r["pixel_values"])
+
+
+def test_scan_keeps_no_pixels(tiny, tmp_path):
+    _, proc = tiny
+    items = sft.load_sft(write_sft(tmp_path, 6), proc, log=lambda s: None)
+    assert len(items) == 6 and sum(x["length"] for x in items) > 0
+    for x in items:  # small records only: no tensors, images or token lists
+        assert all(isinstance(v, (str, int)) for v in x.values()), x
+
+
+def test_changed_data_change_fingerprint_and_stop_rendering(tiny, tmp_path):
+    _, proc = tiny
+    path = write_sft(tmp_path, 3)
+    items = sft.load_sft(path, proc, log=lambda s: None)
+    Image.new("RGB", (28, 56), "black").save(tmp_path / "images" / "e0.png")  # same size, other pixels
+    again = sft.load_sft(path, proc, log=lambda s: None)
+    assert [x["length"] for x in again] == [x["length"] for x in items]
+    assert sft.data_fingerprint(again) != sft.data_fingerprint(items)
+    with pytest.raises(ValueError, match=re.escape(f"{path}:1: the line or its images changed")):
+        sft.render_item(items[0], proc)
 
 
 def test_strict_flag_is_fatal(tiny_dir, tmp_path):
@@ -165,9 +220,14 @@ DIST_ARGS = ["--batch_size", "4", "--micro_batch", "1", "--epochs", "2"]  # 8 tr
 @pytest.fixture(scope="module")
 def one_process(tiny_dir, tmp_path_factory):
     """The reference: one process, accumulation 4. The vision tower trains, and text-only
-    micro-batches leave it unused, which DDP must handle."""
+    micro-batches leave it unused, which DDP must handle. Line 4 has an image that is corrupt only
+    when decoded: every rank must skip it, or the ranks' batches would differ."""
     folder = tmp_path_factory.mktemp("dist")
     path = write_sft(folder, 8)
+    lines = path.read_text().splitlines(keepends=True)
+    truncated_png(folder / "images" / "truncated.png")
+    bad = dict(json.loads(lines[0]), images=["images/truncated.png"])
+    path.write_text("".join(lines[:3]) + json.dumps(bad) + "\n" + "".join(lines[3:]))
     n = torch.get_num_threads()
     torch.set_num_threads(1)  # as fast as it gets for a tiny model, like the autouse fixture
     res = sft.main(common(tiny_dir, path, folder / "one", *DIST_ARGS))
@@ -196,7 +256,9 @@ def assert_same_run(out, losses, weights):
 def test_ddp_two_processes_equal_one(tiny_dir, one_process):
     folder, path, losses, weights = one_process
     torchrun2(tiny_dir, path, folder / "ddp")
-    assert "world 2 (ddp), global batch 4 = micro 1 x accum 2 x world 2" in (folder / "ddp" / "log.txt").read_text()
+    text = (folder / "ddp" / "log.txt").read_text()
+    assert "world 2 (ddp)" in text and "global batch 4 = micro 1 x accum 2 x world 2" in text
+    assert f"{path}:4: skipped: corrupt image" in text  # scanned by rank 1, known to both
     assert_same_run(folder / "ddp", losses, weights)
 
 
