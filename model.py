@@ -495,19 +495,21 @@ def policy_logits(lm_head, h, config):
 
 
 def _chunk_logprobs(lm_head, h, targets, temperature, config):
-    logits = policy_logits(lm_head, h, config) / temperature  # (N, V) fp32, one chunk only
+    logits = policy_logits(lm_head, h, config).div_(temperature)  # (N, V) fp32, one chunk only
     logz = torch.logsumexp(logits, -1)
     lp = logits.gather(-1, targets[:, None]).squeeze(-1) - logz
-    p = torch.softmax(logits, -1)
-    ent = logz - (p * logits.masked_fill(p == 0, 0)).sum(-1)  # 0 * -inf would be nan
+    with torch.no_grad():  # entropy is logged, never trained: no (N, V) buffers kept for its backward
+        p = (logits - logz[:, None]).exp_()
+        ent = logz - p.mul_(logits.clamp(min=torch.finfo(logits.dtype).min)).sum(-1)  # 0 x -inf would be nan
     return lp, ent
 
 
-def token_logprobs(model, batch, temperature=1.0, chunk=1024, return_entropy=False):
+def token_logprobs(model, batch, temperature=1.0, chunk=None, return_entropy=False):
     """log p(token_t | tokens_<t) for each position t of batch["input_ids"] (B, T); 0 at t=0.
     Only positions with loss_mask=1 are computed when the batch has a loss_mask (the rest are 0):
-    lm_head runs over those tokens only, `chunk` at a time, with activation checkpointing under
-    autograd, so fp32 logits of the whole batch (B*T*V) never exist at once."""
+    lm_head runs over those tokens only, `chunk` at a time (default: 2^26 logits, 256 MB in fp32,
+    441 tokens of Qwen's 151k vocabulary), with activation checkpointing under autograd, so fp32
+    logits of the whole batch (B*T*V) never exist at once."""
     ids = batch["input_ids"]
     h = forward_hidden(model, batch).last_hidden_state  # (B, T, D)
     want = batch.get("loss_mask", torch.ones_like(ids)).bool().clone()
@@ -515,6 +517,7 @@ def token_logprobs(model, batch, temperature=1.0, chunk=1024, return_entropy=Fal
     idx = want.nonzero(as_tuple=True)
     hs = h[idx[0], idx[1] - 1]  # (N, D) the state that predicts token t
     targets = ids[idx]  # (N,)
+    chunk = chunk or max(1, min(1024, 2 ** 26 // model.lm_head.out_features))
     lps, ents = [], []
     for s in range(0, len(targets), chunk):
         args = (model.lm_head, hs[s:s + chunk], targets[s:s + chunk], temperature, model.config)

@@ -1,9 +1,10 @@
 """sft.py: cold-start supervised fine-tuning on multi-turn tool-use trajectories (stage 1).
 
 Reads SFT trajectories (JSONL: {"id", "images": [paths relative to the file], "messages": [...]}),
-renders each one once with model.render (the loss falls only on what the assistant writes: its
-reasoning, its action and the closing <|im_end|>; never on <information> tool results, user text or
-image tokens), groups them by length into micro-batches and trains, fully or with LoRA.
+scans them once for their lengths, then renders each micro-batch when it is needed with model.render
+(the loss falls only on what the assistant writes: its reasoning, its action and the closing
+<|im_end|>; never on <information> tool results, user text or image tokens), and trains, fully or
+with LoRA.
 The loss of a step is the mean negative log-likelihood over every trained token of the global
 batch, however the batch is split into micro-batches and ranks: 1 process and N give the same numbers.
 
@@ -18,9 +19,9 @@ batch, however the batch is split into micro-batches and ranks: 1 process and N 
         --epochs 3 --batch_size 64 --micro_batch 2    # the paper's recipe: LoRA r=8, LR 1e-4, cosine,
                                                       # warmup ratio 0.1, 3 epochs, vision frozen
 
-Outputs in --out: the checkpoint (Hugging Face layout, LoRA folded in, via model.save), log.txt
-(the run header, one line per step, eval lines) and train_state.pt (optimizer, scheduler, RNG and
-data position, for --resume). Global batch = micro_batch x accumulation x world size.
+Outputs in --out: the checkpoint (Hugging Face layout, fp32, LoRA folded in, and a LoRA run's adapter
+in PEFT's layout in adapter/; model.save_checkpoint), log.txt (the run header, one line per step,
+eval lines) and train_state.pt (optimizer, scheduler, RNG and data position, for --resume). Global batch = micro_batch x accumulation x world size.
 """
 import argparse
 import hashlib
@@ -29,12 +30,14 @@ import itertools
 import json
 import math
 import random
+import resource
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from PIL import Image
+from tqdm import tqdm
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
 import eval as E
@@ -217,7 +220,6 @@ def load_sft(path, processor, strict=False, max_len=None, log=print, progress=Fa
     offsets = list(itertools.accumulate(map(len, lines), initial=0))
     mine = range(rank, len(lines), world)
     if progress:
-        from tqdm import tqdm
         mine = tqdm(mine, desc=f"scan {path.name}", leave=False)
     results = []  # per line of mine: a record, the reason it is bad, or None for a blank line
     for i in mine:
@@ -335,7 +337,6 @@ def default_lr(args, tiny):
 def memory_gb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 30
-    import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # Linux reports KiB
 
 

@@ -72,6 +72,20 @@ def common(tiny_dir, data, out, *extra):
             "--agent_eval_n", "0", "--save_every", "0", *extra]
 
 
+def test_bf16_keeps_fp32_masters_so_small_updates_land(tiny_dir, tmp_path):
+    """Full fine-tuning in bf16 compute at LR 1e-6: the optimizer steps fp32 weights, so one step
+    changes nearly every weight (stepping bf16 weights would round most updates away)."""
+    data = write_sft(tmp_path, 8)
+    sft.main(common(tiny_dir, data, tmp_path / "o", "--precision", "bf16", "--lr", "1e-6", "--warmup_ratio", "0",
+                    "--max_steps", "1", "--batch_size", "4", "--micro_batch", "2"))
+    assert "compute torch.bfloat16" in (tmp_path / "o" / "log.txt").read_text()
+    state = torch.load(tmp_path / "o" / M.TRAIN_STATE, weights_only=False)["optimizer"]["state"]
+    assert {v["exp_avg"].dtype for v in state.values()} == {torch.float32}
+    a, b = load_file(tiny_dir / "model.safetensors"), load_file(tmp_path / "o" / "model.safetensors")
+    changed = sum((a[k].float() != b[k]).sum().item() for k in a)
+    assert changed / sum(v.numel() for v in a.values()) > 0.9
+
+
 def test_masked_tokens_get_zero_gradient(tiny):
     model, proc = tiny
     msgs, _ = conversation(0)
