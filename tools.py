@@ -43,6 +43,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import requests
+import urllib3
 from PIL import Image
 
 # ---------------------------------------------------------------------------------------------
@@ -107,6 +108,27 @@ def load_questions(path):
 
 
 # ---------------------------------------------------------------------------------------------
+# Text from outside
+# ---------------------------------------------------------------------------------------------
+
+
+def neutralize(text):
+    """Text from outside (a search result, a summary, an upstream error, a question, a query echoed
+    back) made inert for the chat format.
+
+    Why: an observation is tokenised with its special tokens live, so a web page holding
+    "<|im_end|>\\n<|im_start|>system" would become a forged turn, and one holding "<image>" an image
+    placeholder (a fake image, or a count that no longer matches the images attached).
+    How: every "<" becomes U+2039 (SINGLE LEFT-POINTING ANGLE QUOTATION MARK, which looks alike).
+    Every control token of Qwen's vocabulary (<|...|>, <tool_call>, </tool_call>) and every piece of
+    our markup (<image>, <information>, the action tags) begins with "<", so none can survive.
+    U+2039 is left as it is by NFC and NFKC, which tokenizers may apply; the fullwidth U+FF1C would
+    not do: NFKC maps it back to "<". Our own markup is added after this, so it stays intact.
+    """
+    return str(text).replace("<", "\u2039")
+
+
+# ---------------------------------------------------------------------------------------------
 # Prompts (the structure of the paper's appendix E.1, our wording). Every token is paid for by a
 # tiny model trained on a CPU, so they are a few dozen words each.
 # ---------------------------------------------------------------------------------------------
@@ -122,10 +144,12 @@ _IMAGE_ACTIONS = (
 
 def initial_prompt(question, has_image=True):
     """The first user turn. With an image it starts with the "<image>\\n" placeholder and lists
-    the image-search actions (one image search per question); without one they would be useless tokens."""
+    the image-search actions (one image search per question); without one they would be useless tokens.
+    The question comes from a data set or a user: neutralized, like any text from outside."""
     head = "<image>\n" if has_image else ""
     return (head + "Reply <reason>...</reason> then one action (image search at most once):\n" + _TEXT_ACTIONS
-            + (_IMAGE_ACTIONS if has_image else "") + f"Stuck: <answer>{GIVE_UP}</answer>\nQuestion: {question}")
+            + (_IMAGE_ACTIONS if has_image else "")
+            + f"Stuck: <answer>{GIVE_UP}</answer>\nQuestion: {neutralize(question)}")
 
 
 IMAGE_SEARCH_PROMPT = "Image search results above. Answer, or <text_search> for missing facts."
@@ -561,37 +585,121 @@ def image_hash(image):
     return hashlib.sha256(f"{rgb.size}".encode() + rgb.tobytes()).hexdigest()
 
 
+MAX_RESPONSE_BYTES = 2 << 20  # a search reply is a few KB: more is a misbehaving service, not results
+_READ_CHUNK = 64 << 10
+
+
+def _detail(text, secret=None, limit=200):
+    """Upstream text for an error message: the secret masked first, then cut to `limit` characters.
+    In the other order a key that straddles the cut loses its tail, and the mask no longer matches
+    the head that is left."""
+    text = str(text)
+    if secret:
+        text = text.replace(secret, "***")
+    return text[:limit]
+
+
 def _request_json(method, url, *, params=None, payload=None, headers=None, timeout=10.0, retries=2, backoff=0.5,
-                  secret=None):
+                  secret=None, deadline=None, max_bytes=MAX_RESPONSE_BYTES):
     """One JSON request with retries: timeouts, connection errors, HTTP 429 and 5xx are retried
     with exponential backoff; other HTTP errors fail at once. Raises SearchError with a short
     message. Exception texts from requests are never passed on: they contain the URL, and so
-    the API key when it travels as a query parameter."""
-    last = ""
+    the API key when it travels as a query parameter.
+
+    timeout: seconds per connection attempt and per read, as requests means it; a server that
+    trickles its reply never trips it. deadline: seconds for the whole call, every try, backoff
+    sleep and byte of body included; None means timeout * (retries + 1) plus the backoff sleeps,
+    what the tries could take if each used its timeout once. max_bytes: the most bytes of body
+    read (Content-Length is checked first, then the bytes are counted as they arrive). A reply
+    past the deadline or the cap fails at once, without a retry.
+    """
+    if deadline is None:
+        deadline = timeout * (retries + 1) + sum(backoff * 2**i for i in range(retries))
+    end = time.monotonic() + deadline
+    last, tries = f"no time left within the {deadline:g} s deadline", 0
     for attempt in range(retries + 1):
         if attempt:
-            time.sleep(backoff * 2 ** (attempt - 1))
+            pause = backoff * 2 ** (attempt - 1)
+            if time.monotonic() + pause >= end:
+                break  # no time for another try: say what the last one did
+            time.sleep(pause)
+        left = end - time.monotonic()
+        if left <= 0:
+            break
+        wait = min(timeout, left)
+        tries += 1
         try:
-            response = requests.request(method, url, params=params, json=payload, headers=headers, timeout=timeout)
-        except requests.Timeout:
-            last = f"timed out after {timeout:g} s"
+            with requests.request(method, url, params=params, json=payload, headers=headers, timeout=wait,
+                                  stream=True) as response:
+                status = response.status_code
+                if status == 429 or status >= 500:
+                    last = f"HTTP {status}"
+                    continue
+                body = _read_body(response, end, deadline, max_bytes, timeout)
+        except (requests.Timeout, urllib3.exceptions.TimeoutError, TimeoutError):
+            last = f"timed out after {wait:g} s"
+            if end - time.monotonic() < 0.05:  # a read cut short at the deadline (see _read_body)
+                last = f"timed out: no complete reply within the {deadline:g} s deadline"
             continue
-        except requests.RequestException as e:
+        except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as e:
             last = f"connection failed ({type(e).__name__})"
             continue
-        if response.status_code == 429 or response.status_code >= 500:
-            last = f"HTTP {response.status_code}"
-            continue
-        if response.status_code != 200:
-            detail = response.text[:200]
-            if secret:
-                detail = detail.replace(secret, "***")
-            raise SearchError(f"HTTP {response.status_code}: {detail}")
+        if status != 200:
+            raise SearchError(f"HTTP {status}: {_detail(body.decode('utf-8', 'replace'), secret)}")
         try:
-            return response.json()
-        except ValueError:
+            return json.loads(body)
+        except ValueError:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
             raise SearchError("the search service returned invalid JSON") from None
-    raise SearchError(f"{last} ({retries + 1} tries)")
+    cut = f"; the {deadline:g} s deadline left no time for more" if tries < retries + 1 else ""
+    raise SearchError(f"{last} ({tries} tries{cut})")
+
+
+def _read_body(response, end, deadline, max_bytes, timeout):
+    """The body of a streamed response, read before time.monotonic() passes `end` and no longer
+    than max_bytes; SearchError otherwise. Reads go through urllib3's read1, which returns what one
+    read of the socket brings: read(n) waits for all n bytes, and a trickling server would hold it
+    long past the deadline between two checks. Before each read the socket's timeout is cut to the
+    time left, so a read that starts just before the deadline cannot outlast it by a whole
+    `timeout` (urllib3 sets the timeout afresh for the next request on that connection). Where no
+    socket can be found the reads keep `timeout`: a call then ends by the deadline plus one of them."""
+    declared = response.headers.get("Content-Length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise SearchError(f"response larger than {max_bytes} bytes")
+    raw = response.raw
+    read = getattr(raw, "read1", raw.read)  # urllib3 1.x has no read1
+    sock = _socket_of(raw)
+    chunks, size = [], 0
+    while True:
+        left = end - time.monotonic()
+        if left <= 0:
+            raise SearchError(f"timed out: no complete reply within the {deadline:g} s deadline")
+        if sock is not None and sock.fileno() >= 0:  # http.client closes it once the body is all read
+            sock.settimeout(min(timeout, left))
+        chunk = read(_READ_CHUNK, decode_content=True)
+        if not chunk:
+            return b"".join(chunks)
+        size += len(chunk)
+        if size > max_bytes:  # counted after decoding: a small gzip body may unpack to gigabytes
+            raise SearchError(f"response larger than {max_bytes} bytes")
+        chunks.append(chunk)
+
+
+def _socket_of(raw):
+    """The socket a urllib3 response reads from, or None: its connection's while that is kept
+    alive; else the one under http.client's body reader (a reply that closes the connection makes
+    http.client let go of the connection's socket, not of the body's)."""
+    sock = getattr(getattr(raw, "connection", None), "sock", None)
+    if sock is None:
+        reader = getattr(getattr(raw, "_fp", None), "fp", None)  # http.client's BufferedReader
+        sock = getattr(getattr(reader, "raw", None), "_sock", None)  # socket.SocketIO's socket
+    return sock if hasattr(sock, "settimeout") else None
+
+
+def _results_of(reply):
+    """The "results" of a reply of our protocol, checked by clean_results later."""
+    if not isinstance(reply, dict) or "results" not in reply:
+        raise SearchError(f"the search service replied with a JSON {type(reply).__name__} without \"results\"")
+    return reply["results"]
 
 
 class HttpTextSearch:
@@ -607,7 +715,7 @@ class HttpTextSearch:
             "POST", self.url + "/text", payload={"query": query, "k": k},
             timeout=self.timeout, retries=self.retries, backoff=self.backoff,
         )
-        return reply["results"]
+        return _results_of(reply)
 
 
 class HttpImageSearch(HttpTextSearch):
@@ -619,10 +727,18 @@ class HttpImageSearch(HttpTextSearch):
             "POST", self.url + "/image", payload={"image": encoded, "k": k},
             timeout=self.timeout, retries=self.retries, backoff=self.backoff,
         )
-        return reply["results"]
+        return _results_of(reply)
 
 
 SERPAPI_URL = "https://serpapi.com/search.json"
+
+
+def _entries(reply, key, k):
+    """The first k objects of the list reply[key] (absent: none); a non-list is a SearchError."""
+    entries = reply.get(key, [])
+    if not isinstance(entries, list):
+        raise SearchError(f"SerpAPI's {key} is a JSON {type(entries).__name__}, not a list")
+    return [r for r in entries[:k] if isinstance(r, dict)]
 
 
 class SerpApiTextSearch:
@@ -645,10 +761,12 @@ class SerpApiTextSearch:
             "GET", self.base_url, params=dict(params, engine=self.engine, api_key=key),
             timeout=self.timeout, retries=self.retries, backoff=self.backoff, secret=key,
         )
+        if not isinstance(reply, dict):
+            raise SearchError(f"SerpAPI replied with a JSON {type(reply).__name__}, not an object")
         if "error" in reply:
-            if "hasn't returned any results" in reply["error"]:  # SerpAPI's way of saying "none"
+            if "hasn't returned any results" in str(reply["error"]):  # SerpAPI's way of saying "none"
                 return {}
-            raise SearchError(f"SerpAPI: {reply['error'].replace(key, '***')}")
+            raise SearchError(f"SerpAPI: {_detail(reply['error'], key)}")
         return reply
 
     def search(self, query, k=3):
@@ -656,7 +774,7 @@ class SerpApiTextSearch:
         return [
             {"id": r.get("link", ""), "title": r.get("title", ""), "text": r.get("snippet", ""),
              "url": r.get("link", ""), "score": 1.0 / r.get("position", i + 1)}
-            for i, r in enumerate(reply.get("organic_results", [])[:k])
+            for i, r in enumerate(_entries(reply, "organic_results", k))
         ]
 
 
@@ -680,7 +798,7 @@ class SerpApiLens(SerpApiTextSearch):
         return [
             {"id": r.get("link", ""), "title": r.get("title", ""), "text": r.get("source", ""),
              "url": r.get("link", ""), "image": r.get("thumbnail", ""), "score": 1.0 / r.get("position", i + 1)}
-            for i, r in enumerate(reply.get("visual_matches", [])[:k])
+            for i, r in enumerate(_entries(reply, "visual_matches", k))
         ]
 
 
@@ -696,7 +814,8 @@ class SearchCache:
     (read only; a miss raises CacheMiss instead of calling the backend, so a replayed evaluation
     makes no network call at all). Several processes (torchrun ranks) may share one file: WAL
     journal (readers never block the writer), a busy timeout (writers queue instead of failing)
-    and INSERT OR REPLACE (two ranks caching the same query is harmless).
+    and INSERT OR REPLACE (two ranks caching the same query is harmless). An empty list of results
+    is never stored, and Tools checks results (clean_results) before they reach the cache.
     """
 
     MODES = ("off", "rw", "replay")
@@ -752,13 +871,49 @@ class SearchCache:
         if self.mode == "replay":
             raise CacheMiss(f"not in the search cache (replay mode): {backend} {query[:80]!r}")
         results = run()
-        self.put(backend, query, k, results)
+        if results:  # an empty list is often transient (a rate limit, an index being rebuilt): ask again next time
+            self.put(backend, query, k, results)
         return results
 
 
 # ---------------------------------------------------------------------------------------------
 # Formatting results for the model, and the optional summarizer
 # ---------------------------------------------------------------------------------------------
+
+
+_RESULT_TEXT = ("id", "title", "text", "url")
+
+
+def _as_text(value):
+    """A result field as a string: numbers written out, None empty; a list or object is not text."""
+    if value is None:
+        return ""
+    if isinstance(value, (str, int, float)):  # bool is an int: "True"
+        return str(value)
+    raise TypeError(type(value).__name__)
+
+
+def clean_results(results):
+    """A backend's results, checked before they are cached or shown: a list of objects whose id,
+    title, text and url (those present) are strings, numbers written as text and None as "".
+    Entries that are not objects, hold a list or object in one of those fields, or show nothing
+    (no title, text or id) are dropped. Raises SearchError for a reply that is not a list, or of
+    which nothing is left: malformed results must not be cached and replayed forever."""
+    if not isinstance(results, (list, tuple)):
+        raise SearchError(f"the search backend's results are a {type(results).__name__}, not a list")
+    clean = []
+    for r in results:
+        if not isinstance(r, dict):
+            continue
+        try:
+            row = dict(r, **{key: _as_text(r[key]) for key in _RESULT_TEXT if key in r})
+        except TypeError:
+            continue
+        if row.get("title") or row.get("text") or row.get("id"):
+            clean.append(row)
+    if results and not clean:
+        raise SearchError(f"the search backend returned {len(results)} malformed results and no usable one")
+    return clean
 
 
 def format_results(results, max_words=30):
@@ -782,8 +937,9 @@ class ChatSummarizer:
         self.max_words, self.timeout, self.retries = max_words, timeout, retries
 
     def __call__(self, query, results):
+        # The summarizer is a chat model too: a forged turn in a result would steer its summary.
         prompt = (
-            f"Search: {query}\nResults:\n{format_results(results, max_words=100)}\n"
+            f"Search: {neutralize(query)}\nResults:\n{neutralize(format_results(results, max_words=100))}\n"
             f"Summarize the facts relevant to the search in at most {self.max_words} words."
         )
         key = os.environ.get("OPENAI_API_KEY")
@@ -856,10 +1012,10 @@ class Tools:
         kind = getattr(action, "kind", "invalid")
         try:
             observation = self._execute(action, image, state)
-        except SearchError as e:
-            observation = _failure(kind, f"Search failed: {e}")
+        except SearchError as e:  # its message may quote the service (an error body, a query)
+            observation = _failure(kind, f"Search failed: {neutralize(e)}")
         except Exception as e:  # a bug or an odd backend must not end a rollout: show it instead
-            observation = _failure(kind, f"Search failed: {type(e).__name__}: {str(e)[:200]}")
+            observation = _failure(kind, f"Search failed: {type(e).__name__}: {neutralize(str(e)[:200])}")
         state.n_errors += observation.error
         return observation
 
@@ -899,10 +1055,10 @@ class Tools:
         if not action.whole and box is None:  # a referring expression: ground it first
             hint = "give a box [x1, y1, x2, y2] or use <img>."
             if self.grounder is None:
-                return _failure("img_search", f"Cannot locate {action.arg!r}: {hint}")
+                return _failure("img_search", f"Cannot locate {neutralize(repr(action.arg))}: {hint}")
             box = self.grounder.ground(image, action.arg)
             if box is None:
-                return _failure("img_search", f"Could not find {action.arg!r} in the image: {hint}")
+                return _failure("img_search", f"Could not find {neutralize(repr(action.arg))} in the image: {hint}")
         query_image = image
         if box is not None:
             box, message = clamp_box(box, image.size)
@@ -921,14 +1077,19 @@ class Tools:
         return self._observation("img_search", label, results, IMAGE_SEARCH_PROMPT, images, box)
 
     def _cached(self, backend, query, run):
-        return run() if self.cache is None else self.cache.lookup(backend, query, self.topk, run)
+        """run()'s results, cleaned before the cache sees them; a cached list is cleaned again, as a
+        file written before results were checked may hold anything."""
+        def fetch():
+            return clean_results(run())
+        return fetch() if self.cache is None else clean_results(self.cache.lookup(backend, query, self.topk, fetch))
 
     def _observation(self, kind, query, results, prompt, images=(), box=None):
-        if not results:
-            return _failure(kind, f"No results for {query}. Try something else.", box)
+        if not results:  # the query is the model's own, but echoing "<image>" would still be a placeholder
+            return _failure(kind, f"No results for {neutralize(query)}. Try something else.", box)
         results = results[: self.topk]
         body = self.summarizer(query, results) if self.summarizer else format_results(results, self.snippet_words)
-        text = "<information>" + "<image>\n" * len(images) + body + "</information>\n" + prompt
+        # The body is text from outside; our markup goes around it after it is made inert.
+        text = "<information>" + "<image>\n" * len(images) + neutralize(body) + "</information>\n" + prompt
         return Observation(text, images=list(images), error=False, kind=kind, box=box, results=results)
 
 
@@ -938,9 +1099,10 @@ def make_tools(data_dir="data", backend="local", cache=None, cache_mode="rw", gr
 
     backend: "local" (data_dir/corpus.jsonl and data_dir/image_index.jsonl), "http" (server_url,
     a `python tools.py serve`), "serpapi" (SERPAPI_API_KEY; image search needs `upload_fn`, see
-    SerpApiLens); `timeout` is per HTTP request. cache: a SQLite path (or a SearchCache) used in
-    `cache_mode`. grounder: a local GroundingDINO folder or any object with ground(image,
-    expression). Other keywords (topk, max_calls, max_img_search, attach, summarizer,
+    SerpApiLens); `timeout` is per connection attempt and per read, and a whole call, retries
+    included, has a deadline and a byte cap (see _request_json). cache: a SQLite path (or a
+    SearchCache) used in `cache_mode`. grounder: a local GroundingDINO folder or any object with
+    ground(image, expression). Other keywords (topk, max_calls, max_img_search, attach, summarizer,
     snippet_words) go to Tools.
     """
     if backend == "local":
