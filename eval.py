@@ -1272,13 +1272,22 @@ def get_args(argv=None):
     return _run_parser().parse_args(argv)
 
 
+def read_questions(path):
+    """tools.load_questions, with a missing or unusable file as a clear exit (bad lines are skipped
+    with a warning naming path:line)."""
+    if not Path(path).is_file():
+        sys.exit(f"{path}: not found (python make_data.py writes the synthetic questions)")
+    try:
+        return tools.load_questions(path)
+    except ValueError as e:
+        sys.exit(f"eval.py: {e}")
+
+
 def run(args):
     """Evaluate args.ckpt on every questions file in every mode; rank 0 writes and prints the results."""
     import model as M
     rank, world, device = M.setup_dist()
-    for q in args.questions:
-        if not Path(q).is_file():
-            sys.exit(f"{q}: not found (python make_data.py writes the synthetic questions)")
+    question_sets = {q: read_questions(q) for q in args.questions}  # bad input fails before any work
     ckpt = Path(args.ckpt) if args.ckpt else default_checkpoint()
     mdl, proc = M.load(ckpt, device=device, log=M.print0, max_pixels=args.max_pixels)
     tl = tools.make_tools(args.data, backend=args.backend, cache=args.cache, cache_mode=args.cache_mode,
@@ -1286,7 +1295,7 @@ def run(args):
     judge = Judge(args.judge_url, args.judge_model, cache=args.judge_cache) if args.judge_url else None
     results, records = {}, []
     for path in args.questions:
-        qs = tools.load_questions(path)
+        qs = question_sets[path]
         qs = qs[:args.limit] if args.limit else qs
         bench = bench_name(path, qs)
         for mode in args.modes:
@@ -1349,7 +1358,7 @@ def compare(args):
     """The pipeline's table on the held-out entities: direct answer and the RAG workflow with the SFT
     model, then the agent with the SFT model and with the SFT+RL model."""
     import model as M
-    qs = tools.load_questions(args.questions[0])
+    qs = read_questions(args.questions[0])
     qs = qs[:args.limit] if args.limit else qs
     tl = tools.make_tools(args.data, backend=args.backend, cache=args.cache, cache_mode=args.cache_mode,
                           server_url=args.server_url)

@@ -162,6 +162,13 @@ def score_old_and_ref(wrapped, items, proc, device, dtype, args, ref=None):
     return gap / max(n, 1.0)
 
 
+def empty_item(proc):
+    """Stands in for a trajectory with no tokens (its image could not be read): one untrained token,
+    so that every rank still runs the same forwards (FSDP2 gathers in lockstep) and it adds nothing."""
+    return {"input_ids": torch.tensor([proc.im_start_id]), "loss_mask": torch.tensor([0]),
+            "logprobs": torch.tensor([0.0]), "image_grid_thw": None, "pixel_values": None}
+
+
 def update(wrapped, optimizer, params, items, args, proc, device, dtype, step):
     """PPO epochs over the rollout batch: one optimizer step per mini-batch of args.mini_batch
     trajectories (per rank), accumulated over micro-batches of args.micro_batch, each token weighted
@@ -262,7 +269,7 @@ def get_args(argv=None):
     p.add_argument("--server_url", default=None)
     p.add_argument("--cache", default=None, help="SQLite search cache path")
     p.add_argument("--save_every", type=int, default=10)
-    p.add_argument("--resume", action="store_true")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out exactly (fresh if it has none)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     preset = p.parse_known_args(argv)[0].preset
@@ -271,16 +278,14 @@ def get_args(argv=None):
     return p.parse_args(argv)
 
 
-def build_models(args, device, dtype, log):
+def build_models(args, resume, device, dtype, log):
     """(policy, reference, processor). The policy's trainable parameters are fp32; a LoRA run's frozen
     base is loaded in the compute dtype. It starts at args.ckpt, or on --resume at the run's own
     checkpoint (full fine-tuning: its fp32 weights; LoRA: the base plus its saved adapter). The
     reference is the frozen start: "lora" (adapters off), a frozen copy stored like the policy (so
     that the same forward gives KL exactly 0 at the start), or None."""
     out = Path(args.out)
-    if args.resume and not (out / M.TRAIN_STATE).is_file():
-        raise SystemExit(f"rl.py: --resume: no {out / M.TRAIN_STATE}")
-    resume_full = args.resume and not args.lora_rank
+    resume_full = resume and not args.lora_rank
     policy, proc = M.load(out if resume_full else args.ckpt, device=device,
                           dtype=dtype if args.lora_rank else torch.float32, log=log, max_pixels=args.max_pixels)
     if args.freeze_vision:
@@ -288,7 +293,7 @@ def build_models(args, device, dtype, log):
     if args.lora_rank:
         torch.manual_seed(args.seed)  # the same LoRA init on every rank (FSDP2 does not broadcast it)
         M.add_lora(policy, args.lora_rank, args.lora_alpha)
-        if args.resume:
+        if resume:
             M.load_adapter(policy, out)
     if args.grad_ckpt:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -315,7 +320,14 @@ def main(argv=None):
         M.recover(out)  # finish a checkpoint swap that a kill interrupted
     M.barrier()
     log = M.RunLog(out / "log.txt", args)
-    policy, ref, proc = build_models(args, device, dtype, log)
+    try:  # bad input fails before any work; bad lines are skipped with a warning naming path:line
+        questions = T.load_questions(args.prompts or f"{args.data}/rl.jsonl")
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"rl.py: {e}") from None
+    resume = args.resume and (out / M.TRAIN_STATE).is_file()
+    if args.resume and not resume:  # a job script may always pass --resume, from its first launch on
+        log(f"--resume: no {out / M.TRAIN_STATE}, starting fresh")
+    policy, ref, proc = build_models(args, resume, device, dtype, log)
     mode = "fsdp" if args.fsdp else "ddp"
     wrapped = M.wrap(policy, mode, device, dtype)
     if ref is not None and ref != "lora":
@@ -323,13 +335,12 @@ def main(argv=None):
     params = [p for p in wrapped.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.99))
     start = 0
-    if args.resume:
+    if resume:
         start, _ = M.load_train_state(out, optimizer, None, model=wrapped)
         log(f"resumed at step {start}")
     judge = E.Judge(args.judge_url, args.judge_model) if args.judge_url else None
     tools = T.make_tools(args.data, backend=args.backend, server_url=args.server_url, cache=args.cache,
                          max_calls=args.max_calls, max_img_search=args.max_img_search)
-    questions = T.load_questions(args.prompts or f"{args.data}/rl.jsonl")
     log(f"{len(questions)} RL prompts; {args.batch} x G={args.group} per step on {world} rank(s) ({mode}); "
         f"{sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters "
         f"({', '.join(sorted({str(p.dtype) for p in params}))}); compute {dtype}; attention "
@@ -348,7 +359,7 @@ def main(argv=None):
         t_roll = time.perf_counter() - t0
         rewards = [reward(t, args.search_penalty, judge) for t in trajs]
         adv = group_advantages(rewards, args.group, args.adv_scale)
-        items = [t.item() for t in trajs]
+        items = [t.item() if t.token_ids else empty_item(proc) for t in trajs]
         for it, a in zip(items, adv.tolist()):
             it["adv"] = a
         t0 = time.perf_counter()

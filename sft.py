@@ -369,7 +369,10 @@ def agent_setup(args, log):
     if not args.agent_eval_n:
         return None
     qfile = Path(args.agent_questions or Path(args.data).parent / "questions_eval.jsonl")
-    qs = T.load_questions(qfile) if qfile.is_file() else []
+    try:
+        qs = T.load_questions(qfile) if qfile.is_file() else []
+    except ValueError:  # no usable question in it
+        qs = []
     if not qs:
         log(f"agent accuracy unavailable: no questions in {qfile}")
         return None

@@ -51,22 +51,25 @@ from PIL import Image
 # ---------------------------------------------------------------------------------------------
 
 
-def read_jsonl(path, strict=False, required=()):
-    """Rows of a JSONL file. A bad line (not JSON, not an object, lacking a `required` key) is
-    skipped with a warning naming `path:lineno`, or raises ValueError when strict."""
+def read_jsonl(path, strict=False, required=(), check=None):
+    """Rows of a JSONL file. A bad line (not UTF-8, not JSON, not an object, lacking a `required`
+    key, or refused by `check(row)`, which raises ValueError saying why and may return the row
+    fixed) is skipped with a warning naming `path:lineno`, or raises ValueError when strict."""
     rows = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = json.loads(line.decode("utf-8"))
                 if not isinstance(row, dict):
                     raise ValueError(f"expected a JSON object, got {type(row).__name__}")
                 missing = [key for key in required if key not in row]
                 if missing:
                     raise ValueError(f"missing key(s) {missing}")
-            except ValueError as e:  # json.JSONDecodeError is a ValueError
+                if check is not None:
+                    row = check(row)
+            except ValueError as e:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
                 message = f"{path}:{lineno}: bad JSONL line: {e}"
                 if strict:
                     raise ValueError(message) from None
@@ -91,19 +94,40 @@ def write_jsonl(path, rows):
             os.remove(tmp)
 
 
-def load_questions(path):
-    """Question rows {"id","image","question","answers","needs_search","meta"}; "image" made
-    absolute relative to the file's folder (or None)."""
+def check_question(row):
+    """A question row with its fields checked and normalised (ValueError naming the field):
+    id as text, answers as a list of strings (a single string or number is one answer), image a
+    path or absent, meta an object; absent needs_search and meta default to True and {} (real
+    benchmarks carry neither)."""
+    if not isinstance(row["id"], (str, int)) or isinstance(row["id"], bool):
+        raise ValueError(f"'id' must be a string or an integer, got {row['id']!r:.40}")
+    if not isinstance(row["question"], str) or not row["question"].strip():
+        raise ValueError("'question' must be a non-empty string")
+    answers = row["answers"]
+    answers = [answers] if isinstance(answers, (str, int, float)) and not isinstance(answers, bool) else answers
+    if not isinstance(answers, list) or not answers or \
+            not all(isinstance(a, (str, int, float)) and not isinstance(a, bool) for a in answers):
+        raise ValueError(f"'answers' must be a non-empty list of strings, got {row['answers']!r:.60}")
+    if row.get("image") is not None and not isinstance(row["image"], str):
+        raise ValueError(f"'image' must be a path, got {row['image']!r:.40}")
+    if not isinstance(row.get("meta", {}), dict):
+        raise ValueError(f"'meta' must be an object, got {row['meta']!r:.40}")
+    if not isinstance(row.get("needs_search", True), bool):
+        raise ValueError(f"'needs_search' must be true or false, got {row['needs_search']!r:.40}")
+    return dict(row, id=str(row["id"]), answers=[str(a) for a in answers],
+                needs_search=row.get("needs_search", True), meta=row.get("meta", {}))
+
+
+def load_questions(path, strict=False):
+    """Question rows {"id","image","question","answers","needs_search","meta"} (check_question);
+    "image" made absolute relative to the file's folder (or None). Bad rows are skipped with a
+    warning naming path:line; a file with no usable question is a ValueError, before any work."""
     base = os.path.dirname(os.path.abspath(path))
-    rows = read_jsonl(path, required=("id", "question", "answers"))
+    rows = read_jsonl(path, strict=strict, required=("id", "question", "answers"), check=check_question)
+    if not rows:
+        raise ValueError(f"{path}: no usable question (empty, or every line bad)")
     for row in rows:
-        image = row.get("image")
-        row["image"] = os.path.join(base, image) if image else None
-        if isinstance(row["answers"], str):  # tolerate a single answer written as a string
-            row["answers"] = [row["answers"]]
-        # Real benchmarks carry neither: assume a question may need search, and has no metadata.
-        row.setdefault("needs_search", True)
-        row.setdefault("meta", {})
+        row["image"] = os.path.join(base, row["image"]) if row.get("image") else None
     return rows
 
 

@@ -43,6 +43,32 @@ def write_world(folder):
     return folder
 
 
+def write_bad_questions(folder, good):
+    """A questions file beside `good` rows (image paths relative to folder) with every kind of bad row a
+    careless user or a broken download gives: a missing, a truncated and a non-image file, wrong
+    field types, invalid UTF-8, not JSON. Returns (path, the ids that must come through, the bad
+    ones that are skipped at load with a warning)."""
+    import json
+    from PIL import Image
+    icon("red").save(folder / "trunc.png")
+    data = (folder / "trunc.png").read_bytes()
+    (folder / "trunc.png").write_bytes(data[: len(data) // 2])
+    (folder / "text.png").write_text("not an image")
+    Image.new("RGB", (1, 600), "red").save(folder / "thin.png")  # the processor refuses this aspect ratio
+    base = dict(good[0], question="What is this?", answers=["x"])
+    unusable = [dict(base, id="b_img", image="missing.png"), dict(base, id="b_trunc", image="trunc.png"),
+                dict(base, id="b_text", image="text.png"), dict(base, id="b_thin", image="thin.png")]
+    refused = [dict(base, id="f_ans5", answers=5.5), dict(base, id="f_null", answers=None),
+               dict(base, id="f_img", image=5), dict(base, id="f_meta", meta="x"), dict(base, id="f_q", question="")]
+    lines = [json.dumps(r) for r in good + unusable + refused]
+    lines += ["not json", "[1, 2]"]
+    raw = "\n".join(lines).encode() + b"\n" + b'{"id": "f_utf", "question": "\xff", "answers": ["x"]}\n'
+    path = folder / "hostile.jsonl"
+    path.write_bytes(raw)
+    # f_ans5 is fine: a number is one answer ("5.5")
+    return path, [r["id"] for r in good + unusable] + ["f_ans5"], [r["id"] for r in refused if r["id"] != "f_ans5"]
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     import model

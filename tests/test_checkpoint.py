@@ -3,13 +3,17 @@ merged weights in fp32, the adapters-off reference."""
 import importlib.util
 import json
 import os
+import random
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 import model as M
-from tests.conftest import icon
+from tests.conftest import ROOT, icon
 
 CONV = [{"role": "user", "content": "<image>\nWhat is this?"},
         {"role": "assistant", "content": "<reason>A disc.</reason><answer>red disc</answer>"}]
@@ -143,3 +147,65 @@ def test_lora_disabled_is_the_base_model(tiny_dir):
 
 def test_reduce_in_one_process_is_the_identity():
     assert M.reduce([1, 2.5]) == [1.0, 2.5] and M.reduce([3], op="max") == [3.0]
+
+
+def _kill_then_resume(cmd, log, rng, kills=3):
+    """Start `cmd --resume` and kill -9 it at a random moment after it has logged 1-3 new steps (so
+    inside a step or a save: every step saves), `kills` times; then let a last launch finish.
+    Returns how many launches were killed while still running."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    killed = 0
+    for _ in range(kills):
+        seen = log.read_text().count("\nstep") if log.is_file() else 0
+        want, t0 = seen + rng.randint(1, 3), time.time()
+        p = subprocess.Popen(cmd + ["--resume"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while p.poll() is None and time.time() - t0 < 120 and \
+                (log.read_text().count("\nstep") if log.is_file() else 0) < want:
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0, 0.3))
+        killed += p.poll() is None
+        p.kill()
+        p.wait()
+    p = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return killed
+
+
+def _step_lines(log, cut):
+    """{step: its log line up to `cut`}: a step logged again after a resume must read the same."""
+    out = {}
+    for line in log.read_text().splitlines():
+        if line.startswith("step"):
+            key = line.split("|")[0].split("/")[0]
+            assert out.setdefault(key, line.split(cut)[0]) == line.split(cut)[0], line
+    return out
+
+
+@pytest.mark.parametrize("stage", ["sft", "rl"])
+def test_kill_9_at_random_moments_then_resume_equals_unbroken(tiny_dir, tmp_path, stage):
+    """Real kills (SIGKILL at seeded random moments; every step saves, so a kill may land inside a save),
+    each followed by --resume: the same step lines and the same final weights as a run never killed."""
+    from tests.conftest import write_world
+    from tests.test_sft import common, write_sft
+    if stage == "sft":
+        data = write_sft(tmp_path, 24)
+        def cmd(out):
+            return [sys.executable, str(ROOT / "sft.py"), *common(tiny_dir, data, out, "--max_steps", "30",
+                    "--batch_size", "4", "--micro_batch", "2", "--save_every", "1", "--threads", "1")]
+        cut = "| tok/s"
+    else:
+        d = write_world(tmp_path)
+        def cmd(out):
+            return [sys.executable, str(ROOT / "tests" / "rl_entry.py"), "--ckpt", str(tiny_dir), "--data", str(d),
+                    "--out", str(out), "--steps", "8", "--batch", "2", "--group", "2", "--mini_batch", "2",
+                    "--max_turns", "2", "--max_new_tokens", "6", "--save_every", "1", "--lr", "1e-3", "--threads", "1"]
+        cut = "| tok/s"
+    subprocess.run(cmd(tmp_path / "a"), check=True, capture_output=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    killed = _kill_then_resume(cmd(tmp_path / "b"), tmp_path / "b" / "log.txt", random.Random(0))
+    a, b = _step_lines(tmp_path / "a" / "log.txt", cut), _step_lines(tmp_path / "b" / "log.txt", cut)
+    launches = sum(line.startswith("# {") for line in (tmp_path / "b" / "log.txt").read_text().splitlines())
+    print(f"{stage}: {killed} of 3 launches killed while running, {launches} launches logged")
+    assert killed == 3 and launches == 4
+    assert a == b
+    wa, wb = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)

@@ -621,3 +621,42 @@ def test_compare_builds_the_pipeline_table(tiny_dir, world, tmp_path, capsys):
     rows = json.loads((out / "compare.json").read_text())["rows"]
     assert rows[1][1]["search-required"]["searches_per_q"] == 1.75  # RAG: 2 searches, 1 without an image
     assert len(T.read_jsonl(out / "compare_trajectories.jsonl")) == 4 * 4
+
+
+def test_bad_question_rows_are_skipped_and_named(tmp_path):
+    import warnings
+    from conftest import write_bad_questions, write_world
+    d = write_world(tmp_path)
+    path, kept, refused = write_bad_questions(d, T.read_jsonl(d / "rl.jsonl"))
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        rows = T.load_questions(path)
+    assert [r["id"] for r in rows] == kept
+    assert all(isinstance(a, str) for r in rows for a in r["answers"])
+    messages = [str(x.message) for x in w]
+    assert len(messages) == len(refused) + 3 and all(f"{path}:" in m for m in messages)  # + not json, [1, 2], bad UTF-8
+    path.write_text("\n\n")
+    with pytest.raises(ValueError, match="no usable question"):
+        T.load_questions(path)
+
+
+def test_bad_images_and_fields_cost_their_question_not_the_run(tiny_dir, tmp_path):
+    import warnings
+    from conftest import write_bad_questions, write_world
+    d = write_world(tmp_path)
+    path, kept, _ = write_bad_questions(d, T.read_jsonl(d / "rl.jsonl"))
+    out = tmp_path / "eval"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        E.main(["--questions", str(path), "--data", str(d), "--ckpt", str(tiny_dir), "--out", str(out),
+                "--modes", "agent", "--max_turns", "2", "--max_new_tokens", "6", "--no_progress"])
+    recs = {r["qid"]: r for r in T.read_jsonl(out / "trajectories.jsonl")}
+    assert sorted(recs) == sorted(kept)
+    assert all(recs[i]["finish"] == "error" for i in ("b_img", "b_trunc", "b_text", "b_thin"))
+    assert all(recs[i]["finish"] != "error" for i in kept if not i.startswith("b_"))
+
+
+def test_a_file_with_no_usable_question_stops_before_loading_a_model(tmp_path):
+    (tmp_path / "q.jsonl").write_text('{"id": 1}\n')
+    with pytest.raises(SystemExit, match="no usable question"):
+        E.main(["--questions", str(tmp_path / "q.jsonl"), "--ckpt", str(tmp_path / "no_such_ckpt")])

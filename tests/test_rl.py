@@ -181,3 +181,20 @@ def test_two_ranks_bf16_run_and_resume_exactly(tiny_dir, tmp_path, mode):
     assert f"on 2 rank(s) ({mode})" in (tmp_path / "a" / "log.txt").read_text()
     wa, wb = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_bad_prompts_cost_their_samples_not_the_run(tiny_dir, tmp_path, monkeypatch):
+    """Unreadable or refused images end their samples as errors (no tokens, no gradient); rows with
+    wrong fields are skipped at load; the step runs, logs the count and saves."""
+    import warnings
+    from conftest import write_bad_questions
+    d = write_world(tmp_path)
+    path, kept, _ = write_bad_questions(d, T.read_jsonl(d / "rl.jsonl"))
+    monkeypatch.setattr(rl, "reward", token_reward)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rl.main(["--ckpt", str(tiny_dir), "--data", str(d), "--prompts", str(path), "--out", str(tmp_path / "o"),
+                 "--steps", "1", "--batch", str(len(kept)), *SMALL[2:]])
+    log = (tmp_path / "o" / "log.txt").read_text()
+    assert f"{len(kept)} RL prompts" in log and "| errors 8 |" in log  # 4 bad images x G = 2
+    assert (tmp_path / "o" / M.TRAIN_STATE).is_file()

@@ -148,12 +148,14 @@ def test_bad_lines_reported_and_skipped_or_fatal(tiny, tmp_path):
         json.dumps(dict(row, images=[])),  # one <image> placeholder, no image
         json.dumps(dict(row, images=["images/truncated.png"])),  # fails only when decoded
     ]
-    path.write_text("\n".join(good[:1] + bad + good[1:]) + "\n")
+    path.write_bytes(("\n".join(good[:1] + bad) + "\n").encode() + b'{"id": "\xff"}\n' +
+                     ("\n".join(good[1:]) + "\n").encode())
     lines = []
     items = sft.load_sft(path, proc, log=lines.append)
     assert [x["id"] for x in items] == ["t0", "t1", "t2"]
-    for lineno, why in zip(range(2, 8), ["not valid JSON", "missing field 'messages'", "image not found",
-                                         "corrupt image", "1 <image> placeholders but 0 images", "corrupt image"]):
+    for lineno, why in zip(range(2, 9), ["not valid JSON", "missing field 'messages'", "image not found",
+                                         "corrupt image", "1 <image> placeholders but 0 images", "corrupt image",
+                                         "not valid UTF-8"]):
         assert any(ln.startswith(f"{path}:{lineno}: skipped: ") and why in ln for ln in lines), (lineno, lines)
     with pytest.raises(ValueError, match=re.escape(f"{path}:2: not valid JSON")):
         sft.load_sft(path, proc, strict=True, log=lines.append)
