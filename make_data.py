@@ -58,7 +58,6 @@ split by entity: held-out entities never appear in sft.jsonl, rl.jsonl or questi
 import argparse
 import base64
 import dataclasses
-import email.utils
 import io
 import json
 import math
@@ -858,23 +857,6 @@ class Meter:
             return {g: dict(f) for g, f in self.data.items()}
 
 
-def retry_after_seconds(value, cap=600.0):
-    """A Retry-After header (seconds, or an HTTP date) -> seconds to wait, or None."""
-    if not value:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError):
-            return None
-        if when is None:
-            return None
-        seconds = when.timestamp() - time.time()
-    return min(max(seconds, 0.0), cap) if math.isfinite(seconds) else None
-
-
 def _usage(reply):
     u = reply.get("usage") or {}
     prompt, completion = int(u.get("prompt_tokens") or 0), int(u.get("completion_tokens") or 0)
@@ -972,7 +954,7 @@ class ChatClient:
                 if status == 429:
                     last = "HTTP 429"
                     self.meter.add(self.name, rate_limited=1)
-                    wait = retry_after_seconds(response.headers.get("Retry-After"))
+                    wait = tools.retry_after_seconds(response.headers.get("Retry-After"))
                     if wait is not None and attempt < self.retries:
                         self.gate.hold(wait)
                         continue

@@ -31,6 +31,7 @@ import argparse
 import math
 import random
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -320,10 +321,14 @@ def main(argv=None):
         M.recover(out)  # finish a checkpoint swap that a kill interrupted
     M.barrier()
     log = M.RunLog(out / "log.txt", args)
-    try:  # bad input fails before any work; bad lines are skipped with a warning naming path:line
-        questions = T.load_questions(args.prompts or f"{args.data}/rl.jsonl")
+    try:  # bad input fails before any work; bad lines are skipped, named path:line in the log
+        with warnings.catch_warnings(record=True) as skipped:
+            warnings.simplefilter("always")
+            questions = T.load_questions(args.prompts or f"{args.data}/rl.jsonl")
     except (OSError, ValueError) as e:
         raise SystemExit(f"rl.py: {e}") from None
+    for w in skipped:
+        log(str(w.message))
     resume = args.resume and (out / M.TRAIN_STATE).is_file()
     if args.resume and not resume:  # a job script may always pass --resume, from its first launch on
         log(f"--resume: no {out / M.TRAIN_STATE}, starting fresh")

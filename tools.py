@@ -26,6 +26,8 @@ This file never imports torch: only the optional GroundingDINO grounder does, wh
 
 import argparse
 import base64
+import contextlib
+import email.utils
 import hashlib
 import io
 import itertools
@@ -33,6 +35,7 @@ import json
 import math
 import os
 import re
+import socket
 import sqlite3
 import threading
 import time
@@ -500,6 +503,24 @@ def _rgb(image):
     return image.convert("RGB")
 
 
+def _foreground(pixels):
+    """Mask of the pixels (uint8 RGB) farther than FG_THRESHOLD, in some channel, from the
+    background colour (the median border pixel); all of them when fewer than 4 are (a blank image
+    is described whole rather than not at all). Compared channel by channel with the uint8 pixels:
+    |p - b| > T is p > b + T or p < b - T, exactly (b is a whole or half integer), with no signed
+    or float copy of the image (a 16 M pixel image would need 0.1 GB as int16, 0.4 GB as float)."""
+    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+    background = np.median(border, axis=0)  # float64, one value per channel
+    fg = np.zeros(pixels.shape[:2], dtype=bool)
+    for c in range(3):
+        channel = pixels[..., c]
+        fg |= channel > background[c] + FG_THRESHOLD
+        fg |= channel < background[c] - FG_THRESHOLD
+    if fg.sum() < 4:
+        fg[:] = True
+    return fg
+
+
 def image_descriptor(image):
     """A unit vector describing an icon-like image; cosine similarity compares two.
 
@@ -516,21 +537,20 @@ def image_descriptor(image):
     of several icons mixes their colours and fills its box differently, so it matches any single
     icon poorly: that is the gap that makes cropping worth learning.
     """
-    pixels = np.asarray(_rgb(image), dtype=np.int16)
-    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
-    background = np.median(border, axis=0)
-    fg = np.abs(pixels - background).max(axis=2) > FG_THRESHOLD
-    if fg.sum() < 4:  # a blank image: describe all of it rather than nothing
-        fg[:] = True
-    ys, xs = np.nonzero(fg)
-    pixels = pixels[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
-    fg = fg[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
+    pixels = np.asarray(_rgb(image))  # uint8: every array below the size of the image stays 1-2 bytes a pixel
+    fg = _foreground(pixels)
+    rows, cols = np.flatnonzero(fg.any(axis=1)), np.flatnonzero(fg.any(axis=0))
+    pixels = pixels[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+    fg = fg[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
     height, width = fg.shape
 
     level = pixels // (256 // COLOUR_LEVELS)
-    colour = (level[..., 0] * COLOUR_LEVELS + level[..., 1]) * COLOUR_LEVELS + level[..., 2]
+    colour = (level[..., 0] * COLOUR_LEVELS + level[..., 1]) * COLOUR_LEVELS + level[..., 2]  # < 64: fits uint8
     n_colours = COLOUR_LEVELS**3
-    quadrant = (np.arange(height)[:, None] * GRID // height) * GRID + np.arange(width)[None, :] * GRID // width
+    # Quadrant codes as uint16, not int64 (8 bytes a pixel): GRID * GRID * n_colours = 256 codes.
+    row_quadrant = (np.arange(height) * GRID // height).astype(np.uint16)
+    col_quadrant = (np.arange(width) * GRID // width).astype(np.uint16)
+    quadrant = row_quadrant[:, None] * GRID + col_quadrant[None, :]
     colours = np.bincount(colour[fg], minlength=n_colours)
     placed = np.bincount((quadrant * n_colours + colour)[fg], minlength=GRID * GRID * n_colours)
     occupancy = Image.fromarray(fg.astype(np.uint8) * 255).resize((SHAPE_GRID, SHAPE_GRID), Image.BOX)
@@ -626,7 +646,9 @@ def _detail(text, secret=None, limit=200):
 def _request_json(method, url, *, params=None, payload=None, headers=None, timeout=10.0, retries=2, backoff=0.5,
                   secret=None, deadline=None, max_bytes=MAX_RESPONSE_BYTES):
     """One JSON request with retries: timeouts, connection errors, HTTP 429 and 5xx are retried
-    with exponential backoff; other HTTP errors fail at once. Raises SearchError with a short
+    with exponential backoff, except that a 429 or 503 with a Retry-After header is retried after
+    the time it asks (the service knows when it will have room), or fails at once when that is
+    past the deadline; other HTTP errors fail at once. Raises SearchError with a short
     message. Exception texts from requests are never passed on: they contain the URL, and so
     the API key when it travels as a query parameter.
 
@@ -640,24 +662,29 @@ def _request_json(method, url, *, params=None, payload=None, headers=None, timeo
     if deadline is None:
         deadline = timeout * (retries + 1) + sum(backoff * 2**i for i in range(retries))
     end = time.monotonic() + deadline
-    last, tries = f"no time left within the {deadline:g} s deadline", 0
+    last, tries, asked = f"no time left within the {deadline:g} s deadline", 0, None
     for attempt in range(retries + 1):
         if attempt:
-            pause = backoff * 2 ** (attempt - 1)
+            pause = backoff * 2 ** (attempt - 1) if asked is None else asked
             if time.monotonic() + pause >= end:
+                if asked is not None:  # waiting less would only be refused again
+                    raise SearchError(f"{last}: the service asked to retry after {asked:g} s, more than "
+                                      f"the {max(end - time.monotonic(), 0):.1f} s left of the {deadline:g} s deadline")
                 break  # no time for another try: say what the last one did
             time.sleep(pause)
         left = end - time.monotonic()
         if left <= 0:
             break
         wait = min(timeout, left)
-        tries += 1
+        tries, asked = tries + 1, None
         try:
             with requests.request(method, url, params=params, json=payload, headers=headers, timeout=wait,
                                   stream=True) as response:
                 status = response.status_code
                 if status == 429 or status >= 500:
                     last = f"HTTP {status}"
+                    if status in (429, 503):  # the two statuses whose Retry-After says when to come back
+                        asked = retry_after_seconds(response.headers.get("Retry-After"))
                     continue
                 body = _read_body(response, end, deadline, max_bytes, timeout)
         except (requests.Timeout, urllib3.exceptions.TimeoutError, TimeoutError):
@@ -672,10 +699,28 @@ def _request_json(method, url, *, params=None, payload=None, headers=None, timeo
             raise SearchError(f"HTTP {status}: {_detail(body.decode('utf-8', 'replace'), secret)}")
         try:
             return json.loads(body)
-        except ValueError:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
+        except (ValueError, RecursionError):  # JSONDecodeError, UnicodeDecodeError; RecursionError: nested too deeply
             raise SearchError("the search service returned invalid JSON") from None
     cut = f"; the {deadline:g} s deadline left no time for more" if tries < retries + 1 else ""
     raise SearchError(f"{last} ({tries} tries{cut})")
+
+
+def retry_after_seconds(value, cap=600.0):
+    """Seconds a Retry-After header asks to wait (delta-seconds, or an HTTP date), at most `cap`;
+    None when absent or unreadable (the usual backoff applies then)."""
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        if when is None:
+            return None
+        seconds = when.timestamp() - time.time()
+    return min(max(seconds, 0.0), cap) if math.isfinite(seconds) else None
 
 
 def _read_body(response, end, deadline, max_bytes, timeout):
@@ -1166,13 +1211,69 @@ def _local_indexes(data_dir, need_both):
 # The search server (`python tools.py serve`)
 # ---------------------------------------------------------------------------------------------
 
-MAX_BODY = 32 << 20  # bytes; a base64 PNG of a large photo fits
+MAX_BODY = 32 << 20  # bytes; a base64 PNG of a large photo fits. A longer body is refused (413) unread.
 MAX_K = 100
+# Pixels one image search may decode. A 12 MP camera photo (4032x3024) fits; beyond it the
+# descriptor gains nothing (it keeps 64-bin histograms and an 8x8 grid) while the cost keeps
+# growing: 16.7 M pixels take about 0.4 GB and 1 s to decode and describe.
+MAX_IMAGE_PIXELS = 4096 * 4096
+HANDLER_TIMEOUT = 10.0  # seconds one read or write on a connection may wait: a stalled client is dropped
+REQUEST_DEADLINE = 60.0  # seconds a connection may last in all: a trickling client is dropped too
+MAX_HANDLERS = 32  # connections handled at once (a thread each); the next ones get 503 at once
+BUSY_RETRY_AFTER = 1  # seconds, the Retry-After of that 503 (our client waits that long, see _request_json)
+_LINGER = 1.0  # seconds a refused connection stays half-open, so the client reads the 503 before a reset
+
+
+class _Refused(Exception):
+    """A request answered with HTTP `status` and {"error": message}."""
+
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status = status
+
+
+def _json_object(data):
+    """The JSON object of a request body, or _Refused(400). Nesting too deep for the parser raises
+    RecursionError, which is no ValueError: uncaught, it ended the handler without a reply."""
+    try:
+        payload = json.loads(data)
+    except RecursionError:
+        raise _Refused(400, "body is not valid JSON: nested too deeply") from None
+    except ValueError as e:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise _Refused(400, f"body is not valid JSON: {_detail(e)}") from None
+    if not isinstance(payload, dict):
+        raise _Refused(400, "body must be a JSON object")
+    return payload
+
+
+def _decode_image(encoded):
+    """The image of a request, decoded only after its header shows at most MAX_IMAGE_PIXELS
+    (Image.open reads the header alone): a PNG of a few KB can declare 12000x12000 pixels, since a
+    one-colour image compresses about 1000:1, and decoding it takes seconds and gigabytes."""
+    try:
+        image = Image.open(io.BytesIO(base64.b64decode(encoded or "", validate=True)))
+    except Image.DecompressionBombError:  # PIL's own refusal, past twice Image.MAX_IMAGE_PIXELS
+        raise _Refused(400, f"image has more than the {MAX_IMAGE_PIXELS} pixels this server decodes") from None
+    except Exception as e:  # binascii.Error, PIL's UnidentifiedImageError, a str that is no base64...
+        raise _Refused(400, f"image must be a base64 PNG ({type(e).__name__})") from None
+    width, height = image.size
+    if width * height > MAX_IMAGE_PIXELS:
+        raise _Refused(400, f"image of {width}x{height} = {width * height} pixels is over the "
+                            f"{MAX_IMAGE_PIXELS} pixels this server decodes; send a smaller one")
+    try:
+        image.load()
+    except Exception as e:  # truncated data, a bad checksum...
+        raise _Refused(400, f"image must be a base64 PNG ({type(e).__name__})") from None
+    return image
 
 
 class _SearchHandler(BaseHTTPRequestHandler):
     """POST /text {"query", "k"}, POST /image {"image": base64 PNG, "k"} -> {"results": [...]};
-    GET /health. The indexes live on the server object (self.server)."""
+    GET /health. The indexes and the limits live on the server object (self.server)."""
+
+    def setup(self):
+        self.timeout = self.server.handler_timeout  # StreamRequestHandler.setup puts it on the socket
+        super().setup()
 
     def do_GET(self):
         if self.path != "/health":
@@ -1187,8 +1288,8 @@ class _SearchHandler(BaseHTTPRequestHandler):
             return self._reply(404, {"error": f"this server has no {self.path[1:]} index"})
         try:
             query, k = self._parse_request()
-        except ValueError as e:
-            return self._reply(400, {"error": str(e)})
+        except _Refused as e:
+            return self._reply(e.status, {"error": str(e)})
         try:
             results = indexes[self.path].search(query, k)
         except Exception:
@@ -1197,52 +1298,153 @@ class _SearchHandler(BaseHTTPRequestHandler):
         self._reply(200, {"results": results})
 
     def _parse_request(self):
-        length = int(self.headers.get("Content-Length") or 0)
-        if not 0 < length <= MAX_BODY:
-            raise ValueError(f"body must be 1 to {MAX_BODY} bytes of JSON")
-        payload = json.loads(self.rfile.read(length))
-        if not isinstance(payload, dict):
-            raise ValueError("body must be a JSON object")
+        payload = _json_object(self._body())
         k = payload.get("k", 3)
         if not isinstance(k, int) or not 1 <= k <= MAX_K:
-            raise ValueError(f"k must be an integer from 1 to {MAX_K}")
+            raise _Refused(400, f"k must be an integer from 1 to {MAX_K}")
         if self.path == "/text":
             query = payload.get("query")
             if not isinstance(query, str) or not query.strip():
-                raise ValueError("query must be a non-empty string")
+                raise _Refused(400, "query must be a non-empty string")
             return query, k
-        try:
-            data = base64.b64decode(payload.get("image") or "", validate=True)
-            image = Image.open(io.BytesIO(data))
-            image.load()
-        except Exception as e:  # binascii.Error, PIL's UnidentifiedImageError, truncated files...
-            raise ValueError(f"image must be a base64 PNG ({type(e).__name__})") from None
-        return image, k
+        return _decode_image(payload.get("image")), k
+
+    def _body(self):
+        """The body, as long as its Content-Length says; one over MAX_BODY is refused before a byte
+        of it is read. A client that stalls mid-body makes the read raise TimeoutError after the
+        socket's timeout, and http.server then drops the connection."""
+        declared = self.headers.get("Content-Length", "").strip()
+        wrong = f"body must be 1 to {MAX_BODY} bytes of JSON, with a Content-Length"
+        if not re.fullmatch(r"[0-9]+", declared):
+            raise _Refused(400, wrong)
+        if len(declared) > 12 or int(declared) > MAX_BODY:  # int() of thousands of digits is itself an error
+            self.close_connection = True  # the unread body must not be read as a next request
+            raise _Refused(413, f"body of {declared[:20]} bytes is over the {MAX_BODY} bytes this server reads")
+        length = int(declared)
+        if length == 0:
+            raise _Refused(400, wrong)
+        body = self.rfile.read(length)
+        if len(body) < length:  # the client closed its side, or the server's deadline cut it
+            raise _Refused(400, "body ended before its Content-Length")
+        return body
 
     def _reply(self, status, body):
         data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+        except OSError:  # the client left, or its deadline cut the connection: nobody to tell
+            self.close_connection = True
 
     def log_message(self, format, *args):
         pass  # one line per search would drown a training log
 
 
-def make_server(text_index, image_index, host="127.0.0.1", port=8765):
-    """A ThreadingHTTPServer over the given indexes (either may be None); port 0 picks a free one.
-    Call serve_forever() on it (tests run it in a thread)."""
-    server = ThreadingHTTPServer((host, port), _SearchHandler)
-    server.daemon_threads = True
-    server.text_index, server.image_index = text_index, image_index
-    return server
+class _SearchServer(ThreadingHTTPServer):
+    """A ThreadingHTTPServer whose threads no client can hold for long: at most `max_handlers`
+    connections are handled at once (the next ones get 503 + Retry-After from the accept loop,
+    which starts no thread for them), each read or write waits at most `timeout` seconds (the
+    handler's socket timeout), and a connection older than `deadline` seconds is shut down from
+    serve_forever's loop (service_actions), which wakes its handler's blocked read."""
+
+    daemon_threads = True
+    request_queue_size = 128  # a burst of connects waits in the kernel's backlog, not in SYN retries
+
+    def __init__(self, address, text_index, image_index, timeout, deadline, max_handlers):
+        if max_handlers < 1 or not timeout > 0 or not deadline > 0:
+            raise ValueError("max_handlers must be at least 1, timeout and deadline above 0")
+        super().__init__(address, _SearchHandler)
+        self.text_index, self.image_index = text_index, image_index
+        self.handler_timeout, self.request_deadline = timeout, deadline
+        self._slots = threading.BoundedSemaphore(max_handlers)
+        self._lock = threading.Lock()
+        self._deadlines = {}  # socket of a handled connection -> time.monotonic() it is cut at
+        self._lingering = []  # (time.monotonic() to close at, socket) of refused connections
+
+    def process_request(self, request, client_address):
+        if not self._slots.acquire(blocking=False):
+            return self._refuse_busy(request)
+        with self._lock:
+            self._deadlines[request] = time.monotonic() + self.request_deadline
+        try:
+            super().process_request(request, client_address)  # starts the handler's thread
+        except BaseException:
+            self._release(request)  # no thread started, so none will release the slot
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._release(request)
+
+    def _release(self, request):
+        with self._lock:
+            self._deadlines.pop(request, None)
+        self._slots.release()
+
+    def _refuse_busy(self, request):
+        """503 from the accept loop, which must never wait on one client: the socket is made
+        non-blocking (a fresh one takes these few hundred bytes at once). It is only half-closed
+        now and closed in _LINGER s: closing it while the request is still arriving would answer
+        that with a reset, which can destroy the 503 before the client reads it."""
+        body = json.dumps({"error": f"the search server is busy: retry after {BUSY_RETRY_AFTER} s"}).encode()
+        head = ("HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\nRetry-After: {BUSY_RETRY_AFTER}\r\nConnection: close\r\n\r\n")
+        try:
+            request.setblocking(False)
+            request.sendall(head.encode() + body)
+            request.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        self._lingering.append((time.monotonic() + _LINGER, request))
+
+    def service_actions(self):
+        """Between two polls of serve_forever: cut connections past their deadline (shutdown wakes
+        the handler blocked reading them) and close refused ones whose linger is over."""
+        now = time.monotonic()
+        with self._lock:
+            late = [sock for sock, end in self._deadlines.items() if end <= now]
+        for sock in late:
+            with contextlib.suppress(OSError):  # its handler may have closed it meanwhile
+                sock.shutdown(socket.SHUT_RDWR)
+        done = [sock for end, sock in self._lingering if end <= now]
+        self._lingering = [(end, sock) for end, sock in self._lingering if end > now]
+        for sock in done:
+            _close_drained(sock)
+
+    def server_close(self):
+        super().server_close()
+        for _, sock in self._lingering:
+            _close_drained(sock)
+        self._lingering = []
 
 
-def serve(data_dir, host="127.0.0.1", port=8765):
+def _close_drained(sock, max_reads=16):
+    """Close a non-blocking socket after reading what the client sent (a closed socket with unread
+    bytes sends a reset instead of a clean end); at most max_reads reads, so that a client still
+    uploading cannot keep the accept loop here."""
+    with contextlib.suppress(OSError):
+        for _ in range(max_reads):
+            if not sock.recv(_READ_CHUNK):
+                break
+    sock.close()
+
+
+def make_server(text_index, image_index, host="127.0.0.1", port=8765, *, timeout=HANDLER_TIMEOUT,
+                deadline=REQUEST_DEADLINE, max_handlers=MAX_HANDLERS):
+    """A threading HTTP server over the given indexes (either may be None); port 0 picks a free one.
+    timeout, deadline, max_handlers: see _SearchServer. Call serve_forever() on it (tests run it in
+    a thread); its service_actions enforce the deadline, so another loop would have to call them."""
+    return _SearchServer((host, port), text_index, image_index, timeout, deadline, max_handlers)
+
+
+def serve(data_dir, host="127.0.0.1", port=8765, **limits):
     text_index, image_index = _local_indexes(data_dir, need_both=False)
-    server = make_server(text_index, image_index, host, port)
+    server = make_server(text_index, image_index, host, port, **limits)
     kinds = [name for name, index in (("text", text_index), ("image", image_index)) if index is not None]
     print(f"serving {' and '.join(kinds)} search over {data_dir} on http://{host}:{server.server_port}", flush=True)
     try:
@@ -1302,6 +1504,12 @@ def get_args(argv=None):
     server.add_argument("--data", default="data", help="folder with corpus.jsonl and/or image_index.jsonl")
     server.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 exposes it to the network)")
     server.add_argument("--port", type=int, default=8765)
+    server.add_argument("--timeout", type=float, default=HANDLER_TIMEOUT,
+                        help="seconds one read or write on a connection may stall before it is dropped")
+    server.add_argument("--deadline", type=float, default=REQUEST_DEADLINE,
+                        help="seconds a connection may last in all (a trickling client is dropped)")
+    server.add_argument("--max-handlers", type=int, default=MAX_HANDLERS,
+                        help="connections handled at once; more are answered 503 with Retry-After")
     args = parser.parse_args(argv)
     if args.command is None and not args.bench:
         parser.error("give a command: serve, or --bench")
@@ -1311,7 +1519,8 @@ def get_args(argv=None):
 def main(argv=None):
     args = get_args(argv)
     if args.command == "serve":
-        serve(args.data, args.host, args.port)
+        serve(args.data, args.host, args.port, timeout=args.timeout, deadline=args.deadline,
+              max_handlers=args.max_handlers)
     else:
         bench(args.bench_docs)
 

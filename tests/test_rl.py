@@ -197,4 +197,5 @@ def test_bad_prompts_cost_their_samples_not_the_run(tiny_dir, tmp_path, monkeypa
                  "--steps", "1", "--batch", str(len(kept)), *SMALL[2:]])
     log = (tmp_path / "o" / "log.txt").read_text()
     assert f"{len(kept)} RL prompts" in log and "| errors 8 |" in log  # 4 bad images x G = 2
+    assert log.count(f"{path}:") == 7  # each skipped line named: 4 bad fields, not JSON, [1, 2], bad UTF-8
     assert (tmp_path / "o" / M.TRAIN_STATE).is_file()

@@ -4,10 +4,14 @@
 
 Offline: every HTTP exchange is with a server started here on 127.0.0.1.
 """
+import base64
 import contextlib
+import io
 import json
 import math
 import random
+import select
+import socket
 import subprocess
 import sys
 import threading
@@ -17,6 +21,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+import requests
 from PIL import Image, ImageDraw
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -491,6 +496,184 @@ def test_http_retries_429_and_5xx_then_succeeds():
     replies = iter([(429, {"error": "slow down"}), (503, {"error": "busy"}), (200, {"results": [{"id": "x"}]})])
     with json_server(lambda *request: next(replies)) as url:
         assert T.HttpTextSearch(url, retries=2, backoff=0.01).search("q", 3) == [{"id": "x"}]
+
+
+def wait_until(condition, seconds):
+    """Poll condition() every 20 ms for at most `seconds`; its last value."""
+    end = time.monotonic() + seconds
+    while not condition() and time.monotonic() < end:
+        time.sleep(0.02)
+    return condition()
+
+
+def raw_exchange(port, data, timeout=5.0):
+    """Send raw bytes to 127.0.0.1:port and read until the server closes: (reply bytes, seconds)."""
+    start = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(data)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks), time.monotonic() - start
+
+
+def closed_by_server(sock, timeout):
+    """True once the server ends the connection (EOF or reset) within `timeout` s; what it sent
+    before (a reply) is skipped."""
+    sock.settimeout(timeout)
+    try:
+        while sock.recv(65536):
+            pass
+    except ConnectionResetError:
+        pass
+    except TimeoutError:
+        return False
+    return True
+
+
+def png_of(mode, size):
+    buffer = io.BytesIO()
+    Image.new(mode, size).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_server_refuses_an_image_over_the_pixel_cap_before_decoding(world):
+    d, scene, boxes = world
+    image_index = T.LocalImageIndex.from_jsonl(d / "image_index.jsonl")
+    # 9000x9000 (81 M pixels) is under PIL's own bomb warning (89 M): only our cap refuses it;
+    # 14000x14000 (196 M) is past PIL's error (179 M). Decoded and described, the first alone
+    # would take gigabytes and many seconds; as 1-bit PNGs they are a few KB each.
+    for size, says in (((9000, 9000), "9000x9000 = 81000000 pixels"), ((14000, 14000), "more than")):
+        png = png_of("1", size)
+        assert len(png) < 40_000
+        with running(T.make_server(None, image_index, "127.0.0.1", 0)) as url:
+            start = time.monotonic()
+            reply = requests.post(url + "/image", json={"image": base64.b64encode(png).decode(), "k": 3}, timeout=10)
+            assert time.monotonic() - start < 2.0
+            assert reply.status_code == 400 and says in reply.json()["error"]
+            assert f"{T.MAX_IMAGE_PIXELS} pixels" in reply.json()["error"]
+            piece = T.crop(scene, boxes[0][1])[0]  # a normal request is still answered, and the same
+            assert T.HttpImageSearch(url, retries=0).search(piece, 3) == image_index.search(piece, 3)
+
+
+def test_server_answers_malformed_json_with_400_and_stays_up():
+    bodies = [b"[" * 100_000, b'{"query": ' + b"{" * 100_000, b'{"query": "q"', b"\xff\xfe\x00q", b"[1, 2]",
+              b"NaN", b'"text"']
+    with running(T.make_server(T.BM25Index(CORPUS), None, "127.0.0.1", 0)) as url:
+        for body in bodies:
+            reply = requests.post(url + "/text", data=body, headers={"Content-Type": "application/json"}, timeout=5)
+            assert reply.status_code == 400, body[:20]
+            assert "JSON" in reply.json()["error"]
+        assert "nested too deeply" in requests.post(url + "/text", data=b"[" * 100_000, timeout=5).json()["error"]
+        assert T.HttpTextSearch(url, retries=0).search("Orvale glass", 1)[0]["id"] == "p2"
+
+
+def test_server_refuses_a_body_over_the_cap_unread():
+    server = T.make_server(T.BM25Index(CORPUS), None, "127.0.0.1", 0)
+    with running(server) as url:
+        for declared in (str(T.MAX_BODY + 1), "9" * 5000):  # no body follows: reading it would wait forever
+            reply, seconds = raw_exchange(server.server_port, f"POST /text HTTP/1.0\r\nContent-Length: {declared}"
+                                                              "\r\n\r\n".encode())
+            assert reply.startswith(b"HTTP/1.0 413 ") and b"over the" in reply and seconds < 2.0
+        for declared in ("", "-5", "0", "ten"):
+            reply, _ = raw_exchange(server.server_port, f"POST /text HTTP/1.0\r\nContent-Length: {declared}"
+                                                        "\r\n\r\n".encode())
+            assert reply.startswith(b"HTTP/1.0 400 ") and b"Content-Length" in reply
+        assert T.HttpTextSearch(url, retries=0).search("Orvale glass", 1)[0]["id"] == "p2"
+
+
+def test_server_drops_stalled_and_trickling_clients():
+    server = T.make_server(T.BM25Index(CORPUS), None, "127.0.0.1", 0, timeout=0.5, deadline=2.0)
+    with running(server) as url:
+        before = threading.active_count()
+        stalled = [socket.create_connection(("127.0.0.1", server.server_port)) for _ in range(20)]
+        try:
+            for sock in stalled:  # promises 1000 bytes, sends one
+                sock.sendall(b"POST /text HTTP/1.0\r\nContent-Length: 1000\r\n\r\n{")
+            assert wait_until(lambda: threading.active_count() >= before + 20, 2.0)
+            assert T.HttpTextSearch(url, retries=0).search("Orvale glass", 1)[0]["id"] == "p2"  # answered meanwhile
+            start = time.monotonic()
+            assert all(closed_by_server(sock, 3.0) for sock in stalled)
+            assert time.monotonic() - start < 0.5 + 1.0
+            assert wait_until(lambda: threading.active_count() <= before, 2.0)
+        finally:
+            for sock in stalled:
+                sock.close()
+
+        # A byte every 0.2 s never trips the 0.5 s timeout of one read; the 2 s deadline cuts it.
+        with socket.create_connection(("127.0.0.1", server.server_port)) as sock:
+            start = time.monotonic()
+            sock.sendall(b"POST /text HTTP/1.0\r\nContent-Length: 1000\r\n\r\n")
+            for _ in range(25):  # 5 s at most
+                if select.select([sock], [], [], 0.2)[0]:
+                    break  # the server ended the connection
+                try:
+                    sock.sendall(b" ")
+                except OSError:
+                    break
+            assert closed_by_server(sock, 0.5) and 2.0 - 0.1 < time.monotonic() - start < 2.0 + 1.5
+        assert wait_until(lambda: threading.active_count() <= before, 2.0)
+
+
+def test_server_bounds_handler_threads_and_answers_503_beyond():
+    server = T.make_server(T.BM25Index(CORPUS), None, "127.0.0.1", 0, timeout=2.0, deadline=5.0, max_handlers=4)
+    with running(server) as url:
+        before, peak = threading.active_count(), 0
+        connections = []
+        try:
+            for _ in range(200):  # connect and send nothing: each would hold a thread until its timeout
+                connections.append(socket.create_connection(("127.0.0.1", server.server_port)))
+                peak = max(peak, threading.active_count())
+            assert wait_until(lambda: threading.active_count() == before + 4, 2.0)
+            reply, seconds = raw_exchange(server.server_port, b"GET /health HTTP/1.0\r\n\r\n")
+            assert reply.startswith(b"HTTP/1.0 503 ") and b"Retry-After: 1\r\n" in reply and seconds < 1.0
+            assert b"busy" in reply
+            for sock in connections:
+                sock.settimeout(4.0)
+            replies = [sock.recv(65536) for sock in connections]
+            peak = max(peak, threading.active_count())
+        finally:
+            for sock in connections:
+                sock.close()
+        assert peak <= before + 4
+        assert sum(r.startswith(b"HTTP/1.0 503 ") for r in replies) == 196 and replies.count(b"") == 4
+        assert wait_until(lambda: threading.active_count() <= before, 2.0)
+        assert T.HttpTextSearch(url, retries=0).search("Orvale glass", 1)[0]["id"] == "p2"
+
+
+def test_http_client_waits_for_retry_after():
+    calls = []
+
+    def reply(handler):  # 429 + Retry-After: 1 once, then results
+        calls.append(time.monotonic())
+        status, body = (429, b"{}") if len(calls) == 1 else (200, b'{"results": [{"id": "x"}]}')
+        handler.send_response(status)
+        if status == 429:
+            handler.send_header("Retry-After", "1")
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        handler.wfile.write(body)
+
+    with raw_server(reply) as url:
+        start = time.monotonic()
+        assert T.HttpTextSearch(url, retries=1, backoff=0.01).search("q", 3) == [{"id": "x"}]
+        assert time.monotonic() - start >= 1.0 and calls[1] - calls[0] >= 0.95
+
+    def busy(handler):  # asks for more time than the call has left
+        handler.send_response(503)
+        handler.send_header("Retry-After", "30")
+        handler.send_header("Content-Length", "2")
+        handler.end_headers()
+        handler.wfile.write(b"{}")
+
+    with raw_server(busy) as url:
+        start = time.monotonic()
+        with pytest.raises(T.SearchError, match="HTTP 503: the service asked to retry after 30 s, .* 2 s deadline"):
+            T._request_json("GET", url, timeout=1.0, retries=3, deadline=2.0)
+        assert time.monotonic() - start < 1.0  # failed at once, not at the deadline
+    assert T.retry_after_seconds("2") == 2.0 and T.retry_after_seconds("0.5") == 0.5
+    assert T.retry_after_seconds("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # a date in the past: retry now
+    assert all(T.retry_after_seconds(v) is None for v in (None, "", "soon", "inf", "nan"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1013,3 +1196,4 @@ def test_serve_command_line(world):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
