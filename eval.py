@@ -11,9 +11,9 @@
 Scoring. `score(pred, answers)` is the one scorer (rl.py's rewards call it too): 1.0 when the prediction
 matches any gold alias after normalisation (case, accents, punctuation, articles), or is the gold phrase with
 at most two extra words and no hedge ("or", "not", ...), or when both are numbers that agree (reasonable
-rounding, a gold range containing the prediction, a narrow predicted range containing the gold, simple unit
-conversions); empty or missing answers score 0. With a `Judge` (any OpenAI-compatible endpoint, verdicts
-cached in SQLite) the answers the rules reject are judged by an LLM, as the paper's evaluation does.
+rounding, a gold range containing the prediction, a narrow predicted range containing the gold (years:
+at most 5 wide), simple unit conversions); empty or missing answers score 0. With a `Judge` (any
+OpenAI-compatible endpoint, verdicts cached in SQLite) the answers the rules reject are judged by an LLM, as the paper's evaluation does.
 
 Modes. All three run through `rollout.rollout`, so the model sees the conversation format it was trained on
 and token ids are never re-tokenized; decoding is greedy.
@@ -67,6 +67,9 @@ MAX_EXTRA_WORDS = 2  # "the answer is Paris" / "Eiffel Tower, Paris" pass; long 
 HEDGE_WORDS = {"or", "and", "not", "no", "never", "nor", "neither", "either", "maybe", "perhaps",
                "possibly", "probably", "unlikely", "unknown", "unsure", "except", "but", "than"}
 RANGE_MAX_WIDTH = 0.25  # a predicted range counts only if narrow: width <= 25% of the gold value
+# ... and for years, at most 5 years wide: the paper's judge accepts "1990-1995" for 1993, while a
+# decade ("1990-2000") says too little (a share of the value means nothing for years)
+YEAR_RANGE_MAX_WIDTH = 5.0
 
 
 def normalize_answer(text):
@@ -293,7 +296,7 @@ def numbers_match(p, g):
     if plo == phi:                                   # a number, against a number or a gold range
         return glo - slack <= plo <= ghi + slack
     if glo == ghi:                                   # a predicted range containing the gold number
-        width_ok = (phi - plo) <= (1.0 if g.year else RANGE_MAX_WIDTH * abs(glo))
+        width_ok = (phi - plo) <= (YEAR_RANGE_MAX_WIDTH if g.year else RANGE_MAX_WIDTH * abs(glo))
         return plo - slack <= glo <= phi + slack and width_ok
     if glo - slack <= plo and phi <= ghi + slack:    # range inside the gold range
         return True

@@ -97,6 +97,9 @@ def test_score_numbers(pred, gold, ok):
     ("0 to 1 million", "8848", False),         # a range that says nothing
     ("1995-1996", "1995", True),
     ("1990-2000", "1995", False),              # a decade is not a year
+    ("1990-1995", "1993", True),               # the paper's judge: a range containing the gold year
+    ("between 1990 and 1995", "1993", True),
+    ("1990-1995", "1997", False),
 ])
 def test_score_ranges(pred, gold, ok):
     assert E.score(pred, [gold]) == float(ok)
