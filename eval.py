@@ -459,14 +459,14 @@ def read_records(path):
     if suffix == ".csv":
         with open(path, newline="", encoding="utf-8") as f:
             return list(csv.DictReader(f))
-    if suffix == ".parquet":
+    if suffix in (".parquet", ".pq"):  # MMSearch-R1 ships mini_data.pq
         try:
             import pyarrow.parquet as pq
         except ImportError:
             raise ValueError(f"{path}: reading parquet needs pyarrow (pip install pyarrow), "
                              "or export the rows to .jsonl first") from None
         return pq.read_table(path).to_pylist()
-    raise ValueError(f"{path}: unknown file type {suffix!r} (expected .jsonl, .json, .csv or .parquet)")
+    raise ValueError(f"{path}: unknown file type {suffix!r} (expected .jsonl, .json, .csv or .parquet / .pq)")
 
 
 def _rows(obj, *keys):
@@ -480,19 +480,27 @@ def _rows(obj, *keys):
     raise ValueError("expected a list of rows (or a JSON object holding one)")
 
 
+def _text(x):
+    """x as text that can be written as UTF-8: escaped surrogate pairs (an emoji as "\\ud83d\\ude00"
+    read by a Python-literal parser) joined, a lone surrogate replaced."""
+    return str(x).encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
 def _listify(x):
-    """A gold field as a list of aliases: lists, numpy-ish arrays, '[...]' strings, scalars."""
+    """A gold field as a list of aliases: lists, numpy-ish arrays, '[...]' strings (JSON, or Python
+    literals), scalars."""
     if x is None:
         return []
     if isinstance(x, str):
         s = x.strip()
         if s.startswith("[") and s.endswith("]"):
-            try:
-                v = ast.literal_eval(s)
+            for parse in (json.loads, ast.literal_eval):  # JSON first: it joins surrogate pairs
+                try:
+                    v = parse(s)
+                except (ValueError, SyntaxError):
+                    continue
                 if isinstance(v, (list, tuple)):
                     return list(v)
-            except (ValueError, SyntaxError):
-                pass
         return [s]
     if isinstance(x, (list, tuple)):
         return list(x)
@@ -504,7 +512,7 @@ def _listify(x):
 def _dedupe(answers):
     out, seen = [], set()
     for a in answers:
-        s = " ".join(str(a).split()) if a is not None else ""
+        s = " ".join(_text(a).split()) if a is not None else ""
         if s and s.lower() not in seen:
             seen.add(s.lower())
             out.append(s)
@@ -601,8 +609,28 @@ def make_row(bench, source_id, question, answers, image, missing=None, needs_sea
     meta = {"bench": bench, "source_id": str(source_id), **{k: v for k, v in meta.items() if v is not None}}
     if image is None and missing:
         meta["missing_image"] = str(missing)[:100]
-    return {"id": f"{bench}-{source_id}", "image": image, "question": " ".join(str(question).split()),
+    return {"id": f"{bench}-{source_id}", "image": image, "question": " ".join(_text(question).split()),
             "answers": _dedupe(answers), "needs_search": bool(needs_search), "meta": meta}
+
+
+def _each(items, fn, where):
+    """fn(i, item) for each item -> the rows it returns (a row or a list of rows). An item fn fails
+    on (a missing field, a wrong type) becomes a {"skipped": why} marker, which convert counts and
+    names: one bad record never ends a conversion."""
+    rows = []
+    for i, item in enumerate(items):
+        try:
+            got = fn(i, item)
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+            rows.append({"skipped": f"{where}: record {i + 1}: {type(e).__name__}: {str(e)[:100]}"})
+            continue
+        rows.extend(got if isinstance(got, list) else [got])
+    return rows
+
+
+def _each_record(srcs, fn):
+    """fn(src, i, record) over the records of every source file (see _each)."""
+    return [row for src in srcs for row in _each(_rows(read_records(src)), lambda i, r: fn(src, i, r), src)]
 
 
 def load_infoseek(srcs, images):
@@ -611,23 +639,22 @@ def load_infoseek(srcs, images):
     "data_split"}; answer_eval holds alias strings, or for numerical questions
     [{"wikidata": 1.0, "range": [0.9, 1.1]}] (kept as the alias "0.9 - 1.1": a number inside it matches).
     --images: the OVEN/InfoSeek images, files named <image_id>.jpg (any sub-folder)."""
-    rows = []
-    for src in srcs:
-        for r in _rows(read_records(src)):
-            answers = _listify(r.get("answer"))
-            for a in _listify(r.get("answer_eval")):
-                if isinstance(a, dict):
-                    if isinstance(a.get("range"), (list, tuple)) and len(a["range"]) == 2:
-                        answers.append(f"{a['range'][0]} - {a['range'][1]}")
-                    if a.get("wikidata") is not None:
-                        answers.append(a["wikidata"])
-                else:
-                    answers.append(a)
-            rows.append(make_row("infoseek", r["data_id"], r["question"], answers,
-                                 images.find(r.get("image_id")), missing=r.get("image_id"),
-                                 image_id=r.get("image_id"), data_split=r.get("data_split"),
-                                 question_type=r.get("question_type")))
-    return rows
+    def one(src, i, r):
+        answers = _listify(r.get("answer"))
+        for a in _listify(r.get("answer_eval")):
+            if isinstance(a, dict):
+                if isinstance(a.get("range"), (list, tuple)) and len(a["range"]) == 2:
+                    answers.append(f"{a['range'][0]} - {a['range'][1]}")
+                if a.get("wikidata") is not None:
+                    answers.append(a["wikidata"])
+            else:
+                answers.append(a)
+        return make_row("infoseek", r["data_id"], r["question"], answers,
+                        images.find(r.get("image_id")), missing=r.get("image_id"),
+                        image_id=r.get("image_id"), data_split=r.get("data_split"),
+                        question_type=r.get("question_type"))
+
+    return _each_record(srcs, one)
 
 
 def load_evqa(srcs, images):
@@ -637,22 +664,21 @@ def load_evqa(srcs, images):
     (inaturalist / landmarks), question_type (templated, automatic, multi_answer, 2_hop),
     wikipedia_url, encyclopedic_vqa_split. One question per row, with its first image found.
     --images: the iNaturalist 2021 and Google Landmarks v2 images, files named <image id>.jpg."""
-    rows = []
-    for src in srcs:
-        for i, r in enumerate(_rows(read_records(src))):
-            aliases = [a.strip() for a in str(r.get("answer", "")).split("|")]
-            parts = None
-            if r.get("question_type") == "multi_answer":
-                parts = [[p.strip() for p in a.split("&&") if p.strip()] for a in aliases]
-                aliases = [", ".join(p) for p in parts]
-            ids = [x.strip() for x in re.split(r"[|,;\s]+", str(r.get("dataset_image_ids", ""))) if x.strip()]
-            image = images.find(*ids)
-            split = r.get("encyclopedic_vqa_split") or Path(src).stem
-            rows.append(make_row("evqa", f"{split}-{i}", r["question"], aliases, image,
-                                 missing=ids[0] if ids else None, question_type=r.get("question_type"),
-                                 dataset_name=r.get("dataset_name"), wikipedia_url=r.get("wikipedia_url"),
-                                 image_ids=ids, answer_parts=parts))
-    return rows
+    def one(src, i, r):
+        aliases = [a.strip() for a in str(r.get("answer", "")).split("|")]
+        parts = None
+        if r.get("question_type") == "multi_answer":
+            parts = [[p.strip() for p in a.split("&&") if p.strip()] for a in aliases]
+            aliases = [", ".join(p) for p in parts]
+        ids = [x.strip() for x in re.split(r"[|,;\s]+", str(r.get("dataset_image_ids", ""))) if x.strip()]
+        image = images.find(*ids)
+        split = r.get("encyclopedic_vqa_split") or Path(src).stem
+        return make_row("evqa", f"{split}-{i}", r["question"], aliases, image,
+                        missing=ids[0] if ids else None, question_type=r.get("question_type"),
+                        dataset_name=r.get("dataset_name"), wikipedia_url=r.get("wikipedia_url"),
+                        image_ids=ids, answer_parts=parts)
+
+    return _each_record(srcs, one)
 
 
 def load_simplevqa(srcs, images):
@@ -660,17 +686,16 @@ def load_simplevqa(srcs, images):
     with fields data_id, image, question, answer, language, vqa_category, original_category, source,
     atomic_question, atomic_fact; image is a file name / URL found under --images, or the image itself
     (base64 or parquet bytes), which is written next to --out."""
-    rows = []
-    for src in srcs:
-        for i, r in enumerate(_rows(read_records(src))):
-            qid = r.get("data_id", i)
-            image = images.resolve(f"simplevqa-{qid}", r.get("image") or r.get("image_path"))
-            rows.append(make_row("simplevqa", qid, r["question"], _listify(r.get("answer")), image,
-                                 missing=r.get("image") if isinstance(r.get("image"), str) else None,
-                                 language=r.get("language"), vqa_category=r.get("vqa_category"),
-                                 original_category=r.get("original_category"), source=r.get("source"),
-                                 atomic_question=r.get("atomic_question")))
-    return rows
+    def one(src, i, r):
+        qid = r.get("data_id", i)
+        image = images.resolve(f"simplevqa-{qid}", r.get("image") or r.get("image_path"))
+        return make_row("simplevqa", qid, r["question"], _listify(r.get("answer")), image,
+                        missing=r.get("image") if isinstance(r.get("image"), str) else None,
+                        language=r.get("language"), vqa_category=r.get("vqa_category"),
+                        original_category=r.get("original_category"), source=r.get("source"),
+                        atomic_question=r.get("atomic_question"))
+
+    return _each_record(srcs, one)
 
 
 def load_dynvqa(srcs, images):
@@ -678,16 +703,15 @@ def load_dynvqa(srcs, images):
     line: {"image_url", "question", "question_id", "answer": [aliases, in both languages, may hold
     numbers], "gloden_query" (sic)}. --images: the downloaded images, named as the last part of image_url
     (e.g. image_1.jpeg)."""
-    rows = []
-    for src in srcs:
-        for r in _rows(read_records(src)):
-            qid = r.get("question_id")
-            url = r.get("image_url") or r.get("image")
-            rows.append(make_row("dynvqa", qid, r["question"], _listify(r.get("answer")),
-                                 images.find(url), missing=url, image_url=r.get("image_url"),
-                                 golden_query=r.get("gloden_query") or r.get("golden_query"),
-                                 language="zh" if str(qid).startswith("zh") else "en"))
-    return rows
+    def one(src, i, r):
+        qid = r.get("question_id")
+        url = r.get("image_url") or r.get("image")
+        return make_row("dynvqa", qid, r["question"], _listify(r.get("answer")),
+                        images.find(url), missing=url, image_url=r.get("image_url"),
+                        golden_query=r.get("gloden_query") or r.get("golden_query"),
+                        language="zh" if str(qid).startswith("zh") else "en")
+
+    return _each_record(srcs, one)
 
 
 def load_okvqa(srcs, images):
@@ -709,17 +733,17 @@ def load_okvqa(srcs, images):
         raise ValueError("okvqa needs the questions JSON and the annotations JSON (give both as --src)")
     subtype = qfile.get("data_subtype") or afile.get("data_subtype") or "val2014"
     ann = {a["question_id"]: a for a in afile["annotations"]}
-    rows = []
-    for q in qfile["questions"]:
+    def one(i, q):
         a = ann.get(q["question_id"], {})
         answers, counts = _by_count(x.get("answer") for x in a.get("answers", []))
         iid = int(q["image_id"])
-        rows.append(make_row("okvqa", q["question_id"], q["question"], answers,
-                             images.find(f"COCO_{subtype}_{iid:012d}", f"{iid:012d}", str(iid)),
-                             missing=f"COCO_{subtype}_{iid:012d}.jpg", image_id=iid,
-                             answer_counts=counts, question_type=a.get("question_type"),
-                             answer_type=a.get("answer_type")))
-    return rows
+        return make_row("okvqa", q["question_id"], q["question"], answers,
+                        images.find(f"COCO_{subtype}_{iid:012d}", f"{iid:012d}", str(iid)),
+                        missing=f"COCO_{subtype}_{iid:012d}.jpg", image_id=iid,
+                        answer_counts=counts, question_type=a.get("question_type"),
+                        answer_type=a.get("answer_type"))
+
+    return _each(qfile["questions"], one, srcs[0])
 
 
 def load_aokvqa(srcs, images):
@@ -728,20 +752,19 @@ def load_aokvqa(srcs, images):
     "direct_answers": [10 annotator answers], "difficult_direct_answer", "rationales"}. Aliases: the
     direct answers, most frequent first, then the correct choice.
     --images: COCO 2017 (val2017/), files named <image_id, 12 digits>.jpg."""
-    rows = []
-    for src in srcs:
-        for r in _rows(read_records(src)):
-            answers, counts = _by_count(r.get("direct_answers") or [])
-            choices, idx = r.get("choices") or [], r.get("correct_choice_idx")
-            if isinstance(idx, int) and 0 <= idx < len(choices) and answers:
-                answers.append(choices[idx])
-            iid = int(r["image_id"])
-            rows.append(make_row("aokvqa", r["question_id"], r["question"], answers,
-                                 images.find(f"{iid:012d}", f"COCO_val2014_{iid:012d}", str(iid)),
-                                 missing=f"{iid:012d}.jpg", image_id=iid, split=r.get("split"),
-                                 answer_counts=counts, choices=choices or None, correct_choice_idx=idx,
-                                 difficult_direct_answer=r.get("difficult_direct_answer")))
-    return rows
+    def one(src, i, r):
+        answers, counts = _by_count(r.get("direct_answers") or [])
+        choices, idx = r.get("choices") or [], r.get("correct_choice_idx")
+        if isinstance(idx, int) and 0 <= idx < len(choices) and answers:
+            answers.append(choices[idx])
+        iid = int(r["image_id"])
+        return make_row("aokvqa", r["question_id"], r["question"], answers,
+                        images.find(f"{iid:012d}", f"COCO_val2014_{iid:012d}", str(iid)),
+                        missing=f"{iid:012d}.jpg", image_id=iid, split=r.get("split"),
+                        answer_counts=counts, choices=choices or None, correct_choice_idx=idx,
+                        difficult_direct_answer=r.get("difficult_direct_answer"))
+
+    return _each_record(srcs, one)
 
 
 def _user_text(prompt):
@@ -783,8 +806,7 @@ def load_fvqa(srcs, images):
     "images": [{"bytes": ..., "path": ...}], "reward_model": {"ground_truth", "candidate_answers"},
     "category": "search_required" | "search_free", "data_source"}. Images are embedded (written next to
     --out); a path-only image is looked up under --images."""
-    return [_mmsearch_r1_row("fvqa", r, i, images)
-            for src in srcs for i, r in enumerate(_rows(read_records(src)))]
+    return _each_record(srcs, lambda src, i, r: _mmsearch_r1_row("fvqa", r, i, images))
 
 
 def load_livevqa(srcs, images):
@@ -793,30 +815,28 @@ def load_livevqa(srcs, images):
     "level1_qa": {"question", "Ground_Truth_List", ...}, "level2_qa": {...}, "source", "time"} (one question
     per level), or rows {"sample_id", "query", "gt_answer", "image"}. --images: the LiveVQA images
     (News_imgs/, ...), found by file name."""
-    rows = []
-    for src in srcs:
-        for i, r in enumerate(_rows(read_records(src))):
-            if "reward_model" in r or "prompt" in r:
-                rows.append(_mmsearch_r1_row("livevqa", r, i, images))
-            elif "level1_qa" in r:
-                for level in ("level1_qa", "level2_qa"):
-                    qa = r.get(level)
-                    if not qa:
-                        continue
+    def one(src, i, r):
+        if "reward_model" in r or "prompt" in r:
+            return _mmsearch_r1_row("livevqa", r, i, images)
+        if "level1_qa" in r:  # one question per level
+            rows = []
+            for level in ("level1_qa", "level2_qa"):
+                qa = r.get(level)
+                if qa:
                     img = qa.get("img_path") or r.get("img_path")
                     rows.append(make_row("livevqa", f"{r['id']}-{level[:6]}", qa["question"],
                                          _listify(qa.get("Ground_Truth_List") or qa.get("Ground_Truth")),
                                          images.find(img), missing=img, level=level[:6],
                                          question_type=qa.get("question_type"), source=r.get("source"),
                                          time=r.get("time")))
-            else:
-                qid = r.get("sample_id", r.get("id", i))
-                img = r.get("image") or r.get("img_path") or r.get("image_path")
-                rows.append(make_row("livevqa", qid, r.get("query") or r["question"],
-                                     _listify(r.get("gt_answer") or r.get("answer")),
-                                     images.resolve(f"livevqa-{qid}", img),
-                                     missing=img if isinstance(img, str) else None))
-    return rows
+            return rows
+        qid = r.get("sample_id", r.get("id", i))
+        img = r.get("image") or r.get("img_path") or r.get("image_path")
+        return make_row("livevqa", qid, r.get("query") or r["question"],
+                        _listify(r.get("gt_answer") or r.get("answer")),
+                        images.resolve(f"livevqa-{qid}", img), missing=img if isinstance(img, str) else None)
+
+    return _each_record(srcs, one)
 
 
 LOADERS = {"infoseek": load_infoseek, "evqa": load_evqa, "simplevqa": load_simplevqa,
@@ -830,9 +850,11 @@ def convert(bench, srcs, images_dir, out, limit=0, log=print):
     and counted. Returns the rows written."""
     out = Path(out)
     rows = LOADERS[bench]([Path(s) for s in srcs], Images(images_dir, out.parent / "images" / bench))
-    kept, no_image, no_answer = [], [], 0
+    kept, no_image, no_answer, bad = [], [], 0, []
     for r in rows:
-        if not r["answers"]:
+        if "skipped" in r:
+            bad.append(r["skipped"])
+        elif not r["answers"]:
             no_answer += 1
         elif r["image"] is None:
             no_image.append(r["meta"].get("missing_image", r["id"]))
@@ -845,7 +867,8 @@ def convert(bench, srcs, images_dir, out, limit=0, log=print):
     tools.write_jsonl(out, kept)
     log(f"{bench}: wrote {len(kept)} questions to {out}; skipped {len(no_image)} without an image file"
         + (f" (e.g. {', '.join(map(str, no_image[:3]))})" if no_image else "")
-        + f", {no_answer} without answers")
+        + f", {no_answer} without answers, {len(bad)} malformed"
+        + (f" ({'; '.join(bad[:3])})" if bad else ""))
     return kept
 
 

@@ -363,12 +363,28 @@ def test_load_fvqa(tmp_path):
     assert row["answers"] == ["Golden Gate Bridge", "Golden Gate"] and Path(row["image"]).is_file()
 
 
+def test_fvqa_with_escaped_emoji_and_a_bad_record_converts_the_rest(tmp_path, capsys):
+    """MMSearch-R1's mini_data.pq: candidate_answers is a JSON string holding an emoji as a surrogate-
+    pair escape; one malformed record is skipped, counted and named, the rest converted."""
+    good = dict(mmsearch_row(0), reward_model={"ground_truth": "Golden Gate Bridge",
+                                                 "candidate_answers": '["GG \\ud83c\\udf09 Bridge"]'})
+    py_literal = dict(mmsearch_row(1), reward_model="{'ground_truth': 'Bay \\ud83c\\udf09', 'candidate_answers': []}")
+    bad = dict(mmsearch_row(2), prompt=5, question=None, reward_model=7)
+    src = tmp_path / "mini_data.jsonl"
+    write_jsonl(src, [good, bad, py_literal])
+    rows = converted("fvqa", [src], None, tmp_path / "f.jsonl")
+    assert rows["fvqa_test_0"]["answers"] == ["Golden Gate Bridge", "GG \U0001f309 Bridge"]
+    assert rows["fvqa_test_1"]["answers"] == ["Bay \U0001f309"]
+    assert set(rows) == {"fvqa_test_0", "fvqa_test_1"}
+    assert f"1 malformed ({src}: record 2: " in capsys.readouterr().out
+
+
 def test_load_fvqa_parquet(tmp_path):
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq
     rows = [dict(mmsearch_row(0), images=[{"bytes": png_bytes(), "path": ""}])]
-    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "fvqa_test.parquet")
-    assert set(converted("fvqa", [tmp_path / "fvqa_test.parquet"], None, tmp_path / "f.jsonl")) == {"fvqa_test_0"}
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "mini_data.pq")  # the suffix MMSearch-R1 ships
+    assert set(converted("fvqa", [tmp_path / "mini_data.pq"], None, tmp_path / "f.jsonl")) == {"fvqa_test_0"}
 
 
 def test_load_livevqa(tmp_path):
