@@ -1250,8 +1250,9 @@ def _run_parser():
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     p.add_argument("--limit", type=int, default=0, help="first N questions of each file (0: all)")
     p.add_argument("--data", default=str(HERE / "data"), help="data folder of the local search index")
-    p.add_argument("--backend", default="local", choices=["local", "http", "serpapi"], help="search backend")
-    p.add_argument("--server_url", default=None, help="URL of `python tools.py serve` (backend http)")
+    p.add_argument("--backend", default="local", choices=["local", "http", "searchr1", "serpapi"], help="search backend")
+    p.add_argument("--server_url", default=None, help="URL of `python tools.py serve` (backend http), or a "
+                   "Search-R1 /retrieve address (backend searchr1)")
     p.add_argument("--cache", default=None, help="SQLite search cache file")
     p.add_argument("--cache_mode", default="rw", help="search cache mode (see tools.SearchCache)")
     p.add_argument("--max_turns", type=int, default=6)

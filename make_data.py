@@ -1565,7 +1565,7 @@ def get_real_args(argv=None):
                    help="assistant turns; a conversation not answered by the last one is discarded")
     p.add_argument("--keep_refused", action="store_true",
                    help="keep conversations where the tools refused an action (second image search, bad box)")
-    p.add_argument("--backend", choices=("local", "http", "serpapi"), default="local")
+    p.add_argument("--backend", choices=("local", "http", "searchr1", "serpapi"), default="local")
     p.add_argument("--data", default="data", help="local backend: folder with corpus.jsonl and image_index.jsonl")
     p.add_argument("--server_url", help="http backend: a `python tools.py serve` address")
     p.add_argument("--cache", help="SQLite search cache (default: <out>/search_cache.sqlite)")

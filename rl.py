@@ -266,7 +266,7 @@ def get_args(argv=None):
     p.add_argument("--grad_ckpt", action="store_true", help="gradient checkpointing in the decoder blocks")
     p.add_argument("--precision", choices=sorted(M.PRECISIONS), default=None,
                    help="compute precision (default bf16 on CUDA, fp32 on CPU); masters are fp32")
-    p.add_argument("--backend", default="local", help="search backend: local | http | serpapi")
+    p.add_argument("--backend", default="local", choices=("local", "http", "searchr1", "serpapi"), help="search backend")
     p.add_argument("--server_url", default=None)
     p.add_argument("--cache", default=None, help="SQLite search cache path")
     p.add_argument("--save_every", type=int, default=10)

@@ -799,6 +799,43 @@ class HttpImageSearch(HttpTextSearch):
         return _results_of(reply)
 
 
+# The Search-R1 retrieval protocol (the e5 / BGE servers of Search-R1, SenseNova-MARS and others):
+# POST /retrieve {"queries": [...], "topk": k, "return_scores": true} ->
+# {"result": [[{"document": {"id", "contents"}, "score"}, ...] per query]}, contents being
+# '"Title"\ntext'. Without return_scores each entry is the document itself.
+
+def searchr1_contents(title, text):
+    return f'"{title}"\n{text}'
+
+
+def searchr1_document(entry):
+    """One entry of a /retrieve result -> our result dict {id, title, text, score}."""
+    doc = entry.get("document", entry) if isinstance(entry, dict) else None
+    if not isinstance(doc, dict):
+        raise SearchError(f"/retrieve: an entry is a JSON {type(entry).__name__}, not an object")
+    head, _, text = str(doc.get("contents", "")).partition("\n")
+    row = {"id": doc.get("id", ""), "title": head.strip().strip('"'), "text": text.strip()}
+    if isinstance(entry.get("score"), (int, float)):
+        row["score"] = float(entry["score"])
+    return row
+
+
+class SearchR1TextSearch(HttpTextSearch):
+    """Client of a Search-R1-style retrieval server: `url` is its /retrieve address."""
+
+    name = "searchr1"
+
+    def search(self, query, k=3):
+        reply = _request_json(
+            "POST", self.url, payload={"queries": [query], "topk": k, "return_scores": True},
+            timeout=self.timeout, retries=self.retries, backoff=self.backoff,
+        )
+        result = reply.get("result") if isinstance(reply, dict) else None
+        if not isinstance(result, list) or len(result) != 1 or not isinstance(result[0], list):
+            raise SearchError('/retrieve: expected {"result": [[...]]} with one list for the one query')
+        return [searchr1_document(e) for e in result[0][:k]]
+
+
 SERPAPI_URL = "https://serpapi.com/search.json"
 
 
@@ -1167,7 +1204,8 @@ def make_tools(data_dir="data", backend="local", cache=None, cache_mode="rw", gr
     """The one factory every script uses.
 
     backend: "local" (data_dir/corpus.jsonl and data_dir/image_index.jsonl), "http" (server_url,
-    a `python tools.py serve`), "serpapi" (SERPAPI_API_KEY; image search needs `upload_fn`, see
+    a `python tools.py serve`), "searchr1" (server_url: a Search-R1 /retrieve address; text only,
+    images through data_dir's local index), "serpapi" (SERPAPI_API_KEY; image search needs `upload_fn`, see
     SerpApiLens); `timeout` is per connection attempt and per read, and a whole call, retries
     included, has a deadline and a byte cap (see _request_json). cache: a SQLite path (or a
     SearchCache) used in `cache_mode`. grounder: a local GroundingDINO folder or any object with
@@ -1180,13 +1218,22 @@ def make_tools(data_dir="data", backend="local", cache=None, cache_mode="rw", gr
         if not server_url:
             raise ValueError("backend 'http' needs server_url (a `python tools.py serve` address)")
         text_backend, image_backend = HttpTextSearch(server_url, timeout), HttpImageSearch(server_url, timeout)
+    elif backend == "searchr1":
+        if not server_url:
+            raise ValueError("backend 'searchr1' needs server_url (a Search-R1 /retrieve address)")
+        # text only, like Search-R1's servers; images go to the local index when data_dir has one
+        text_backend = SearchR1TextSearch(server_url, timeout)
+        index = os.path.join(data_dir, "image_index.jsonl")
+        image_backend = LocalImageIndex.from_jsonl(index) if os.path.exists(index) else None
+        if image_backend is None:
+            warnings.warn(f"searchr1 backend: no {data_dir}/image_index.jsonl, image search is off")
     elif backend == "serpapi":
         text_backend = SerpApiTextSearch(timeout=timeout)
         image_backend = SerpApiLens(upload_fn, timeout=timeout) if upload_fn else None
         if image_backend is None:
             warnings.warn("serpapi backend without upload_fn: image search is off (Google Lens needs an image URL)")
     else:
-        raise ValueError(f"unknown backend {backend!r}: use local, http or serpapi")
+        raise ValueError(f"unknown backend {backend!r}: use local, http, searchr1 or serpapi")
     if isinstance(cache, (str, os.PathLike)):
         cache = None if cache_mode == "off" else SearchCache(cache, cache_mode)
     elif cache is None and cache_mode == "replay":
@@ -1281,6 +1328,8 @@ class _SearchHandler(BaseHTTPRequestHandler):
         self._reply(200, {"text": self.server.text_index is not None, "image": self.server.image_index is not None})
 
     def do_POST(self):
+        if self.path == "/retrieve":
+            return self._retrieve()
         indexes = {"/text": self.server.text_index, "/image": self.server.image_index}
         if self.path not in indexes:
             return self._reply(404, {"error": f"unknown path {self.path}"})
@@ -1296,6 +1345,30 @@ class _SearchHandler(BaseHTTPRequestHandler):
             traceback.print_exc()
             return self._reply(500, {"error": "search failed on the server"})
         self._reply(200, {"results": results})
+
+    def _retrieve(self):
+        """The Search-R1 protocol over our text index (see searchr1_document), so that our indexes and
+        the e5 / BGE servers of Search-R1-style projects serve either side."""
+        if self.server.text_index is None:
+            return self._reply(404, {"error": "this server has no text index"})
+        try:
+            payload = _json_object(self._body())
+            queries, k = payload.get("queries"), payload.get("topk", 3)
+            if not isinstance(queries, list) or not queries or not all(isinstance(q, str) for q in queries):
+                raise _Refused(400, "queries must be a non-empty list of strings")
+            if len(queries) > MAX_K or not isinstance(k, int) or not 1 <= k <= MAX_K:
+                raise _Refused(400, f"at most {MAX_K} queries, and topk an integer from 1 to {MAX_K}")
+        except _Refused as e:
+            return self._reply(e.status, {"error": str(e)})
+        scores = payload.get("return_scores") is True
+        result = []
+        for q in queries:
+            docs = []
+            for r in self.server.text_index.search(q, k):
+                doc = {"id": r.get("id", ""), "contents": searchr1_contents(r.get("title", ""), r.get("text", ""))}
+                docs.append({"document": doc, "score": r.get("score", 0.0)} if scores else doc)
+            result.append(docs)
+        self._reply(200, {"result": result})
 
     def _parse_request(self):
         payload = _json_object(self._body())

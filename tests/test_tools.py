@@ -492,6 +492,29 @@ def test_http_server_round_trip(world):
             T.HttpImageSearch(url, retries=0).search(piece, 3)
 
 
+def test_searchr1_protocol_both_ways():
+    """Our server answers Search-R1's /retrieve, our searchr1 backend reads it, and the backend also
+    reads a reply laid out as Search-R1's own retrieval server writes it."""
+    index = T.BM25Index(CORPUS)
+    with running(T.make_server(index, None, "127.0.0.1", 0)) as url:
+        got = T.SearchR1TextSearch(url + "/retrieve").search("Kessin Valor founded", 2)
+        want = index.search("Kessin Valor founded", 2)
+        assert [(g["id"], g["title"], g["text"], g["score"]) for g in got] == \
+            [(w["id"], w["title"], w["text"], w["score"]) for w in want]
+        plain = T._request_json("POST", url + "/retrieve", payload={"queries": ["glass", "founded"], "topk": 1})
+        assert len(plain["result"]) == 2 and set(plain["result"][0][0]) == {"id", "contents"}
+        with pytest.raises(T.SearchError, match="HTTP 400"):
+            T._request_json("POST", url + "/retrieve", payload={"queries": "glass"}, retries=0)
+    theirs = {"result": [[{"document": {"id": "42", "contents": '"Orvale"\nOrvale is a river town.'}, "score": 0.8}]]}
+    with json_server(lambda *request: (200, theirs)) as url:
+        tools = T.Tools(T.SearchR1TextSearch(url), None)
+        obs = tools.execute(T.parse_action("<reason>r</reason><text_search>Orvale</text_search>"), None, T.State())
+    assert not obs.error and "Orvale: Orvale is a river town." in obs.text
+    with json_server(lambda *request: (200, {"result": "x"})) as url:
+        with pytest.raises(T.SearchError, match="/retrieve"):
+            T.SearchR1TextSearch(url, retries=0).search("q", 3)
+
+
 def test_http_retries_429_and_5xx_then_succeeds():
     replies = iter([(429, {"error": "slow down"}), (503, {"error": "busy"}), (200, {"results": [{"id": "x"}]})])
     with json_server(lambda *request: next(replies)) as url:
