@@ -1253,6 +1253,8 @@ def _run_parser():
     p.add_argument("--backend", default="local", choices=["local", "http", "searchr1", "serpapi"], help="search backend")
     p.add_argument("--server_url", default=None, help="URL of `python tools.py serve` (backend http), or a "
                    "Search-R1 /retrieve address (backend searchr1)")
+    p.add_argument("--lens_upload_url", default=None, help="backend serpapi: an endpoint of yours that takes "
+                   "a POSTed PNG and answers its public URL, for Google Lens (tools.upload_to)")
     p.add_argument("--cache", default=None, help="SQLite search cache file")
     p.add_argument("--cache_mode", default="rw", help="search cache mode (see tools.SearchCache)")
     p.add_argument("--max_turns", type=int, default=6)
@@ -1318,7 +1320,7 @@ def run(args):
     ckpt = Path(args.ckpt) if args.ckpt else default_checkpoint()
     mdl, proc = M.load(ckpt, device=device, log=M.print0, max_pixels=args.max_pixels)
     tl = tools.make_tools(args.data, backend=args.backend, cache=args.cache, cache_mode=args.cache_mode,
-                          server_url=args.server_url)
+                          server_url=args.server_url, lens_upload_url=args.lens_upload_url)
     judge = Judge(args.judge_url, args.judge_model, cache=args.judge_cache) if args.judge_url else None
     results, records = {}, []
     for path in args.questions:
@@ -1388,7 +1390,7 @@ def compare(args):
     qs = read_questions(args.questions[0])
     qs = qs[:args.limit] if args.limit else qs
     tl = tools.make_tools(args.data, backend=args.backend, cache=args.cache, cache_mode=args.cache_mode,
-                          server_url=args.server_url)
+                          server_url=args.server_url, lens_upload_url=args.lens_upload_url)
     sft_ckpt, rl_ckpt = args.compare
     plan = [("Direct answer (SFT model, no search)", sft_ckpt, "direct"),
             ("RAG workflow (SFT model: whole-image search, then text search)", sft_ckpt, "rag"),

@@ -884,6 +884,29 @@ class SerpApiTextSearch:
         ]
 
 
+def upload_to(url, timeout=10.0):
+    """An upload_fn for SerpApiLens from the command line: POST the PNG (Content-Type image/png) to
+    `url`, an endpoint of yours that stores it where Google can fetch it and answers its public URL,
+    as plain text or as JSON {"url": ...}. For example a small service in front of a bucket that
+    writes the object and returns a presigned GET URL."""
+    def upload(png):
+        try:
+            r = requests.post(url, data=png, headers={"Content-Type": "image/png"}, timeout=timeout)
+        except requests.RequestException as e:
+            raise SearchError(f"image upload failed ({type(e).__name__})") from None
+        if r.status_code != 200:
+            raise SearchError(f"image upload: HTTP {r.status_code}: {_detail(r.text)}")
+        text = r.text.strip()[:2048]
+        try:
+            text = json.loads(text)["url"] if text.startswith("{") else text
+        except (ValueError, KeyError, TypeError):
+            raise SearchError('image upload: the reply is neither a URL nor JSON {"url": ...}') from None
+        if not isinstance(text, str) or not re.match(r"https?://\S+$", text):
+            raise SearchError(f"image upload: the reply is not an http(s) URL: {_detail(text, limit=80)}")
+        return text
+    return upload
+
+
 class SerpApiLens(SerpApiTextSearch):
     """Google Lens (visual matches) through SerpAPI.
 
@@ -1200,14 +1223,14 @@ class Tools:
 
 
 def make_tools(data_dir="data", backend="local", cache=None, cache_mode="rw", grounder=None, server_url=None,
-               upload_fn=None, timeout=10.0, **kw):
+               upload_fn=None, lens_upload_url=None, timeout=10.0, **kw):
     """The one factory every script uses.
 
     backend: "local" (data_dir/corpus.jsonl and data_dir/image_index.jsonl), "http" (server_url,
     a `python tools.py serve`), "searchr1" (server_url: a Search-R1 /retrieve address; text only,
-    images through data_dir's local index), "serpapi" (SERPAPI_API_KEY; image search needs `upload_fn`, see
-    SerpApiLens); `timeout` is per connection attempt and per read, and a whole call, retries
-    included, has a deadline and a byte cap (see _request_json). cache: a SQLite path (or a
+    images through data_dir's local index), "serpapi" (SERPAPI_API_KEY; image search needs `upload_fn`
+    or `lens_upload_url`, see SerpApiLens and upload_to); `timeout` is per connection attempt and
+    per read, and a whole call, retries included, has a deadline and a byte cap (see _request_json). cache: a SQLite path (or a
     SearchCache) used in `cache_mode`. grounder: a local GroundingDINO folder or any object with
     ground(image, expression). Other keywords (topk, max_calls, max_img_search, attach, summarizer,
     snippet_words) go to Tools.
@@ -1228,10 +1251,12 @@ def make_tools(data_dir="data", backend="local", cache=None, cache_mode="rw", gr
         if image_backend is None:
             warnings.warn(f"searchr1 backend: no {data_dir}/image_index.jsonl, image search is off")
     elif backend == "serpapi":
+        upload_fn = upload_fn or (upload_to(lens_upload_url, timeout) if lens_upload_url else None)
         text_backend = SerpApiTextSearch(timeout=timeout)
         image_backend = SerpApiLens(upload_fn, timeout=timeout) if upload_fn else None
         if image_backend is None:
-            warnings.warn("serpapi backend without upload_fn: image search is off (Google Lens needs an image URL)")
+            warnings.warn("serpapi backend without upload_fn or lens_upload_url: image search is off "
+                          "(Google Lens needs an image URL)")
     else:
         raise ValueError(f"unknown backend {backend!r}: use local, http, searchr1 or serpapi")
     if isinstance(cache, (str, os.PathLike)):

@@ -515,6 +515,28 @@ def test_searchr1_protocol_both_ways():
             T.SearchR1TextSearch(url, retries=0).search("q", 3)
 
 
+def test_lens_upload_url_publishes_the_crop():
+    seen = []
+
+    def reply_with(body):
+        def reply(h):
+            seen.append((h.headers["Content-Type"], h.headers["Content-Length"]))
+            data = body.encode()
+            h.send_response(200)
+            h.send_header("Content-Length", str(len(data)))
+            h.end_headers()
+            h.wfile.write(data)
+        return reply
+    for body in ('{"url": "https://img.example.org/c1.png"}', "https://img.example.org/c1.png\n"):
+        with raw_server(reply_with(body)) as url:
+            assert T.upload_to(url)(b"PNGBYTES") == "https://img.example.org/c1.png"
+    assert seen == [("image/png", "8")] * 2
+    with raw_server(reply_with('{"url": "file:///etc/passwd"}')) as url:
+        with pytest.raises(T.SearchError, match="not an http"):
+            T.upload_to(url)(b"x")
+    assert isinstance(T.make_tools(backend="serpapi", lens_upload_url="http://127.0.0.1:9/").image_backend, T.SerpApiLens)
+
+
 def test_http_retries_429_and_5xx_then_succeeds():
     replies = iter([(429, {"error": "slow down"}), (503, {"error": "busy"}), (200, {"results": [{"id": "x"}]})])
     with json_server(lambda *request: next(replies)) as url:
