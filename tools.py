@@ -4,6 +4,9 @@ Everything the policy touches between two generations lives here, so that SFT da
 RL rewards and evaluation all agree on one parser and one set of prompts.
 
     python tools.py serve --data data --host 127.0.0.1 --port 8765   # share one search service
+    python tools.py index photos/ --encoder models/siglip --out idx/photos   # CLIP / SigLIP image index
+    python tools.py index corpus.jsonl --encoder models/e5 --out idx/wiki \
+        --query_prefix "query: " --passage_prefix "passage: "         # dense text index (e5 / BGE)
     python tools.py --bench                                           # BM25 build time, queries/s
 
 An assistant turn is `<reason>...</reason>` and then exactly one action, at the very end:
@@ -20,8 +23,10 @@ tells the model what went wrong; nothing raises into the rollout.
 
 Backends: `local` (BM25 over corpus.jsonl, nearest neighbours over image_index.jsonl; offline,
 deterministic), `http` (our JSON protocol, served by `python tools.py serve`), `serpapi` (Google
-web search and Google Lens; key from SERPAPI_API_KEY). Any of them sits behind `SearchCache`.
-This file never imports torch: only the optional GroundingDINO grounder does, when it is built.
+web search and Google Lens; key from SERPAPI_API_KEY), `searchr1` (a Search-R1 /retrieve server).
+Dense indexes built by `python tools.py index` (CLIP / SigLIP images, e5 / BGE texts) replace the
+search of their kind in any backend. Any of them sits behind `SearchCache`. This file never
+imports torch: only the optional model-backed parts (GroundingDINO, the encoders) do, when built.
 """
 
 import argparse
@@ -35,6 +40,7 @@ import json
 import math
 import os
 import re
+import shutil
 import socket
 import sqlite3
 import threading
@@ -48,6 +54,7 @@ import numpy as np
 import requests
 import urllib3
 from PIL import Image
+from tqdm import tqdm
 
 # ---------------------------------------------------------------------------------------------
 # JSONL files
@@ -82,19 +89,25 @@ def read_jsonl(path, strict=False, required=(), check=None):
     return rows
 
 
-def write_jsonl(path, rows):
-    """Write rows atomically (temporary file + rename): readers never see half a file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
+@contextlib.contextmanager
+def atomic_path(path):
+    """A temporary path beside `path` that replaces it once the block succeeds: readers (and a run
+    resumed after a kill) never see half a file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        yield tmp
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def write_jsonl(path, rows):
+    """Write rows atomically."""
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def check_question(row):
@@ -602,6 +615,244 @@ class LocalImageIndex:
             }
             for i in best
         ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Dense retrieval: CLIP / SigLIP image search, e5 / BGE text search (`python tools.py index`)
+# ---------------------------------------------------------------------------------------------
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+INDEX_PART = 1024  # rows per resumable part of an index build: a kill loses at most this much work
+
+
+def _weights_signature(model_dir):
+    """config.json and the weight files' names and sizes: tells one checkpoint from another."""
+    names = sorted(f for f in os.listdir(model_dir) if f.endswith((".safetensors", ".bin", ".json")))
+    sizes = [(f, os.path.getsize(os.path.join(model_dir, f))) for f in names]
+    with open(os.path.join(model_dir, "config.json"), "rb") as f:
+        return hashlib.sha256(f.read() + json.dumps(sizes).encode()).hexdigest()
+
+
+def _card_pooling(model_dir):
+    """The pooling a sentence-transformers folder declares (1_Pooling/config.json): "cls" for BGE,
+    "mean" for e5 and most others; "mean" when the folder does not say."""
+    path = os.path.join(model_dir, "1_Pooling", "config.json")
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            if json.load(f).get("pooling_mode_cls_token"):
+                return "cls"
+    return "mean"
+
+
+def _pil_image_processor(model_dir):
+    """The checkpoint's image processor, in its PIL flavour (transformers' default one needs torchvision)."""
+    import transformers
+
+    with open(os.path.join(model_dir, "preprocessor_config.json"), encoding="utf-8") as f:
+        config = json.load(f)
+    name = config.get("image_processor_type") or config.get("feature_extractor_type", "")
+    name = name.replace("FeatureExtractor", "ImageProcessor").removesuffix("Fast")
+    cls = getattr(transformers, name + "Pil", None)
+    if cls is None:
+        raise ValueError(f"{model_dir}/preprocessor_config.json: no PIL image processor for {name!r}")
+    return cls.from_pretrained(model_dir)
+
+
+class Encoder:
+    """Unit-length float32 embeddings from a local transformers checkpoint.
+
+    A dual encoder (CLIP, SigLIP: the model has get_image_features) embeds images and texts into one
+    space, so text can search images too; any other model (e5, BGE: BERT-style) embeds texts, pooled
+    by `pooling` ("mean" over the attention mask, or "cls"; default: what the folder's
+    1_Pooling/config.json says). torch and transformers are imported here, as for the grounder.
+    """
+
+    def __init__(self, model_dir, device=None, pooling=None):
+        import torch
+        from transformers import AutoModel, AutoTokenizer
+
+        if not os.path.isfile(os.path.join(model_dir, "config.json")):
+            raise FileNotFoundError(f"encoder folder {model_dir!r} has no config.json")
+        self._torch = torch
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = AutoModel.from_pretrained(model_dir).to(self.device).eval()
+        self.dual = hasattr(self.model, "get_image_features")
+        self.processor = _pil_image_processor(model_dir) if self.dual else None
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.pooling = pooling or _card_pooling(model_dir)
+        if self.pooling not in ("mean", "cls"):
+            raise ValueError(f"pooling must be 'mean' or 'cls', got {self.pooling!r}")
+        config = getattr(self.model.config, "text_config", self.model.config)
+        self.max_length = min(self.tokenizer.model_max_length, getattr(config, "max_position_embeddings", 512))
+        # SigLIP was trained on texts padded to max_length, and scores them only that way.
+        self.pad = "max_length" if self.model.config.model_type.startswith("siglip") else True
+
+    def embed(self, items, prefix=""):
+        """(len(items), D) float32 rows of unit length, for a list of all PIL images or all strings."""
+        torch = self._torch
+        with torch.inference_mode():
+            if isinstance(items[0], Image.Image):
+                if not self.dual:
+                    raise SearchError("this index's encoder embeds text only")
+                pixels = self.processor(images=[_rgb(image) for image in items], return_tensors="pt")["pixel_values"]
+                features = self.model.get_image_features(pixel_values=pixels.to(self.device))
+            else:
+                tokens = self.tokenizer([prefix + text for text in items], padding=self.pad, truncation=True,
+                                        max_length=self.max_length, return_tensors="pt").to(self.device)
+                if self.dual:
+                    keys = ("input_ids", "attention_mask")
+                    features = self.model.get_text_features(**{k: v for k, v in tokens.items() if k in keys})
+                else:
+                    hidden = self.model(**tokens).last_hidden_state  # (B, T, H)
+                    mask = tokens["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+                    features = hidden[:, 0] if self.pooling == "cls" else (hidden * mask).sum(1) / mask.sum(1)
+            features = getattr(features, "pooler_output", features).float()  # transformers 5 returns an output object
+            return torch.nn.functional.normalize(features, dim=-1).cpu().numpy()
+
+
+def index_rows(source):
+    """(rows, base_dir) to index. A folder: its images, recursively, sorted, id the relative path
+    and title the file name. A JSONL: image-index rows {"id","image","title","text","url"}, or corpus
+    rows {"id","title","text","url"} when the first row has no "image"; paths relative to the file."""
+    if os.path.isdir(source):
+        base = os.path.abspath(source)
+        paths = sorted(os.path.relpath(os.path.join(folder, name), base)
+                       for folder, _, names in os.walk(base) for name in names if name.lower().endswith(IMAGE_SUFFIXES))
+        rows = [{"id": p, "image": p, "title": os.path.splitext(os.path.basename(p))[0].replace("_", " "),
+                 "text": "", "url": ""} for p in paths]
+        return rows, base
+    rows = read_jsonl(source, required=("id",))
+    if rows and "image" in rows[0]:
+        kept = [r for r in rows if isinstance(r.get("image"), str)]
+        if len(kept) < len(rows):
+            warnings.warn(f"{source}: {len(rows) - len(kept)} row(s) without an image path skipped")
+        rows = kept
+    return [{**r, "id": str(r["id"])} for r in rows], os.path.dirname(os.path.abspath(source))
+
+
+def _load_images(rows, base_dir):
+    """The rows' images (None where one cannot be read: it is warned about and left out of the index)."""
+    images = []
+    for row in rows:
+        path = os.path.join(base_dir, row["image"])
+        try:
+            with Image.open(path) as image:
+                image.draft("RGB", (1024, 1024))  # JPEG decodes at a fraction of its size: encoders see ~224 px
+                images.append(_rgb(image))
+        except Exception as e:  # a corrupt, truncated or huge file must not end a build of hours
+            warnings.warn(f"index: row {row['id']!r}: cannot read {path}: {type(e).__name__}: {e} (left out)")
+            images.append(None)
+    return images
+
+
+def _embed_rows(encoder, rows, kind, base_dir, prefix, batch_size):
+    """(len(rows), D) float32; a row whose image cannot be read is NaN (left out when the index is written)."""
+    out = []
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start : start + batch_size]
+        if kind == "text":
+            out.append(encoder.embed([f"{r.get('title', '')}\n{r.get('text', '')}".strip() for r in batch], prefix))
+            continue
+        images = _load_images(batch, base_dir)
+        vectors = encoder.embed([image or Image.new("RGB", (8, 8)) for image in images])  # keeps the batch's shape
+        vectors[[image is None for image in images]] = np.nan
+        out.append(vectors)
+    return np.concatenate(out)
+
+
+def build_index(source, encoder_dir, out, *, batch_size=32, query_prefix="", passage_prefix="", pooling=None,
+                device=None, part_size=INDEX_PART, progress=True):
+    """Embed `source` (see index_rows) with the encoder into the folder `out`: rows.jsonl,
+    embeddings.npy (N, D) float32 of unit rows, and index.json, written last (its presence means
+    complete). Resumable: every `part_size` rows are saved atomically under out/parts/, and running
+    the same command again continues from the last saved part. Returns index.json's contents."""
+    rows, base_dir = index_rows(source)
+    if not rows:
+        raise ValueError(f"{source}: nothing to index")
+    kind = "image" if "image" in rows[0] else "text"
+    encoder = Encoder(encoder_dir, device, pooling)
+    if kind == "image" and not encoder.dual:
+        raise ValueError(f"{encoder_dir} embeds text only: image indexes need a CLIP / SigLIP checkpoint")
+    plan = {"kind": kind, "encoder": os.path.abspath(encoder_dir), "encoder_signature": _weights_signature(encoder_dir),
+            "pooling": encoder.pooling, "query_prefix": query_prefix, "passage_prefix": passage_prefix,
+            "base_dir": base_dir, "part_size": part_size}
+    digest = hashlib.sha256(json.dumps(plan, sort_keys=True).encode())
+    for row in rows:  # row by row: a corpus of millions is never one string
+        digest.update(json.dumps(row, sort_keys=True).encode())
+    plan["digest"] = digest.hexdigest()
+    meta_path, parts = os.path.join(out, "index.json"), os.path.join(out, "parts")
+    plan_path = os.path.join(parts, "plan.json")
+    for path in (meta_path, plan_path):
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                if json.load(f).get("digest") != plan["digest"]:
+                    raise ValueError(f"{out} holds an index of another input, encoder or settings: "
+                                     f"remove it or choose another folder")
+            if path == meta_path:
+                print(f"{out}: up to date", flush=True)
+                with open(meta_path, encoding="utf-8") as f:
+                    return json.load(f)
+    with atomic_path(plan_path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        json.dump(plan, f)
+    starts = range(0, len(rows), part_size)
+    part = lambda start: os.path.join(parts, f"{start // part_size:06d}.npy")  # noqa: E731
+    todo = [s for s in starts if not os.path.exists(part(s))]
+    bar = tqdm(total=len(rows), initial=len(rows) - sum(len(rows[s : s + part_size]) for s in todo),
+               desc=f"index {kind}s", unit=kind, disable=not progress)
+    for start in todo:
+        vectors = _embed_rows(encoder, rows[start : start + part_size], kind, base_dir, passage_prefix, batch_size)
+        with atomic_path(part(start)) as tmp, open(tmp, "wb") as f:
+            np.save(f, vectors)
+        bar.update(len(vectors))
+    bar.close()
+    matrix = np.concatenate([np.load(part(s)) for s in starts])  # (N, D)
+    keep = ~np.isnan(matrix).any(axis=1)
+    meta = {**plan, "count": int(keep.sum()), "dim": int(matrix.shape[1]),
+            "left_out": [rows[i]["id"] for i in np.flatnonzero(~keep)]}
+    write_jsonl(os.path.join(out, "rows.jsonl"), [row for row, k in zip(rows, keep) if k])
+    with atomic_path(os.path.join(out, "embeddings.npy")) as tmp, open(tmp, "wb") as f:
+        np.save(f, np.ascontiguousarray(matrix[keep]))
+    with atomic_path(meta_path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        json.dump(meta, f, indent=1)
+    shutil.rmtree(parts)
+    return meta
+
+
+class DenseIndex:
+    """Cosine top-k over a folder written by build_index. Queries are PIL images (an image index,
+    through a CLIP / SigLIP encoder) or strings (any index whose encoder has a text tower: a text
+    query over an image index is text-to-image search). Results are the rows' {id, title, text,
+    url[, image]} and a score, like the local backends'."""
+
+    def __init__(self, folder, device=None):
+        meta_path = os.path.join(folder, "index.json")
+        if not os.path.exists(meta_path):
+            resume = " (a build was interrupted: run it again to resume)" if os.path.isdir(os.path.join(folder, "parts")) else ""
+            raise FileNotFoundError(f"{folder}: no index.json: build it with `python tools.py index`{resume}")
+        with open(meta_path, encoding="utf-8") as f:
+            self.meta = json.load(f)
+        if _weights_signature(self.meta["encoder"]) != self.meta["encoder_signature"]:
+            raise ValueError(f"{folder}: the encoder at {self.meta['encoder']} is not the one this index was "
+                             f"built with: rebuild the index")
+        self.rows = read_jsonl(os.path.join(folder, "rows.jsonl"), strict=True)
+        self.matrix = np.load(os.path.join(folder, "embeddings.npy"), mmap_mode="r")  # (N, D)
+        if self.matrix.shape != (len(self.rows), self.meta["dim"]):
+            raise ValueError(f"{folder}: embeddings.npy is {self.matrix.shape}, rows.jsonl has {len(self.rows)} rows")
+        self.encoder = Encoder(self.meta["encoder"], device, self.meta["pooling"])
+        self.name = "dense-" + self.meta["digest"][:12]  # the cache key: a rebuilt index is a new backend
+        self._lock = threading.Lock()  # one encoder forward at a time when the server's threads share it
+
+    def search(self, query, k=3):
+        if not self.rows or k <= 0:
+            return []
+        prefix = self.meta["query_prefix"] if isinstance(query, str) else ""
+        with self._lock:
+            vector = self.encoder.embed([query], prefix)[0]  # (D,)
+        scores = self.matrix @ vector  # (N,)
+        top = np.argpartition(-scores, k - 1)[:k] if k < len(scores) else np.arange(len(scores))
+        top = top[np.lexsort((top, -scores[top]))]  # best first; ties go to the earlier row
+        fields = ("id", "title", "text", "url", "image")
+        return [{**{f: self.rows[i][f] for f in fields if f in self.rows[i]}, "score": float(scores[i])} for i in top]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1223,20 +1474,25 @@ class Tools:
 
 
 def make_tools(data_dir="data", backend="local", cache=None, cache_mode="rw", grounder=None, server_url=None,
-               upload_fn=None, lens_upload_url=None, timeout=10.0, **kw):
+               upload_fn=None, lens_upload_url=None, text_index=None, image_index=None, timeout=10.0, **kw):
     """The one factory every script uses.
 
     backend: "local" (data_dir/corpus.jsonl and data_dir/image_index.jsonl), "http" (server_url,
     a `python tools.py serve`), "searchr1" (server_url: a Search-R1 /retrieve address; text only,
     images through data_dir's local index), "serpapi" (SERPAPI_API_KEY; image search needs `upload_fn`
     or `lens_upload_url`, see SerpApiLens and upload_to); `timeout` is per connection attempt and
-    per read, and a whole call, retries included, has a deadline and a byte cap (see _request_json). cache: a SQLite path (or a
+    per read, and a whole call, retries included, has a deadline and a byte cap (see _request_json).
+    text_index / image_index: folders built by `python tools.py index` (CLIP / SigLIP images, e5 /
+    BGE texts); each replaces the backend's search of its kind. cache: a SQLite path (or a
     SearchCache) used in `cache_mode`. grounder: a local GroundingDINO folder or any object with
     ground(image, expression). Other keywords (topk, max_calls, max_img_search, attach, summarizer,
     snippet_words) go to Tools.
     """
+    dense_text = DenseIndex(text_index) if text_index else None
+    dense_image = DenseIndex(image_index) if image_index else None
     if backend == "local":
-        text_backend, image_backend = _local_indexes(data_dir, need_both=True)
+        text_backend = dense_text or _local_index(data_dir, "text", required=True)
+        image_backend = dense_image or _local_index(data_dir, "image", required=True)
     elif backend == "http":
         if not server_url:
             raise ValueError("backend 'http' needs server_url (a `python tools.py serve` address)")
@@ -1246,19 +1502,19 @@ def make_tools(data_dir="data", backend="local", cache=None, cache_mode="rw", gr
             raise ValueError("backend 'searchr1' needs server_url (a Search-R1 /retrieve address)")
         # text only, like Search-R1's servers; images go to the local index when data_dir has one
         text_backend = SearchR1TextSearch(server_url, timeout)
-        index = os.path.join(data_dir, "image_index.jsonl")
-        image_backend = LocalImageIndex.from_jsonl(index) if os.path.exists(index) else None
+        image_backend = dense_image or _local_index(data_dir, "image", required=False)
         if image_backend is None:
             warnings.warn(f"searchr1 backend: no {data_dir}/image_index.jsonl, image search is off")
     elif backend == "serpapi":
         upload_fn = upload_fn or (upload_to(lens_upload_url, timeout) if lens_upload_url else None)
         text_backend = SerpApiTextSearch(timeout=timeout)
         image_backend = SerpApiLens(upload_fn, timeout=timeout) if upload_fn else None
-        if image_backend is None:
+        if image_backend is None and dense_image is None:
             warnings.warn("serpapi backend without upload_fn or lens_upload_url: image search is off "
                           "(Google Lens needs an image URL)")
     else:
         raise ValueError(f"unknown backend {backend!r}: use local, http, searchr1 or serpapi")
+    text_backend, image_backend = dense_text or text_backend, dense_image or image_backend
     if isinstance(cache, (str, os.PathLike)):
         cache = None if cache_mode == "off" else SearchCache(cache, cache_mode)
     elif cache is None and cache_mode == "replay":
@@ -1268,15 +1524,15 @@ def make_tools(data_dir="data", backend="local", cache=None, cache_mode="rw", gr
     return Tools(text_backend, image_backend, grounder=grounder, cache=cache, **kw)
 
 
-def _local_indexes(data_dir, need_both):
-    """(BM25Index | None, LocalImageIndex | None) from data_dir."""
-    paths = [os.path.join(data_dir, "corpus.jsonl"), os.path.join(data_dir, "image_index.jsonl")]
-    missing = [p for p in paths if not os.path.exists(p)]
-    if (need_both and missing) or len(missing) == 2:
-        raise FileNotFoundError(f"missing {', '.join(missing)} (run `python make_data.py` first)")
-    text = BM25Index.from_jsonl(paths[0]) if paths[0] not in missing else None
-    image = LocalImageIndex.from_jsonl(paths[1]) if paths[1] not in missing else None
-    return text, image
+def _local_index(data_dir, kind, required):
+    """BM25Index over data_dir/corpus.jsonl (kind "text") or LocalImageIndex over
+    data_dir/image_index.jsonl (kind "image"); None when the file is absent and not required."""
+    path = os.path.join(data_dir, "corpus.jsonl" if kind == "text" else "image_index.jsonl")
+    if not os.path.exists(path):
+        if required:
+            raise FileNotFoundError(f"missing {path} (run `python make_data.py` first, or give a {kind} index)")
+        return None
+    return (BM25Index if kind == "text" else LocalImageIndex).from_jsonl(path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1386,10 +1642,15 @@ class _SearchHandler(BaseHTTPRequestHandler):
         except _Refused as e:
             return self._reply(e.status, {"error": str(e)})
         scores = payload.get("return_scores") is True
+        try:
+            found = [self.server.text_index.search(q, k) for q in queries]
+        except Exception:
+            traceback.print_exc()
+            return self._reply(500, {"error": "search failed on the server"})
         result = []
-        for q in queries:
+        for hits in found:
             docs = []
-            for r in self.server.text_index.search(q, k):
+            for r in hits:
                 doc = {"id": r.get("id", ""), "contents": searchr1_contents(r.get("title", ""), r.get("text", ""))}
                 docs.append({"document": doc, "score": r.get("score", 0.0)} if scores else doc)
             result.append(docs)
@@ -1540,11 +1801,16 @@ def make_server(text_index, image_index, host="127.0.0.1", port=8765, *, timeout
     return _SearchServer((host, port), text_index, image_index, timeout, deadline, max_handlers)
 
 
-def serve(data_dir, host="127.0.0.1", port=8765, **limits):
-    text_index, image_index = _local_indexes(data_dir, need_both=False)
-    server = make_server(text_index, image_index, host, port, **limits)
-    kinds = [name for name, index in (("text", text_index), ("image", image_index)) if index is not None]
-    print(f"serving {' and '.join(kinds)} search over {data_dir} on http://{host}:{server.server_port}", flush=True)
+def serve(data_dir, host="127.0.0.1", port=8765, text_index=None, image_index=None, **limits):
+    """Serve search over data_dir's local indexes, or the dense index folders given instead."""
+    text = DenseIndex(text_index) if text_index else _local_index(data_dir, "text", required=False)
+    image = DenseIndex(image_index) if image_index else _local_index(data_dir, "image", required=False)
+    if text is None and image is None:
+        raise FileNotFoundError(f"nothing to serve: {data_dir} has no corpus.jsonl or image_index.jsonl")
+    server = make_server(text, image, host, port, **limits)
+    served = [(kind, index.name) for kind, index in (("text", text), ("image", image)) if index is not None]
+    print(f"serving {' and '.join(k for k, _ in served)} search ({', '.join(n for _, n in served)}) "
+          f"on http://{host}:{server.server_port}", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
@@ -1594,31 +1860,54 @@ def bench(n_docs=100_000, n_queries=2000, seed=0):
 
 
 def get_args(argv=None):
-    parser = argparse.ArgumentParser(description="Search tools: serve a local index, or benchmark BM25.")
+    parser = argparse.ArgumentParser(description="Search tools: build a dense index, serve indexes, or benchmark BM25.")
     parser.add_argument("--bench", action="store_true", help="time BM25 build and queries on a generated corpus")
-    parser.add_argument("--bench-docs", type=int, default=100_000, help="documents in the generated corpus")
+    parser.add_argument("--bench-docs", "--bench_docs", type=int, default=100_000, help="documents in the generated corpus")
     commands = parser.add_subparsers(dest="command")
-    server = commands.add_parser("serve", help="serve data/corpus.jsonl and data/image_index.jsonl over HTTP")
+    server = commands.add_parser("serve", help="serve data/corpus.jsonl and data/image_index.jsonl (or dense indexes) over HTTP")
     server.add_argument("--data", default="data", help="folder with corpus.jsonl and/or image_index.jsonl")
+    server.add_argument("--text_index", help="a `tools.py index` folder to serve for text search instead of BM25")
+    server.add_argument("--image_index", help="a `tools.py index` folder to serve for image search instead")
     server.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 exposes it to the network)")
     server.add_argument("--port", type=int, default=8765)
     server.add_argument("--timeout", type=float, default=HANDLER_TIMEOUT,
                         help="seconds one read or write on a connection may stall before it is dropped")
     server.add_argument("--deadline", type=float, default=REQUEST_DEADLINE,
                         help="seconds a connection may last in all (a trickling client is dropped)")
-    server.add_argument("--max-handlers", type=int, default=MAX_HANDLERS,
+    server.add_argument("--max-handlers", "--max_handlers", type=int, default=MAX_HANDLERS,
                         help="connections handled at once; more are answered 503 with Retry-After")
+    index = commands.add_parser("index", help="embed a folder of images or a JSONL with a local CLIP / SigLIP / "
+                                "e5 / BGE checkpoint (resumable: run it again after a kill)")
+    index.add_argument("source", help="a folder of images, an image index JSONL ({id, image, title, text, url}) "
+                       "or a corpus JSONL ({id, title, text, url})")
+    index.add_argument("--encoder", required=True, help="local checkpoint folder: CLIP or SigLIP for images "
+                       "(and text-to-image), any of them or e5 / BGE for texts")
+    index.add_argument("--out", required=True, help="index folder to write (rows.jsonl, embeddings.npy, index.json)")
+    index.add_argument("--batch_size", type=int, default=32)
+    index.add_argument("--pooling", choices=("mean", "cls"), default=None,
+                       help="text encoders: default is the folder's 1_Pooling/config.json (BGE: cls), else mean (e5)")
+    index.add_argument("--query_prefix", default="", help='put before every query, e.g. "query: " for e5')
+    index.add_argument("--passage_prefix", default="", help='put before every indexed text, e.g. "passage: " for e5')
+    index.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     args = parser.parse_args(argv)
     if args.command is None and not args.bench:
-        parser.error("give a command: serve, or --bench")
+        parser.error("give a command: index, serve, or --bench")
     return args
 
 
 def main(argv=None):
     args = get_args(argv)
     if args.command == "serve":
-        serve(args.data, args.host, args.port, timeout=args.timeout, deadline=args.deadline,
-              max_handlers=args.max_handlers)
+        serve(args.data, args.host, args.port, text_index=args.text_index, image_index=args.image_index,
+              timeout=args.timeout, deadline=args.deadline, max_handlers=args.max_handlers)
+    elif args.command == "index":
+        start = time.perf_counter()
+        meta = build_index(args.source, args.encoder, args.out, batch_size=args.batch_size, pooling=args.pooling,
+                           query_prefix=args.query_prefix, passage_prefix=args.passage_prefix, device=args.device)
+        size = sum(os.path.getsize(os.path.join(args.out, f)) for f in ("rows.jsonl", "embeddings.npy", "index.json"))
+        left_out = f"; {len(meta['left_out'])} unreadable left out" if meta["left_out"] else ""
+        print(f"{args.out}: {meta['count']:,} {meta['kind']}s x {meta['dim']} dims, {size / 2**20:.1f} MiB, "
+              f"{time.perf_counter() - start:.1f} s{left_out}", flush=True)
     else:
         bench(args.bench_docs)
 
