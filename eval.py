@@ -1250,11 +1250,7 @@ def _run_parser():
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     p.add_argument("--limit", type=int, default=0, help="first N questions of each file (0: all)")
     p.add_argument("--data", default=str(HERE / "data"), help="data folder of the local search index")
-    p.add_argument("--backend", default="local", choices=["local", "http", "searchr1", "serpapi"], help="search backend")
-    p.add_argument("--server_url", default=None, help="URL of `python tools.py serve` (backend http), or a "
-                   "Search-R1 /retrieve address (backend searchr1)")
-    p.add_argument("--lens_upload_url", default=None, help="backend serpapi: an endpoint of yours that takes "
-                   "a POSTed PNG and answers its public URL, for Google Lens (tools.upload_to)")
+    tools.add_search_args(p)
     p.add_argument("--cache", default=None, help="SQLite search cache file")
     p.add_argument("--cache_mode", default="rw", help="search cache mode (see tools.SearchCache)")
     p.add_argument("--max_turns", type=int, default=6)
@@ -1319,8 +1315,7 @@ def run(args):
     question_sets = {q: read_questions(q) for q in args.questions}  # bad input fails before any work
     ckpt = Path(args.ckpt) if args.ckpt else default_checkpoint()
     mdl, proc = M.load(ckpt, device=device, log=M.print0, max_pixels=args.max_pixels)
-    tl = tools.make_tools(args.data, backend=args.backend, cache=args.cache, cache_mode=args.cache_mode,
-                          server_url=args.server_url, lens_upload_url=args.lens_upload_url)
+    tl = tools.make_tools(args.data, cache=args.cache, cache_mode=args.cache_mode, **tools.search_options(args))
     judge = Judge(args.judge_url, args.judge_model, cache=args.judge_cache) if args.judge_url else None
     results, records = {}, []
     for path in args.questions:
@@ -1389,8 +1384,7 @@ def compare(args):
     import model as M
     qs = read_questions(args.questions[0])
     qs = qs[:args.limit] if args.limit else qs
-    tl = tools.make_tools(args.data, backend=args.backend, cache=args.cache, cache_mode=args.cache_mode,
-                          server_url=args.server_url, lens_upload_url=args.lens_upload_url)
+    tl = tools.make_tools(args.data, cache=args.cache, cache_mode=args.cache_mode, **tools.search_options(args))
     sft_ckpt, rl_ckpt = args.compare
     plan = [("Direct answer (SFT model, no search)", sft_ckpt, "direct"),
             ("RAG workflow (SFT model: whole-image search, then text search)", sft_ckpt, "rag"),

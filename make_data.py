@@ -1565,9 +1565,8 @@ def get_real_args(argv=None):
                    help="assistant turns; a conversation not answered by the last one is discarded")
     p.add_argument("--keep_refused", action="store_true",
                    help="keep conversations where the tools refused an action (second image search, bad box)")
-    p.add_argument("--backend", choices=("local", "http", "searchr1", "serpapi"), default="local")
+    tools.add_search_args(p)
     p.add_argument("--data", default="data", help="local backend: folder with corpus.jsonl and image_index.jsonl")
-    p.add_argument("--server_url", help="http backend: a `python tools.py serve` address")
     p.add_argument("--cache", help="SQLite search cache (default: <out>/search_cache.sqlite)")
     p.add_argument("--cache_mode", choices=("rw", "replay", "off"), default="rw")
     p.add_argument("--topk", type=int, default=3)
@@ -1599,9 +1598,9 @@ def build_real_context(args, out, meter):
     if args.summarizer_url:
         summarizer = CountingSummarizer(tools.ChatSummarizer(args.summarizer_url, args.summarizer_model or
                                                              args.teacher_model), meter)
-    tk = tools.make_tools(args.data, backend=args.backend, cache=args.cache or str(out / "search_cache.sqlite"),
-                          cache_mode=args.cache_mode, grounder=grounder, server_url=args.server_url,
-                          topk=args.topk, attach=args.attach, summarizer=summarizer)
+    tk = tools.make_tools(args.data, cache=args.cache or str(out / "search_cache.sqlite"), cache_mode=args.cache_mode,
+                          grounder=grounder, topk=args.topk, attach=args.attach, summarizer=summarizer,
+                          **tools.search_options(args))
     if tk.text_backend is not None:
         tk.text_backend = CountingBackend(tk.text_backend, meter, "text_search")
     if tk.image_backend is not None:

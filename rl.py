@@ -266,9 +266,7 @@ def get_args(argv=None):
     p.add_argument("--grad_ckpt", action="store_true", help="gradient checkpointing in the decoder blocks")
     p.add_argument("--precision", choices=sorted(M.PRECISIONS), default=None,
                    help="compute precision (default bf16 on CUDA, fp32 on CPU); masters are fp32")
-    p.add_argument("--backend", default="local", choices=("local", "http", "searchr1", "serpapi"), help="search backend")
-    p.add_argument("--server_url", default=None)
-    p.add_argument("--lens_upload_url", default=None, help="backend serpapi: where to POST a crop for Google Lens")
+    T.add_search_args(p)
     p.add_argument("--cache", default=None, help="SQLite search cache path")
     p.add_argument("--save_every", type=int, default=10)
     p.add_argument("--resume", action="store_true", help="continue the run in --out exactly (fresh if it has none)")
@@ -345,9 +343,8 @@ def main(argv=None):
         start, _ = M.load_train_state(out, optimizer, None, model=wrapped)
         log(f"resumed at step {start}")
     judge = E.Judge(args.judge_url, args.judge_model) if args.judge_url else None
-    tools = T.make_tools(args.data, backend=args.backend, server_url=args.server_url, cache=args.cache,
-                         lens_upload_url=args.lens_upload_url, max_calls=args.max_calls,
-                         max_img_search=args.max_img_search)
+    tools = T.make_tools(args.data, cache=args.cache, max_calls=args.max_calls, max_img_search=args.max_img_search,
+                         **T.search_options(args))
     log(f"{len(questions)} RL prompts; {args.batch} x G={args.group} per step on {world} rank(s) ({mode}); "
         f"{sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters "
         f"({', '.join(sorted({str(p.dtype) for p in params}))}); compute {dtype}; attention "

@@ -1524,6 +1524,25 @@ def make_tools(data_dir="data", backend="local", cache=None, cache_mode="rw", gr
     return Tools(text_backend, image_backend, grounder=grounder, cache=cache, **kw)
 
 
+BACKENDS = ("local", "http", "searchr1", "serpapi")
+
+
+def add_search_args(parser):
+    """The search flags that eval.py, rl.py and make_data.py share; search_options(args) reads them."""
+    g = parser.add_argument_group("search")
+    g.add_argument("--backend", default="local", choices=BACKENDS, help="search backend (see tools.make_tools)")
+    g.add_argument("--server_url", default=None, help="backend http: a `python tools.py serve` address; "
+                   "backend searchr1: a Search-R1 /retrieve address")
+    g.add_argument("--lens_upload_url", default=None, help="backend serpapi: an endpoint of yours that takes a "
+                   "POSTed PNG and answers its public URL, for Google Lens (tools.upload_to)")
+    g.add_argument("--text_index", default=None, help="a `python tools.py index` folder (e5 / BGE) for text search")
+    g.add_argument("--image_index", default=None, help="a `python tools.py index` folder (CLIP / SigLIP) for image search")
+
+
+def search_options(args):
+    return {k: getattr(args, k) for k in ("backend", "server_url", "lens_upload_url", "text_index", "image_index")}
+
+
 def _local_index(data_dir, kind, required):
     """BM25Index over data_dir/corpus.jsonl (kind "text") or LocalImageIndex over
     data_dir/image_index.jsonl (kind "image"); None when the file is absent and not required."""
@@ -1906,7 +1925,7 @@ def main(argv=None):
                            query_prefix=args.query_prefix, passage_prefix=args.passage_prefix, device=args.device)
         size = sum(os.path.getsize(os.path.join(args.out, f)) for f in ("rows.jsonl", "embeddings.npy", "index.json"))
         left_out = f"; {len(meta['left_out'])} unreadable left out" if meta["left_out"] else ""
-        print(f"{args.out}: {meta['count']:,} {meta['kind']}s x {meta['dim']} dims, {size / 2**20:.1f} MiB, "
+        print(f"{args.out}: {meta['count']:,} {meta['kind']}s x {meta['dim']} dims, {size / 1024:,.0f} KiB, "
               f"{time.perf_counter() - start:.1f} s{left_out}", flush=True)
     else:
         bench(args.bench_docs)

@@ -35,7 +35,8 @@ def colour_clip(folder):
     n = _tokenizer(folder, 16)
     config = CLIPConfig(
         text_config=dict(vocab_size=n, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
-                         max_position_embeddings=16),
+                         max_position_embeddings=16,
+                         pad_token_id=0, bos_token_id=2, eos_token_id=3),
         vision_config=dict(hidden_size=6, intermediate_size=12, num_hidden_layers=1, num_attention_heads=1,
                            image_size=32, patch_size=8),
         projection_dim=6)
@@ -69,7 +70,8 @@ def tiny_siglip(folder):
     n = _tokenizer(folder, 16)
     config = SiglipConfig(
         text_config=dict(vocab_size=n, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
-                         max_position_embeddings=16),
+                         max_position_embeddings=16,
+                         pad_token_id=0, bos_token_id=2, eos_token_id=3),
         vision_config=dict(hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
                            image_size=32, patch_size=8))
     torch.manual_seed(0)
