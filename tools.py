@@ -1903,6 +1903,8 @@ def get_args(argv=None):
                        "(and text-to-image), any of them or e5 / BGE for texts")
     index.add_argument("--out", required=True, help="index folder to write (rows.jsonl, embeddings.npy, index.json)")
     index.add_argument("--batch_size", type=int, default=32)
+    index.add_argument("--part_size", type=int, default=INDEX_PART,
+                       help="rows saved at a time: a kill loses at most this much work")
     index.add_argument("--pooling", choices=("mean", "cls"), default=None,
                        help="text encoders: default is the folder's 1_Pooling/config.json (BGE: cls), else mean (e5)")
     index.add_argument("--query_prefix", default="", help='put before every query, e.g. "query: " for e5')
@@ -1921,7 +1923,8 @@ def main(argv=None):
               timeout=args.timeout, deadline=args.deadline, max_handlers=args.max_handlers)
     elif args.command == "index":
         start = time.perf_counter()
-        meta = build_index(args.source, args.encoder, args.out, batch_size=args.batch_size, pooling=args.pooling,
+        meta = build_index(args.source, args.encoder, args.out, batch_size=args.batch_size,
+                           part_size=args.part_size, pooling=args.pooling,
                            query_prefix=args.query_prefix, passage_prefix=args.passage_prefix, device=args.device)
         size = sum(os.path.getsize(os.path.join(args.out, f)) for f in ("rows.jsonl", "embeddings.npy", "index.json"))
         left_out = f"; {len(meta['left_out'])} unreadable left out" if meta["left_out"] else ""

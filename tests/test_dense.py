@@ -153,3 +153,26 @@ def test_index_command_line(tmp_path, encoders):
     done = subprocess.run(cmd, capture_output=True, text=True, check=True)
     assert "4 images x 6 dims" in done.stdout, done.stdout + done.stderr
     assert "up to date" in subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+
+
+def test_index_command_resumes_after_kill_9(tmp_path, encoders):
+    import os
+    import signal
+    import time
+    folder = photos(tmp_path / "photos", n=160)
+    cmd = [sys.executable, str(ROOT / "tools.py"), "index", str(folder), "--encoder", encoders["clip"],
+           "--out", str(tmp_path / "idx"), "--batch_size", "2", "--part_size", "2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    parts = tmp_path / "idx" / "parts"
+    deadline = time.time() + 60
+    while proc.poll() is None and time.time() < deadline and len(list(parts.glob("*.npy"))) < 3:
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    if (tmp_path / "idx" / "index.json").exists():
+        pytest.skip("the build finished before the kill")
+    saved = len(list(parts.glob("*.npy")))
+    subprocess.run(cmd, check=True, capture_output=True)
+    T.build_index(str(folder), encoders["clip"], str(tmp_path / "fresh"), progress=False)
+    np.testing.assert_array_equal(np.load(tmp_path / "idx" / "embeddings.npy"), np.load(tmp_path / "fresh" / "embeddings.npy"))
+    assert saved >= 3 and T.read_jsonl(tmp_path / "idx" / "rows.jsonl") == T.read_jsonl(tmp_path / "fresh" / "rows.jsonl")
