@@ -487,8 +487,9 @@ def _text(x):
 
 
 def _listify(x):
-    """A gold field as a list of aliases: lists, numpy-ish arrays, '[...]' strings (JSON, or Python
-    literals), scalars."""
+    """A gold field as a flat list of aliases: lists, numpy-ish arrays, '[...]' strings (JSON, or Python
+    literals), scalars. Nested lists are flattened: Dyn-VQA's 202410 release groups its aliases as
+    [["M3系列"], ["M3", "M3 pro"]]."""
     if x is None:
         return []
     if isinstance(x, str):
@@ -500,10 +501,13 @@ def _listify(x):
                 except (ValueError, SyntaxError):
                     continue
                 if isinstance(v, (list, tuple)):
-                    return list(v)
+                    return _listify(list(v))
         return [s]
     if isinstance(x, (list, tuple)):
-        return list(x)
+        out = []
+        for item in x:
+            out.extend(_listify(item) if isinstance(item, (list, tuple)) or hasattr(item, "tolist") else [item])
+        return out
     if hasattr(x, "tolist"):
         return _listify(x.tolist())
     return [x]
@@ -535,17 +539,33 @@ class Images:
         self._index = None
 
     def _build(self):
+        # file name and stem -> every file so named: one benchmark can reuse a name in several folders
+        # (Dyn-VQA's four image_1.jpeg, LiveVQA Paper's x1.png per paper), which find tells apart
         self._index = {}
         if self.root is None:
             return
         if not self.root.is_dir():
             raise FileNotFoundError(f"--images {self.root}: not a folder")
-        for dirpath, _, files in os.walk(self.root):
+        for dirpath, dirnames, files in os.walk(self.root):
+            dirnames.sort()  # the same first match on every machine
             for f in sorted(files):
                 p = Path(dirpath) / f
                 if p.suffix.lower() in IMAGE_EXTS:
-                    self._index.setdefault(f.lower(), p)
-                    self._index.setdefault(p.stem.lower(), p)
+                    for key in {f.lower(), p.stem.lower()}:
+                        self._index.setdefault(key, []).append(p)
+
+    def _best(self, name, paths):
+        """Of the files sharing name's file name, the one whose folders match most of name's own
+        (a relative path or a URL's path); the first one if none does."""
+        want = [part.lower() for part in Path(name).parts[:-1]]
+
+        def shared(p):
+            have = [part.lower() for part in p.relative_to(self.root).parts[:-1]]
+            n = 0
+            while n < min(len(want), len(have)) and want[-1 - n] == have[-1 - n]:
+                n += 1
+            return n
+        return max(paths, key=shared)  # max keeps the first of equals
 
     def find(self, *names):
         """The first name that resolves to an image file, or None."""
@@ -556,12 +576,12 @@ class Images:
                 continue
             n = str(n).strip()
             if n.startswith(("http://", "https://")):
-                n = Path(urlparse(n).path).name
+                n = urlparse(n).path.lstrip("/")  # its folders tell same-named files apart
             if self.root is not None and (self.root / n).is_file():
                 return (self.root / n).resolve()
-            p = self._index.get(Path(n).name.lower()) or self._index.get(Path(n).stem.lower())
-            if p is not None:
-                return p.resolve()
+            paths = self._index.get(Path(n).name.lower()) or self._index.get(Path(n).stem.lower())
+            if paths:
+                return self._best(n, paths).resolve()
         return None
 
     def save(self, key, data):
@@ -637,9 +657,15 @@ def load_infoseek(srcs, images):
     """InfoSeek (Chen et al., 2023). --src: infoseek_val.jsonl / infoseek_test.jsonl / infoseek_human.jsonl,
     one object per line: {"data_id", "image_id", "question", "answer": [aliases], "answer_eval": [...],
     "data_split"}; answer_eval holds alias strings, or for numerical questions
-    [{"wikidata": 1.0, "range": [0.9, 1.1]}] (kept as the alias "0.9 - 1.1": a number inside it matches).
+    [{"wikidata": 1.0, "range": [0.9, 1.1]}] (or that dict alone, not in a list; kept as the alias
+    "0.9 - 1.1": a number inside it matches). The question types (entity, time, numerical) ship apart, in
+    infoseek_val_qtype.jsonl {"data_id", "question_type"}: read when it lies beside the --src file.
     --images: the OVEN/InfoSeek images, files named <image_id>.jpg (any sub-folder)."""
+    qtypes = {}
+
     def one(src, i, r):
+        if src not in qtypes:
+            qtypes[src] = _infoseek_qtypes(src)
         answers = _listify(r.get("answer"))
         for a in _listify(r.get("answer_eval")):
             if isinstance(a, dict):
@@ -652,9 +678,18 @@ def load_infoseek(srcs, images):
         return make_row("infoseek", r["data_id"], r["question"], answers,
                         images.find(r.get("image_id")), missing=r.get("image_id"),
                         image_id=r.get("image_id"), data_split=r.get("data_split"),
-                        question_type=r.get("question_type"))
+                        question_type=r.get("question_type") or qtypes[src].get(r["data_id"]))
 
     return _each_record(srcs, one)
+
+
+def _infoseek_qtypes(src):
+    """data_id -> question_type from <stem>_qtype.jsonl beside an InfoSeek file ({} when absent)."""
+    path = Path(src).with_name(f"{Path(src).stem}_qtype.jsonl")
+    if not path.is_file():
+        return {}
+    rows = [r for r in read_records(path) if isinstance(r, dict) and "data_id" in r]
+    return {r["data_id"]: r.get("question_type") for r in rows}
 
 
 def load_evqa(srcs, images):
@@ -663,7 +698,13 @@ def load_evqa(srcs, images):
     answer separated by '&&'), dataset_image_ids (up to 5 ids separated by '|'), dataset_name
     (inaturalist / landmarks), question_type (templated, automatic, multi_answer, 2_hop),
     wikipedia_url, encyclopedic_vqa_split. One question per row, with its first image found.
-    --images: the iNaturalist 2021 and Google Landmarks v2 images, files named <image id>.jpg."""
+    --images: the Google Landmarks v2 images (a/b/c/<image id>.jpg) and the iNaturalist 2021 images.
+    iNaturalist stores its images by UUID (val/<category>/<uuid>.jpg) while the csv names them by iNat's
+    numeric image id: give iNat 2021's val.json / train.json ({"images": [{"id", "file_name"}]}), or an
+    {id: file_name} JSON, as another --src to map them."""
+    questions = [s for s in srcs if Path(s).suffix.lower() != ".json"]
+    inat = _inat_files([s for s in srcs if Path(s).suffix.lower() == ".json"])
+
     def one(src, i, r):
         aliases = [a.strip() for a in str(r.get("answer", "")).split("|")]
         parts = None
@@ -671,14 +712,27 @@ def load_evqa(srcs, images):
             parts = [[p.strip() for p in a.split("&&") if p.strip()] for a in aliases]
             aliases = [", ".join(p) for p in parts]
         ids = [x.strip() for x in re.split(r"[|,;\s]+", str(r.get("dataset_image_ids", ""))) if x.strip()]
-        image = images.find(*ids)
+        image = images.find(*(inat.get(x, x) for x in ids))
         split = r.get("encyclopedic_vqa_split") or Path(src).stem
         return make_row("evqa", f"{split}-{i}", r["question"], aliases, image,
                         missing=ids[0] if ids else None, question_type=r.get("question_type"),
                         dataset_name=r.get("dataset_name"), wikipedia_url=r.get("wikipedia_url"),
                         image_ids=ids, answer_parts=parts)
 
-    return _each_record(srcs, one)
+    return _each_record(questions, one)
+
+
+def _inat_files(paths):
+    """iNaturalist image id (as text) -> file name, from iNat 2021 annotation files or {id: name} maps."""
+    files = {}
+    for path in paths:
+        data = read_records(path)
+        if isinstance(data, dict) and isinstance(data.get("images"), list):
+            data = {im["id"]: im["file_name"] for im in data["images"] if "id" in im and "file_name" in im}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected iNaturalist's {{\"images\": [...]}} or {{id: file_name}}")
+        files.update({str(k): str(v) for k, v in data.items()})
+    return files
 
 
 def load_simplevqa(srcs, images):
@@ -699,17 +753,24 @@ def load_simplevqa(srcs, images):
 
 
 def load_dynvqa(srcs, images):
-    """Dyn-VQA (Li et al., 2024; OmniSearch). --src: DynVQA_en.jsonl / DynVQA_zh.jsonl, one object per
-    line: {"image_url", "question", "question_id", "answer": [aliases, in both languages, may hold
-    numbers], "gloden_query" (sic)}. --images: the downloaded images, named as the last part of image_url
-    (e.g. image_1.jpeg)."""
+    """Dyn-VQA (Li et al., 2024; OmniSearch). --src: DynVQA_en.jsonl / DynVQA_zh.jsonl, or the dated
+    releases DynVQA_en.202406.jsonl ... (the same question_ids in each, so the date joins the id), one
+    object per line: {"image_url", "question", "question_id", "answer", "gloden_query" (sic; "golden_query"
+    from 202502)}. answer: aliases in both languages, may hold numbers, is null for some questions, and in
+    202410 is a list of alias groups [["M3系列"], ["M3", "M3 pro"]] (flattened; the groups kept in meta).
+    --images: the downloaded images, in the folders of their URLs' paths: the releases reuse a file name
+    in several folders (Timeqaextracted_images/image_1.jpeg, Freshqa_en_extracted_images/image_1.jpeg)."""
     def one(src, i, r):
         qid = r.get("question_id")
+        release = re.search(r"\.(\d{6})$", Path(src).stem)
         url = r.get("image_url") or r.get("image")
-        return make_row("dynvqa", qid, r["question"], _listify(r.get("answer")),
+        answer = r.get("answer")
+        groups = [_listify(g) for g in answer if isinstance(g, list)] if isinstance(answer, list) else []
+        return make_row("dynvqa", f"{release[1]}-{qid}" if release else qid, r["question"], _listify(answer),
                         images.find(url), missing=url, image_url=r.get("image_url"),
                         golden_query=r.get("gloden_query") or r.get("golden_query"),
-                        language="zh" if str(qid).startswith("zh") else "en")
+                        language="zh" if str(qid).startswith("zh") else "en",
+                        release=release[1] if release else None, answer_groups=groups or None)
 
     return _each_record(srcs, one)
 
@@ -723,12 +784,11 @@ def load_okvqa(srcs, images):
     "question_type", "answer_type"}]}. Aliases are the annotators' answers, most frequent first.
     --images: COCO val2014, files named COCO_val2014_<image_id, 12 digits>.jpg."""
     loaded = [read_records(s) for s in srcs]
-    if len(loaded) == 1:
-        sibling = sorted(Path(srcs[0]).parent.glob("*annotations*.json"))
-        if sibling:
-            loaded.append(read_records(sibling[0]))
     qfile = next((d for d in loaded if isinstance(d, dict) and "questions" in d), None)
     afile = next((d for d in loaded if isinstance(d, dict) and "annotations" in d), None)
+    if len(loaded) == 1 and qfile is not None and afile is None:
+        sibling = _okvqa_annotations(Path(srcs[0]).parent, qfile.get("data_subtype"))
+        afile = read_records(sibling) if sibling else None
     if qfile is None or afile is None:
         raise ValueError("okvqa needs the questions JSON and the annotations JSON (give both as --src)")
     subtype = qfile.get("data_subtype") or afile.get("data_subtype") or "val2014"
@@ -744,6 +804,13 @@ def load_okvqa(srcs, images):
                         answer_type=a.get("answer_type"))
 
     return _each(qfile["questions"], one, srcs[0])
+
+
+def _okvqa_annotations(folder, subtype):
+    """The *annotations*.json in folder for the questions' split: the release ships train2014 and val2014
+    side by side, and the first by name (train) would leave every val question without answers."""
+    found = sorted(folder.glob("*annotations*.json"))
+    return next((f for f in found if subtype and subtype in f.name), found[0] if found else None)
 
 
 def load_aokvqa(srcs, images):
@@ -790,7 +857,7 @@ def _mmsearch_r1_row(bench, r, i, images):
         except (ValueError, SyntaxError):
             rm = {"ground_truth": rm}
     answers = _listify(rm.get("ground_truth")) + _listify(rm.get("candidate_answers"))
-    qid = r.get("data_id", i)
+    qid = r["data_id"] if r.get("data_id") is not None else i
     question = r.get("question") or _user_text(r.get("prompt", ""))
     img_field = r.get("images") if r.get("images") is not None else r.get("image")
     category = r.get("category")
@@ -802,11 +869,19 @@ def _mmsearch_r1_row(bench, r, i, images):
 
 def load_fvqa(srcs, images):
     """FVQA (MMSearch-R1, Wu et al., 2025). --src: fvqa_test.parquet (pyarrow) or the same rows exported
-    to JSON / JSONL: {"data_id", "prompt": [{"role": "user", "content": "<image>...question..."}],
-    "images": [{"bytes": ..., "path": ...}], "reward_model": {"ground_truth", "candidate_answers"},
-    "category": "search_required" | "search_free", "data_source"}. Images are embedded (written next to
-    --out); a path-only image is looked up under --images."""
-    return _each_record(srcs, lambda src, i, r: _mmsearch_r1_row("fvqa", r, i, images))
+    to JSON / JSONL: {"data_id", "prompt": [{"role": "user", "content": "...question..."}],
+    "images": [{"bytes": ..., "path": None}], "reward_model": {"ground_truth", "candidate_answers": a JSON
+    list as text, "style"}, "category": "search_required" | "search_free", "data_source", "image_urls"
+    (null)}. MMSearch-R1's mini_data.pq has no data_id and no category: ids then come from the file name
+    and row number. Images are embedded (written next to --out); a path-only image is looked up under
+    --images."""
+    return _each_record(srcs, lambda src, i, r: _mmsearch_r1_row("fvqa", r, _row_id(src, i), images))
+
+
+def _row_id(src, i):
+    """The id of a row with no id of its own: MMSearch-R1's mini_data.pq has no data_id column, and two
+    such files converted together must not share "0", "1", ..."""
+    return f"{Path(src).stem}_{i}"
 
 
 def load_livevqa(srcs, images):
@@ -814,10 +889,11 @@ def load_livevqa(srcs, images):
     (the FVQA layout, see load_fvqa), or LiveVQA's own benchmark.json: a list of {"id", "img_path",
     "level1_qa": {"question", "Ground_Truth_List", ...}, "level2_qa": {...}, "source", "time"} (one question
     per level), or rows {"sample_id", "query", "gt_answer", "image"}. --images: the LiveVQA images
-    (News_imgs/, ...), found by file name."""
+    (News/News_imgs/, Video/Video_images/, Paper/Paper_images/<arxiv id>/x1.png: Paper reuses x1.png,
+    x2.png in each paper's folder, so img_path's folder picks the file)."""
     def one(src, i, r):
         if "reward_model" in r or "prompt" in r:
-            return _mmsearch_r1_row("livevqa", r, i, images)
+            return _mmsearch_r1_row("livevqa", r, _row_id(src, i), images)
         if "level1_qa" in r:  # one question per level
             rows = []
             for level in ("level1_qa", "level2_qa"):
