@@ -859,11 +859,12 @@ def wrap(model, mode="ddp", device=None, dtype=torch.float32):
         return root
     device = torch.device(device or next(model.parameters()).device)
     if mode == "ddp":
-        # a text-only micro-batch leaves a trainable vision tower without gradients, which DDP
-        # treats as an error unless told to look for unused parameters
-        unused = any(p.requires_grad for p in model.model.visual.parameters())
+        # Every trainable parameter gets a gradient on every micro-batch (LogProbs gives a text-only
+        # one's vision tower zero ones), so DDP needs no search for unused parameters, and forwards
+        # need no buffer broadcast (the rotary tables are constants): the only collectives are the
+        # backward's gradient all-reduces, which every rank runs in the same order.
         return DistributedDataParallel(root, device_ids=[device.index] if device.type == "cuda" else None,
-                                       find_unused_parameters=unused)
+                                       find_unused_parameters=False, broadcast_buffers=False)
     if mode == "fsdp":
         mesh = init_device_mesh(device.type, (dist.get_world_size(),))
         mp = MixedPrecisionPolicy(param_dtype=None if dtype == torch.float32 else dtype, reduce_dtype=torch.float32)

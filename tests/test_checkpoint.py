@@ -196,7 +196,7 @@ def test_kill_9_at_random_moments_then_resume_equals_unbroken(tiny_dir, tmp_path
     else:
         d = write_world(tmp_path)
         def cmd(out):
-            return [sys.executable, str(ROOT / "tests" / "rl_entry.py"), "--ckpt", str(tiny_dir), "--data", str(d),
+            return [sys.executable, str(ROOT / "tests" / "dist_entry.py"), "rl", "--ckpt", str(tiny_dir), "--data", str(d),
                     "--out", str(out), "--steps", "8", "--batch", "2", "--group", "2", "--mini_batch", "2",
                     "--max_turns", "2", "--max_new_tokens", "6", "--save_every", "1", "--lr", "1e-3", "--threads", "1"]
         cut = "| tok/s"

@@ -19,7 +19,7 @@ import rollout as R
 import sft
 import tools as T
 from tests.conftest import write_world
-from tests.rl_entry import token_reward
+from tests.dist_entry import token_reward
 from tests.test_sft import write_sft
 
 # The real ids of the added tokens, in order: model.SPECIAL_TOKENS then the eight non-special ones.

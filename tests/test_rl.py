@@ -13,7 +13,7 @@ import rl
 import rollout as R
 import tools as T
 from tests.conftest import write_world
-from tests.rl_entry import token_reward
+from tests.dist_entry import token_reward
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -158,9 +158,9 @@ def test_bf16_keeps_fp32_masters_so_small_updates_land(tiny_dir, tmp_path, monke
 
 def _torchrun_rl(*args):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "tests" / "rl_entry.py"), *args]
+           str(ROOT / "tests" / "dist_entry.py"), "rl", *args]
     p = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-12000:]  # a hang: the watchdog's stacks
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])

@@ -253,10 +253,10 @@ def one_process(tiny_dir, tmp_path_factory):
 
 def torchrun2(tiny_dir, path, out, *extra):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "sft.py"), *common(tiny_dir, path, out, *DIST_ARGS, *extra)]
-    p = subprocess.run(cmd, cwd=out.parent, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
-                       text=True, timeout=180)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+           str(ROOT / "tests" / "dist_entry.py"), "sft", *common(tiny_dir, path, out, *DIST_ARGS, *extra)]
+    p = subprocess.run(cmd, cwd=out.parent, env=dict(os.environ, OMP_NUM_THREADS="1", WATCHDOG_S="150"),
+                       capture_output=True, text=True, timeout=180)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-12000:]  # a hang: the watchdog's stacks
 
 
 def assert_same_run(out, losses, weights):
