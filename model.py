@@ -462,7 +462,137 @@ def collate(items, processor, extra_keys=()):
 
 
 def to_device(batch, device):
-    return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+    return {k: to_device(v, device) if isinstance(v, dict) else v.to(device) if hasattr(v, "to") else v
+            for k, v in batch.items()}
+
+
+# ----------------------------------------------------------------------------- shared-prompt forward
+
+SHARED_ATTN = "shared_prompt"
+
+
+class SharedPrompt:
+    """What the text decoder gets for its mask in a `collate_shared` forward: rows [0, n) hold the
+    distinct prompts, rows [n, n + m) the continuations, all right-padded to T. Continuation i
+    attends to the first plen[group[i]] keys of prompt row group[i], then causally to itself; a
+    prompt row attends causally (its padding comes after every real key)."""
+
+    def __init__(self, n, group, plen, T, device=None):
+        keys = torch.arange(T, device=device)
+        causal = keys[None, :] <= keys[:, None]  # (T, T)
+        self.n, self.group, self.plen, self.T = n, group.to(device), plen.to(device), T
+        self.prompt_mask = causal.expand(n, 1, T, T)
+        m = len(group)
+        see_prompt = (keys[None, :] < self.plen[self.group][:, None])[:, None, None, :]  # (m, 1, 1, T)
+        self.cont_mask = torch.cat([see_prompt.expand(m, 1, T, T), causal.expand(m, 1, T, T)], -1)  # (m, 1, T, 2T)
+
+    def to(self, device):
+        return SharedPrompt(self.n, self.group, self.plen, self.T, device)
+
+
+def shared_prompt_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """The text decoder's attention once `use_shared_prompt_attention` is on. With a SharedPrompt
+    layout: query (n + m, H, T, d), key/value (n + m, KV, T, d); each continuation's keys are its
+    prompt row's followed by its own, so the prompt is computed once for the group and gradients
+    from every continuation flow back into it. Any other mask: transformers' SDPA."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    lay = attention_mask
+    if not isinstance(lay, SharedPrompt):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
+                                      dropout=dropout, **kwargs)
+    n, gqa = lay.n, key.shape[1] != query.shape[1]
+
+    def attend(q, k, v, mask):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=gqa)
+
+    out = attend(query[:n], key[:n], value[:n], lay.prompt_mask)
+    if len(lay.group):
+        g = lay.group
+        cont = attend(query[n:], torch.cat([key[g], key[n:]], 2), torch.cat([value[g], value[n:]], 2), lay.cont_mask)
+        out = torch.cat([out, cont])
+    return out.transpose(1, 2), None  # (n + m, T, H, d)
+
+
+def use_shared_prompt_attention(model):
+    """Switch the text decoder to shared_prompt_attention, for good: a layer that gradient
+    checkpointing recomputes in the backward looks its attention up again, after any forward-time
+    context would have ended. The vision tower keeps its own (flash-attn or SDPA); with flash-attn
+    the decoder's training forwards run SDPA with masks instead (the memory-efficient kernel)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+    AttentionInterface.register(SHARED_ATTN, shared_prompt_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(SHARED_ATTN, sdpa_mask)
+    model.model.language_model.config._attn_implementation = SHARED_ATTN
+    return model
+
+
+def _prompt_images(grid, n_tokens, merge):
+    """(images, pixel rows) of the first images in `grid` (N, 3) that hold n_tokens image tokens."""
+    k = rows = tokens = 0
+    while tokens < n_tokens:
+        t, h, w = (int(v) for v in grid[k])
+        k, rows, tokens = k + 1, rows + t * h * w, tokens + t * h * w // merge ** 2
+    if tokens != n_tokens:
+        raise ValueError(f"prompt_len ends inside an image ({tokens} image tokens, not {n_tokens})")
+    return k, rows
+
+
+def collate_shared(items, processor, extra_keys=()):
+    """collate(items), plus "shared": the same batch laid out so that items with the same prompt (the
+    first `prompt_len` tokens and the images among them: a GRPO group) forward it once. Each distinct
+    prompt is one row, and each item's remaining tokens one more row, positioned after its prompt:
+    P + G x R tokens and one vision pass per prompt image for a group, instead of G x (P + R) and G.
+    token_logprobs reads "shared" when it is there and gives the same log-probs (tests/test_model.py).
+    An item without `prompt_len` is a prompt of its own. Needs use_shared_prompt_attention(model)."""
+    batch = collate(items, processor, extra_keys)
+    merge, img = processor.merge, processor.image_token_id
+    prompts, index, conts, starts = [], {}, [], []  # conts: (item, prompt row, ids, grid, pixels)
+    for b, x in enumerate(items):
+        ids, grid, pv = torch.as_tensor(x["input_ids"]), x["image_grid_thw"], x["pixel_values"]
+        P = min(int(x.get("prompt_len") or len(ids)), len(ids))
+        k, rows = _prompt_images(grid, int((ids[:P] == img).sum()), merge) if grid is not None else (0, 0)
+        head = (ids[:P], grid[:k] if k else None, pv[:rows] if k else None)
+        same = index.setdefault(tuple(head[0].tolist()), [])
+        j = next((j for j in same if _same_pixels(prompts[j][2], head[2])), None)
+        if j is None:
+            j = len(prompts)
+            same.append(j)
+            prompts.append(head)
+        starts.append((j, P))
+        if P < len(ids):
+            rest = grid is not None and k < len(grid)
+            conts.append((b, j, ids[P:], grid[k:] if rest else None, pv[rows:] if rest else None))
+    n, m = len(prompts), len(conts)
+    T = max(len(r[0]) for r in prompts + [c[2:] for c in conts])
+    ids = torch.full((n + m, T), processor.pad_id, dtype=torch.long)
+    pos = torch.zeros(3, n + m, T, dtype=torch.long)
+    nxt, pvs, grids = [], [], []
+    for r, (row_ids, grid, pv) in enumerate(prompts + [c[2:] for c in conts]):
+        L = len(row_ids)
+        ids[r, :L] = row_ids
+        p, end = mrope_positions(row_ids, grid, processor, start=nxt[conts[r - n][1]] if r >= n else 0)
+        pos[:, r, :L] = p
+        nxt.append(end)
+        if grid is not None:
+            pvs.append(pv)
+            grids.append(grid)
+    # src[b, t]: the flat (row * T + column) place of item b's position t in the shared forward
+    Tb = batch["input_ids"].shape[1]
+    src = torch.zeros(len(items), Tb, dtype=torch.long)
+    cont_row = {c[0]: n + i for i, c in enumerate(conts)}
+    for b, (j, P) in enumerate(starts):
+        t = torch.arange(Tb)
+        src[b] = torch.where(t < P, j * T + t, cont_row.get(b, 0) * T + (t - P).clamp(0, T - 1))
+    batch["shared"] = {"input_ids": ids, "position_ids": pos, "src": src,
+                       "pixel_values": torch.cat(pvs) if pvs else None,
+                       "image_grid_thw": torch.cat(grids) if grids else None,
+                       "attention_mask": SharedPrompt(n, torch.tensor([c[1] for c in conts], dtype=torch.long),
+                                                      torch.tensor([len(p[0]) for p in prompts]), T)}
+    return batch
+
+
+def _same_pixels(a, b):
+    return (a is None and b is None) or (a is not None and b is not None and a.shape == b.shape and torch.equal(a, b))
 
 
 # ----------------------------------------------------------------------------- log-probs
@@ -472,7 +602,12 @@ def forward_hidden(model, batch, past_key_values=None, use_cache=False):
     last_hidden_state is (B, T, D). lm_head is applied by the caller, where it is needed only."""
     pv = batch.get("pixel_values")
     dtype = next(model.parameters()).dtype
-    return model.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+    mask = batch.get("attention_mask")
+    if isinstance(mask, SharedPrompt):
+        if model.model.language_model.config._attn_implementation != SHARED_ATTN:
+            raise ValueError("a collate_shared batch needs model.use_shared_prompt_attention(model) first")
+        mask = {"full_attention": mask}  # a mapping: the decoder passes it through instead of building one
+    return model.model(input_ids=batch["input_ids"], attention_mask=mask,
                        position_ids=batch["position_ids"],
                        pixel_values=None if pv is None else pv.to(dtype),
                        image_grid_thw=batch.get("image_grid_thw"),
@@ -511,11 +646,16 @@ def token_logprobs(model, batch, temperature=1.0, chunk=None, return_entropy=Fal
     441 tokens of Qwen's 151k vocabulary), with activation checkpointing under autograd, so fp32
     logits of the whole batch (B*T*V) never exist at once."""
     ids = batch["input_ids"]
-    h = forward_hidden(model, batch).last_hidden_state  # (B, T, D)
     want = batch.get("loss_mask", torch.ones_like(ids)).bool().clone()
     want[:, 0] = False
     idx = want.nonzero(as_tuple=True)
-    hs = h[idx[0], idx[1] - 1]  # (N, D) the state that predicts token t
+    shared = batch.get("shared")
+    if shared is None:
+        h = forward_hidden(model, batch).last_hidden_state  # (B, T, D)
+        hs = h[idx[0], idx[1] - 1]  # (N, D) the state that predicts token t
+    else:
+        h = forward_hidden(model, shared).last_hidden_state  # (n + m, T', D)
+        hs = h.flatten(0, 1)[shared["src"][idx[0], idx[1] - 1]]
     targets = ids[idx]  # (N,)
     chunk = chunk or max(1, min(1024, 2 ** 26 // model.lm_head.out_features))
     lps, ents = [], []

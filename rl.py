@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 
 import eval as E
 import model as M
@@ -143,7 +144,7 @@ def score_old_and_ref(wrapped, items, proc, device, dtype, args, ref=None):
     recompute = dtype != torch.float32
     gap, n = 0.0, 0.0
     for mb in micro_batches(items, micro_size(args)):
-        b = M.to_device(M.collate(mb, proc, extra_keys=("logprobs",)), device)
+        b = M.to_device(M.collate_shared(mb, proc, extra_keys=("logprobs",)), device)
         with M.autocast(device, dtype):
             old = wrapped(b, temperature=args.temperature).float() if recompute else b["logprobs"]
             lp_ref = None
@@ -186,7 +187,7 @@ def update(wrapped, optimizer, params, items, args, proc, device, dtype, step):
             micros = micro_batches(mini, micro_size(args))
             optimizer.zero_grad(set_to_none=True)
             for k, mb in enumerate(micros):
-                b = M.to_device(M.collate(mb, proc, extra_keys=keys), device)
+                b = M.to_device(M.collate_shared(mb, proc, extra_keys=keys), device)
                 adv = torch.tensor([it["adv"] for it in mb], device=device)
                 with M.grad_sync(wrapped, k == len(micros) - 1):
                     with M.autocast(device, dtype):
@@ -301,6 +302,9 @@ def build_models(args, resume, device, dtype, log):
     if args.beta > 0:
         ref = "lora" if args.lora_rank else M.load(args.ckpt, device=device, dtype=torch.float32, log=None,
                                                    max_pixels=args.max_pixels)[0].requires_grad_(False)
+    for m in (policy, ref):  # a group's prompt is forwarded once in scoring and update (collate_shared)
+        if isinstance(m, nn.Module):
+            M.use_shared_prompt_attention(m)
     return policy, ref, proc
 
 
@@ -348,7 +352,7 @@ def main(argv=None):
     log(f"{len(questions)} RL prompts; {args.batch} x G={args.group} per step on {world} rank(s) ({mode}); "
         f"{sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters "
         f"({', '.join(sorted({str(p.dtype) for p in params}))}); compute {dtype}; attention "
-        f"{policy.config._attn_implementation}; reference {'adapters off' if ref == 'lora' else ref and 'frozen copy'}; "
+        f"{policy.config._attn_implementation} (text decoder {policy.model.language_model.config._attn_implementation}); reference {'adapters off' if ref == 'lora' else ref and 'frozen copy'}; "
         f"old log-probs {'rollout' if dtype == torch.float32 else 'recomputed'}")
     for step in range(start, args.steps):
         for g in optimizer.param_groups:

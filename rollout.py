@@ -83,7 +83,8 @@ class Trajectory:
         """The dict model.collate takes (the same keys as model.render), plus sampling log-probs."""
         return {"input_ids": torch.tensor(self.token_ids), "loss_mask": torch.tensor(self.loss_mask),
                 "logprobs": torch.tensor(self.logprobs), "image_grid_thw": self.image_grid_thw,
-                "pixel_values": torch.cat(self.pixel_values) if self.pixel_values else None}
+                "pixel_values": torch.cat(self.pixel_values) if self.pixel_values else None,
+                "prompt_len": self.prompt_len}  # what its group shares (model.collate_shared)
 
 
 # ----------------------------------------------------------------------------- KV cache and attention

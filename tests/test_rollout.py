@@ -79,6 +79,40 @@ def test_sampled_logprobs_equal_full_forward(tiny, world):
         assert n_img == sum(proc.n_image_tokens(g) for g in t.image_grid_thw) if t.images else n_img == 0
 
 
+def test_shared_prompt_forward_equals_separate_forwards(tiny, world):
+    """A group's prompt forwarded once, its continuations (with a tool's crop image) attending to it:
+    the same log-probs and gradients as one forward per trajectory, within 1e-5 in fp32, with
+    gradient checkpointing too (its backward recomputes the layers with the shared attention)."""
+    import copy
+    model, proc = tiny
+    trajs = R.rollout(model, proc, make_tools(world), [world[2][0], world[2][1], world[2][-1]], group_size=3,
+                      temperature=1.0, seed=5, forced_actions=FORCED[:1], **KW)
+    items = [t.item() for t in trajs]
+    items[4] = dict(items[4], prompt_len=0)  # no prompt_len: a prompt of its own
+    assert any(t.pixel_values and len(t.pixel_values) > 1 for t in trajs)  # a continuation with an image
+    shared = M.use_shared_prompt_attention(copy.deepcopy(model))
+    full, part = M.collate(items, proc), M.collate_shared(items, proc)
+    assert part["shared"]["attention_mask"].n == 4  # 3 questions + the item on its own
+    assert part["shared"]["image_grid_thw"].shape[0] < full["image_grid_thw"].shape[0]  # the prompt image once
+    ckpt = M.use_shared_prompt_attention(copy.deepcopy(model)).train()
+    ckpt.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lps, grads = [], []
+    for m, b in ((model, full), (shared, part), (ckpt, part)):
+        m.zero_grad()
+        lp = M.token_logprobs(m, b)
+        (lp * b["loss_mask"]).sum().backward()
+        lps.append(lp.detach())
+        grads.append({n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
+    mask = full["loss_mask"].bool()
+    assert mask.sum() > 30
+    for lp, g in zip(lps[1:], grads[1:]):
+        assert (lps[0][mask] - lp[mask]).abs().max() < 1e-5
+        assert g.keys() == grads[0].keys()
+        for n in g:
+            assert torch.allclose(grads[0][n], g[n], atol=1e-5, rtol=1e-4), n
+    model.zero_grad(set_to_none=True)
+
+
 def test_temperature_scales_recorded_logprobs(tiny, world):
     model, proc = tiny
     trajs = R.rollout(model, proc, make_tools(world), world[2][:2], temperature=0.7, top_p=0.9, seed=1, **KW)
