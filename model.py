@@ -500,10 +500,12 @@ def shared_prompt_attention(module, query, key, value, attention_mask, scaling=N
     if not isinstance(lay, SharedPrompt):
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
                                       dropout=dropout, **kwargs)
-    n, gqa = lay.n, key.shape[1] != query.shape[1]
+    n, rep = lay.n, query.shape[1] // key.shape[1]
+    if rep > 1:  # as transformers' SDPA path does with a mask: enable_gqa takes the slow kernel there
+        key, value = key.repeat_interleave(rep, 1), value.repeat_interleave(rep, 1)
 
     def attend(q, k, v, mask):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)
 
     out = attend(query[:n], key[:n], value[:n], lay.prompt_mask)
     if len(lay.group):

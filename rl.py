@@ -2,6 +2,7 @@
 
     python rl.py                                   # tiny model, synthetic world, from out/sft, CPU, minutes
     python rl.py --resume                          # continue out/rl exactly where it stopped
+    python rl.py --bench --out out/rl_bench        # scoring + update with and without shared prompts
     torchrun --standalone --nproc_per_node=2 rl.py                     # DDP (gloo on CPU, NCCL on GPUs)
     torchrun --standalone --nproc_per_node=8 rl.py --preset paper --ckpt /models/qwen2.5-vl-7b-sft \
         --fsdp --grad_ckpt --micro_batch 2 --backend http --server_url http://127.0.0.1:8765
@@ -135,7 +136,7 @@ def micro_size(args):
 
 
 @torch.no_grad()
-def score_old_and_ref(wrapped, items, proc, device, dtype, args, ref=None):
+def score_old_and_ref(wrapped, items, proc, device, dtype, args, ref=None, collate=M.collate_shared):
     """Per trajectory: "old" log-probs (the rollout's, or in bf16 recomputed by the training forward
     over the same micro-batches as the first update, so that the first ratio is exactly 1) and "ref"
     log-probs of the KL reference. ref: None (no KL), "lora" (the policy, adapters off) or a wrapped
@@ -144,7 +145,7 @@ def score_old_and_ref(wrapped, items, proc, device, dtype, args, ref=None):
     recompute = dtype != torch.float32
     gap, n = 0.0, 0.0
     for mb in micro_batches(items, micro_size(args)):
-        b = M.to_device(M.collate_shared(mb, proc, extra_keys=("logprobs",)), device)
+        b = M.to_device(collate(mb, proc, extra_keys=("logprobs",)), device)
         with M.autocast(device, dtype):
             old = wrapped(b, temperature=args.temperature).float() if recompute else b["logprobs"]
             lp_ref = None
@@ -171,7 +172,7 @@ def empty_item(proc):
             "logprobs": torch.tensor([0.0]), "image_grid_thw": None, "pixel_values": None}
 
 
-def update(wrapped, optimizer, params, items, args, proc, device, dtype, step):
+def update(wrapped, optimizer, params, items, args, proc, device, dtype, step, collate=M.collate_shared):
     """PPO epochs over the rollout batch: one optimizer step per mini-batch of args.mini_batch
     trajectories (per rank), accumulated over micro-batches of args.micro_batch, each token weighted
     1 / (trained tokens of the global mini-batch). Returns summed stats (divide by 'tokens')."""
@@ -187,7 +188,7 @@ def update(wrapped, optimizer, params, items, args, proc, device, dtype, step):
             micros = micro_batches(mini, micro_size(args))
             optimizer.zero_grad(set_to_none=True)
             for k, mb in enumerate(micros):
-                b = M.to_device(M.collate_shared(mb, proc, extra_keys=keys), device)
+                b = M.to_device(collate(mb, proc, extra_keys=keys), device)
                 adv = torch.tensor([it["adv"] for it in mb], device=device)
                 with M.grad_sync(wrapped, k == len(micros) - 1):
                     with M.autocast(device, dtype):
@@ -202,6 +203,58 @@ def update(wrapped, optimizer, params, items, args, proc, device, dtype, step):
             optimizer.step()
             stats["updates"] += 1
     return stats
+
+
+def rollout_items(policy, proc, tools, prompts, args, step, rank, world, dtype, judge=None):
+    """One step's rollout -> (trajectories, rewards, advantages, training items with "adv")."""
+    trajs = R.rollout(policy, proc, tools, prompts, group_size=args.group, max_turns=args.max_turns,
+                      max_new_tokens=args.max_new_tokens, max_total_tokens=args.max_total_tokens,
+                      temperature=args.temperature, seed=args.seed * 100_003 + step * world + rank,
+                      batch_size=max(args.group, 64), dtype=dtype)
+    rewards = [reward(t, args.search_penalty, judge) for t in trajs]
+    adv = group_advantages(rewards, args.group, args.adv_scale)
+    items = [t.item() if t.token_ids else empty_item(proc) for t in trajs]
+    for it, a in zip(items, adv.tolist()):
+        it["adv"] = a
+    return trajs, rewards, adv, items
+
+
+def bench(wrapped, ref, optimizer, params, proc, tools, questions, args, device, dtype, log):
+    """`--bench`: one step's rollout, then its scoring and update twice from the same weights and
+    optimizer state: one forward per trajectory (model.collate), and each group's prompt forwarded
+    once (model.collate_shared, what training runs). tok/s counts every token of the trajectories,
+    as sft.py counts its sequences; `trained` counts the sampled ones."""
+    import copy
+    policy = M.unwrap(wrapped)
+    with M.unsharded(wrapped):
+        trajs, _, _, items = rollout_items(policy, proc, tools, step_prompts(questions, 0, args.batch, args.seed),
+                                           args, 0, 0, 1, dtype)
+    n_tok = sum(len(it["input_ids"]) for it in items)
+    n_prompt = sum(t.prompt_len for t in trajs)
+    trained = sum(float(it["loss_mask"].sum()) for it in items)
+    log(f"bench: {len(items)} trajectories ({args.batch} prompts x G={args.group}), {n_tok / len(items):.0f} "
+        f"tokens each, of which prompt {n_prompt / len(items):.0f} and sampled {trained / len(items):.0f}")
+    images = []
+    hook = policy.model.visual.register_forward_pre_hook(
+        lambda m, a, kw: images.append(len(kw.get("grid_thw", a[1] if len(a) > 1 else []))), with_kwargs=True)
+    start = copy.deepcopy(policy.state_dict()), copy.deepcopy(optimizer.state_dict())
+    times = {}
+    for name, collate in (("separate", M.collate), ("shared", M.collate_shared)):
+        policy.load_state_dict(start[0])
+        optimizer.load_state_dict(start[1])
+        images.clear()
+        policy.train()
+        t0 = time.perf_counter()
+        score_old_and_ref(wrapped, items, proc, device, dtype, args, ref, collate=collate)
+        t1 = time.perf_counter()
+        update(wrapped, optimizer, params, items, args, proc, device, dtype, 0, collate=collate)
+        t2 = time.perf_counter()
+        times[name] = t2 - t0
+        log(f"  {name:8s} | score {t1 - t0:.2f}s update {t2 - t1:.2f}s | update tok/s {n_tok / (t2 - t1):,.0f} "
+            f"(trained {trained / (t2 - t1):,.0f}) | images through the vision tower {sum(images)}")
+    hook.remove()
+    log(f"  shared prompts: score + update {times['separate'] / times['shared']:.2f}x faster")
+    return times
 
 
 def summarize(trajs, rewards, adv, group_size):
@@ -273,6 +326,8 @@ def get_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue the run in --out exactly (fresh if it has none)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--bench", action="store_true", help="time one step's scoring + update with and without "
+                   "shared prompts (one process; writes nothing but --out's log)")
     preset = p.parse_known_args(argv)[0].preset
     if preset:
         p.set_defaults(**PRESETS[preset])
@@ -354,22 +409,17 @@ def main(argv=None):
         f"({', '.join(sorted({str(p.dtype) for p in params}))}); compute {dtype}; attention "
         f"{policy.config._attn_implementation} (text decoder {policy.model.language_model.config._attn_implementation}); reference {'adapters off' if ref == 'lora' else ref and 'frozen copy'}; "
         f"old log-probs {'rollout' if dtype == torch.float32 else 'recomputed'}")
+    if args.bench:
+        return bench(wrapped, ref, optimizer, params, proc, tools, questions, args, device, dtype, log)
     for step in range(start, args.steps):
         for g in optimizer.param_groups:
             g["lr"] = lr_at(step, args.lr, args.warmup)
         prompts = step_prompts(questions, step, args.batch, args.seed, rank, world)
         t0 = time.perf_counter()
         with M.unsharded(wrapped):  # FSDP2: whole weights, no collectives while ranks decode
-            trajs = R.rollout(policy, proc, tools, prompts, group_size=args.group, max_turns=args.max_turns,
-                              max_new_tokens=args.max_new_tokens, max_total_tokens=args.max_total_tokens,
-                              temperature=args.temperature, seed=args.seed * 100_003 + step * world + rank,
-                              batch_size=max(args.group, 64), dtype=dtype)
+            trajs, rewards, adv, items = rollout_items(policy, proc, tools, prompts, args, step, rank, world, dtype,
+                                                       judge)
         t_roll = time.perf_counter() - t0
-        rewards = [reward(t, args.search_penalty, judge) for t in trajs]
-        adv = group_advantages(rewards, args.group, args.adv_scale)
-        items = [t.item() if t.token_ids else empty_item(proc) for t in trajs]
-        for it, a in zip(items, adv.tolist()):
-            it["adv"] = a
         t0 = time.perf_counter()
         policy.train()
         gap = score_old_and_ref(wrapped, items, proc, device, dtype, args, ref)
