@@ -472,29 +472,35 @@ SHARED_ATTN = "shared_prompt"
 
 
 class SharedPrompt:
-    """What the text decoder gets for its mask in a `collate_shared` forward: rows [0, n) hold the
-    distinct prompts, rows [n, n + m) the continuations, all right-padded to T. Continuation i
-    attends to the first plen[group[i]] keys of prompt row group[i], then causally to itself; a
-    prompt row attends causally (its padding comes after every real key)."""
+    """What the text decoder gets for its mask in a `collate_shared` forward. Rows [0, n) hold the
+    distinct prompts; rows [n, n + m) hold continuations packed end to end, all right-padded to T.
+    seg (m, T): the prompt row that each position continues (-1: padding); start (m, T): where its
+    continuation begins in the row. A continuation token attends to the first plen[j] keys of its
+    prompt row j, then causally within its own continuation; a prompt row attends causally (its
+    padding comes after every real key)."""
 
-    def __init__(self, n, group, plen, T, device=None):
-        keys = torch.arange(T, device=device)
+    def __init__(self, n, plen, seg, start):
+        m, T = seg.shape
+        keys = torch.arange(T)
         causal = keys[None, :] <= keys[:, None]  # (T, T)
-        self.n, self.group, self.plen, self.T = n, group.to(device), plen.to(device), T
+        self.n, self.m, self.T = n, m, T
         self.prompt_mask = causal.expand(n, 1, T, T)
-        m = len(group)
-        see_prompt = (keys[None, :] < self.plen[self.group][:, None])[:, None, None, :]  # (m, 1, 1, T)
-        self.cont_mask = torch.cat([see_prompt.expand(m, 1, T, T), causal.expand(m, 1, T, T)], -1)  # (m, 1, T, 2T)
+        see = (seg[:, :, None, None] == torch.arange(n)[None, None, :, None]) \
+            & (keys[None, None, None, :] < plen[None, None, :, None])  # (m, T, n, T)
+        own = (keys[None, None, :] >= start[:, :, None]) & causal[None]  # (m, T, T)
+        self.cont_mask = torch.cat([see.reshape(m, T, n * T), own], -1)[:, None]  # (m, 1, T, n T + T)
 
     def to(self, device):
-        return SharedPrompt(self.n, self.group, self.plen, self.T, device)
+        out = object.__new__(SharedPrompt)
+        out.__dict__.update(self.__dict__, prompt_mask=self.prompt_mask.to(device), cont_mask=self.cont_mask.to(device))
+        return out
 
 
 def shared_prompt_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """The text decoder's attention once `use_shared_prompt_attention` is on. With a SharedPrompt
-    layout: query (n + m, H, T, d), key/value (n + m, KV, T, d); each continuation's keys are its
-    prompt row's followed by its own, so the prompt is computed once for the group and gradients
-    from every continuation flow back into it. Any other mask: transformers' SDPA."""
+    layout: query (n + m, H, T, d), key/value (n + m, KV, T, d); a continuation row's keys are every
+    prompt row's followed by its own, masked to its own prompt, so a prompt is computed once for its
+    group and gradients from every continuation flow back into it. Any other mask: transformers' SDPA."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     lay = attention_mask
     if not isinstance(lay, SharedPrompt):
@@ -508,10 +514,11 @@ def shared_prompt_attention(module, query, key, value, attention_mask, scaling=N
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)
 
     out = attend(query[:n], key[:n], value[:n], lay.prompt_mask)
-    if len(lay.group):
-        g = lay.group
-        cont = attend(query[n:], torch.cat([key[g], key[n:]], 2), torch.cat([value[g], value[n:]], 2), lay.cont_mask)
-        out = torch.cat([out, cont])
+    if lay.m:
+        def with_prompts(x):  # (n + m, H, T, d) -> (m, H, n T + T, d): every prompt's keys, then the row's own
+            _, H, T, d = x.shape
+            return torch.cat([x[:n].transpose(0, 1).reshape(1, H, n * T, d).expand(lay.m, -1, -1, -1), x[n:]], 2)
+        out = torch.cat([out, attend(query[n:], with_prompts(key), with_prompts(value), lay.cont_mask)])
     return out.transpose(1, 2), None  # (n + m, T, H, d)
 
 
@@ -542,13 +549,14 @@ def _prompt_images(grid, n_tokens, merge):
 def collate_shared(items, processor, extra_keys=()):
     """collate(items), plus "shared": the same batch laid out so that items with the same prompt (the
     first `prompt_len` tokens and the images among them: a GRPO group) forward it once. Each distinct
-    prompt is one row, and each item's remaining tokens one more row, positioned after its prompt:
-    P + G x R tokens and one vision pass per prompt image for a group, instead of G x (P + R) and G.
-    token_logprobs reads "shared" when it is there and gives the same log-probs (tests/test_model.py).
-    An item without `prompt_len` is a prompt of its own. Needs use_shared_prompt_attention(model)."""
+    prompt is one row; the items' remaining tokens are packed end to end into rows of the same length
+    (first fit, longest first), positioned after their prompts: P + G x R tokens and one vision pass
+    per prompt image for a group, instead of G x (P + R) and G. token_logprobs reads "shared" when it
+    is there and gives the same log-probs (tests/test_rollout.py). An item without `prompt_len` is a
+    prompt of its own. Needs use_shared_prompt_attention(model)."""
     batch = collate(items, processor, extra_keys)
     merge, img = processor.merge, processor.image_token_id
-    prompts, index, conts, starts = [], {}, [], []  # conts: (item, prompt row, ids, grid, pixels)
+    prompts, index, conts, starts = [], {}, [], []  # prompts: (ids, grid, pixels); conts: (item, prompt, ids, grid, pixels)
     for b, x in enumerate(items):
         ids, grid, pv = torch.as_tensor(x["input_ids"]), x["image_grid_thw"], x["pixel_values"]
         P = min(int(x.get("prompt_len") or len(ids)), len(ids))
@@ -564,32 +572,47 @@ def collate_shared(items, processor, extra_keys=()):
         if P < len(ids):
             rest = grid is not None and k < len(grid)
             conts.append((b, j, ids[P:], grid[k:] if rest else None, pv[rows:] if rest else None))
-    n, m = len(prompts), len(conts)
     T = max(len(r[0]) for r in prompts + [c[2:] for c in conts])
+    bins = []  # [free, [conts]]: first fit, longest first
+    for c in sorted(conts, key=lambda c: -len(c[2])):
+        fit = next((bn for bn in bins if bn[0] >= len(c[2])), None)
+        if fit is None:
+            fit = [T, []]
+            bins.append(fit)
+        fit[0] -= len(c[2])
+        fit[1].append(c)
+    n, m = len(prompts), len(bins)
     ids = torch.full((n + m, T), processor.pad_id, dtype=torch.long)
     pos = torch.zeros(3, n + m, T, dtype=torch.long)
+    seg, start = torch.full((m, T), -1, dtype=torch.long), torch.arange(T).repeat(m, 1)
+    src = torch.zeros(batch["input_ids"].shape, dtype=torch.long)  # src[b, t]: flat row * T + column of b's t
     nxt, pvs, grids = [], [], []
-    for r, (row_ids, grid, pv) in enumerate(prompts + [c[2:] for c in conts]):
-        L = len(row_ids)
-        ids[r, :L] = row_ids
-        p, end = mrope_positions(row_ids, grid, processor, start=nxt[conts[r - n][1]] if r >= n else 0)
-        pos[:, r, :L] = p
+    for j, (row_ids, grid, pv) in enumerate(prompts):
+        ids[j, :len(row_ids)] = row_ids
+        p, end = mrope_positions(row_ids, grid, processor)
+        pos[:, j, :len(row_ids)] = p
         nxt.append(end)
         if grid is not None:
             pvs.append(pv)
             grids.append(grid)
-    # src[b, t]: the flat (row * T + column) place of item b's position t in the shared forward
-    Tb = batch["input_ids"].shape[1]
-    src = torch.zeros(len(items), Tb, dtype=torch.long)
-    cont_row = {c[0]: n + i for i, c in enumerate(conts)}
+    for r, (_, part) in enumerate(bins):
+        o = 0
+        for b, j, row_ids, grid, pv in part:
+            L, P = len(row_ids), starts[b][1]
+            ids[n + r, o:o + L] = row_ids
+            pos[:, n + r, o:o + L] = mrope_positions(row_ids, grid, processor, start=nxt[j])[0]
+            seg[r, o:o + L], start[r, o:o + L] = j, o
+            src[b, P:P + L] = (n + r) * T + o + torch.arange(L)
+            if grid is not None:
+                pvs.append(pv)
+                grids.append(grid)
+            o += L
     for b, (j, P) in enumerate(starts):
-        t = torch.arange(Tb)
-        src[b] = torch.where(t < P, j * T + t, cont_row.get(b, 0) * T + (t - P).clamp(0, T - 1))
+        src[b, :P] = j * T + torch.arange(P)
     batch["shared"] = {"input_ids": ids, "position_ids": pos, "src": src,
                        "pixel_values": torch.cat(pvs) if pvs else None,
                        "image_grid_thw": torch.cat(grids) if grids else None,
-                       "attention_mask": SharedPrompt(n, torch.tensor([c[1] for c in conts], dtype=torch.long),
-                                                      torch.tensor([len(p[0]) for p in prompts]), T)}
+                       "attention_mask": SharedPrompt(n, torch.tensor([len(p[0]) for p in prompts]), seg, start)}
     return batch
 
 

@@ -19,6 +19,9 @@ fp32 the rollout's log-probs equal a fresh forward and serve as the old policy; 
 rollout and a full forward round differently, so the old log-probs are recomputed with the training
 forward (the PPO ratio starts at exactly 1) and the log line's `lp_gap` says how far apart they were.
 Under FSDP2 the rollout runs on gathered (unsharded) weights with no collectives (model.unsharded).
+Scoring and update forward each group's prompt once per micro-batch (model.collate_shared). In the
+log line, `tok/s roll` counts sampled tokens per second of rollout; `upd` every token of the
+trajectories per second of update, as sft.py counts its sequences, and `trained` the sampled ones.
 The KL reference of a LoRA run is the policy with its adapters off; of a full fine-tuning run, a
 frozen fp32 copy run like the policy (sharded like it under --fsdp), so the KL starts at exactly 0.
 
@@ -264,7 +267,7 @@ def summarize(trajs, rewards, adv, group_size):
             "turns": sum(t.turns for t in trajs), "text": sum(t.n_text_search for t in trajs),
             "img": sum(t.n_img_search - t.n_crop for t in trajs), "crop": sum(t.n_crop for t in trajs),
             "tool_err": sum(t.n_tool_errors for t in trajs), "obs": sum(len(t.observations) for t in trajs),
-            "gen_tokens": sum(t.gen_tokens for t in trajs),
+            "gen_tokens": sum(t.gen_tokens for t in trajs), "seq_tokens": sum(len(t.token_ids) for t in trajs),
             # prompts that do not fit the token budget (raise --max_total_tokens or lower --max_pixels)
             "too_long": sum(t.finish == "length" and t.gen_tokens == 0 for t in trajs),
             "errors": sum(t.finish == "error" for t in trajs),  # bad images: no tokens, no gradient
@@ -440,7 +443,8 @@ def main(argv=None):
             f"zero_adv {tot['zero_adv'] / n:.2f} | too_long {tot['too_long']:.0f} | errors {tot['errors']:.0f} | "
             f"clip {tot['clip_frac'] / tok:.3f} | kl {tot['kl'] / tok:.4f} | ent {tot['entropy'] / tok:.3f} | "
             f"lp_gap {mx['gap']:.4f} | gnorm {mx['gnorm']:.2f} | lr {lr_at(step, args.lr, args.warmup):.2e} | "
-            f"tok/s roll {tot['gen_tokens'] / max(mx['t_roll'], 1e-9):.0f} upd {tot['tokens'] / max(mx['t_upd'], 1e-9):.0f} | "
+            f"tok/s roll {tot['gen_tokens'] / max(mx['t_roll'], 1e-9):.0f} upd {tot['seq_tokens'] / max(mx['t_upd'], 1e-9):.0f} "
+            f"(trained {tot['tokens'] / max(mx['t_upd'], 1e-9):.0f}) | "
             f"time roll {mx['t_roll']:.1f}s score {mx['t_score']:.1f}s upd {mx['t_upd']:.1f}s")
         if not all(math.isfinite(tot[k]) for k in ("reward", "kl", "entropy")):
             raise SystemExit(f"rl.py: step {step + 1}: non-finite statistics; last good checkpoint is {out}")
