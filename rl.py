@@ -237,9 +237,10 @@ def bench(wrapped, ref, optimizer, params, proc, tools, questions, args, device,
     trained = sum(float(it["loss_mask"].sum()) for it in items)
     log(f"bench: {len(items)} trajectories ({args.batch} prompts x G={args.group}), {n_tok / len(items):.0f} "
         f"tokens each, of which prompt {n_prompt / len(items):.0f} and sampled {trained / len(items):.0f}")
-    images = []
-    hook = policy.model.visual.register_forward_pre_hook(
-        lambda m, a, kw: images.append(len(kw.get("grid_thw", a[1] if len(a) > 1 else []))), with_kwargs=True)
+    images = []  # images through a vision tower, the policy's and the reference's
+    towers = [policy.model.visual] + ([M.unwrap(ref).model.visual] if isinstance(ref, nn.Module) else [])
+    hooks = [t.register_forward_pre_hook(lambda m, a, kw: images.append(len(kw.get("grid_thw", a[1] if len(a) > 1 else []))),
+                                         with_kwargs=True) for t in towers]
     start = copy.deepcopy(policy.state_dict()), copy.deepcopy(optimizer.state_dict())
     times = {}
     for name, collate in (("separate", M.collate), ("shared", M.collate_shared)):
@@ -255,7 +256,8 @@ def bench(wrapped, ref, optimizer, params, proc, tools, questions, args, device,
         times[name] = t2 - t0
         log(f"  {name:8s} | score {t1 - t0:.2f}s update {t2 - t1:.2f}s | update tok/s {n_tok / (t2 - t1):,.0f} "
             f"(trained {trained / (t2 - t1):,.0f}) | images through the vision tower {sum(images)}")
-    hook.remove()
+    for h in hooks:
+        h.remove()
     log(f"  shared prompts: score + update {times['separate'] / times['shared']:.2f}x faster")
     return times
 
@@ -321,6 +323,9 @@ def get_args(argv=None):
     p.add_argument("--freeze_vision", action="store_true", help="train the language model only")
     p.add_argument("--fsdp", action="store_true", help="FSDP2 sharding instead of DDP")
     p.add_argument("--grad_ckpt", action="store_true", help="gradient checkpointing in the decoder blocks")
+    p.add_argument("--separate_forwards", action="store_true", help="score and update each trajectory on its "
+                   "own (the model's attention, flash-attn included) instead of forwarding a group's prompt once "
+                   "with explicit masks: m x T x (n + 1) T bytes for n prompts and m packed rows of T tokens")
     p.add_argument("--precision", choices=sorted(M.PRECISIONS), default=None,
                    help="compute precision (default bf16 on CUDA, fp32 on CPU); masters are fp32")
     T.add_search_args(p)
@@ -361,7 +366,7 @@ def build_models(args, resume, device, dtype, log):
         ref = "lora" if args.lora_rank else M.load(args.ckpt, device=device, dtype=torch.float32, log=None,
                                                    max_pixels=args.max_pixels)[0].requires_grad_(False)
     for m in (policy, ref):  # a group's prompt is forwarded once in scoring and update (collate_shared)
-        if isinstance(m, nn.Module):
+        if isinstance(m, nn.Module) and not args.separate_forwards:
             M.use_shared_prompt_attention(m)
     return policy, ref, proc
 
@@ -425,9 +430,10 @@ def main(argv=None):
         t_roll = time.perf_counter() - t0
         t0 = time.perf_counter()
         policy.train()
-        gap = score_old_and_ref(wrapped, items, proc, device, dtype, args, ref)
+        collate = M.collate if args.separate_forwards else M.collate_shared
+        gap = score_old_and_ref(wrapped, items, proc, device, dtype, args, ref, collate=collate)
         t_score = time.perf_counter() - t0
-        st = update(wrapped, optimizer, params, items, args, proc, device, dtype, step)
+        st = update(wrapped, optimizer, params, items, args, proc, device, dtype, step, collate=collate)
         policy.eval()
         t_upd = time.perf_counter() - t0 - t_score
         s = summarize(trajs, rewards, adv, args.group)

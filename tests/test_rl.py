@@ -138,6 +138,20 @@ def test_rl_runs_and_resumes_exactly(tiny_dir, tmp_path, monkeypatch):
         assert torch.equal(p, q), n
 
 
+def test_shared_prompts_and_separate_forwards_give_the_same_step(tiny_dir, tmp_path, monkeypatch):
+    d = write_world(tmp_path)
+    monkeypatch.setattr(rl, "reward", token_reward)
+    logs = {}
+    for name, extra in (("shared", []), ("separate", ["--separate_forwards"])):
+        rl.main(["--ckpt", str(tiny_dir), "--data", str(d), "--out", str(tmp_path / name), "--steps", "1",
+                 "--batch", "2", "--group", "2", "--max_turns", "2", "--max_new_tokens", "6", *extra])
+        logs[name] = (tmp_path / name / "log.txt").read_text()
+    assert f"(text decoder {M.SHARED_ATTN})" in logs["shared"]
+    assert "(text decoder sdpa_cpu_decode)" in logs["separate"]
+    steps = {k: [line.split("| tok/s")[0] for line in v.splitlines() if line.startswith("step")] for k, v in logs.items()}
+    assert steps["shared"] == steps["separate"] and len(steps["shared"]) == 1  # the same statistics, to print precision
+
+
 SMALL = ["--batch", "2", "--group", "2", "--mini_batch", "2", "--micro_batch", "1", "--max_turns", "2",
          "--max_new_tokens", "6", "--save_every", "1", "--beta", "0.01", "--precision", "bf16"]
 
