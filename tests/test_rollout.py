@@ -89,10 +89,16 @@ def test_shared_prompt_forward_equals_separate_forwards(tiny, world):
                       temperature=1.0, seed=5, forced_actions=FORCED[:1], **KW)
     items = [t.item() for t in trajs]
     items[4] = dict(items[4], prompt_len=0)  # no prompt_len: a prompt of its own
+    for i in (0, 1, 3):  # short continuations (each the start of a trajectory), packed into one row
+        it, P, n = items[i], items[i]["prompt_len"], int(items[i]["image_grid_thw"][0].prod())
+        ids = it["input_ids"][:P + 5]  # every token scored but the image's (log-prob -inf)
+        items[i] = dict(it, input_ids=ids, loss_mask=(ids != proc.image_token_id).long(),
+                        image_grid_thw=it["image_grid_thw"][:1], pixel_values=it["pixel_values"][:n])
     assert any(t.pixel_values and len(t.pixel_values) > 1 for t in trajs)  # a continuation with an image
     shared = M.use_shared_prompt_attention(copy.deepcopy(model))
     full, part = M.collate(items, proc), M.collate_shared(items, proc)
-    assert part["shared"]["attention_mask"].n == 4  # 3 questions + the item on its own
+    lay = part["shared"]["attention_mask"]
+    assert lay.n == 4 and lay.m <= len(items) - 3  # 3 questions + the item on its own; continuations packed
     assert part["shared"]["image_grid_thw"].shape[0] < full["image_grid_thw"].shape[0]  # the prompt image once
     ckpt = M.use_shared_prompt_attention(copy.deepcopy(model)).train()
     ckpt.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
