@@ -477,23 +477,28 @@ class SharedPrompt:
     seg (m, T): the prompt row that each position continues (-1: padding); start (m, T): where its
     continuation begins in the row. A continuation token attends to the first plen[j] keys of its
     prompt row j, then causally within its own continuation; a prompt row attends causally (its
-    padding comes after every real key)."""
+    padding comes after every real key). The masks are built once per forward, on the device of the
+    first layer that asks, and shared by every layer."""
 
     def __init__(self, n, plen, seg, start):
-        m, T = seg.shape
-        keys = torch.arange(T)
-        causal = keys[None, :] <= keys[:, None]  # (T, T)
-        self.n, self.m, self.T = n, m, T
-        self.prompt_mask = causal.expand(n, 1, T, T)
-        see = (seg[:, :, None, None] == torch.arange(n)[None, None, :, None]) \
-            & (keys[None, None, None, :] < plen[None, None, :, None])  # (m, T, n, T)
-        own = (keys[None, None, :] >= start[:, :, None]) & causal[None]  # (m, T, T)
-        self.cont_mask = torch.cat([see.reshape(m, T, n * T), own], -1)[:, None]  # (m, 1, T, n T + T)
+        self.n, (self.m, self.T) = n, seg.shape
+        self.plen, self.seg, self.start = plen, seg, start
+        self._masks = None
 
     def to(self, device):
-        out = object.__new__(SharedPrompt)
-        out.__dict__.update(self.__dict__, prompt_mask=self.prompt_mask.to(device), cont_mask=self.cont_mask.to(device))
-        return out
+        return SharedPrompt(self.n, self.plen.to(device), self.seg.to(device), self.start.to(device))
+
+    def masks(self):
+        """(prompt rows' (n, 1, T, T), continuation rows' (m, 1, T, n T + T)) bool, True: attend."""
+        if self._masks is None:
+            n, m, T, dev = self.n, self.m, self.T, self.seg.device
+            keys = torch.arange(T, device=dev)
+            causal = keys[None, :] <= keys[:, None]  # (T, T)
+            see = (self.seg[:, :, None, None] == torch.arange(n, device=dev)[None, None, :, None]) \
+                & (keys[None, None, None, :] < self.plen[None, None, :, None])  # (m, T, n, T)
+            own = (keys[None, None, :] >= self.start[:, :, None]) & causal[None]  # (m, T, T)
+            self._masks = causal.expand(n, 1, T, T), torch.cat([see.reshape(m, T, n * T), own], -1)[:, None]
+        return self._masks
 
 
 def shared_prompt_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -513,12 +518,13 @@ def shared_prompt_attention(module, query, key, value, attention_mask, scaling=N
     def attend(q, k, v, mask):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)
 
-    out = attend(query[:n], key[:n], value[:n], lay.prompt_mask)
+    prompt_mask, cont_mask = lay.masks()
+    out = attend(query[:n], key[:n], value[:n], prompt_mask)
     if lay.m:
         def with_prompts(x):  # (n + m, H, T, d) -> (m, H, n T + T, d): every prompt's keys, then the row's own
             _, H, T, d = x.shape
             return torch.cat([x[:n].transpose(0, 1).reshape(1, H, n * T, d).expand(lay.m, -1, -1, -1), x[n:]], 2)
-        out = torch.cat([out, attend(query[n:], with_prompts(key), with_prompts(value), lay.cont_mask)])
+        out = torch.cat([out, attend(query[n:], with_prompts(key), with_prompts(value), cont_mask)])
     return out.transpose(1, 2), None  # (n + m, T, H, d)
 
 
