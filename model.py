@@ -578,7 +578,8 @@ def collate_shared(items, processor, extra_keys=()):
         if P < len(ids):
             rest = grid is not None and k < len(grid)
             conts.append((b, j, ids[P:], grid[k:] if rest else None, pv[rows:] if rest else None))
-    T = max(len(r[0]) for r in prompts + [c[2:] for c in conts])
+    # rows a multiple of 16 long: CUDA's memory-efficient SDPA kernel wants masks aligned to 16 keys
+    T = -(-max(len(r[0]) for r in prompts + [c[2:] for c in conts]) // 16) * 16
     bins = []  # [free, [conts]]: first fit, longest first
     for c in sorted(conts, key=lambda c: -len(c[2])):
         fit = next((bn for bn in bins if bn[0] >= len(c[2])), None)

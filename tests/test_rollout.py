@@ -81,8 +81,9 @@ def test_sampled_logprobs_equal_full_forward(tiny, world):
 
 def test_shared_prompt_forward_equals_separate_forwards(tiny, world):
     """A group's prompt forwarded once, its continuations (with a tool's crop image) attending to it:
-    the same log-probs and gradients as one forward per trajectory, within 1e-5 in fp32, with
-    gradient checkpointing too (its backward recomputes the layers with the shared attention)."""
+    the same log-probs and gradients as one forward per trajectory, within 1e-5 in fp32 (gradients at
+    the scale of each tensor's largest entry), with gradient checkpointing too (its backward
+    recomputes the layers with the shared attention)."""
     import copy
     model, proc = tiny
     trajs = R.rollout(model, proc, make_tools(world), [world[2][0], world[2][1], world[2][-1]], group_size=3,
@@ -115,7 +116,8 @@ def test_shared_prompt_forward_equals_separate_forwards(tiny, world):
         assert (lps[0][mask] - lp[mask]).abs().max() < 1e-5
         assert g.keys() == grads[0].keys()
         for n in g:
-            assert torch.allclose(grads[0][n], g[n], atol=1e-5, rtol=1e-4), n
+            scale = grads[0][n].abs().max()  # summed over hundreds of tokens: compare at the tensor's scale
+            assert (grads[0][n] - g[n]).abs().max() <= 1e-5 * scale + 1e-7, n
     model.zero_grad(set_to_none=True)
 
 
