@@ -562,7 +562,8 @@ def collate_shared(items, processor, extra_keys=()):
     prompt of its own. Needs use_shared_prompt_attention(model)."""
     batch = collate(items, processor, extra_keys)
     merge, img = processor.merge, processor.image_token_id
-    prompts, index, conts, starts = [], {}, [], []  # prompts: (ids, grid, pixels); conts: (item, prompt, ids, grid, pixels)
+    # prompts: (ids, grid, pixels); conts: (item, prompt row, ids, grid, pixels); starts: (prompt row, P)
+    prompts, index, conts, starts = [], {}, [], []
     for b, x in enumerate(items):
         ids, grid, pv = torch.as_tensor(x["input_ids"]), x["image_grid_thw"], x["pixel_values"]
         P = min(int(x.get("prompt_len") or len(ids)), len(ids))

@@ -32,6 +32,7 @@ by default, a fixed LR after warmup. `--preset paper` sets the paper's RL settin
 makes the tiny offline model learn in minutes.
 """
 import argparse
+import copy
 import math
 import random
 import time
@@ -227,7 +228,6 @@ def bench(wrapped, ref, optimizer, params, proc, tools, questions, args, device,
     optimizer state: one forward per trajectory (model.collate), and each group's prompt forwarded
     once (model.collate_shared, what training runs). tok/s counts every token of the trajectories,
     as sft.py counts its sequences; `trained` counts the sampled ones."""
-    import copy
     policy = M.unwrap(wrapped)
     with M.unsharded(wrapped):
         trajs, _, _, items = rollout_items(policy, proc, tools, step_prompts(questions, 0, args.batch, args.seed),
@@ -239,8 +239,8 @@ def bench(wrapped, ref, optimizer, params, proc, tools, questions, args, device,
         f"tokens each, of which prompt {n_prompt / len(items):.0f} and sampled {trained / len(items):.0f}")
     images = []  # images through a vision tower, the policy's and the reference's
     towers = [policy.model.visual] + ([M.unwrap(ref).model.visual] if isinstance(ref, nn.Module) else [])
-    hooks = [t.register_forward_pre_hook(lambda m, a, kw: images.append(len(kw.get("grid_thw", a[1] if len(a) > 1 else []))),
-                                         with_kwargs=True) for t in towers]
+    count = lambda m, a, kw: images.append(len(kw.get("grid_thw", a[1] if len(a) > 1 else [])))  # noqa: E731
+    hooks = [t.register_forward_pre_hook(count, with_kwargs=True) for t in towers]
     start = copy.deepcopy(policy.state_dict()), copy.deepcopy(optimizer.state_dict())
     times = {}
     for name, collate in (("separate", M.collate), ("shared", M.collate_shared)):
@@ -415,9 +415,12 @@ def main(argv=None):
     log(f"{len(questions)} RL prompts; {args.batch} x G={args.group} per step on {world} rank(s) ({mode}); "
         f"{sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters "
         f"({', '.join(sorted({str(p.dtype) for p in params}))}); compute {dtype}; attention "
-        f"{policy.config._attn_implementation} (text decoder {policy.model.language_model.config._attn_implementation}); reference {'adapters off' if ref == 'lora' else ref and 'frozen copy'}; "
+        f"{policy.config._attn_implementation} (text decoder {policy.model.language_model.config._attn_implementation}); "
+        f"reference {'adapters off' if ref == 'lora' else ref and 'frozen copy'}; "
         f"old log-probs {'rollout' if dtype == torch.float32 else 'recomputed'}")
     if args.bench:
+        if world > 1 or args.separate_forwards:
+            raise SystemExit("rl.py --bench: one process, both layouts (no torchrun, no --separate_forwards)")
         return bench(wrapped, ref, optimizer, params, proc, tools, questions, args, device, dtype, log)
     for step in range(start, args.steps):
         for g in optimizer.param_groups:

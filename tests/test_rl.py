@@ -152,6 +152,18 @@ def test_shared_prompts_and_separate_forwards_give_the_same_step(tiny_dir, tmp_p
     assert steps["shared"] == steps["separate"] and len(steps["shared"]) == 1  # the same statistics, to print precision
 
 
+def test_bench_runs_both_layouts_from_the_same_start(tiny_dir, tmp_path, monkeypatch):
+    d = write_world(tmp_path)
+    monkeypatch.setattr(rl, "reward", token_reward)
+    times = rl.main(["--ckpt", str(tiny_dir), "--data", str(d), "--out", str(tmp_path / "b"), "--bench",
+                     "--batch", "2", "--group", "2", "--max_turns", "2", "--max_new_tokens", "6"])
+    assert set(times) == {"separate", "shared"} and min(times.values()) > 0
+    log = (tmp_path / "b" / "log.txt").read_text()
+    # 2 prompts x G=2, policy and reference: 8 images through a vision tower one by one, 4 shared
+    assert "images through the vision tower 8" in log and "images through the vision tower 4" in log
+    assert not (tmp_path / "b" / "model.safetensors").exists()  # a bench writes no checkpoint
+
+
 SMALL = ["--batch", "2", "--group", "2", "--mini_batch", "2", "--micro_batch", "1", "--max_turns", "2",
          "--max_new_tokens", "6", "--save_every", "1", "--beta", "0.01", "--precision", "bf16"]
 
