@@ -3,8 +3,9 @@
 Everything that must agree between rollout, SFT, RL and eval lives here: loading (a real
 Qwen2.5-VL-3B/7B-Instruct folder or our tiny random checkpoint, through the same code path),
 rendering a multi-turn, multi-image conversation to token ids + loss mask, the multimodal
-rotary positions (M-RoPE) of any chunk of a sequence, per-token log-probs, batching, LoRA,
-atomic checkpoints, torchrun setup and run logs.
+rotary positions (M-RoPE) of any chunk of a sequence, per-token log-probs, batching (and the
+shared-prompt layout that forwards a GRPO group's prompt once), LoRA, atomic checkpoints, torchrun
+setup and run logs.
 
     python model.py --tiny out/tiny_demo      # build a tiny checkpoint and generate from it
     python model.py --check /path/to/Qwen2.5-VL-3B-Instruct   # load a real folder, render, generate
@@ -477,8 +478,8 @@ class SharedPrompt:
     seg (m, T): the prompt row that each position continues (-1: padding); start (m, T): where its
     continuation begins in the row. A continuation token attends to the first plen[j] keys of its
     prompt row j, then causally within its own continuation; a prompt row attends causally (its
-    padding comes after every real key). The masks are built once per forward, on the device of the
-    first layer that asks, and shared by every layer."""
+    padding comes after every real key). The masks are built on the batch's device when the first
+    layer asks, and shared by every layer of the forward."""
 
     def __init__(self, n, plen, seg, start):
         self.n, (self.m, self.T) = n, seg.shape
