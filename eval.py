@@ -17,10 +17,10 @@ OpenAI-compatible endpoint, verdicts cached in SQLite) the answers the rules rej
 
 Modes. All three run through `rollout.rollout`, so the model sees the conversation format it was trained on
 and token ids are never re-tokenized; decoding is greedy.
-  direct  no search: the tools get a budget of zero calls, so a search attempt is answered with an
-          <information> saying search is unavailable.
-  rag     the paper's fixed workflow: a forced whole-image search, a forced text search with the question,
-          then the model answers (`RAG_TURNS`; a further search attempt is refused the same way).
+  direct  the paper's direct answer: one assistant turn, no tools; a turn that is not an answer ends the
+          trajectory unanswered (scored wrong).
+  rag     the paper's fixed workflow: a forced whole-image search, a forced text search with the question
+          (`RAG_TURNS`), then one answer turn, which is wrong unless it is an answer.
   agent   on-demand multi-turn search.
 
 Benchmarks (`convert --bench NAME`; the file layouts each loader expects are in its docstring, and in
@@ -981,17 +981,17 @@ def run_mode(mode, model, processor, tools_, questions, max_turns=6, max_new_tok
               batch_size=batch_size, progress=progress, dtype=dtype)
     if mode == "agent":
         return rollout.rollout(model, processor, tools_, questions, **kw)
-    if mode == "direct":  # no search at all
-        return rollout.rollout(model, processor, with_budget(tools_, 0), questions, **kw)
+    if mode == "direct":  # one turn, no search at all (the zero budget is a second guard)
+        return rollout.rollout(model, processor, with_budget(tools_, 0), questions, **dict(kw, max_turns=1))
     if mode != "rag":
         raise ValueError(f"unknown mode {mode!r}: use one of {MODES}")
     out = [None] * len(questions)
     for has_image in (True, False):  # forced turns are per call: one call per kind of question
         idx = [i for i, q in enumerate(questions) if bool(q.get("image")) == has_image]
         if idx:
-            forced = rag_actions(has_image)  # the workflow's searches are all it gets, then it answers
-            trajs = rollout.rollout(model, processor, with_budget(tools_, len(forced)),
-                                    [questions[i] for i in idx], forced_actions=forced, **kw)
+            forced = rag_actions(has_image)  # the workflow's searches are all it gets, then one answer turn
+            trajs = rollout.rollout(model, processor, with_budget(tools_, len(forced)), [questions[i] for i in idx],
+                                    forced_actions=forced, **dict(kw, max_turns=len(forced) + 1))
             for i, tr in zip(idx, trajs):
                 out[i] = tr
     return out
