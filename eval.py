@@ -1427,7 +1427,8 @@ def run(args):
 
 # ============================================================================ the pipeline's table
 
-KIND_GROUPS = {"search-free": ("search_free",), "search-required": ("image", "image_text", "multihop"),
+KIND_GROUPS = {"search-free": ("search_free",), "image": ("image",), "image + text": ("image_text",),
+               "multi-hop": ("multihop",), "search-required": ("image", "image_text", "multihop"),
                "crop-needed": ("crop",)}
 
 
@@ -1441,6 +1442,28 @@ def group_metrics(records):
                      "searches_per_q": sum(r["n_text"] + r["n_image"] + r["n_crop"] for r in rs) / n,
                      "crop_per_q": sum(r["n_crop"] for r in rs) / n}
     return out
+
+
+def paired_bootstrap(a, b, n=10_000, seed=0):
+    """Mean of b - a over paired per-question scores, and its 95% percentile interval from `n`
+    resamples of the questions (seeded: the same scores give the same interval)."""
+    import numpy as np
+    d = np.asarray(b, dtype=float) - np.asarray(a, dtype=float)
+    idx = np.random.default_rng(seed).integers(0, len(d), size=(n, len(d)))
+    lo, hi = np.percentile(d[idx].mean(1), [2.5, 97.5])
+    return float(d.mean()), float(lo), float(hi)
+
+
+def rl_minus_sft(records):
+    """'RL - SFT' line of the pipeline's table: the two agent rows paired by question, or None."""
+    sft = {r["qid"]: r["score"] for r in records if r["method"].startswith("SFT agent")}
+    rl = {r["qid"]: r["score"] for r in records if r["method"].startswith("SFT+RL agent")}
+    common = sorted(sft.keys() & rl.keys())
+    if not common:
+        return None
+    mean, lo, hi = paired_bootstrap([sft[q] for q in common], [rl[q] for q in common])
+    return (f"RL - SFT agent, all {len(common)} questions: {100 * mean:+.1f} points, 95% paired-bootstrap "
+            f"interval [{100 * lo:+.1f}, {100 * hi:+.1f}]")
 
 
 def compare_table(rows):
@@ -1483,6 +1506,9 @@ def compare(args):
         all_records += recs
         print(f"{label}: {_pct(rows[-1][1]['all']['accuracy'])}% in {wall:.0f} s", file=sys.stderr)
     table = compare_table(rows)
+    diff = rl_minus_sft(all_records)
+    if diff:
+        table += "\n" + diff + "\n"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "compare.md").write_text(table)

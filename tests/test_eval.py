@@ -634,7 +634,9 @@ def test_compare_builds_the_pipeline_table(tiny_dir, world, tmp_path, capsys):
     table = (out / "compare.md").read_text()
     assert table in capsys.readouterr().out
     lines = [line for line in table.splitlines() if line.startswith("| ")]
-    assert lines[0].startswith("| Method | search-free (n=0) | search-required (n=4) | crop-needed (n=0) | all (n=4)")
+    assert lines[0].startswith("| Method | search-free (n=0) | image (n=0) | image + text (n=3) | multi-hop (n=1) | "
+                               "search-required (n=4) | crop-needed (n=0) | all (n=4)")
+    assert "RL - SFT agent, all 4 questions: +0.0 points" in table  # the same checkpoint twice
     assert [line.split(" | ")[0] for line in lines[1:]] == [
         "| Direct answer (SFT model, no search)", "| RAG workflow (SFT model: whole-image search, then text search)",
         "| SFT agent (on-demand search)", "| SFT+RL agent (on-demand search)"]
@@ -642,6 +644,16 @@ def test_compare_builds_the_pipeline_table(tiny_dir, world, tmp_path, capsys):
     rows = json.loads((out / "compare.json").read_text())["rows"]
     assert rows[1][1]["search-required"]["searches_per_q"] == 1.75  # RAG: 2 searches, 1 without an image
     assert len(T.read_jsonl(out / "compare_trajectories.jsonl")) == 4 * 4
+
+
+def test_paired_bootstrap_interval():
+    assert E.paired_bootstrap([1, 0, 1, 0], [1, 0, 1, 0]) == (0.0, 0.0, 0.0)
+    a, b = [0] * 50 + [1] * 50, [1] * 100  # b wins 50 questions, loses none
+    mean, lo, hi = E.paired_bootstrap(a, b)
+    assert mean == 0.5 and 0.35 < lo < 0.5 < hi < 0.65
+    assert E.paired_bootstrap(a, b) == (mean, lo, hi)  # seeded
+    mixed = E.paired_bootstrap([0, 1] * 50, [1, 0] * 50)  # as many wins as losses: the interval spans 0
+    assert mixed[0] == 0.0 and mixed[1] < 0 < mixed[2]
 
 
 def test_bad_question_rows_are_skipped_and_named(tmp_path):
