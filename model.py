@@ -554,14 +554,16 @@ def _prompt_images(grid, n_tokens, merge):
 
 
 def collate_shared(items, processor, extra_keys=()):
-    """collate(items), plus "shared": the same batch laid out so that items with the same prompt (the
-    first `prompt_len` tokens and the images among them: a GRPO group) forward it once. Each distinct
-    prompt is one row; the items' remaining tokens are packed end to end into rows of the same length
+    """collate(items)'s tokens, loss masks and extra keys, plus "shared": the forward's inputs laid out
+    so that items with the same prompt (the first `prompt_len` tokens and the images among them: a GRPO
+    group) forward it once. Each distinct prompt is one row; the items' remaining tokens are packed end to end into rows of the same length
     (first fit, longest first), positioned after their prompts: P + G x R tokens and one vision pass
     per prompt image for a group, instead of G x (P + R) and G. token_logprobs reads "shared" when it
     is there and gives the same log-probs (tests/test_rollout.py). An item without `prompt_len` is a
     prompt of its own. Needs use_shared_prompt_attention(model)."""
     batch = collate(items, processor, extra_keys)
+    for k in ("pixel_values", "image_grid_thw", "position_ids", "attention_mask"):
+        del batch[k]  # the forward reads them from "shared": no second copy of the pixels to the device
     merge, img = processor.merge, processor.image_token_id
     # prompts: (ids, grid, pixels); conts: (item, prompt row, ids, grid, pixels); starts: (prompt row, P)
     prompts, index, conts, starts = [], {}, [], []
@@ -1010,7 +1012,7 @@ class LogProbs(nn.Module):
 
     def forward(self, batch, temperature=1.0, return_entropy=False):
         out = token_logprobs(self.model, batch, temperature, return_entropy=return_entropy)
-        if batch.get("pixel_values") is None and torch.is_grad_enabled():
+        if batch.get("shared", batch).get("pixel_values") is None and torch.is_grad_enabled():
             # A text-only micro-batch leaves a trainable vision tower without gradients, while another
             # rank's micro-batch may have images: FSDP2 then reduces different sets of gradients on
             # different ranks. A zero-valued term gives every vision parameter a (zero) gradient.
