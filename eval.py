@@ -41,6 +41,7 @@ import hashlib
 import html
 import io
 import json
+import math
 import os
 import re
 import sqlite3
@@ -1216,11 +1217,12 @@ def _record_html(r, open_=False):
             f'{_esc(r["finish"])} · {r["turns"]} turns · {r["gen_tokens"]} tokens</div></details>')
 
 
-def report_html(records, results=None, title="DeepMMSearch-R1 evaluation"):
+def report_html(records, results=None, title="DeepMMSearch-R1 evaluation", svg=None):
     """One self-contained HTML page: the summary table, then every trajectory (image with crop boxes,
     crops, each reasoning step, query and what came back, the answer and its verdict). All model and web
-    text is escaped; images are inlined as base64 data URLs."""
-    body = [f"<h1>{_esc(title)}</h1>"]
+    text is escaped; images are inlined as base64 data URLs. svg: a picture to show first (the
+    pipeline's training curves)."""
+    body = [f"<h1>{_esc(title)}</h1>"] + ([svg] if svg else [])
     if results:
         body.append("<table><tr><th>Benchmark</th><th>Mode</th><th>N</th><th>Acc %</th><th>Searched %</th>"
                     "<th>Text/q</th><th>Image/q</th><th>Crop/q</th><th>Turns</th><th>Tokens/q</th>"
@@ -1235,20 +1237,99 @@ def report_html(records, results=None, title="DeepMMSearch-R1 evaluation"):
         body.append("</table>")
     groups = defaultdict(list)
     for r in records:
-        groups[(r["bench"], r["mode"])].append(r)
-    for (b, mode), rs in groups.items():
+        groups[(r["bench"], r.get("method") or MODE_TITLES.get(r["mode"], r["mode"]))].append(r)
+    for (b, method), rs in groups.items():
         n_ok = sum(r["score"] >= 1.0 for r in rs)
-        body.append(f"<h2>{_esc(b)} · {_esc(MODE_TITLES.get(mode, mode))} · {n_ok}/{len(rs)} correct</h2>")
+        body.append(f"<h2>{_esc(b)} · {_esc(method)} · {n_ok}/{len(rs)} correct</h2>")
         body.extend(_record_html(r, open_=(i == 0)) for i, r in enumerate(rs))  # first one unfolded
     return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>" + _esc(title)
             + f"</title><style>{REPORT_CSS}</style></head><body>" + "\n".join(body) + "</body></html>\n")
 
 
-def write_report(path, records, results=None, title="DeepMMSearch-R1 evaluation"):
+# ============================================================================ training curves
+
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:e[-+]?\d+)?")
+
+
+def log_series(path, prefix="step "):
+    """{field: [(step, value)]} from the lines of a run's log.txt that start with `prefix` (sft.py's and
+    rl.py's one line per step, or "eval step "): a field's first number, or for rl.py's
+    "search/q text . img . crop ." the sum (searches per question)."""
+    out = defaultdict(list)
+    for line in Path(path).read_text().splitlines():
+        if not line.startswith(prefix):
+            continue
+        head, *fields = line.split(" | ")
+        step = int(head[len(prefix):].split("/")[0])
+        for f in fields:
+            name, _, rest = f.partition(" ")
+            nums = [float(x) for x in _NUMBER.findall(rest)]
+            if nums:
+                out[name].append((step, sum(nums) if name == "search/q" else nums[0]))
+    return out
+
+
+CURVE_COLOURS = ("#1f77b4", "#d62728", "#2ca02c")
+
+
+def curves_svg(panels, width=230, height=170):
+    """panels: [(title, [(label, [(x, y)])], log_y)] -> one SVG image, the panels side by side, each with
+    its own y range (printed at the top and bottom of its axis) and a legend under its title."""
+    pad, parts = 34, []
+    for i, (title, series, log_y) in enumerate(panels):
+        if log_y:
+            series = [(label, [(x, math.log10(y)) for x, y in ps if y > 0]) for label, ps in series]
+        x0, pts = i * width, [p for _, ps in series for p in ps]
+        parts.append(f'<text x="{x0 + pad}" y="14" font-size="11" font-weight="bold">{_esc(title)}</text>')
+        for j, (label, _) in enumerate(series):
+            parts.append(f'<text x="{x0 + pad + 62 * j}" y="28" font-size="10" fill="{CURVE_COLOURS[j]}">'
+                         f'&#9632; {_esc(label)}</text>')
+        if not pts:
+            continue
+        (xa, xb), (ya, yb) = [(min(v), max(v)) for v in zip(*pts)]
+        xb, yb = max(xb, xa + 1), yb if yb > ya else ya + 1
+
+        def at(x, y):
+            return (f"{x0 + pad + (x - xa) / (xb - xa) * (width - pad - 10):.1f},"
+                    f"{height - 20 - (y - ya) / (yb - ya) * (height - 56):.1f}")
+        parts.append(f'<polyline points="{at(xa, yb)} {at(xa, ya)} {at(xb, ya)}" fill="none" stroke="#888"/>')
+        for y, dy in ((yb, 4), (ya, 0)):
+            parts.append(f'<text x="{x0 + pad - 3}" y="{at(xa, y).split(",")[1]}" dy="{dy}" font-size="9" '
+                         f'text-anchor="end">{10 ** y if log_y else y:.3g}</text>')
+        parts.append(f'<text x="{x0 + width - 10}" y="{height - 6}" font-size="9" text-anchor="end">'
+                     f'step {xb:g}</text>')
+        for j, (_, ps) in enumerate(series):
+            c = CURVE_COLOURS[j]
+            if len(ps) > 12:
+                parts.append(f'<polyline points="{" ".join(at(x, y) for x, y in ps)}" fill="none" stroke="{c}" '
+                             'stroke-width="1.2"/>')
+            else:  # a few evaluations: dots joined by a line
+                parts.append(f'<polyline points="{" ".join(at(x, y) for x, y in ps)}" fill="none" stroke="{c}"/>')
+                parts += [f'<circle cx="{at(x, y).split(",")[0]}" cy="{at(x, y).split(",")[1]}" r="2.5" '
+                          f'fill="{c}"/>' for x, y in ps]
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width * len(panels)}" height="{height}" '
+            f'font-family="sans-serif">' + "".join(parts) + "</svg>\n")
+
+
+def pipeline_curves(sft_dir, rl_dir):
+    """The pipeline's picture: SFT loss and held-out agent accuracy, RL reward, accuracy and searches
+    per question, per step, from the two runs' log.txt (a missing log leaves its panels empty)."""
+    def read(d, prefix):
+        f = Path(d) / "log.txt"
+        return log_series(f, prefix) if f.is_file() else {}
+    sft, sft_eval, rl = read(sft_dir, "step "), read(sft_dir, "eval step "), read(rl_dir, "step ")
+    return curves_svg([
+        ("SFT loss (log scale)", [("train", sft.get("loss", [])), ("held-out", sft_eval.get("loss", []))], True),
+        ("SFT held-out agent accuracy", [("accuracy", sft_eval.get("agent_acc", []))], False),
+        ("RL reward and accuracy", [("reward", rl.get("reward", [])), ("accuracy", rl.get("acc", []))], False),
+        ("RL searches per question", [("searches", rl.get("search/q", []))], False)])
+
+
+def write_report(path, records, results=None, title="DeepMMSearch-R1 evaluation", svg=None):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(report_html(records, results, title), encoding="utf-8")
+    tmp.write_text(report_html(records, results, title, svg), encoding="utf-8")
     tmp.replace(path)
     return path
 
@@ -1444,6 +1525,29 @@ def group_metrics(records):
     return out
 
 
+# The paper's tool-usage analysis (its Fig. 4): which searches a trajectory made. The first five
+# are exclusive; the last (self-reflection: the query refined after a first text search) overlaps them.
+USAGE = {"no search": lambda r: r["n_text"] + r["n_image"] + r["n_crop"] == 0,
+         "text only": lambda r: r["n_text"] and not r["n_image"] and not r["n_crop"],
+         "image only": lambda r: r["n_image"] and not r["n_text"] and not r["n_crop"],
+         "image + text": lambda r: r["n_image"] and r["n_text"] and not r["n_crop"],
+         "crop": lambda r: r["n_crop"] > 0,
+         "2+ text searches": lambda r: r["n_text"] >= 2}
+
+
+def tool_usage(records):
+    """Share of `records` in each USAGE class."""
+    return {k: sum(bool(f(r)) for r in records) / max(len(records), 1) for k, f in USAGE.items()}
+
+
+def tool_usage_table(rows):
+    """rows: [(label, tool_usage)] -> Markdown: % of questions in each class."""
+    lines = ["| Method | " + " | ".join(USAGE) + " |", "|---|" + "---:|" * len(USAGE)]
+    lines += [f"| {label} | " + " | ".join(_pct(u[k]) for k in USAGE) + " |" for label, u in rows]
+    return "\n".join(lines) + "\n\nTool usage: % of questions by the searches made (the first five classes " \
+        "are exclusive; 2+ text searches is a refined query, the paper's self-reflection).\n"
+
+
 def paired_bootstrap(a, b, n=10_000, seed=0):
     """Mean of b - a over paired per-question scores, and its 95% percentile interval from `n`
     resamples of the questions (seeded: the same scores give the same interval)."""
@@ -1489,7 +1593,7 @@ def compare(args):
             ("RAG workflow (SFT model: whole-image search, then text search)", sft_ckpt, "rag"),
             ("SFT agent (on-demand search)", sft_ckpt, "agent"),
             ("SFT+RL agent (on-demand search)", rl_ckpt, "agent")]
-    rows, loaded, all_records = [], {}, []
+    rows, usage, loaded, all_records = [], [], {}, []
     for label, ckpt, mode in plan:
         if not (Path(ckpt) / "config.json").is_file():
             print(f"skipping {label}: no checkpoint at {ckpt}", file=sys.stderr)
@@ -1503,21 +1607,25 @@ def compare(args):
         for r in recs:
             r["method"] = label
         rows.append((label, group_metrics(recs)))
+        usage.append((label.split(" (")[0], tool_usage(recs)))
         all_records += recs
         print(f"{label}: {_pct(rows[-1][1]['all']['accuracy'])}% in {wall:.0f} s", file=sys.stderr)
     table = compare_table(rows)
     diff = rl_minus_sft(all_records)
     if diff:
         table += "\n" + diff + "\n"
+    table += "\n" + tool_usage_table(usage)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "compare.md").write_text(table)
     (out / "compare.json").write_text(json.dumps({"questions": args.questions[0], "sft": sft_ckpt, "rl": rl_ckpt,
-                                                  "rows": rows}, indent=1))
+                                                  "rows": rows, "tool_usage": usage}, indent=1))
     tools.write_jsonl(out / "compare_trajectories.jsonl", all_records)
+    svg = pipeline_curves(sft_ckpt, rl_ckpt)
+    (out / "curves.svg").write_text(svg)
     if args.report:
-        write_report(args.report, all_records, {})
-    print("\n" + table)
+        write_report(args.report, all_records, {}, svg=svg)
+    print("\n" + table + f"\nwrote {out / 'compare.md'}, {out / 'curves.svg'} (training curves)")
     return rows
 
 

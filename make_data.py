@@ -85,7 +85,7 @@ from tqdm import tqdm  # noqa: E402
 
 import tools  # noqa: E402
 
-VERSION = 3  # bump when the world changes, so an old data/ is rebuilt rather than skipped
+VERSION = 4  # bump when the world changes, so an old data/ is rebuilt rather than skipped
 
 # ----------------------------------------------------------------------------- the world's vocabulary
 
@@ -163,6 +163,8 @@ def get_args(argv=None):
     p.add_argument("--vocab_size", type=int, default=1536, help="tiny BPE vocabulary (every name word one token)")
     p.add_argument("--copy_steps", type=int, default=2000,
                    help="copy warm-up steps of the tiny model (model.copy_warmup; 0: none)")
+    p.add_argument("--caption_steps", type=int, default=400,
+                   help="caption warm-up steps of the tiny model (model.caption_warmup; 0: none)")
     p.add_argument("--hidden", type=int, default=128, help="tiny model width")
     p.add_argument("--layers", type=int, default=4, help="tiny model decoder layers")
     p.add_argument("--heads", type=int, default=4, help="tiny model attention heads")
@@ -174,7 +176,7 @@ def get_args(argv=None):
                    help="real: the DeepMMSearchVQA pipeline with a teacher MLLM (see --world real --help)")
     args = p.parse_args(argv)
     if args.small:
-        args.n_entities, args.n_sft, args.n_rl, args.n_eval, args.copy_steps = 40, 160, 40, 40, 0
+        args.n_entities, args.n_sft, args.n_rl, args.n_eval, args.copy_steps, args.caption_steps = 40, 160, 40, 40, 0, 0
     return args
 
 
@@ -239,8 +241,16 @@ def make_entities(n, held_out, seed):
     pool = 2 * math.isqrt(3 * n) + 8  # pool^2 >= 12 n pairs: room for entities and their distractors
     firsts = [fresh(rng, used, make_word) for _ in range(pool)]
     lasts = [fresh(rng, used, make_word) for _ in range(pool)]
-    pairs = rng.sample([(f, la) for f in firsts for la in lasts], n)
     n_held = max(MAX_SLOTS, round(n * held_out))
+    pairs = [(f, la) for f in firsts for la in lasts]
+    rng.shuffle(pairs)
+    train_pairs = pairs[:n - n_held]
+    # ...made of words that training names use: a word no training trajectory shows is an untrained
+    # token to copy (measured: "Genar", in held-out names only, was copied wrong in every answer that needed it)
+    seen = {w for p in train_pairs for w in p}
+    pairs = [p for p in pairs[n - n_held:] if set(p) <= seen][:n_held] + train_pairs
+    if len(pairs) < n:
+        raise ValueError(f"{n} entities: too few names for the held-out share {held_out}")
     ents = []
     for i, (shape, colour, colour2, mark) in enumerate(looks):
         name = " ".join(pairs[i])
@@ -297,9 +307,12 @@ def a(word):
     return ("an " if word[0] in "aeiou" else "a ") + word
 
 
+def look(e):
+    return f"{a(e['colour'])} {e['category']} with {a(MARKS[e['mark']].format(c=e['colour2']))}"
+
+
 def describe(e):
-    mark = MARKS[e["mark"]].format(c=e["colour2"])
-    return f"{e['name']} is {a(e['colour'])} {e['category']} with {a(mark)}."
+    return f"{e['name']} is {look(e)}."
 
 
 def pages_of(e):
@@ -396,6 +409,20 @@ def render_scene(icons):
     for i, icon in enumerate(icons):
         img.paste(icon, tuple(slot_box(i)[:2]))
     return img
+
+
+def captions(ents, icons, n_scenes, seed):
+    """(image, text) pairs for the tiny model's caption warm-up (what a pretrained VLM can already
+    see), from training entities only: every icon ("A red star with a blue dot."), and n_scenes
+    scenes of 2-4 of them ("From the left: a red star with a blue dot, a ...")."""
+    rng = random.Random(f"{seed}-captions")
+    train = [e for e in ents if e["split"] == "train"]
+    pairs = [(icons[e["id"]], look(e)[0].upper() + look(e)[1:] + ".") for e in train]
+    for _ in range(n_scenes):
+        scene = rng.sample(train, rng.randint(2, MAX_SLOTS))
+        pairs.append((render_scene([icons[e["id"]] for e in scene]),
+                      "From the left: " + ", ".join(look(e) for e in scene) + "."))
+    return pairs
 
 
 # ----------------------------------------------------------------------------- questions
@@ -700,22 +727,24 @@ def build(args, out):
     if not args.no_tiny:
         t1 = time.time()
         size = {"hidden": args.hidden, "layers": args.layers, "heads": args.heads, "kv_heads": max(1, args.heads // 2)}
-        size["copy_steps"] = args.copy_steps
-        if build_tiny(out / "tiny", tiny_texts(corpus, all_questions, sft), args.seed, args.vocab_size, size):
+        size.update(copy_steps=args.copy_steps, caption_steps=args.caption_steps,
+                    captions=captions(ents, icons, len(train), args.seed) if args.caption_steps else ())
+        if build_tiny(out / "tiny", tiny_texts(corpus, all_questions, sft), args.seed, args.vocab_size, size,
+                      log=None if args.quiet else tqdm.write):
             mean_tok, max_tok = tokens_per_trajectory(sft, out / "tiny")
             summary["sft_tokens"] = {"mean": round(mean_tok, 1), "max": max_tok}
         seconds["tiny tokenizer+checkpoint"] = time.time() - t1
     return summary, seconds
 
 
-def build_tiny(out_dir, texts, seed, vocab_size, size):
+def build_tiny(out_dir, texts, seed, vocab_size, size, log=None):
     """model.build_tiny on our texts; False when model.py cannot be imported."""
     try:
         import model
     except ImportError as err:  # model.py is another stage's file; the world itself does not need it
         print(f"make_data: model.py not importable ({err}); skipping the tiny checkpoint", file=sys.stderr)
         return False
-    model.build_tiny(out_dir, texts, seed=seed, vocab_size=vocab_size, **size)
+    model.build_tiny(out_dir, texts, seed=seed, vocab_size=vocab_size, log=log, **size)
     return True
 
 

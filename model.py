@@ -47,12 +47,17 @@ SPECIAL_TOKENS = [
     "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
     "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
 ]
-# Qwen2's pre-tokenizer split (a fact of the released tokenizer.json), reused for the tiny BPE so
-# that text is cut into pieces the same way as for a real checkpoint.
-QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-              r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+# The tiny BPE's split: Qwen2's, except that a capitalised word or a number stands alone (no space
+# or bracket joined to its front) and a number of up to 4 digits is one piece. A name or a year is
+# then the same tokens on a result page (" by Vukuk Brillan") as in an action ("<answer>Vukuk
+# Brillan"). A pretrained model knows that " Vukuk" and ">Vukuk" are one word; a random one cannot
+# learn it for a word it never saw in that place (measured: it copied the first word of a name wrong
+# in most wrong answers). 11% more tokens than Qwen's split on sft.jsonl.
+TINY_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}>]?\p{Ll}+|\p{Lu}\p{L}*|\p{N}{1,4}"
+              r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s")
 CHAT_TEMPLATE_FILE = "qwen2_5_vl_chat_template.jinja"
 VISION_BLOCK = "<|vision_start|><|image_pad|><|vision_end|>"
+CAPTION_PROMPT = "Describe the image."
 
 
 # ----------------------------------------------------------------------------- processor
@@ -219,14 +224,14 @@ def chat_template_text():
     return (HERE / CHAT_TEMPLATE_FILE).read_text()
 
 
-def train_tokenizer(texts, vocab_size=4096):
-    """A byte-level BPE with Qwen2's pre-tokenizer and special tokens, trained on `texts`."""
+def train_tokenizer(texts, vocab_size=4096, split=TINY_SPLIT):
+    """A byte-level BPE with Qwen2's special tokens and the pre-tokenizer `split`, trained on `texts`."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
     tok = Tokenizer(models.BPE())
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated"),
+        pre_tokenizers.Split(Regex(split), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
@@ -290,12 +295,35 @@ def copy_warmup(model, token_ids, steps, seed=0, batch=16, lr=1e-3, log=None):
     return model
 
 
+def caption_warmup(model, processor, pairs, steps, seed=0, batch=16, lr=1e-3, log=None):
+    """Give a freshly initialised model the sight a pretrained VLM has: next-token training on
+    `pairs` of (PIL image, what it shows), as one user turn with the image and one assistant turn.
+    Without it the tiny vision tower stays near chance on colours and shapes through SFT, where
+    the answer to a look question is one token in a trajectory of hundreds."""
+    items = [render(processor, [{"role": "user", "content": IMAGE + CAPTION_PROMPT},
+                                {"role": "assistant", "content": text}], [im]) for im, text in pairs]
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    for step in range(steps):
+        b = collate([items[i] for i in torch.randint(len(items), (batch,), generator=g).tolist()], processor)
+        loss = -(token_logprobs(model, b) * b["loss_mask"]).sum() / b["loss_mask"].sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if log and (step + 1) % 250 == 0:
+            log(f"caption warm-up step {step + 1}/{steps}: loss {loss.item():.3f}")
+    model.eval()
+    return model
+
+
 def build_tiny(out_dir, texts, seed=0, vocab_size=4096, min_pixels=28 * 28, max_pixels=224 * 224,
-               copy_steps=0, log=None, **size):
+               copy_steps=0, captions=(), caption_steps=0, log=None, **size):
     """Write a randomly initialised Qwen2.5-VL checkpoint + processor to `out_dir`, loadable by
     `load()` exactly like a real one. `size`: hidden, layers, heads, kv_heads, ffn, vision_* (tiny_config).
-    copy_steps > 0: first teach it to copy (`copy_warmup`), the one skill of pretraining the
-    synthetic world's tasks cannot do without."""
+    Two skills of pretraining the synthetic world's tasks cannot do without come first:
+    copy_steps > 0 teaches it to copy (`copy_warmup`), caption_steps > 0 to see (`caption_warmup`
+    on `captions`, (PIL image, text) pairs)."""
     from transformers import Qwen2_5_VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
     # The chat template's own words, so that they merge like any frequent text (a real vocabulary has them).
@@ -307,9 +335,11 @@ def build_tiny(out_dir, texts, seed=0, vocab_size=4096, min_pixels=28 * 28, max_
     model = Qwen2_5_VLForConditionalGeneration(tiny_config(len(tok), ids, **size))
     if copy_steps:
         copy_warmup(model, [i for i in range(len(tok)) if i not in ids.values()], copy_steps, seed, log=log)
-    ip = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels)
-    save(model, Processor(tok, ip), out_dir, {"step": 0, "tiny": True, "seed": seed, "size": size,
-                                              "copy_steps": copy_steps})
+    processor = Processor(tok, Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels))
+    if caption_steps:
+        caption_warmup(model, processor, captions, caption_steps, seed, log=log)
+    save(model, processor, out_dir, {"step": 0, "tiny": True, "seed": seed, "size": size,
+                                     "copy_steps": copy_steps, "caption_steps": caption_steps})
     return out_dir
 
 

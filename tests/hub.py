@@ -20,6 +20,9 @@ import torch
 
 import model as M
 
+# Qwen2's pre-tokenizer split (a fact of the released tokenizer.json)
+QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+              r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 # The published Qwen2.5-VL-3B-Instruct config.json (transformers_version 4.41.2), every field kept;
 # the sizes are shrunk in build_hub_checkpoint.
 HUB_CONFIG = {
@@ -126,7 +129,7 @@ def qwen_tokenizer(tiktoken_file):
                 ranks[base64.b64decode(token)] = int(rank)
             return ranks
 
-    tok = QwenTikToken(str(tiktoken_file), pattern=M.QWEN_SPLIT).converted()
+    tok = QwenTikToken(str(tiktoken_file), pattern=QWEN_SPLIT).converted()
     assert tok.get_vocab_size() == BPE_SIZE, f"{tiktoken_file}: {tok.get_vocab_size()} ranks, expected {BPE_SIZE}"
     # as in the hub's tokenizer.json (the converter leaves out the normalizer and sets another post-processor)
     tok.normalizer = normalizers.NFC()

@@ -633,7 +633,7 @@ def test_compare_builds_the_pipeline_table(tiny_dir, world, tmp_path, capsys):
             "--data", str(world), "--out", str(out), "--max_turns", "3", "--max_new_tokens", "8", "--no_progress"])
     table = (out / "compare.md").read_text()
     assert table in capsys.readouterr().out
-    lines = [line for line in table.splitlines() if line.startswith("| ")]
+    lines = [line for line in table.split("\n\n")[0].splitlines() if line.startswith("| ")]
     assert lines[0].startswith("| Method | search-free (n=0) | image (n=0) | image + text (n=3) | multi-hop (n=1) | "
                                "search-required (n=4) | crop-needed (n=0) | all (n=4)")
     assert "RL - SFT agent, all 4 questions: +0.0 points" in table  # the same checkpoint twice
@@ -644,6 +644,36 @@ def test_compare_builds_the_pipeline_table(tiny_dir, world, tmp_path, capsys):
     rows = json.loads((out / "compare.json").read_text())["rows"]
     assert rows[1][1]["search-required"]["searches_per_q"] == 1.75  # RAG: 2 searches, 1 without an image
     assert len(T.read_jsonl(out / "compare_trajectories.jsonl")) == 4 * 4
+    usage = [line for line in table.splitlines() if line.startswith("| Direct answer | ")]
+    assert usage == ["| Direct answer | 100.0 | 0.0 | 0.0 | 0.0 | 0.0 | 0.0 |"]
+    assert (out / "curves.svg").read_text().startswith("<svg")
+
+
+def test_tool_usage_classes():
+    recs = [{"n_text": t, "n_image": i, "n_crop": c} for t, i, c in
+            [(0, 0, 0), (2, 1, 0), (1, 0, 1), (0, 1, 0), (1, 0, 0), (3, 0, 0), (0, 0, 0), (0, 0, 2)]]
+    assert E.tool_usage(recs) == {"no search": 2 / 8, "text only": 2 / 8, "image only": 1 / 8, "image + text": 1 / 8,
+                                  "crop": 2 / 8, "2+ text searches": 2 / 8}
+
+
+def test_training_curves_from_the_logs(tmp_path):
+    import xml.etree.ElementTree as ET
+    sft, rl = tmp_path / "sft", tmp_path / "rl"
+    sft.mkdir(), rl.mkdir()
+    (sft / "log.txt").write_text("config {}\n" + "".join(
+        f"step {i}/20 | epoch 0.10 | loss {2 / i:.4f} | lr 1e-4 | tok/s 5000\n" for i in range(1, 21))
+        + "eval step 10 | loss 0.5 | trajectories 8 | agent_acc 0.25 (n=4)\n"
+        + "eval step 20 | loss 0.25 | trajectories 8 | agent_acc 0.5 (n=4)\n")
+    (rl / "log.txt").write_text("step    1 | reward 0.2 | acc 0.1 | search/q text 0.50 img 0.25 crop 0.25 | tok/s roll 9\n"
+                                "step    2 | reward 0.4 | acc 0.3 | search/q text 1.00 img 0.00 crop 0.50 | tok/s roll 9\n")
+    assert E.log_series(sft / "log.txt")["loss"][:2] == [(1, 2.0), (2, 1.0)]
+    assert E.log_series(sft / "log.txt", "eval step ")["agent_acc"] == [(10, 0.25), (20, 0.5)]
+    assert E.log_series(rl / "log.txt")["search/q"] == [(1, 1.0), (2, 1.5)]  # searches of all kinds per question
+    svg = ET.fromstring(E.pipeline_curves(sft, rl))
+    lines = [e for e in svg.iter() if e.tag.endswith("polyline")]
+    assert len(lines) == 4 + 6  # an axis per panel, 6 series
+    assert len([e for e in svg.iter() if e.tag.endswith("circle")]) == 2 + 2 + 2 + 2 + 2  # short series get dots
+    assert ET.fromstring(E.pipeline_curves(tmp_path / "none", tmp_path / "none")) is not None  # no logs: empty panels
 
 
 def test_paired_bootstrap_interval():

@@ -52,7 +52,9 @@ def test_held_out_entities_never_reach_training_files(world):
         for e in held:
             assert e["name"] not in text, (name, e["name"])
             assert f'"{e["id"]}"' not in text and e["image"] not in text, (name, e["id"])
-        # (name words come from shared pools: a held-out name is a pair never seen in training)
+    # name words come from shared pools: a held-out name is a pair never seen in training, of words seen there
+    words = {w for e in ents if e["split"] == "train" for w in e["name"].split()}
+    assert all(set(e["name"].split()) <= words for e in held)
     held_ids = {e["id"] for e in held}
     for name in ("questions_eval.jsonl", "questions_hard.jsonl"):
         for q in tools.read_jsonl(out / name):

@@ -227,3 +227,34 @@ def test_copy_warmup_trains_copying(tiny_dir):
     before = copy_loss()
     M.copy_warmup(model, ids.tolist(), steps=60, seed=0)
     assert copy_loss() < before - 0.3 and not model.training
+
+
+def test_tiny_tokens_of_a_name_are_the_same_on_a_page_and_in_an_action():
+    from tests.conftest import TINY_TEXTS
+    texts = TINY_TEXTS + ["Bunork Bubus is made by Vukuk Brillan.", "<answer>Vukuk Brillan</answer>",
+                          "It was founded in 1894.", "<answer>1894</answer>"] * 20
+    tok = M.train_tokenizer(texts, 400)
+
+    def pieces(text):
+        return tok.convert_ids_to_tokens(tok(text, add_special_tokens=False)["input_ids"])
+    name, year = pieces("Vukuk Brillan"), pieces("1894")
+    assert len(year) == 1
+    for text, part in [("made by Vukuk Brillan.", name), ("<answer>Vukuk Brillan</answer>", name),
+                       ("<text_search>Vukuk Brillan maker</text_search>", name),
+                       ("founded in 1894.", year), ("<answer>1894</answer>", year)]:
+        got = pieces(text)
+        assert any(got[i:i + len(part)] == part for i in range(len(got))), (text, got, part)
+
+
+def test_caption_warmup_trains_seeing(tiny_dir):
+    model, proc = M.load(tiny_dir, log=None)
+    pairs = [(Image.new("RGB", (56, 56), c), f"A {c} square.") for c in ("red", "blue", "green", "black")]
+    b = M.collate([M.render(proc, [{"role": "user", "content": M.IMAGE + M.CAPTION_PROMPT},
+                                   {"role": "assistant", "content": t}], [im]) for im, t in pairs], proc)
+
+    def loss():
+        with torch.no_grad():
+            return -(M.token_logprobs(model, b) * b["loss_mask"]).sum().item() / b["loss_mask"].sum().item()
+    before = loss()
+    M.caption_warmup(model, proc, pairs, steps=30, seed=0, batch=4)
+    assert loss() < before - 1.0 and not model.training
