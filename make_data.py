@@ -85,7 +85,7 @@ from tqdm import tqdm  # noqa: E402
 
 import tools  # noqa: E402
 
-VERSION = 4  # bump when the world changes, so an old data/ is rebuilt rather than skipped
+VERSION = 5  # bump when the world changes, so an old data/ is rebuilt rather than skipped
 
 # ----------------------------------------------------------------------------- the world's vocabulary
 
@@ -129,7 +129,7 @@ IMAGE_INDEX_TEXTS = ("{name} is {a_category}.", "A photo of {name}.", "{name}, {
 R_IDENTIFY = "I need to identify {obj}."
 R_FOUND = {"whole": "The image is {name}.", "crop": "The object is {name}."}
 R_NEED = " I need its {key}."
-R_HOP = "{sentence} I need the {key} of {name}."
+R_HOP = "{sentence} Next search: {name} {key}."  # the query, word for word: copied, not composed
 R_WRONG = "The result is about {got}, not {want}. I will search the exact name."
 R_FREE = {"shape": "I can see the shape of {obj}.", "colour": "I can see the colour of {obj}."}
 

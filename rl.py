@@ -320,7 +320,8 @@ def get_args(argv=None):
     p.add_argument("--weight_decay", type=float, default=0.0)
     p.add_argument("--lora_rank", type=int, default=0, help="0: full fine-tuning")
     p.add_argument("--lora_alpha", type=float, default=16)
-    p.add_argument("--freeze_vision", action="store_true", help="train the language model only")
+    p.add_argument("--freeze_vision", action=argparse.BooleanOptionalAction, default=True,
+                   help="train the language model only (as sft.py does by default)")
     p.add_argument("--fsdp", action="store_true", help="FSDP2 sharding instead of DDP")
     p.add_argument("--grad_ckpt", action="store_true", help="gradient checkpointing in the decoder blocks")
     p.add_argument("--separate_forwards", action="store_true", help="score and update each trajectory on its "

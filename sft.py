@@ -11,7 +11,7 @@ batch, however the batch is split into micro-batches and ranks: 1 process and N 
     python sft.py                                     # tiny model (data/tiny) on data/sft.jsonl, CPU, minutes
     python sft.py --resume                            # continue out/sft exactly where it stopped
     torchrun --standalone --nproc_per_node=2 sft.py   # DDP (gloo on CPU, NCCL on GPUs)
-    torchrun --standalone --nproc_per_node=8 sft.py --fsdp --grad_ckpt --freeze_vision \\
+    torchrun --standalone --nproc_per_node=8 sft.py --fsdp --grad_ckpt \\
         --model /path/to/Qwen2.5-VL-7B-Instruct --data /path/to/sft.jsonl --out out/sft_7b \\
         --epochs 3 --batch_size 64 --micro_batch 1 --max_len 8192      # full fine-tuning, FSDP2
     torchrun --standalone --nproc_per_node=8 sft.py --lora_rank 8 --grad_ckpt \\
@@ -82,8 +82,10 @@ def get_args(argv=None):
     # what trains
     p.add_argument("--lora_rank", type=int, default=0, help="LoRA rank on the language model (0: full fine-tuning)")
     p.add_argument("--lora_alpha", type=float, default=16.0)
-    p.add_argument("--freeze_vision", action="store_true", help="freeze the vision tower and projector "
-                   "(LoRA freezes them anyway)")
+    p.add_argument("--freeze_vision", action=argparse.BooleanOptionalAction, default=True,
+                   help="freeze the vision tower and projector, as the paper does (LoRA freezes them anyway); "
+                        "the tiny model's sight comes from make_data's caption warm-up, which unfrozen SFT "
+                        "mostly forgets (search-free direct answer 50.0 vs 86.7, measured)")
     p.add_argument("--grad_ckpt", action="store_true", help="gradient checkpointing in the decoder and vision blocks")
     p.add_argument("--fsdp", action="store_true", help="FSDP2 sharding per block instead of DDP (for 7B)")
     p.add_argument("--precision", choices=sorted(M.PRECISIONS), default=None,
