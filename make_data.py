@@ -47,8 +47,9 @@ The world is built for a tiny model to learn from in minutes on a CPU:
 - each fact lives on its own short page titled "<name> <relation>", so the query that finds it is a
   copy of the name the image search returned plus a relation word, and the answer is a copy from
   the page; near-miss names (one letter off) make a sloppy query land on the wrong page;
-- scenes put 2-4 icons in fixed 56 px slots, so whole-image search is ambiguous and the right crop
-  box is one of a few fixed `[x1, y1, x2, y2]`.
+- scenes put 2-4 icons in fixed 56 px slots, so whole-image search is ambiguous; the teacher crops
+  as the paper does, with a referring expression from the question ("the third object from the
+  left", "the square") that the world's grounder (tools.SceneGrounder, from pixels) turns into a box.
 Teacher trajectories are made by running our tools for real (tools.make_tools + Tools.execute): the
 teacher decides each action from what the previous observation says, never from the gold answer,
 and only trajectories that reach the gold answer are kept (the rate is reported); then every kept
@@ -85,7 +86,7 @@ from tqdm import tqdm  # noqa: E402
 
 import tools  # noqa: E402
 
-VERSION = 5  # bump when the world changes, so an old data/ is rebuilt rather than skipped
+VERSION = 6  # bump when the world changes, so an old data/ is rebuilt rather than skipped
 
 # ----------------------------------------------------------------------------- the world's vocabulary
 
@@ -540,7 +541,9 @@ def teacher(q, image, tk, typo=None):
         return done(answer)
 
     how = "crop" if "box" in meta else "whole"
-    where = {"box": tuple(meta["box"])} if how == "crop" else {"whole": True}
+    # A crop is asked for as the paper does: a referring expression, which the grounder (here the
+    # world's tools.SceneGrounder, GroundingDINO on real images) turns into a box.
+    where = {"arg": obj} if how == "crop" else {"whole": True}
     name = first_result(act(R_IDENTIFY.format(obj=obj), "img_search", **where))["title"]
     if not name:
         return done(None)
@@ -1620,9 +1623,8 @@ def get_real_args(argv=None):
 
 
 def build_real_context(args, out, meter):
-    grounder = args.grounder
-    if grounder:
-        grounder = LockedGrounder(tools.GroundingDinoGrounder(grounder))
+    # Real photos: GroundingDINO or no grounder, never the synthetic world's (False: none).
+    grounder = LockedGrounder(tools.GroundingDinoGrounder(args.grounder)) if args.grounder else False
     summarizer = None
     if args.summarizer_url:
         summarizer = CountingSummarizer(tools.ChatSummarizer(args.summarizer_url, args.summarizer_model or

@@ -417,6 +417,84 @@ class GroundingDinoGrounder:
         return tuple(float(v) for v in found["boxes"][best].tolist())
 
 
+ORDINAL_WORDS = ("first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth")
+
+
+def _outline(fg):
+    """Signed foreground occupancy of a mask cut to its bounding box, on a SHAPE_GRID grid, as a
+    unit vector (-0.5 empty .. +0.5 full per cell): the object's silhouette, whatever its colours."""
+    rows, cols = np.flatnonzero(fg.any(axis=1)), np.flatnonzero(fg.any(axis=0))
+    fg = fg[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+    occupancy = Image.fromarray(fg.astype(np.uint8) * 255).resize((SHAPE_GRID, SHAPE_GRID), Image.BOX)
+    shape = np.asarray(occupancy, dtype=np.float64).ravel() / 255 - 0.5
+    return shape / max(np.linalg.norm(shape), 1e-12)
+
+
+class SceneGrounder:
+    """The offline world's GroundingDINO: grounds a referring expression in an image of separate
+    objects on a plain background, from its pixels. Objects are the runs of foreground columns, left
+    to right. "the third object from the left" (or "from the right") picks by position; "the square"
+    picks the object whose silhouette is nearest (cosine) to the mean silhouette of the labelled
+    examples of that name (`examples`: {name: [PIL images]}), when it is the nearest of all names.
+    Returns the object's box padded by `pad` pixels, or None when the expression names nothing there."""
+
+    def __init__(self, examples, pad=2):
+        if not examples:
+            raise ValueError("SceneGrounder needs labelled example images of at least one shape")
+        self.names = sorted(examples)
+        means = [np.mean([_outline(_foreground(np.asarray(_rgb(im)))) for im in examples[n]], axis=0)
+                 for n in self.names]
+        self.prototypes = np.stack([m / np.linalg.norm(m) for m in means])  # (names, SHAPE_GRID**2)
+        self.pad = pad
+
+    @classmethod
+    def from_entities(cls, path, label="category", split="train"):
+        """From make_data.py's entities.jsonl: the icons of the `split` entities, labelled by `label`
+        (training entities only by default: the grounder learns nothing about held-out ones)."""
+        examples, base = {}, os.path.dirname(os.path.abspath(path))
+        for row in read_jsonl(path, required=("image", label)):
+            if split is None or row.get("split") == split:
+                with Image.open(os.path.join(base, row["image"])) as im:
+                    examples.setdefault(str(row[label]), []).append(im.convert("RGB"))
+        return cls(examples)
+
+    def objects(self, image):
+        """[(box, foreground mask of the box)] of the image's objects, left to right."""
+        pixels = np.asarray(_rgb(image))
+        fg = _foreground(pixels)
+        if fg.all():  # blank, or no background to tell objects apart
+            return []
+        cols = fg.any(axis=0).astype(np.int8)
+        edges = np.flatnonzero(np.diff(np.concatenate([[0], cols, [0]])))  # run starts and ends, alternating
+        found = []
+        for x1, x2 in zip(edges[::2], edges[1::2]):
+            rows = np.flatnonzero(fg[:, x1:x2].any(axis=1))
+            y1, y2 = rows[0], rows[-1] + 1
+            found.append(((int(x1), int(y1), int(x2), int(y2)), fg[y1:y2, x1:x2]))
+        return found
+
+    def shape_of(self, mask):
+        return self.names[int(np.argmax(self.prototypes @ _outline(mask)))]
+
+    def ground(self, image, expression):
+        words = re.findall(r"[a-z]+", expression.lower())
+        objects = self.objects(image)
+        pick = None
+        ordinal = next((w for w in words if w in ORDINAL_WORDS), None)
+        if ordinal and "object" in words:
+            i = ORDINAL_WORDS.index(ordinal)
+            order = objects[::-1] if "right" in words else objects
+            pick = order[i] if i < len(order) else None
+        else:
+            name = next((w for w in words if w in self.names), None)
+            hits = [o for o in objects if name and self.shape_of(o[1]) == name]
+            pick = hits[0] if len(hits) == 1 else None  # "the square" among two squares names neither
+        if pick is None:
+            return None
+        (x1, y1, x2, y2), p = pick[0], self.pad
+        return (max(x1 - p, 0), max(y1 - p, 0), min(x2 + p, image.width), min(y2 + p, image.height))
+
+
 # ---------------------------------------------------------------------------------------------
 # Text search: BM25 over a local corpus
 # ---------------------------------------------------------------------------------------------
@@ -566,11 +644,9 @@ def image_descriptor(image):
     quadrant = row_quadrant[:, None] * GRID + col_quadrant[None, :]
     colours = np.bincount(colour[fg], minlength=n_colours)
     placed = np.bincount((quadrant * n_colours + colour)[fg], minlength=GRID * GRID * n_colours)
-    occupancy = Image.fromarray(fg.astype(np.uint8) * 255).resize((SHAPE_GRID, SHAPE_GRID), Image.BOX)
-    # Signed occupancy (-0.5 empty .. +0.5 full): empty cells count against full ones, which tells a
-    # circle from a square far better than the overlap of two mostly-full grids would.
-    shape = np.asarray(occupancy, dtype=np.float64).ravel() / 255 - 0.5
-    blocks = [np.sqrt(colours / colours.sum()), np.sqrt(placed / placed.sum()), shape]
+    # Signed occupancy: empty cells count against full ones, which tells a circle from a square far
+    # better than the overlap of two mostly-full grids would.
+    blocks = [np.sqrt(colours / colours.sum()), np.sqrt(placed / placed.sum()), _outline(fg)]
     vector = np.concatenate([block / max(np.linalg.norm(block), 1e-12) for block in blocks])
     return (vector / np.linalg.norm(vector)).astype(np.float32)
 
@@ -1485,7 +1561,8 @@ def make_tools(data_dir="data", backend="local", cache=None, cache_mode="rw", gr
     text_index / image_index: folders built by `python tools.py index` (CLIP / SigLIP images, e5 /
     BGE texts); each replaces the backend's search of its kind. cache: a SQLite path (or a
     SearchCache) used in `cache_mode`. grounder: a local GroundingDINO folder or any object with
-    ground(image, expression). Other keywords (topk, max_calls, max_img_search, attach, summarizer,
+    ground(image, expression); None: the synthetic world's SceneGrounder when data_dir holds
+    make_data.py's entities.jsonl, else none; False: none (referring expressions are then refused). Other keywords (topk, max_calls, max_img_search, attach, summarizer,
     snippet_words) go to Tools.
     """
     dense_text = DenseIndex(text_index) if text_index else None
@@ -1521,7 +1598,10 @@ def make_tools(data_dir="data", backend="local", cache=None, cache_mode="rw", gr
         raise ValueError("cache_mode 'replay' needs a cache file (cache=PATH)")
     if isinstance(grounder, (str, os.PathLike)):
         grounder = GroundingDinoGrounder(grounder)
-    return Tools(text_backend, image_backend, grounder=grounder, cache=cache, **kw)
+    world = os.path.join(data_dir, "entities.jsonl")
+    if grounder is None and os.path.exists(world):  # the synthetic world: its grounder comes with it
+        grounder = SceneGrounder.from_entities(world)
+    return Tools(text_backend, image_backend, grounder=grounder or None, cache=cache, **kw)
 
 
 BACKENDS = ("local", "http", "searchr1", "serpapi")

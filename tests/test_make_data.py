@@ -114,6 +114,64 @@ def test_crop_search_beats_whole_scene_search(world):
     assert acc["single_icon"] >= 0.99
 
 
+def scene_of(ents):
+    icons = [make_data.render_icon(e) for e in ents]
+    return make_data.render_scene(icons)
+
+
+@pytest.fixture(scope="module")
+def grounder(world):
+    out, _ = world
+    return tools.SceneGrounder.from_entities(out / "entities.jsonl")  # training entities' icons
+
+
+def test_scene_grounder_finds_the_nth_object(world, grounder):
+    out, _ = world
+    ents = tools.read_jsonl(out / "entities.jsonl")[:4]
+    scene = scene_of(ents)
+    for i, word in enumerate(make_data.ORDINALS):
+        box = grounder.ground(scene, f"the {word} object from the left")
+        x1, y1, x2, y2 = make_data.slot_box(i)
+        assert x1 <= box[0] < box[2] <= x2 and box[2] - box[0] > 30, (word, box)
+        assert grounder.ground(scene, f"The {word} object from the right.") == \
+            grounder.ground(scene, f"the {make_data.ORDINALS[3 - i]} object from the left")
+    assert grounder.ground(make_data.render_scene([make_data.render_icon(ents[0])] * 2),
+                           "the third object from the left") is None
+
+
+def test_scene_grounder_tells_held_out_shapes_apart(world, grounder):
+    out, _ = world
+    held = [e for e in tools.read_jsonl(out / "entities.jsonl") if e["split"] == "heldout"]
+    held = [e for e in held if e["category"] in grounder.names]  # a shape no training entity has is unknown
+    assert len(held) >= 5
+    for e in held:  # one object alone, its silhouette against the training entities' mean ones
+        (box, mask), = grounder.objects(make_data.render_icon(e))
+        assert grounder.shape_of(mask) == e["category"], e["id"]
+
+
+def test_scene_grounder_names_one_object_or_none(world, grounder):
+    out, _ = world
+    ents = [e for e in tools.read_jsonl(out / "entities.jsonl") if e["category"] in grounder.names]
+    a = ents[0]
+    b = next(e for e in ents if e["category"] != a["category"])
+    box = grounder.ground(scene_of([b, a]), f"the {a['category']}")
+    assert make_data.slot_box(1)[0] <= box[0] and box[2] <= make_data.slot_box(1)[2]
+    assert grounder.ground(scene_of([a, b, a]), f"the {a['category']}") is None  # two of them: ambiguous
+    assert grounder.ground(scene_of([b, b]), f"the {a['category']}") is None  # none of them
+    assert grounder.ground(scene_of([a, b]), "a cat") is None
+
+
+def test_crop_trajectories_ask_for_the_object_the_question_names(world):
+    out, _ = world
+    rows = [r for r in tools.read_jsonl(out / "sft.jsonl") if r["kind"] == "crop"]
+    assert rows
+    for r in rows:
+        first = tools.parse_action(r["messages"][1]["content"])
+        assert first.kind == "img_search" and first.box is None and not first.whole
+        assert first.arg.lower() in r["messages"][0]["content"].lower()  # copied from the question
+        assert r["messages"][2]["content"].startswith("<information>")  # grounded and searched
+
+
 def test_question_files_load(world):
     out, _ = world
     for name in ("questions_train.jsonl", "rl.jsonl", "questions_eval.jsonl", "questions_hard.jsonl"):
