@@ -86,7 +86,7 @@ from tqdm import tqdm  # noqa: E402
 
 import tools  # noqa: E402
 
-VERSION = 6  # bump when the world changes, so an old data/ is rebuilt rather than skipped
+VERSION = 7  # bump when the world changes, so an old data/ is rebuilt rather than skipped
 
 # ----------------------------------------------------------------------------- the world's vocabulary
 
@@ -135,7 +135,8 @@ R_WRONG = "The result is about {got}, not {want}. I will search the exact name."
 R_FREE = {"shape": "I can see the shape of {obj}.", "colour": "I can see the colour of {obj}."}
 
 KINDS = ("search_free", "image", "image_text", "multihop", "crop")
-SEARCH_MIX = {"image": 0.2, "image_text": 0.3, "multihop": 0.2, "crop": 0.3}  # of search-required
+SEARCH_MIX = {"image": 0.15, "image_text": 0.3, "multihop": 0.2, "crop": 0.35}  # of search-required
+BY_CATEGORY = 0.6  # share of scene objects named by their category ("the square") when it is unique there
 FREE_ON_SCENE = 0.25  # share of search-free questions asked about one object of a scene
 CROP_WITH_FACT = 0.5  # share of crop questions that need a text search after the crop
 URL = "https://synth.local/"
@@ -164,7 +165,7 @@ def get_args(argv=None):
     p.add_argument("--vocab_size", type=int, default=1536, help="tiny BPE vocabulary (every name word one token)")
     p.add_argument("--copy_steps", type=int, default=2000,
                    help="copy warm-up steps of the tiny model (model.copy_warmup; 0: none)")
-    p.add_argument("--caption_steps", type=int, default=400,
+    p.add_argument("--caption_steps", type=int, default=1000,
                    help="caption warm-up steps of the tiny model (model.caption_warmup; 0: none)")
     p.add_argument("--hidden", type=int, default=128, help="tiny model width")
     p.add_argument("--layers", type=int, default=4, help="tiny model decoder layers")
@@ -432,7 +433,7 @@ def captions(ents, icons, n_scenes, seed):
 def referring(scene_ents, slot, rng, by_category=True):
     """How a question names one object of a scene: its position, or its category when unique there."""
     cats = Counter(e["category"] for e in scene_ents)
-    if by_category and cats[scene_ents[slot]["category"]] == 1 and rng.random() < 0.4:
+    if by_category and cats[scene_ents[slot]["category"]] == 1 and rng.random() < BY_CATEGORY:
         return f"the {scene_ents[slot]['category']}"
     return f"the {ORDINALS[slot]} object from the left"
 

@@ -1042,12 +1042,19 @@ class LogProbs(nn.Module):
 
     def forward(self, batch, temperature=1.0, return_entropy=False):
         out = token_logprobs(self.model, batch, temperature, return_entropy=return_entropy)
-        if batch.get("shared", batch).get("pixel_values") is None and torch.is_grad_enabled():
-            # A text-only micro-batch leaves a trainable vision tower without gradients, while another
-            # rank's micro-batch may have images: FSDP2 then reduces different sets of gradients on
-            # different ranks. A zero-valued term gives every vision parameter a (zero) gradient.
-            zero = sum((p.sum() for p in self.model.model.visual.parameters() if p.requires_grad), 0.0) * 0.0
-            out = (out[0] + zero, out[1]) if return_entropy else out + zero
+        if not torch.is_grad_enabled():
+            return out
+        # A text-only micro-batch leaves a trainable vision tower without gradients, and one with no
+        # token to score (an empty trajectory) leaves every parameter without, while another rank's
+        # micro-batch may use them: DDP and FSDP2 would then reduce different sets of gradients on
+        # different ranks, and backward() of a loss with no graph fails. A zero-valued term gives
+        # every parameter left out a (zero) gradient.
+        lp = out[0] if return_entropy else out
+        idle = (self.model if not lp.requires_grad
+                else self.model.model.visual if batch.get("shared", batch).get("pixel_values") is None else None)
+        if idle is not None:
+            zero = sum((p.sum() for p in idle.parameters() if p.requires_grad), lp.new_zeros(())) * 0.0
+            out = (lp + zero, out[1]) if return_entropy else lp + zero
         return out
 
 
