@@ -266,6 +266,22 @@ def tiny_config(vocab_size, token_ids, hidden=128, layers=4, heads=4, kv_heads=2
         tie_word_embeddings=True)
 
 
+def _warmup(model, next_batch, steps, lr, log, name, every):
+    """`steps` AdamW steps of next-token loss on the masked tokens of next_batch() (a collated batch)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    for step in range(steps):
+        b = next_batch()
+        loss = -(token_logprobs(model, b) * b["loss_mask"]).sum() / b["loss_mask"].sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if log and (step + 1) % every == 0:
+            log(f"{name} warm-up step {step + 1}/{steps}: loss {loss.item():.3f}")
+    model.eval()
+    return model
+
+
 def copy_warmup(model, token_ids, steps, seed=0, batch=16, lr=1e-3, log=None):
     """Give a freshly initialised model the in-context copying every pretrained LM has (induction
     heads): next-token training on `x1..xn SEP x1..xn` with random tokens and n varying per batch.
@@ -274,25 +290,17 @@ def copy_warmup(model, token_ids, steps, seed=0, batch=16, lr=1e-3, log=None):
     it, SFT on the synthetic world never learns to read a name off the search results."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.as_tensor(token_ids)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    model.train()
-    for step in range(steps):
+
+    def next_batch():
         n = int(torch.randint(4, 13, (1,), generator=g))
         seq = ids[torch.randint(len(ids), (batch, n), generator=g)]  # (B, n)
         x = torch.cat([seq, seq[:, :1] * 0 + ids[0], seq], 1)  # (B, 2n+1): the separator is ids[0]
         T = x.shape[1]
         mask = torch.zeros_like(x)
         mask[:, n + 1:] = 1
-        b = {"input_ids": x, "position_ids": torch.arange(T).view(1, 1, T).expand(3, batch, T),
-             "attention_mask": torch.ones_like(x), "loss_mask": mask}
-        loss = -(token_logprobs(model, b) * mask).sum() / mask.sum()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if log and (step + 1) % 500 == 0:
-            log(f"copy warm-up step {step + 1}/{steps}: loss {loss.item():.3f}")
-    model.eval()
-    return model
+        return {"input_ids": x, "position_ids": torch.arange(T).view(1, 1, T).expand(3, batch, T),
+                "attention_mask": torch.ones_like(x), "loss_mask": mask}
+    return _warmup(model, next_batch, steps, lr, log, "copy", 500)
 
 
 def caption_warmup(model, processor, pairs, steps, seed=0, batch=16, lr=1e-3, log=None):
@@ -303,18 +311,10 @@ def caption_warmup(model, processor, pairs, steps, seed=0, batch=16, lr=1e-3, lo
     items = [render(processor, [{"role": "user", "content": IMAGE + CAPTION_PROMPT},
                                 {"role": "assistant", "content": text}], [im]) for im, text in pairs]
     g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    model.train()
-    for step in range(steps):
-        b = collate([items[i] for i in torch.randint(len(items), (batch,), generator=g).tolist()], processor)
-        loss = -(token_logprobs(model, b) * b["loss_mask"]).sum() / b["loss_mask"].sum()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if log and (step + 1) % 250 == 0:
-            log(f"caption warm-up step {step + 1}/{steps}: loss {loss.item():.3f}")
-    model.eval()
-    return model
+
+    def next_batch():
+        return collate([items[i] for i in torch.randint(len(items), (batch,), generator=g).tolist()], processor)
+    return _warmup(model, next_batch, steps, lr, log, "caption", 250)
 
 
 def build_tiny(out_dir, texts, seed=0, vocab_size=4096, min_pixels=28 * 28, max_pixels=224 * 224,
