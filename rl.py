@@ -458,6 +458,10 @@ def main(argv=None):
             f"time roll {mx['t_roll']:.1f}s score {mx['t_score']:.1f}s upd {mx['t_upd']:.1f}s")
         if not all(math.isfinite(tot[k]) for k in ("reward", "kl", "entropy")):
             raise SystemExit(f"rl.py: step {step + 1}: non-finite statistics; last good checkpoint is {out}")
+        if tot["errors"] == n:  # e.g. a prompt file moved away from its images: every step would learn nothing
+            why = next((t.observations[-1].text for t in trajs if t.finish == "error"), "see the other ranks")
+            raise SystemExit(f"rl.py: step {step + 1}: all {n:.0f} samples failed before generating (first: {why}); "
+                             "nothing of this step is saved")
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
             meta = {"stage": "rl", "base": args.ckpt, "config": vars(args)}
             M.save_checkpoint(wrapped, proc, out, meta, optimizer, step=step + 1)

@@ -227,3 +227,16 @@ def test_bad_prompts_cost_their_samples_not_the_run(tiny_dir, tmp_path, monkeypa
     assert f"{len(kept)} RL prompts" in log and "| errors 8 |" in log  # 4 bad images x G = 2
     assert log.count(f"{path}:") == 7  # each skipped line named: 4 bad fields, not JSON, [1, 2], bad UTF-8
     assert (tmp_path / "o" / M.TRAIN_STATE).is_file()
+
+
+def test_a_step_where_every_sample_fails_stops_the_run(tiny_dir, tmp_path, monkeypatch):
+    """A prompt file copied away from its images: the run stops at its first step and says why."""
+    d = write_world(tmp_path)
+    (tmp_path / "elsewhere").mkdir()
+    moved = tmp_path / "elsewhere" / "rl.jsonl"
+    moved.write_text((d / "rl.jsonl").read_text())
+    monkeypatch.setattr(rl, "reward", token_reward)
+    with pytest.raises(SystemExit, match="step 1: all 4 samples failed before generating"):
+        rl.main(["--ckpt", str(tiny_dir), "--data", str(d), "--prompts", str(moved), "--out", str(tmp_path / "o"),
+                 "--steps", "2", "--batch", "2", *SMALL[2:]])
+    assert not (tmp_path / "o" / M.TRAIN_STATE).exists()
