@@ -1050,12 +1050,14 @@ class LogProbs(nn.Module):
         # different ranks, and backward() of a loss with no graph fails. A zero-valued term gives
         # every parameter left out a (zero) gradient.
         lp = out[0] if return_entropy else out
-        idle = (self.model if not lp.requires_grad
-                else self.model.model.visual if batch.get("shared", batch).get("pixel_values") is None else None)
-        if idle is not None:
-            zero = sum((p.sum() for p in idle.parameters() if p.requires_grad), lp.new_zeros(())) * 0.0
-            out = (lp + zero, out[1]) if return_entropy else lp + zero
-        return out
+        if not lp.requires_grad:
+            idle = self.model
+        elif batch.get("shared", batch).get("pixel_values") is None:
+            idle = self.model.model.visual
+        else:
+            return out
+        zero = sum((p.sum() for p in idle.parameters() if p.requires_grad), lp.new_zeros(())) * 0.0
+        return (lp + zero, out[1]) if return_entropy else lp + zero
 
 
 def wrap(model, mode="ddp", device=None, dtype=torch.float32):
