@@ -1570,6 +1570,48 @@ def rl_minus_sft(records):
             f"interval [{100 * lo:+.1f}, {100 * hi:+.1f}]")
 
 
+_WORD = re.compile(r"[^\W_]{3,}")
+
+
+def _words(text):
+    return set(_WORD.findall((text or "").lower()))
+
+
+def wasted_calls(r):
+    """(tool calls, wasted calls) of record r. A call is used when its result brought a word (3+
+    letters or digits, any case) that neither the question nor an earlier result held, and a later
+    action wrote it: a query, a crop's expression, the answer (reasoning does not count). A repeated
+    search brings no new word; a failed call none the agent can write; an ignored result is unused."""
+    known, used = _words(r["question"]), 0
+    steps = r["steps"]
+    for i, s in enumerate(steps):
+        o = s.get("obs")
+        if s["action"]["kind"] not in ("text_search", "img_search") or not o or o["error"]:
+            continue
+        new = _words(o["text"]) - known
+        known |= new
+        used += any(new & _words(t["action"]["arg"]) for t in steps[i + 1:])
+    calls = r["n_text"] + r["n_image"] + r["n_crop"]
+    return calls, calls - used
+
+
+def wasted_line(records):
+    """'Wasted tool calls' line of the pipeline's table for the two agent rows (the issue's second
+    criterion for RL: as accurate with fewer calls whose results went unused), or None."""
+    per = {}
+    for label in ("SFT agent", "SFT+RL agent"):
+        rs = [wasted_calls(r) for r in records if r["method"].startswith(label + " (")]
+        if rs:
+            per[label] = (sum(c for c, _ in rs) / len(rs), sum(w for _, w in rs) / len(rs))
+    if not per:
+        return None
+    parts = [f"{k} {w:.3f} of {c:.2f}" for k, (c, w) in per.items()]
+    if len(per) == 2 and per["SFT agent"][1]:
+        parts.append(f"RL - SFT {100 * (per['SFT+RL agent'][1] / per['SFT agent'][1] - 1):+.0f}%")
+    return "Wasted tool calls per question (results no later query or answer used), of all calls: " + \
+        ", ".join(parts)
+
+
 def compare_table(rows):
     """rows: [(label, group_metrics)] -> Markdown: accuracy % (searches per question) by kind group."""
     groups = [*KIND_GROUPS, "all"]
@@ -1611,9 +1653,9 @@ def compare(args):
         all_records += recs
         print(f"{label}: {_pct(rows[-1][1]['all']['accuracy'])}% in {wall:.0f} s", file=sys.stderr)
     table = compare_table(rows)
-    diff = rl_minus_sft(all_records)
-    if diff:
-        table += "\n" + diff + "\n"
+    for line in (rl_minus_sft(all_records), wasted_line(all_records)):
+        if line:
+            table += "\n" + line + "\n"
     table += "\n" + tool_usage_table(usage)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -656,6 +656,21 @@ def test_tool_usage_classes():
                                   "crop": 2 / 8, "2+ text searches": 2 / 8}
 
 
+def test_wasted_calls_are_results_no_later_action_used():
+    def step(kind, arg, obs=None, error=False):
+        return {"action": {"kind": kind, "arg": arg}, "obs": obs and {"text": obs, "error": error}}
+    found = "<information>Dezek Rindir was founded in 1915. It is made by Dafith Tidot.</information>"
+    rec = {"question": "When was this object founded?", "n_text": 3, "n_image": 1, "n_crop": 0, "steps": [
+        step("img_search", "<img>", "<information>Dezek Rindir: an arrow.</information>"),  # used by the query
+        step("text_search", "Dezek Rindir founding year", found),  # used by the answer
+        step("text_search", "Dezek Rindir founding year", found),  # the same again: nothing new
+        step("text_search", "Dezek Rindir maker", "<information>Search failed: timeout</information>", error=True),
+        step("answer", "1915")]}
+    assert E.wasted_calls(rec) == (4, 2)
+    rec["steps"][-1] = step("answer", "1916")  # the fact read, then not written: that result went unused too
+    assert E.wasted_calls(rec) == (4, 3)
+
+
 def test_training_curves_from_the_logs(tmp_path):
     import xml.etree.ElementTree as ET
     sft, rl = tmp_path / "sft", tmp_path / "rl"
