@@ -1596,18 +1596,22 @@ def wasted_calls(r):
 
 
 def wasted_line(records):
-    """'Wasted tool calls' line of the pipeline's table for the two agent rows (the issue's second
-    criterion for RL: as accurate with fewer calls whose results went unused), or None."""
-    per = {}
-    for label in ("SFT agent", "SFT+RL agent"):
-        rs = [wasted_calls(r) for r in records if r["method"].startswith(label + " (")]
-        if rs:
-            per[label] = (sum(c for c, _ in rs) / len(rs), sum(w for _, w in rs) / len(rs))
-    if not per:
+    """'Wasted tool calls' line of the pipeline's table for the two agent rows, with RL - SFT over
+    the questions paired by id and its 95% interval (the issue's second criterion for RL: as accurate
+    with fewer calls whose results went unused), or None."""
+    per = {label: {r["qid"]: wasted_calls(r) for r in records if r["method"].startswith(label + " (")}
+           for label in ("SFT agent", "SFT+RL agent")}
+    parts = [f"{k} {sum(w for _, w in v.values()) / len(v):.3f} of {sum(c for c, _ in v.values()) / len(v):.2f}"
+             for k, v in per.items() if v]
+    if not parts:
         return None
-    parts = [f"{k} {w:.3f} of {c:.2f}" for k, (c, w) in per.items()]
-    if len(per) == 2 and per["SFT agent"][1]:
-        parts.append(f"RL - SFT {100 * (per['SFT+RL agent'][1] / per['SFT agent'][1] - 1):+.0f}%")
+    sft, rl = per.values()
+    common = sorted(sft.keys() & rl.keys())
+    if common and any(sft[q][1] for q in common):
+        mean, lo, hi = paired_bootstrap([sft[q][1] for q in common], [rl[q][1] for q in common])
+        base = sum(sft[q][1] for q in common) / len(common)
+        parts.append(f"RL - SFT {mean:+.3f} ({100 * mean / base:+.0f}%), 95% paired-bootstrap interval "
+                     f"[{lo:+.3f}, {hi:+.3f}]")
     return "Wasted tool calls per question (results no later query or answer used), of all calls: " + \
         ", ".join(parts)
 
