@@ -1558,10 +1558,15 @@ def paired_bootstrap(a, b, n=10_000, seed=0):
     return float(d.mean()), float(lo), float(hi)
 
 
+def agent_values(records, value):
+    """The pipeline's two agent rows as {"SFT agent": {qid: value(r)}, "SFT+RL agent": {...}}."""
+    return {label: {r["qid"]: value(r) for r in records if r["method"].startswith(label + " (")}
+            for label in ("SFT agent", "SFT+RL agent")}
+
+
 def rl_minus_sft(records):
     """'RL - SFT' line of the pipeline's table: the two agent rows paired by question, or None."""
-    sft = {r["qid"]: r["score"] for r in records if r["method"].startswith("SFT agent")}
-    rl = {r["qid"]: r["score"] for r in records if r["method"].startswith("SFT+RL agent")}
+    sft, rl = agent_values(records, lambda r: r["score"]).values()
     common = sorted(sft.keys() & rl.keys())
     if not common:
         return None
@@ -1570,11 +1575,8 @@ def rl_minus_sft(records):
             f"interval [{100 * lo:+.1f}, {100 * hi:+.1f}]")
 
 
-_WORD = re.compile(r"[^\W_]{3,}")
-
-
 def _words(text):
-    return set(_WORD.findall((text or "").lower()))
+    return {w for w in tools.tokenize(text or "") if len(w) >= 3}
 
 
 def wasted_calls(r):
@@ -1599,8 +1601,7 @@ def wasted_line(records):
     """'Wasted tool calls' line of the pipeline's table for the two agent rows, with RL - SFT over
     the questions paired by id and its 95% interval (the issue's second criterion for RL: as accurate
     with fewer calls whose results went unused), or None."""
-    per = {label: {r["qid"]: wasted_calls(r) for r in records if r["method"].startswith(label + " (")}
-           for label in ("SFT agent", "SFT+RL agent")}
+    per = agent_values(records, wasted_calls)
     parts = [f"{k} {sum(w for _, w in v.values()) / len(v):.3f} of {sum(c for c, _ in v.values()) / len(v):.2f}"
              for k, v in per.items() if v]
     if not parts:
