@@ -583,35 +583,79 @@ def _prompt_images(grid, n_tokens, merge):
     return k, rows
 
 
+def _shared_prefix(group, img, merge):
+    """(L, [(images, pixel rows) per item]): how many first tokens the items of a group (the same
+    prompt, tokens and pixels) share, and how many of each item's images and pixel rows lie in them.
+    The longest common prefix of their tokens, cut back so as not to end inside an image, and back to
+    the prompt if the images in it differ (a crop of the same size)."""
+    ids, P = [e[1] for e in group], group[0][5]
+    L = min(len(t) for t in ids)
+    for t in ids[1:]:
+        d = (t[:L] != ids[0][:L]).nonzero()
+        L = int(d[0]) if len(d) else L
+    while L > P and ids[0][L - 1] == img:
+        L -= 1
+
+    def cuts(L):
+        n = int((ids[0][:L] == img).sum())
+        return [_prompt_images(e[2], n, merge) if e[2] is not None else (0, 0) for e in group]
+    c = cuts(L)
+    grid0, pv0 = group[0][2], group[0][3]
+    if any(k and not (torch.equal(e[2][:k], grid0[:k]) and _same_pixels(e[3][:rows], pv0[:rows]))
+           for e, (k, rows) in zip(group, c)):
+        L, c = P, cuts(P)
+    return L, c
+
+
 def collate_shared(items, processor, extra_keys=()):
     """collate(items)'s tokens, loss masks and extra keys, plus "shared": the forward's inputs laid out
     so that items with the same prompt (the first `prompt_len` tokens and the images among them: a GRPO
-    group) forward it once. Each distinct prompt is one row; the items' remaining tokens are packed end to end into rows of the same length
-    (first fit, longest first), positioned after their prompts: P + G x R tokens and one vision pass
-    per prompt image for a group, instead of G x (P + R) and G. token_logprobs reads "shared" when it
-    is there and gives the same log-probs (tests/test_rollout.py). An item without `prompt_len` is a
-    prompt of its own. Needs use_shared_prompt_attention(model)."""
+    group) forward it once, with everything else its items have in common. Each group is one row: the
+    prefix its items share (the prompt, and on up to where they part). The items' distinct
+    continuations are packed end to end into rows of the same length (first fit, longest first),
+    positioned after their prefix: P + G x R tokens and one vision pass per prompt image for a group,
+    instead of G x (P + R) and G, and less when the samples agree. token_logprobs reads "shared" when
+    it is there and gives the same log-probs (tests/test_rollout.py). An item without `prompt_len` is
+    a prompt of its own. Needs use_shared_prompt_attention(model)."""
     batch = collate(items, processor, extra_keys)
     for k in ("pixel_values", "image_grid_thw", "position_ids", "attention_mask"):
         del batch[k]  # the forward reads them from "shared": no second copy of the pixels to the device
     merge, img = processor.merge, processor.image_token_id
-    # prompts: (ids, grid, pixels); conts: (item, prompt row, ids, grid, pixels); starts: (prompt row, P)
-    prompts, index, conts, starts = [], {}, [], []
+    # groups: items with the same prompt (tokens and pixels); a confident policy's samples often part
+    # only at the answer. prompts: a group's row (ids, grid, pixels); conts: (item, row, ids, grid,
+    # pixels); starts: item -> (row, length of the shared prefix)
+    groups, index = [], {}
     for b, x in enumerate(items):
         ids, grid, pv = torch.as_tensor(x["input_ids"]), x["image_grid_thw"], x["pixel_values"]
         P = min(int(x.get("prompt_len") or len(ids)), len(ids))
         k, rows = _prompt_images(grid, int((ids[:P] == img).sum()), merge) if grid is not None else (0, 0)
-        head = (ids[:P], grid[:k] if k else None, pv[:rows] if k else None)
-        same = index.setdefault(tuple(head[0].tolist()), [])
-        j = next((j for j in same if _same_pixels(prompts[j][2], head[2])), None)
-        if j is None:
-            j = len(prompts)
-            same.append(j)
-            prompts.append(head)
-        starts.append((j, P))
-        if P < len(ids):
-            rest = grid is not None and k < len(grid)
-            conts.append((b, j, ids[P:], grid[k:] if rest else None, pv[rows:] if rest else None))
+        head_pv = pv[:rows] if k else None
+        same = index.setdefault(tuple(ids[:P].tolist()), [])
+        g = next((g for g in same if _same_pixels(groups[g][0][4], head_pv)), None)
+        if g is None:
+            g = len(groups)
+            same.append(g)
+            groups.append([])
+        groups[g].append((b, ids, grid, pv, head_pv, P))
+    prompts, conts, starts, copies = [], [], {}, []  # copies: (item, the identical item it reads)
+    for j, group in enumerate(groups):
+        L, cuts = _shared_prefix(group, img, merge)
+        _, ids, grid, pv = group[0][:4]
+        k, rows = cuts[0]
+        prompts.append((ids[:L], grid[:k] if k else None, pv[:rows] if k else None))
+        seen = {}
+        for (b, ids, grid, pv, _, _), (k, rows) in zip(group, cuts):
+            starts[b] = (j, L)
+            if L < len(ids):
+                rest = grid is not None and k < len(grid)
+                cont = (b, j, ids[L:], grid[k:] if rest else None, pv[rows:] if rest else None)
+                twins = seen.setdefault(tuple(cont[2].tolist()), [])
+                c0 = next((c for c in twins if _same_pixels(c[4], cont[4])), None)
+                if c0 is None:
+                    twins.append(cont)
+                    conts.append(cont)
+                else:  # the same sample twice: forwarded once, read by both
+                    copies.append((b, c0[0]))
     # rows a multiple of 16 long: CUDA's memory-efficient SDPA kernel wants masks aligned to 16 keys
     T = -(-max(len(r[0]) for r in prompts + [c[2:] for c in conts]) // 16) * 16
     bins = []  # [free, [conts]]: first fit, longest first
@@ -648,8 +692,10 @@ def collate_shared(items, processor, extra_keys=()):
                 pvs.append(pv)
                 grids.append(grid)
             o += L
-    for b, (j, P) in enumerate(starts):
+    for b, (j, P) in starts.items():
         src[b, :P] = j * T + torch.arange(P)
+    for b, b0 in copies:
+        src[b] = src[b0]
     batch["shared"] = {"input_ids": ids, "position_ids": pos, "src": src,
                        "pixel_values": torch.cat(pvs) if pvs else None,
                        "image_grid_thw": torch.cat(grids) if grids else None,
@@ -715,14 +761,15 @@ def token_logprobs(model, batch, temperature=1.0, chunk=None, return_entropy=Fal
     want = batch.get("loss_mask", torch.ones_like(ids)).bool().clone()
     want[:, 0] = False
     idx = want.nonzero(as_tuple=True)
-    shared = batch.get("shared")
+    shared, targets, inv = batch.get("shared"), ids[idx], None  # targets (N,)
     if shared is None:
         h = forward_hidden(model, batch).last_hidden_state  # (B, T, D)
         hs = h[idx[0], idx[1] - 1]  # (N, D) the state that predicts token t
-    else:
+    else:  # a (state, target) pair that several items share (copies of a sample) goes through lm_head once
         h = forward_hidden(model, shared).last_hidden_state  # (n + m, T', D)
-        hs = h.flatten(0, 1)[shared["src"][idx[0], idx[1] - 1]]
-    targets = ids[idx]  # (N,)
+        V = model.lm_head.out_features
+        key, inv = torch.unique(shared["src"][idx[0], idx[1] - 1] * V + targets, return_inverse=True)
+        hs, targets = h.flatten(0, 1)[key // V], key % V
     chunk = chunk or max(1, min(1024, 2 ** 26 // model.lm_head.out_features))
     lps, ents = [], []
     for s in range(0, len(targets), chunk):
@@ -736,8 +783,11 @@ def token_logprobs(model, batch, temperature=1.0, chunk=None, return_entropy=Fal
     out = torch.zeros(ids.shape, dtype=torch.float32, device=ids.device)
     ent_out = torch.zeros_like(out)
     if lps:
-        out = out.index_put(idx, torch.cat(lps))
-        ent_out = ent_out.index_put(idx, torch.cat(ents).detach())
+        lp, ent = torch.cat(lps), torch.cat(ents).detach()
+        if inv is not None:
+            lp, ent = lp[inv], ent[inv]
+        out = out.index_put(idx, lp)
+        ent_out = ent_out.index_put(idx, ent)
     return (out, ent_out) if return_entropy else out
 
 

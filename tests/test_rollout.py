@@ -80,8 +80,8 @@ def test_sampled_logprobs_equal_full_forward(tiny, world):
 
 
 def test_shared_prompt_forward_equals_separate_forwards(tiny, world):
-    """A group's prompt forwarded once, its continuations (with a tool's crop image) attending to it:
-    the same log-probs and gradients as one forward per trajectory, within 1e-5 in fp32 (gradients at
+    """A group's prompt forwarded once, its continuations (with a tool's crop image) attending to it,
+    and identical samples forwarded once: the same log-probs and gradients as one forward per trajectory, within 1e-5 in fp32 (gradients at
     the scale of each tensor's largest entry), with gradient checkpointing too (its backward
     recomputes the layers with the shared attention)."""
     import copy
@@ -90,24 +90,29 @@ def test_shared_prompt_forward_equals_separate_forwards(tiny, world):
                       temperature=1.0, seed=5, forced_actions=FORCED[:1], **KW)
     items = [t.item() for t in trajs]
     items[4] = dict(items[4], prompt_len=0)  # no prompt_len: a prompt of its own
-    for i in (0, 1, 3):  # short continuations (each the start of a trajectory), packed into one row
+    for i in (0, 1):  # short continuations (each the start of a trajectory), packed into one row
         it, P, n = items[i], items[i]["prompt_len"], int(items[i]["image_grid_thw"][0].prod())
         ids = it["input_ids"][:P + 5]  # every token scored but the image's (log-prob -inf)
         items[i] = dict(it, input_ids=ids, loss_mask=(ids != proc.image_token_id).long(),
                         image_grid_thw=it["image_grid_thw"][:1], pixel_values=it["pixel_values"][:n])
     assert any(t.pixel_values and len(t.pixel_values) > 1 for t in trajs)  # a continuation with an image
     shared = M.use_shared_prompt_attention(copy.deepcopy(model))
+    distinct = M.collate_shared(items, proc)["shared"]
+    items += [dict(items[2]), dict(items[0])]  # copies of samples (one with a tool's image): forwarded once
     full, part = M.collate(items, proc), M.collate_shared(items, proc)
+    assert torch.equal(part["shared"]["input_ids"], distinct["input_ids"])
     lay = part["shared"]["attention_mask"]
+    assert lay.plen[1] > items[3]["prompt_len"] + 100  # q1's samples share the forced crop and its image
     assert lay.n == 4 and lay.m <= len(items) - 3  # 3 questions + the item on its own; continuations packed
     assert part["shared"]["image_grid_thw"].shape[0] < full["image_grid_thw"].shape[0]  # the prompt image once
     ckpt = M.use_shared_prompt_attention(copy.deepcopy(model)).train()
     ckpt.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lps, grads = [], []
+    w = torch.rand(len(items), 1, generator=torch.Generator().manual_seed(0)) - 0.5  # per item, like advantages
     for m, b in ((model, full), (shared, part), (ckpt, part)):
         m.zero_grad()
         lp = M.token_logprobs(m, b)
-        (lp * b["loss_mask"]).sum().backward()
+        (lp * b["loss_mask"] * w).sum().backward()
         lps.append(lp.detach())
         grads.append({n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
     mask = full["loss_mask"].bool()
@@ -119,6 +124,28 @@ def test_shared_prompt_forward_equals_separate_forwards(tiny, world):
             scale = grads[0][n].abs().max()  # summed over hundreds of tokens: compare at the tensor's scale
             assert (grads[0][n] - g[n]).abs().max() <= 1e-5 * scale + 1e-7, n
     model.zero_grad(set_to_none=True)
+
+
+def test_shared_prefix_stops_before_an_image_it_cannot_share():
+    """A group's shared row ends where its samples part, never inside an image, and at the prompt when
+    an image after it differs in pixels (two crops of the same size)."""
+    img, merge, P = 9, 2, 3
+    grid = torch.tensor([[1, 4, 4], [1, 4, 4]])  # two images of 4 tokens, 16 pixel rows each
+    ids = torch.tensor([1, 2, 3, 5, img, img, img, img, 6, 7, 5, img, img, img, img, 6, 8])
+    pv = torch.arange(32 * 3, dtype=torch.float32).view(32, 3)
+
+    def entry(ids, pv, grid=grid):
+        return (0, ids, grid, pv, None, P)
+    other = ids.clone()
+    other[16] = 4
+    assert M._shared_prefix([entry(ids, pv), entry(other, pv)], img, merge) == (16, [(2, 32)] * 2)
+    bigger = torch.cat([ids[:15], torch.tensor([img, img, img, img, 6, 8])])  # its second image is larger
+    big_grid = torch.tensor([[1, 4, 4], [1, 4, 8]])
+    L, cuts = M._shared_prefix([entry(ids, pv), entry(bigger, torch.cat([pv, pv[:16]]), big_grid)], img, merge)
+    assert (L, cuts) == (11, [(1, 16)] * 2)  # back to just before the image whose tokens part
+    moved = pv.clone()
+    moved[20] += 1  # a pixel of the second image
+    assert M._shared_prefix([entry(ids, pv), entry(ids, moved)], img, merge) == (P, [(0, 0)] * 2)
 
 
 def test_temperature_scales_recorded_logprobs(tiny, world):
