@@ -37,14 +37,12 @@ import ast
 import base64
 import copy
 import csv
-import hashlib
 import html
 import io
 import json
 import math
 import os
 import re
-import sqlite3
 import sys
 import time
 import unicodedata
@@ -373,69 +371,44 @@ def parse_verdict(reply):
 
 
 class Judge:
-    """An LLM judge behind any OpenAI-compatible /chat/completions endpoint (vLLM, a hosted API).
-    Verdicts are cached in SQLite by (model, prompt), so a re-run costs nothing and is reproducible.
-    The API key, if any, is read from the environment variable named by api_key_env."""
+    """An LLM judge behind any OpenAI-compatible /chat/completions endpoint (tools.ChatClient).
+    Verdicts are cached in SQLite by (model, prompt) through tools.SearchCache, so a re-run costs
+    nothing and is reproducible. The API key, if any, is read from the environment variable named by
+    api_key_env."""
 
     def __init__(self, url, model, cache=None, api_key_env="OPENAI_API_KEY", timeout=60.0, retries=2):
-        url = url.rstrip("/")
-        self.endpoint = url if url.endswith("/chat/completions") else url + "/chat/completions"
-        self.model, self.timeout, self.retries = model, timeout, retries
-        self.api_key = os.environ.get(api_key_env) if api_key_env else None
+        self.client = tools.ChatClient(url, model, name="judge", api_key_env=api_key_env, timeout=timeout,
+                                       retries=retries, backoff=1.0, max_backoff=8.0)
+        self.cache = tools.SearchCache(cache) if cache else None
         self.calls = self.hits = self.errors = 0
-        self.db = None
-        if cache:
-            Path(cache).parent.mkdir(parents=True, exist_ok=True)
-            self.db = sqlite3.connect(str(cache), timeout=60)  # ranks may share the file
-            self.db.execute("CREATE TABLE IF NOT EXISTS verdicts (key TEXT PRIMARY KEY, verdict INTEGER,"
-                            " reply TEXT)")
-            self.db.commit()
 
     def prompt(self, question, pred, answers):
         answers = [answers] if isinstance(answers, str) else answers
         return JUDGE_PROMPT.format(question=str(question).strip(),
                                    answers="; ".join(str(a) for a in answers), prediction=str(pred).strip())
 
-    def _ask(self, text):
-        import requests
-        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-        body = {"model": self.model, "messages": [{"role": "user", "content": text}],
-                "temperature": 0, "max_tokens": 8}
-        err = None
-        for attempt in range(self.retries + 1):
-            try:
-                r = requests.post(self.endpoint, json=body, headers=headers, timeout=self.timeout)
-                r.raise_for_status()
-                return r.json()["choices"][0]["message"]["content"]
-            except (requests.RequestException, KeyError, IndexError, TypeError, ValueError) as e:
-                err = e
-                if attempt < self.retries:
-                    time.sleep(min(2 ** attempt, 8))
-        raise RuntimeError(f"judge {self.endpoint}: {type(err).__name__}: {err}")
-
     def __call__(self, question, pred, answers):
         """True / False, or None when the endpoint fails or its reply is not a verdict."""
         text = self.prompt(question, pred, answers)
-        key = hashlib.sha256(json.dumps([self.model, text]).encode()).hexdigest()
-        if self.db is not None:
-            row = self.db.execute("SELECT verdict FROM verdicts WHERE key = ?", (key,)).fetchone()
-            if row is not None:
+        name = f"judge {self.client.model}"
+        if self.cache is not None:
+            hit = self.cache.get(name, text, 0)
+            if hit is not None:
                 self.hits += 1
-                return bool(row[0])
+                return hit["verdict"]
         self.calls += 1
         try:
-            reply = self._ask(text)
-        except RuntimeError as e:
+            reply, _, _ = self.client.chat([{"role": "user", "content": text}], max_tokens=8, temperature=0)
+        except (tools.TransientError, tools.ApiRejected, tools.ApiFatal) as e:
             self.errors += 1
-            print(f"warning: {e}; keeping the rule-based score", file=sys.stderr)
+            print(f"warning: judge: {e}; keeping the rule-based score", file=sys.stderr)
             return None
         verdict = parse_verdict(reply)
         if verdict is None:
             self.errors += 1
             print(f"warning: judge reply is not a verdict: {reply[:80]!r}", file=sys.stderr)
-        elif self.db is not None:
-            self.db.execute("INSERT OR REPLACE INTO verdicts VALUES (?, ?, ?)", (key, int(verdict), reply))
-            self.db.commit()
+        elif self.cache is not None:
+            self.cache.put(name, text, 0, {"verdict": verdict, "reply": reply})
         return verdict
 
 
@@ -1336,18 +1309,6 @@ def write_report(path, records, results=None, title="DeepMMSearch-R1 evaluation"
 
 # ============================================================================ running
 
-def default_checkpoint(root=HERE):
-    """The newest checkpoint folder (by its config.json) in out/rl or out/sft (or one level below),
-    else the tiny checkpoint data/tiny."""
-    found = []
-    for d in (Path(root) / "out" / "rl", Path(root) / "out" / "sft"):
-        if d.is_dir():
-            found += [c for c in [d, *sorted(d.iterdir())] if (c / "config.json").is_file()]
-    if found:
-        return max(found, key=lambda c: (c / "config.json").stat().st_mtime)
-    return Path(root) / "data" / "tiny"
-
-
 def bench_name(path, questions):
     """A benchmark's name: its rows' meta.bench (converted benchmarks), else from the file name:
     questions_eval.jsonl -> synthetic, questions_hard.jsonl -> synthetic-hard."""
@@ -1402,8 +1363,8 @@ def _run_parser():
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--questions", nargs="+", default=[str(HERE / "data" / "questions_eval.jsonl")],
                    help="question JSONL files, one benchmark each")
-    p.add_argument("--ckpt", default=None, help="checkpoint folder; none: the newest of out/rl, out/sft, "
-                   "else data/tiny")
+    p.add_argument("--ckpt", default=None, help="checkpoint folder; none: out/rl, else out/sft, else "
+                   "{--data}/tiny")
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     p.add_argument("--limit", type=int, default=0, help="first N questions of each file (0: all)")
     p.add_argument("--data", default=str(HERE / "data"), help="data folder of the local search index")
@@ -1470,7 +1431,7 @@ def run(args):
     import model as M
     rank, world, device = M.setup_dist()
     question_sets = {q: read_questions(q) for q in args.questions}  # bad input fails before any work
-    ckpt = Path(args.ckpt) if args.ckpt else default_checkpoint()
+    ckpt = Path(args.ckpt or M.default_checkpoint(args.data))
     mdl, proc = M.load(ckpt, device=device, log=M.print0, max_pixels=args.max_pixels)
     tl = tools.make_tools(args.data, cache=args.cache, cache_mode=args.cache_mode, **tools.search_options(args))
     judge = Judge(args.judge_url, args.judge_model, cache=args.judge_cache) if args.judge_url else None

@@ -74,13 +74,11 @@ import warnings
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
-from urllib.parse import urlsplit
 
 # Before numpy loads (through tools): the image index's searches are small mat-vecs, which
 # OpenBLAS threads make ~10x slower on a busy 2-core machine (measured: 9 ms vs 0.9 ms a search).
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-import requests  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
@@ -855,179 +853,6 @@ CLASSIFY_PROMPT = ("Which category of knowledge does this question ask about?\nQ
                    "Categories: {categories}.\nReply with one category, nothing else.")
 
 
-class TransientError(RuntimeError):
-    """The item could not be finished for a reason a rerun may not meet: it gets no line."""
-
-    def __init__(self, kind, message):
-        super().__init__(message)
-        self.kind = kind
-
-
-class ApiRejected(RuntimeError):
-    """The API refused this request for good (HTTP 400, 413, 422...): the item is discarded."""
-
-
-class ApiFatal(RuntimeError):
-    """The API refuses every request (HTTP 401, 403, 404: a wrong key, URL or model): the run stops
-    rather than mark every item as done."""
-
-
-FATAL_STATUS = (401, 403, 404)
-
-
-class Meter:
-    """Thread-safe counters: {group: {field: number}}."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self.data = {}
-
-    def add(self, group, **fields):
-        with self._lock:
-            g = self.data.setdefault(group, {})
-            for k, v in fields.items():
-                g[k] = g.get(k, 0) + v
-
-    def snapshot(self):
-        with self._lock:
-            return {g: dict(f) for g, f in self.data.items()}
-
-
-def _usage(reply):
-    u = reply.get("usage") or {}
-    prompt, completion = int(u.get("prompt_tokens") or 0), int(u.get("completion_tokens") or 0)
-    return {"prompt_tokens": prompt, "completion_tokens": completion,
-            "total_tokens": int(u.get("total_tokens") or prompt + completion)}
-
-
-def _content_text(content):
-    """A chat message's content as text (a string, or a list of {"type": "text", "text"} parts)."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
-    return ""
-
-
-class RateGate:
-    """When the next request may go: a 429's Retry-After holds back every thread (and every client)
-    sharing the gate, since hammering a rate limit only extends it."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._not_before = 0.0
-
-    def hold(self, seconds):
-        with self._lock:
-            self._not_before = max(self._not_before, time.time() + seconds)
-
-    def wait(self):
-        while True:
-            with self._lock:
-                left = self._not_before - time.time()
-            if left <= 0:
-                return
-            time.sleep(left)
-
-
-class ChatClient:
-    """A client of any OpenAI-compatible /chat/completions endpoint (vLLM, a hosted API).
-
-    Retries timeouts, connection errors, malformed replies, HTTP 5xx and 429 with exponential backoff
-    and jitter; a 429's Retry-After holds back every thread that shares the `gate`. HTTP 401/403/404
-    raise ApiFatal (the run stops), other 4xx ApiRejected (the item is discarded). The key is read once
-    from the environment variable `api_key_env` and only ever sent in the Authorization header: it is
-    in no message, log or file.
-    Calls and tokens (from the API's `usage`) go to `meter` under `name`.
-    """
-
-    def __init__(self, url, model, meter, name="teacher", api_key_env="OPENAI_API_KEY", timeout=300.0, retries=6,
-                 backoff=2.0, max_backoff=60.0, gate=None):
-        url = url.rstrip("/")
-        self.endpoint = url if url.endswith("/chat/completions") else url + "/chat/completions"
-        self.model, self.meter, self.name = model, meter, name
-        self.timeout, self.retries, self.backoff, self.max_backoff = timeout, retries, backoff, max_backoff
-        self._key = os.environ.get(api_key_env) if api_key_env else None
-        self._local = threading.local()  # one requests.Session per thread (sessions are not thread-safe)
-        self.gate = gate or RateGate()
-
-    def __repr__(self):  # never shows the key
-        return f"ChatClient({self.name}, {self.model!r} at {_public_url(self.endpoint)})"
-
-    def _session(self):
-        if getattr(self._local, "session", None) is None:
-            self._local.session = requests.Session()
-        return self._local.session
-
-    def _redact(self, text):
-        return text.replace(self._key, "***") if self._key else text
-
-    def _sleep(self, attempt):
-        time.sleep(min(self.max_backoff, self.backoff * 2 ** attempt) * random.uniform(0.5, 1.0))
-
-    def chat(self, messages, max_tokens=1024, temperature=None, stop=None):
-        """(text, usage {prompt_tokens, completion_tokens, total_tokens}, finish_reason)."""
-        body = {"model": self.model, "messages": messages, "max_tokens": max_tokens}
-        if temperature is not None:
-            body["temperature"] = temperature
-        if stop:
-            body["stop"] = list(stop)
-        headers = {"Authorization": f"Bearer {self._key}"} if self._key else {}
-        last = "no attempt"
-        for attempt in range(self.retries + 1):
-            self.gate.wait()
-            self.meter.add(self.name, requests=1)
-            try:
-                response = self._session().post(self.endpoint, json=body, headers=headers, timeout=self.timeout)
-            except requests.Timeout:
-                last = f"timed out after {self.timeout:g} s"
-                self.meter.add(self.name, timeouts=1)
-            except requests.RequestException as e:  # its text may hold the URL: only the type is shown
-                last = f"connection failed ({type(e).__name__})"
-                self.meter.add(self.name, connection_errors=1)
-            else:
-                status = response.status_code
-                if status == 429:
-                    last = "HTTP 429"
-                    self.meter.add(self.name, rate_limited=1)
-                    wait = tools.retry_after_seconds(response.headers.get("Retry-After"))
-                    if wait is not None and attempt < self.retries:
-                        self.gate.hold(wait)
-                        continue
-                elif status >= 500:
-                    last = f"HTTP {status}"
-                    self.meter.add(self.name, server_errors=1)
-                elif status in FATAL_STATUS:
-                    raise ApiFatal(f"{self.name} at {_public_url(self.endpoint)}: HTTP {status}: "
-                                   f"{self._redact(response.text[:300])} (check the URL, the model and the key)")
-                elif status != 200:
-                    self.meter.add(self.name, rejected=1)
-                    raise ApiRejected(f"HTTP {status}: {self._redact(response.text[:300])}")
-                else:
-                    try:
-                        reply = response.json()
-                        choice = reply["choices"][0]
-                        text = _content_text(choice["message"]["content"])
-                    except (ValueError, KeyError, IndexError, TypeError):
-                        last = "malformed reply"
-                        self.meter.add(self.name, malformed=1)
-                    else:
-                        usage = _usage(reply)
-                        self.meter.add(self.name, calls=1, **usage)
-                        return text, usage, choice.get("finish_reason")
-            if attempt < self.retries:
-                self.meter.add(self.name, retries=1)
-                self._sleep(attempt)
-        self.meter.add(self.name, failed=1)
-        raise TransientError("api_error", f"{self.name}: {last} ({self.retries + 1} tries)")
-
-
-def _public_url(url):
-    """scheme://host/path of a URL: never its query string (some APIs take a key there)."""
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc.rsplit('@', 1)[-1]}{parts.path}"
-
-
 def image_data_url(image, quality=90):
     """A PIL image as a base64 JPEG data URL. Always re-encoded from the decoded pixels: no EXIF
     rotation can make the teacher see other coordinates than the crop will use."""
@@ -1250,7 +1075,7 @@ class AttemptLog:
 class RealContext:
     """What every worker shares."""
 
-    teacher: ChatClient
+    teacher: tools.ChatClient
     tools: object  # tools.Tools
     out: Path
     categories: tuple
@@ -1261,7 +1086,7 @@ class RealContext:
     teacher_max_side: int = 0
     keep_refused: bool = False
     judge: object = None
-    classifier: ChatClient | None = None
+    classifier: tools.ChatClient | None = None
 
 
 def _discard(q, reason, turns, usage, detail=""):
@@ -1315,7 +1140,7 @@ def trajectory_kind(n_text, n_img, n_crop):
 
 def play_item(q, ctx):
     """Play one question with the teacher and the real tools; returns its attempt record (kept or
-    discarded). Raises TransientError when it could not be finished (no record: a rerun retries it).
+    discarded). Raises tools.TransientError when it could not be finished (no record: a rerun retries it).
 
     The trajectory's turns: user 1 = tools.initial_prompt (with its "<image>" placeholder), then per
     turn the teacher's reply normalised to <reason>..</reason> + one action (Action.render), then the
@@ -1346,7 +1171,7 @@ def play_item(q, ctx):
     for turn in range(1, ctx.max_turns + 1):
         try:
             text, u, finish = ctx.teacher.chat(view, ctx.max_tokens, ctx.temperature, stop)
-        except ApiRejected as e:
+        except tools.ApiRejected as e:
             return _discard(q, "api_rejected", turn - 1, usage, e)
         _add_usage(usage, "teacher", u)
         seen, action = normalise_turn(text, finish, scale, stop_used=ctx.stop)
@@ -1364,7 +1189,7 @@ def play_item(q, ctx):
         problem = _tool_problem(observation, calls, state)
         _count_tool(usage, ctx.teacher.meter, action, problem)
         if problem == "search_failed":
-            raise TransientError("search_failed", observation.text[:200])
+            raise tools.TransientError("search_failed", observation.text[:200])
         if problem == "tool_refused" and not ctx.keep_refused:
             return _discard(q, "tool_refused", turn, usage, observation.text)
         messages.append({"role": "user", "content": observation.text})
@@ -1404,7 +1229,7 @@ def classify(q, ctx, usage):
     prompt = CLASSIFY_PROMPT.format(question=q["question"], categories=", ".join(ctx.categories))
     try:
         text, u, _ = client.chat([{"role": "user", "content": prompt}], max_tokens=16, temperature=ctx.temperature)
-    except ApiRejected as e:  # e.g. a content filter on the question: not worth losing the trajectory
+    except tools.ApiRejected as e:  # e.g. a content filter on the question: not worth losing the trajectory
         warnings.warn(f"{q['id']}: category request rejected ({e}); using 'other'")
         return "other"
     _add_usage(usage, "classify", u)
@@ -1520,7 +1345,7 @@ def real_summary(records, source, sample, run, meter, args):
     snapshot = meter.snapshot()
     return {
         "world": "real",
-        "args": {k: (_public_url(v) if k.endswith("_url") and v else v) for k, v in sorted(vars(args).items())},
+        "args": {k: (tools.public_url(v) if k.endswith("_url") and v else v) for k, v in sorted(vars(args).items())},
         "source": source,
         "attempted": len(records), "kept": len(kept), "discarded": len(records) - len(kept),
         "keep_rate": round(len(kept) / max(len(records), 1), 4),
@@ -1641,9 +1466,9 @@ def build_real_context(args, out, meter):
     if tk.image_backend is not None:
         tk.image_backend = CountingBackend(tk.image_backend, meter, "image_search")
     client = dict(meter=meter, api_key_env=args.api_key_env, timeout=args.timeout, retries=args.retries,
-                  backoff=args.backoff, gate=RateGate())  # one gate: the same API's rate limit
-    teacher = ChatClient(args.teacher_url, args.teacher_model, name="teacher", **client)
-    classifier = ChatClient(args.classify_url or args.teacher_url, args.classify_model or args.teacher_model,
+                  backoff=args.backoff, gate=tools.RateGate())  # one gate: the same API's rate limit
+    teacher = tools.ChatClient(args.teacher_url, args.teacher_model, name="teacher", **client)
+    classifier = tools.ChatClient(args.classify_url or args.teacher_url, args.classify_model or args.teacher_model,
                             name="classify", **client)
     judge = None
     if args.judge_url:
@@ -1692,9 +1517,9 @@ def play_all(todo, ctx, log, workers, quiet=False):
                 pending.discard(future)
                 try:
                     record = future.result()
-                except TransientError as e:
+                except tools.TransientError as e:
                     run["errors"][e.kind] += 1
-                except ApiFatal:
+                except tools.ApiFatal:
                     raise
                 except Exception as e:  # a bug on one item must not stop 200k: counted, shown once, redone later
                     run["errors"][f"exception:{type(e).__name__}"] += 1
@@ -1728,7 +1553,7 @@ def real_main(argv=None):
     (out / "images").mkdir(parents=True, exist_ok=True)
     log_path = out / ATTEMPTS
     records = read_attempts(log_path)
-    meter = Meter()
+    meter = tools.Meter()
     run = {"attempted": 0, "kept": 0, "discarded": 0, "errors": {}, "seconds": 0.0}
     source = {}
     if not args.sample_only:
@@ -1739,7 +1564,7 @@ def real_main(argv=None):
         source["done_before"] = len(questions) - len(todo)
         ctx = build_real_context(args, out, meter)
         print(f"make_data --world real: {len(todo)} items to play ({source['done_before']} already done) with "
-              f"{args.teacher_model} at {_public_url(ctx.teacher.endpoint)}, {args.workers} workers, "
+              f"{args.teacher_model} at {tools.public_url(ctx.teacher.endpoint)}, {args.workers} workers, "
               f"{args.backend} search", flush=True)
         log = AttemptLog(log_path, fsync=args.fsync)
         try:

@@ -218,6 +218,16 @@ def load(path, device=None, dtype=None, log=print, max_pixels=None):
     return model, processor
 
 
+def default_checkpoint(data="data"):
+    """The checkpoint a command uses when none is named: out/rl, else out/sft, else {data}/tiny
+    (the pipeline's outputs, relative to the working directory, newest stage first)."""
+    for c in ("out/rl", "out/sft", f"{data}/tiny"):
+        if os.path.isfile(os.path.join(c, "config.json")):
+            return c
+    raise FileNotFoundError("no checkpoint in out/rl, out/sft or data/tiny: run `python make_data.py` "
+                            "(and sft.py) first, or pass --ckpt")
+
+
 def chat_template_text():
     """The real Qwen2.5-VL chat template (as shipped with Qwen2.5-VL-7B-Instruct), which we carry
     next to this file so that tiny checkpoints render conversations exactly like real ones."""
@@ -1208,6 +1218,15 @@ def reduce(values, op="sum"):
     t = torch.tensor(values, dtype=torch.float64, device=dev)
     dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
     return t.tolist()
+
+
+def gather(obj):
+    """Every rank's picklable obj, on every rank, in rank order ([obj] in one process)."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def _rank():

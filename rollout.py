@@ -781,14 +781,6 @@ def get_args(argv=None):
     return p.parse_args(argv)
 
 
-def default_ckpt(data="data"):
-    from pathlib import Path
-    for c in ("out/rl", "out/sft", f"{data}/tiny"):
-        if (Path(c) / "config.json").is_file():
-            return c
-    raise FileNotFoundError("no checkpoint: run `python make_data.py` (and sft.py) first, or pass --ckpt")
-
-
 def bench(model, processor, tools, questions, args):
     """The same workload through both engines, greedy, `--runs` times each in turn, the best time of
     each (these machines are noisy); tokens/s and a token-by-token comparison of the last run.
@@ -821,7 +813,7 @@ def bench(model, processor, tools, questions, args):
 def main(argv=None):
     args = get_args(argv)
     torch.set_num_threads(args.threads)
-    ckpt = args.ckpt or default_ckpt(args.data)
+    ckpt = args.ckpt or M.default_checkpoint(args.data)
     model, processor = M.load(ckpt)
     tools = T.make_tools(args.data)
     questions = T.load_questions(f"{args.data}/{args.split}")[:args.questions]

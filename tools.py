@@ -39,6 +39,7 @@ import itertools
 import json
 import math
 import os
+import random
 import re
 import shutil
 import socket
@@ -46,6 +47,7 @@ import sqlite3
 import threading
 import time
 import traceback
+from urllib.parse import urlsplit
 import warnings
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -1382,6 +1384,185 @@ def format_results(results, max_words=30):
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------------------------
+# The OpenAI-compatible chat client (the summarizer, eval's judge, make_data's teacher)
+# ---------------------------------------------------------------------------------------------
+
+
+class TransientError(RuntimeError):
+    """The item could not be finished for a reason a rerun may not meet: it gets no line."""
+
+    def __init__(self, kind, message):
+        super().__init__(message)
+        self.kind = kind
+
+
+class ApiRejected(RuntimeError):
+    """The API refused this request for good (HTTP 400, 413, 422...): the item is discarded."""
+
+
+class ApiFatal(RuntimeError):
+    """The API refuses every request (HTTP 401, 403, 404: a wrong key, URL or model): the run stops
+    rather than mark every item as done."""
+
+
+FATAL_STATUS = (401, 403, 404)
+
+
+class Meter:
+    """Thread-safe counters: {group: {field: number}}."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.data = {}
+
+    def add(self, group, **fields):
+        with self._lock:
+            g = self.data.setdefault(group, {})
+            for k, v in fields.items():
+                g[k] = g.get(k, 0) + v
+
+    def snapshot(self):
+        with self._lock:
+            return {g: dict(f) for g, f in self.data.items()}
+
+
+def _usage(reply):
+    u = reply.get("usage") or {}
+    prompt, completion = int(u.get("prompt_tokens") or 0), int(u.get("completion_tokens") or 0)
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": int(u.get("total_tokens") or prompt + completion)}
+
+
+def _content_text(content):
+    """A chat message's content as text (a string, or a list of {"type": "text", "text"} parts)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return ""
+
+
+class RateGate:
+    """When the next request may go: a 429's Retry-After holds back every thread (and every client)
+    sharing the gate, since hammering a rate limit only extends it."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._not_before = 0.0
+
+    def hold(self, seconds):
+        with self._lock:
+            self._not_before = max(self._not_before, time.time() + seconds)
+
+    def wait(self):
+        while True:
+            with self._lock:
+                left = self._not_before - time.time()
+            if left <= 0:
+                return
+            time.sleep(left)
+
+
+class ChatClient:
+    """A client of any OpenAI-compatible /chat/completions endpoint (vLLM, a hosted API).
+
+    Retries timeouts, connection errors, malformed replies, HTTP 5xx and 429 with exponential backoff
+    and jitter; a 429's Retry-After holds back every thread that shares the `gate`. HTTP 401/403/404
+    raise ApiFatal (the run stops), other 4xx ApiRejected (the item is discarded). The key is read once
+    from the environment variable `api_key_env` and only ever sent in the Authorization header: it is
+    in no message, log or file.
+    Calls and tokens (from the API's `usage`) go to `meter` under `name`.
+    """
+
+    def __init__(self, url, model, meter=None, name="teacher", api_key_env="OPENAI_API_KEY", timeout=300.0,
+                 retries=6, backoff=2.0, max_backoff=60.0, gate=None):
+        url = url.rstrip("/")
+        self.endpoint = url if url.endswith("/chat/completions") else url + "/chat/completions"
+        self.model, self.meter, self.name = model, meter or Meter(), name
+        self.timeout, self.retries, self.backoff, self.max_backoff = timeout, retries, backoff, max_backoff
+        self._key = os.environ.get(api_key_env) if api_key_env else None
+        self._local = threading.local()  # one requests.Session per thread (sessions are not thread-safe)
+        self.gate = gate or RateGate()
+
+    def __repr__(self):  # never shows the key
+        return f"ChatClient({self.name}, {self.model!r} at {public_url(self.endpoint)})"
+
+    def _session(self):
+        if getattr(self._local, "session", None) is None:
+            self._local.session = requests.Session()
+        return self._local.session
+
+    def _redact(self, text):
+        return text.replace(self._key, "***") if self._key else text
+
+    def _sleep(self, attempt):
+        time.sleep(min(self.max_backoff, self.backoff * 2 ** attempt) * random.uniform(0.5, 1.0))
+
+    def chat(self, messages, max_tokens=1024, temperature=None, stop=None):
+        """(text, usage {prompt_tokens, completion_tokens, total_tokens}, finish_reason)."""
+        body = {"model": self.model, "messages": messages, "max_tokens": max_tokens}
+        if temperature is not None:
+            body["temperature"] = temperature
+        if stop:
+            body["stop"] = list(stop)
+        headers = {"Authorization": f"Bearer {self._key}"} if self._key else {}
+        last = "no attempt"
+        for attempt in range(self.retries + 1):
+            self.gate.wait()
+            self.meter.add(self.name, requests=1)
+            try:
+                response = self._session().post(self.endpoint, json=body, headers=headers, timeout=self.timeout)
+            except requests.Timeout:
+                last = f"timed out after {self.timeout:g} s"
+                self.meter.add(self.name, timeouts=1)
+            except requests.RequestException as e:  # its text may hold the URL: only the type is shown
+                last = f"connection failed ({type(e).__name__})"
+                self.meter.add(self.name, connection_errors=1)
+            else:
+                status = response.status_code
+                if status == 429:
+                    last = "HTTP 429"
+                    self.meter.add(self.name, rate_limited=1)
+                    wait = retry_after_seconds(response.headers.get("Retry-After"))
+                    if wait is not None and attempt < self.retries:
+                        self.gate.hold(wait)
+                        continue
+                elif status >= 500:
+                    last = f"HTTP {status}"
+                    self.meter.add(self.name, server_errors=1)
+                elif status in FATAL_STATUS:
+                    raise ApiFatal(f"{self.name} at {public_url(self.endpoint)}: HTTP {status}: "
+                                   f"{self._redact(response.text[:300])} (check the URL, the model and the key)")
+                elif status != 200:
+                    self.meter.add(self.name, rejected=1)
+                    raise ApiRejected(f"HTTP {status}: {self._redact(response.text[:300])}")
+                else:
+                    try:
+                        reply = response.json()
+                        choice = reply["choices"][0]
+                        text = _content_text(choice["message"]["content"])
+                    except (ValueError, KeyError, IndexError, TypeError):
+                        last = "malformed reply"
+                        self.meter.add(self.name, malformed=1)
+                    else:
+                        usage = _usage(reply)
+                        self.meter.add(self.name, calls=1, **usage)
+                        return text, usage, choice.get("finish_reason")
+            if attempt < self.retries:
+                self.meter.add(self.name, retries=1)
+                self._sleep(attempt)
+        self.meter.add(self.name, failed=1)
+        raise TransientError("api_error", f"{self.name}: {last} ({self.retries + 1} tries)")
+
+
+def public_url(url):
+    """scheme://host/path of a URL: never its query string (some APIs take a key there)."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc.rsplit('@', 1)[-1]}{parts.path}"
+
+
+
 class ChatSummarizer:
     """Summarizes top-k results with any OpenAI-compatible chat endpoint (vLLM, a hosted API).
     `summarizer(query, results) -> str`. The key comes from OPENAI_API_KEY (a local vLLM server
@@ -1389,8 +1570,8 @@ class ChatSummarizer:
     the model still gets its information."""
 
     def __init__(self, base_url, model, max_words=60, timeout=30.0, retries=2):
-        self.base_url, self.model = base_url.rstrip("/"), model
-        self.max_words, self.timeout, self.retries = max_words, timeout, retries
+        self.client = ChatClient(base_url, model, name="summarizer", timeout=timeout, retries=retries, backoff=0.5)
+        self.max_words = max_words
 
     def __call__(self, query, results):
         # The summarizer is a chat model too: a forged turn in a result would steer its summary.
@@ -1398,16 +1579,10 @@ class ChatSummarizer:
             f"Search: {neutralize(query)}\nResults:\n{neutralize(format_results(results, max_words=100))}\n"
             f"Summarize the facts relevant to the search in at most {self.max_words} words."
         )
-        key = os.environ.get("OPENAI_API_KEY")
-        body = {"model": self.model, "messages": [{"role": "user", "content": prompt}], "temperature": 0}
         try:
-            reply = _request_json(
-                "POST", self.base_url + "/chat/completions", payload=body,
-                headers={"Authorization": f"Bearer {key}"} if key else None,
-                timeout=self.timeout, retries=self.retries, secret=key,
-            )
-            text = reply["choices"][0]["message"]["content"]
-        except (SearchError, KeyError, IndexError, TypeError) as e:
+            text, _, _ = self.client.chat([{"role": "user", "content": prompt}], max_tokens=4 * self.max_words,
+                                          temperature=0)
+        except (TransientError, ApiRejected, ApiFatal) as e:
             warnings.warn(f"summarizer failed ({e}); using the plain results")
             return format_results(results)
         return " ".join(str(text).split()[: self.max_words])

@@ -533,17 +533,6 @@ def test_gather_over_two_gloo_ranks(tmp_path):
     mp.spawn(_gather_worker, args=(2, (tmp_path / "init").as_uri()), nprocs=2, join=True)
 
 
-def test_default_checkpoint_is_the_newest(tmp_path):
-    assert E.default_checkpoint(tmp_path) == tmp_path / "data" / "tiny"
-    for d, t in ((tmp_path / "out" / "sft", 100), (tmp_path / "out" / "rl" / "step_2", 200)):
-        d.mkdir(parents=True)
-        (d / "config.json").write_text("{}")
-        os.utime(d / "config.json", (t, t))
-    assert E.default_checkpoint(tmp_path) == tmp_path / "out" / "rl" / "step_2"
-    os.utime(tmp_path / "out" / "sft" / "config.json", (300, 300))
-    assert E.default_checkpoint(tmp_path) == tmp_path / "out" / "sft"
-
-
 # ============================================================================ the three modes on a tiny model
 
 @pytest.fixture(scope="module")

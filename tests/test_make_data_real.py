@@ -425,7 +425,7 @@ def test_key_never_written_or_printed(reference):
     for p in out.rglob("*"):
         if p.is_file():
             assert KEY.encode() not in p.read_bytes(), p
-    assert KEY not in repr(make_data.ChatClient("http://127.0.0.1:1/v1", "m", make_data.Meter(), api_key_env=KEY_ENV))
+    assert KEY not in repr(make_data.tools.ChatClient("http://127.0.0.1:1/v1", "m", make_data.tools.Meter(), api_key_env=KEY_ENV))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -558,7 +558,7 @@ def test_wrong_key_stops_the_run(world, tmp_path, monkeypatch):
     monkeypatch.setenv(KEY_ENV, "sk-wrong")
     out = tmp_path / "out"
     with serve(FakeTeacher()) as url, contextlib.redirect_stdout(io.StringIO()):
-        with pytest.raises(make_data.ApiFatal, match="HTTP 401") as err:
+        with pytest.raises(make_data.tools.ApiFatal, match="HTTP 401") as err:
             make_data.main(argv(world, out, url))
     assert "sk-wrong" not in str(err.value)
     assert lines_of(out / make_data.ATTEMPTS) == []

@@ -258,3 +258,13 @@ def test_caption_warmup_trains_seeing(tiny_dir):
     before = loss()
     M.caption_warmup(model, proc, pairs, steps=30, seed=0, batch=4)
     assert loss() < before - 1.0 and not model.training
+
+
+def test_default_checkpoint_is_the_latest_stage(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="make_data"):
+        M.default_checkpoint()
+    for stage in ("data/tiny", "out/sft", "out/rl"):
+        (tmp_path / stage).mkdir(parents=True)
+        (tmp_path / stage / "config.json").write_text("{}")
+        assert M.default_checkpoint() == stage

@@ -63,6 +63,19 @@ def test_greedy_parity_with_generate_baseline(tiny, world):
         assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4)
 
 
+def test_greedy_groups_equal_the_baseline_on_repeated_questions(tiny, world):
+    """What rollout.py --bench compares: a group prefills its prompt once and copies it to its
+    members; greedy, each member is the baseline's run of the question alone."""
+    model, proc = tiny
+    qs = world[2]
+    ours = R.rollout(model, proc, make_tools(world), qs, group_size=3, temperature=0.0, batch_size=6, **KW)
+    base = R.rollout_baseline(model, proc, make_tools(world), [q for q in qs for _ in range(3)], **KW)
+    assert len(ours) == len(base) == 3 * len(qs)
+    for a, b in zip(ours, base):
+        assert a.token_ids == b.token_ids and a.finish == b.finish and a.gen_tokens > 0
+        assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4)
+
+
 def test_sampled_logprobs_equal_full_forward(tiny, world):
     model, proc = tiny
     trajs = R.rollout(model, proc, make_tools(world), world[2], group_size=2, temperature=1.0, seed=3,
