@@ -6,16 +6,14 @@ DeepMMSearchVQA pipeline (`--world real`: a teacher MLLM plays InfoSeek question
     python make_data.py --small --out /tmp/w    # a few dozen entities in seconds (tests, CI)
     python make_data.py --n_entities 2000 --n_sft 8000 --n_eval 500 --seed 1
 
-The real pipeline (section "The real world" below; its files, flags and summary are described there):
-
-    # 1. a search service over your index (or --backend serpapi with SERPAPI_API_KEY, or --backend local --data DIR)
+    # the real world: 1. a search service over your index (or --backend serpapi, or --backend local --data DIR)
     python tools.py serve --data /path/to/index --port 8765 &
-    # 2a. with a local vLLM server as the teacher (no key needed)
+    # 2a. a local vLLM server as the teacher (no key needed)
     vllm serve Qwen/Qwen2.5-VL-72B-Instruct --port 8000 --limit-mm-per-prompt '{"image": 4}' &
     python make_data.py --world real --source infoseek_train.jsonl --images oven_images/ \
         --teacher_url http://127.0.0.1:8000/v1 --teacher_model Qwen/Qwen2.5-VL-72B-Instruct \
         --backend http --server_url http://127.0.0.1:8765 --n_source 200000 --n_sft 10000 --workers 32
-    # 2b. with a hosted OpenAI-compatible API (the key is read from the variable named by --api_key_env)
+    # 2b. a hosted OpenAI-compatible API (the key is read from the variable named by --api_key_env)
     export GEMINI_API_KEY=...
     python make_data.py --world real --source infoseek_train.jsonl --images oven_images/ \
         --teacher_url https://generativelanguage.googleapis.com/v1beta/openai --teacher_model gemini-2.5-pro \
@@ -23,7 +21,7 @@ The real pipeline (section "The real world" below; its files, flags and summary 
     # the same command again resumes after a crash; resample without calling the teacher:
     python make_data.py --world real --sample_only --out data_real --n_sft 5000 --seed 1
 
-What it writes under --out (paths inside files are relative to that folder):
+The synthetic world writes under --out (paths inside files are relative to that folder):
 
     entities.jsonl          {"id","name","category","colour","colour2","mark","image","split","facts","maker"}
     corpus.jsonl            {"id","title","text","url"}: profile, fact and near-miss distractor pages
@@ -40,21 +38,26 @@ What it writes under --out (paths inside files are relative to that folder):
     tiny/                   the tiny tokenizer + checkpoint (model.build_tiny) trained on the texts above
     summary.json            the arguments, counts per kind, teacher and replay rates, image-search accuracies
 
-The world is built for a tiny model to learn from in minutes on a CPU:
-- an entity's icon shows its category in the shape and its identity in a random colour pair and
-  mark, so its name cannot be guessed from pixels: a held-out entity is only known through image
-  search, and its facts (founding year, home city, maker) only through text search;
-- each fact lives on its own short page titled "<name> <relation>", so the query that finds it is a
-  copy of the name the image search returned plus a relation word, and the answer is a copy from
-  the page; near-miss names (one letter off) make a sloppy query land on the wrong page;
-- scenes put 2-4 icons in fixed 56 px slots, so whole-image search is ambiguous; the teacher crops
-  as the paper does, with a referring expression from the question ("the third object from the
-  left", "the square") that the world's grounder (tools.SceneGrounder, from pixels) turns into a box.
-Teacher trajectories are made by running our tools for real (tools.make_tools + Tools.execute): the
-teacher decides each action from what the previous observation says, never from the gold answer,
-and only trajectories that reach the gold answer are kept (the rate is reported); then every kept
-trajectory is replayed through fresh backends built from the written files. Everything is
-split by entity: held-out entities never appear in sft.jsonl, rl.jsonl or questions_train.jsonl.
+It is built for a tiny model to learn from in minutes on a CPU. An icon shows its entity's category
+in the shape and its identity in a random colour pair and mark, so a held-out entity is only known
+through image search, and its facts (founding year, home city, maker) only through text search. Each
+fact lives on its own page titled "<name> <relation>": the query that finds it is the name the image
+search returned plus a relation word, and the answer is a copy from the page; near-miss names (one
+word off) make a sloppy query land on the wrong page. Scenes put 2-4 icons in 56 px slots, so
+whole-image search is ambiguous: the teacher crops as the paper does, with a referring expression
+from the question ("the third object from the left", "the square") that the world's grounder
+(tools.SceneGrounder) turns into a box. The teacher runs our real tools, decides each action from the
+last observation (never from the gold answer), and only trajectories that reach the gold answer are
+kept; every kept one is then replayed through fresh backends built from the written files. The split
+is by entity: held-out entities never appear in sft.jsonl, rl.jsonl or questions_train.jsonl.
+
+The real world (files under --out, default data_real/): attempts.jsonl, one line per finished source
+item appended as it finishes (the done-set of a resumed run; a kept line holds the trajectory);
+images/ (what the tools attached); sft.jsonl (the kept trajectories sampled 50:50 search-required :
+search-free, each side balanced across knowledge categories); summary.json (counts, discard reasons,
+the sample's mix, calls and tokens of this run and of all runs; also printed); search_cache.sqlite;
+judge_cache.sqlite (with --judge_url). An item that fails for a transient reason (the API still
+failing after its retries, a search backend down) gets no line and is retried by the next run.
 """
 import argparse
 import base64
@@ -66,7 +69,6 @@ import os
 import random
 import re
 import shutil
-import sys
 import threading
 import time
 import traceback
@@ -82,7 +84,9 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 from PIL import Image, ImageDraw  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+import model  # noqa: E402
 import tools  # noqa: E402
+from eval import Images, Judge, load_infoseek, read_records, score  # noqa: E402
 
 VERSION = 8  # bump when the world changes, so an old data/ is rebuilt rather than skipped
 
@@ -95,11 +99,7 @@ COLOURS = {
     "red": (215, 40, 40), "orange": (245, 140, 20), "yellow": (235, 205, 25), "green": (40, 155, 60),
     "blue": (40, 80, 215), "purple": (135, 50, 180), "pink": (245, 125, 185), "black": (30, 30, 30),
 }
-# mark -> how a profile page describes it ("{c}" = its colour)
-MARKS = {
-    "dot": "{c} dot", "bar": "{c} bar", "stripe": "{c} stripe", "ring": "{c} ring",
-    "x": "{c} x", "box": "{c} box", "border": "{c} border",
-}
+MARKS = ("dot", "bar", "stripe", "ring", "x", "box", "border")  # in the second colour: "a blue dot"
 ORDINALS = ("first", "second", "third", "fourth")
 MAX_SLOTS = len(ORDINALS)
 
@@ -162,15 +162,11 @@ def get_args(argv=None):
     p.add_argument("--n_eval", type=int, default=300, help="questions in each eval set")
     p.add_argument("--self_correct", type=float, default=0.2,
                    help="share of SFT trajectories with a text search whose first query misses")
-    # Small on purpose: names are made of shared syllables, and a big BPE vocabulary turns whole
-    # names into tokens of their own. Measured on the default world: with 4096, 18% of the tokens
-    # of held-out names never occur in sft.jsonl (untrained embeddings the model would have to
-    # copy); with 1024, 0.2%, for 12% more tokens per trajectory.
+    # Small on purpose: a big BPE vocabulary turns whole names into tokens of their own (with 4096,
+    # 18% of the tokens of held-out names never occur in sft.jsonl; with 1024, 0.2%).
     p.add_argument("--vocab_size", type=int, default=1536, help="tiny BPE vocabulary (every name word one token)")
-    p.add_argument("--copy_steps", type=int, default=2000,
-                   help="copy warm-up steps of the tiny model (model.copy_warmup; 0: none)")
-    p.add_argument("--caption_steps", type=int, default=1000,
-                   help="caption warm-up steps of the tiny model (model.caption_warmup; 0: none)")
+    p.add_argument("--copy_steps", type=int, default=2000, help="tiny model's copy warm-up steps (0: none)")
+    p.add_argument("--caption_steps", type=int, default=1000, help="tiny model's caption warm-up steps (0: none)")
     p.add_argument("--hidden", type=int, default=128, help="tiny model width")
     p.add_argument("--layers", type=int, default=4, help="tiny model decoder layers")
     p.add_argument("--heads", type=int, default=4, help="tiny model attention heads")
@@ -192,13 +188,13 @@ def build_key(args):
     return {"version": VERSION, **{k: v for k, v in sorted(vars(args).items()) if k not in skip}}
 
 
-# ----------------------------------------------------------------------------- names
+# ----------------------------------------------------------------------------- entities
 
 
 def template_words():
     """Every word our templates use: a generated name must never be one of them (BM25 would match it)."""
     texts = [R_IDENTIFY, R_NEED, R_HOP, R_WRONG, *R_FOUND.values(), *R_FREE.values(), *NAME_QUESTIONS,
-             *IMAGE_INDEX_TEXTS, *SHAPES, *COLOURS, *MARKS.values(), *ORDINALS, "object from the left with",
+             *IMAGE_INDEX_TEXTS, *SHAPES, *COLOURS, *MARKS, *ORDINALS, "object from the left with",
              *(q for qs in HOP_QUESTIONS.values() for q in qs), *(q for qs in FREE_QUESTIONS.values() for q in qs)]
     for r in RELATIONS.values():
         texts += [r["key"], r["sentence"], *r["questions"]]
@@ -219,14 +215,10 @@ def make_word(rng):
 
 def fresh(rng, used, make):
     """A word from make(rng) not in `used` (which it joins)."""
-    while True:
-        w = make(rng)
-        if w.lower() not in used:
-            used.add(w.lower())
-            return w
-
-
-# ----------------------------------------------------------------------------- entities
+    while (w := make(rng)).lower() in used:
+        pass
+    used.add(w.lower())
+    return w
 
 
 def make_entities(n, held_out, seed):
@@ -238,12 +230,10 @@ def make_entities(n, held_out, seed):
     if n > len(looks):
         raise ValueError(f"at most {len(looks)} distinct looks; asked for {n} entities")
     looks = rng.sample(looks, n)
-    n_cities = max(8, n // 20)
-    cities = [fresh(rng, used, lambda r: make_word(r)[:-1] + r.choice(CITY_ENDS)) for _ in range(n_cities)]
+    cities = [fresh(rng, used, lambda r: make_word(r)[:-1] + r.choice(CITY_ENDS)) for _ in range(max(8, n // 20))]
     # Names are pairs of words from two small pools: each word recurs across entities, so the tiny
-    # tokenizer learns it as one token and copying a name from search results is copying two tokens
-    # (with a fresh word per name, a name is five or six word pieces and the tiny model copies them
-    # poorly). A held-out name is a pair never seen in training; its words alone tell nothing.
+    # tokenizer learns it as one token and copying a name is copying two tokens. A held-out name is a
+    # pair never seen in training...
     pool = 2 * math.isqrt(3 * n) + 8  # pool^2 >= 12 n pairs: room for entities and their distractors
     firsts = [fresh(rng, used, make_word) for _ in range(pool)]
     lasts = [fresh(rng, used, make_word) for _ in range(pool)]
@@ -259,9 +249,9 @@ def make_entities(n, held_out, seed):
         raise ValueError(f"{n} entities: too few names for the held-out share {held_out}")
     ents = []
     for i, (shape, colour, colour2, mark) in enumerate(looks):
-        name = " ".join(pairs[i])
-        ents.append({"id": f"e{i:04d}", "name": name, "category": shape, "colour": colour, "colour2": colour2,
-                     "mark": mark, "image": f"images/e{i:04d}.png", "split": "heldout" if i < n_held else "train",
+        ents.append({"id": f"e{i:04d}", "name": " ".join(pairs[i]), "category": shape, "colour": colour,
+                     "colour2": colour2, "mark": mark, "image": f"images/e{i:04d}.png",
+                     "split": "heldout" if i < n_held else "train",
                      "facts": {"founded": str(rng.randint(1800, 2019)), "city": rng.choice(cities)}})
     for split in ("train", "heldout"):
         group = [e for e in ents if e["split"] == split]
@@ -285,12 +275,12 @@ def make_distractors(ents, cities, pools, k, seed):
                 if name not in taken:
                     taken.add(name)
                     break
+            makers = ents if e["split"] == "heldout" else [o for o in ents if o["split"] == "train"]
             out.append({"id": f"{e['id']}d{j}", "of": e["id"], "name": name, "category": rng.choice(SHAPES),
                         "colour": rng.choice(list(COLOURS)), "colour2": rng.choice(list(COLOURS)),
-                        "mark": rng.choice(list(MARKS)),
-                        "facts": {"founded": str(rng.randint(1800, 2019)), "city": rng.choice(cities),
-                                  "maker": rng.choice(ents)["name"] if e["split"] == "heldout" else
-                                  rng.choice([o for o in ents if o["split"] == "train"])["name"]}})
+                        "mark": rng.choice(MARKS), "facts": {"founded": str(rng.randint(1800, 2019)),
+                                                             "city": rng.choice(cities),
+                                                             "maker": rng.choice(makers)["name"]}})
     return out
 
 
@@ -314,21 +304,15 @@ def a(word):
 
 
 def look(e):
-    return f"{a(e['colour'])} {e['category']} with {a(MARKS[e['mark']].format(c=e['colour2']))}"
-
-
-def describe(e):
-    return f"{e['name']} is {look(e)}."
+    return f"{a(e['colour'])} {e['category']} with {a(e['colour2'] + ' ' + e['mark'])}"
 
 
 def pages_of(e):
     """An entity's (or distractor's) web pages: a profile and one page per fact."""
     base = URL + slug(e["name"])
-    rows = [{"id": f"p-{e['id']}", "title": e["name"], "text": describe(e), "url": base}]
-    for rel, value in e["facts"].items():
-        rows.append({"id": f"f-{e['id']}-{rel}", "title": fact_title(e["name"], rel),
-                     "text": fact_sentence(e["name"], rel, value), "url": f"{base}/{slug(RELATIONS[rel]['key'])}"})
-    return rows
+    return [{"id": f"p-{e['id']}", "title": e["name"], "text": f"{e['name']} is {look(e)}.", "url": base}] + [
+        {"id": f"f-{e['id']}-{rel}", "title": fact_title(e["name"], rel), "text": fact_sentence(e["name"], rel, value),
+         "url": f"{base}/{slug(RELATIONS[rel]['key'])}"} for rel, value in e["facts"].items()]
 
 
 def make_corpus(ents, distractors, seed):
@@ -351,8 +335,6 @@ def make_image_index(ents):
 
 def shape_polygon(shape, c=ICON / 2, r=ICON / 2 - 3):
     """The outline of a shape as a list of points (circle: None, drawn as an ellipse)."""
-    if shape == "circle":
-        return None
     if shape == "square":
         s = r * 0.82
         return [(c - s, c - s), (c + s, c - s), (c + s, c + s), (c - s, c + s)]
@@ -366,13 +348,13 @@ def shape_polygon(shape, c=ICON / 2, r=ICON / 2 - 3):
     if shape == "hexagon":
         return [(c + r * math.cos(i * math.pi / 3), c + r * math.sin(i * math.pi / 3)) for i in range(6)]
     if shape == "cross":
-        a, w = r, r * 0.38
-        return [(c - w, c - a), (c + w, c - a), (c + w, c - w), (c + a, c - w), (c + a, c + w), (c + w, c + w),
-                (c + w, c + a), (c - w, c + a), (c - w, c + w), (c - a, c + w), (c - a, c - w), (c - w, c - w)]
+        w = r * 0.38
+        return [(c - w, c - r), (c + w, c - r), (c + w, c - w), (c + r, c - w), (c + r, c + w), (c + w, c + w),
+                (c + w, c + r), (c - w, c + r), (c - w, c + w), (c - r, c + w), (c - r, c - w), (c - w, c - w)]
     if shape == "arrow":
         return [(c - r, c - r * 0.3), (c + r * 0.1, c - r * 0.3), (c + r * 0.1, c - r), (c + r, c),
                 (c + r * 0.1, c + r), (c + r * 0.1, c + r * 0.3), (c - r, c + r * 0.3)]
-    raise ValueError(shape)
+    return None  # circle
 
 
 def render_icon(e):
@@ -380,14 +362,13 @@ def render_icon(e):
     img = Image.new("RGB", (ICON, ICON), BACKGROUND)
     d = ImageDraw.Draw(img)
     main, second = COLOURS[e["colour"]], COLOURS[e["colour2"]]
-    poly = shape_polygon(e["category"])
-    border = 4 if e["mark"] == "border" else 0
+    poly, m = shape_polygon(e["category"]), e["mark"]
+    border = {"outline": second, "width": 4} if m == "border" else {"outline": None, "width": 0}
     if poly is None:
-        d.ellipse([3, 3, ICON - 4, ICON - 4], fill=main, outline=second if border else None, width=border)
+        d.ellipse([3, 3, ICON - 4, ICON - 4], fill=main, **border)
     else:
-        d.polygon(poly, fill=main, outline=second if border else None, width=border)
+        d.polygon(poly, fill=main, **border)
     c = ICON // 2 + (5 if e["category"] == "triangle" else 0)  # a triangle's middle sits low
-    m = e["mark"]
     if m == "dot":
         d.ellipse([c - 7, c - 7, c + 7, c + 7], fill=second)
     elif m == "bar":
@@ -434,14 +415,6 @@ def captions(ents, icons, n_scenes, seed):
 # ----------------------------------------------------------------------------- questions
 
 
-def referring(scene_ents, slot, rng, by_category=True):
-    """How a question names one object of a scene: its position, or its category when unique there."""
-    cats = Counter(e["category"] for e in scene_ents)
-    if by_category and cats[scene_ents[slot]["category"]] == 1 and rng.random() < BY_CATEGORY:
-        return f"the {scene_ents[slot]['category']}"
-    return f"the {ORDINALS[slot]} object from the left"
-
-
 def make_question(qid, kind, target, pool, by_id, rng, crop_fact_share=CROP_WITH_FACT):
     """One question row about `target` (an entity), of `kind`. A scene question draws the other
     objects from `pool` and keeps them in meta["scene"] (slot order); its image is rendered later."""
@@ -453,7 +426,13 @@ def make_question(qid, kind, target, pool, by_id, rng, crop_fact_share=CROP_WITH
         others = rng.sample([e for e in pool if e is not target], n - 1)
         slot = rng.randrange(n)
         scene = others[:slot] + [target] + others[slot:]
-        obj = referring(scene, slot, rng, by_category=attr != "shape")  # not "What shape is the star?"
+        # how the question names the object: its category when unique there (not for "What shape is
+        # the star?"), else its position
+        unique = Counter(e["category"] for e in scene)[target["category"]] == 1
+        if attr != "shape" and unique and rng.random() < BY_CATEGORY:
+            obj = f"the {target['category']}"
+        else:
+            obj = f"the {ORDINALS[slot]} object from the left"
         meta.update(scene=[e["id"] for e in scene], slot=slot, box=slot_box(slot), ref=obj)
     if kind == "search_free":
         question, answer = rng.choice(FREE_QUESTIONS[attr]), target["category" if attr == "shape" else "colour"]
@@ -465,13 +444,11 @@ def make_question(qid, kind, target, pool, by_id, rng, crop_fact_share=CROP_WITH
         rel = rng.choice(list(RELATIONS))
         question, answer = rng.choice(RELATIONS[rel]["questions"]), target["facts"][rel]
         meta["relation"] = rel
-    elif kind == "multihop":
+    else:  # multihop
         rel = rng.choice(list(HOP_QUESTIONS))
         maker = by_id[target["maker"]]
         question, answer = rng.choice(HOP_QUESTIONS[rel]), maker["facts"][rel]
         meta.update(relation=rel, hop=maker["id"])
-    else:
-        raise ValueError(kind)
     question = question.format(obj=obj)
     return {"id": qid, "image": f"images/{qid}.png" if "scene" in meta else target["image"],
             "question": question[0].upper() + question[1:], "answers": [answer],
@@ -495,32 +472,25 @@ def make_questions(prefix, kinds, pool, by_id, seed, crop_fact_share=CROP_WITH_F
 # ----------------------------------------------------------------------------- the teacher
 
 
-def first_result(obs):
-    return obs.results[0] if obs.results else {"title": "", "text": ""}
-
-
 def read_fact(obs, subject, relation):
-    """The value a fact page states about `subject`, read from the top result, or None when the
-    top result is about something else. Returns (value, subject the top result is about)."""
-    top = first_result(obs)
+    """(the value the top result's fact page states about `subject`, or None when the top result is
+    about something else; the subject the top result is about)."""
+    top = obs.results[0] if obs.results else {"title": "", "text": ""}
     key = " " + RELATIONS[relation]["key"]
     about = top["title"][:-len(key)] if top["title"].endswith(key) else top["title"]
     head = RELATIONS[relation]["sentence"].format(s=subject, v="")[:-1]  # "X was founded in "
-    text = top["text"]
-    if about != subject or not text.startswith(head) or not text.endswith("."):
+    if about != subject or not top["text"].startswith(head) or not top["text"].endswith("."):
         return None, about
-    return text[len(head):-1], about
+    return top["text"][len(head):-1], about
 
 
 def teacher(q, image, tk, typo=None):
     """Play one question with the real tools, deciding each action from the last observation.
     typo: a near-miss of the name to use in the first text query (a copy error the teacher then
-    notices in the result and corrects). Returns dict(messages, images (PIL images the tools
-    attached), answer, self_corrected)."""
-    meta = q["meta"]
-    state = tools.State()
+    notices in the result and corrects). Returns (messages, images the tools attached, answer,
+    self-corrected)."""
+    meta, state, attached = q["meta"], tools.State(), []
     messages = [{"role": "user", "content": tools.initial_prompt(q["question"], has_image=True)}]
-    attached = []
     obj = meta.get("ref", "this object")
 
     def act(reason, kind, arg="", **where):
@@ -534,26 +504,19 @@ def teacher(q, image, tk, typo=None):
         attached.extend(obs.images)
         return obs
 
-    def done(answer, corrected=False):
-        return {"messages": messages, "images": attached, "answer": answer, "self_corrected": corrected}
-
-    if meta["kind"] == "search_free":
-        answer = q["answers"][0]  # the teacher sees the pixels: the shape and colour it drew
-        act(R_FREE[meta["attribute"]].format(obj=obj), "answer", answer)
-        return done(answer)
-
+    if meta["kind"] == "search_free":  # the teacher sees the pixels: the shape and colour it drew
+        act(R_FREE[meta["attribute"]].format(obj=obj), "answer", q["answers"][0])
+        return messages, attached, q["answers"][0], False
     how = "crop" if "box" in meta else "whole"
-    # A crop is asked for as the paper does: a referring expression, which the grounder (here the
-    # world's tools.SceneGrounder, GroundingDINO on real images) turns into a box.
-    where = {"arg": obj} if how == "crop" else {"whole": True}
-    name = first_result(act(R_IDENTIFY.format(obj=obj), "img_search", **where))["title"]
+    # a crop is asked for as the paper does: a referring expression, which the grounder turns into a box
+    obs = act(R_IDENTIFY.format(obj=obj), "img_search", **({"arg": obj} if how == "crop" else {"whole": True}))
+    name = obs.results[0]["title"] if obs.results else ""
     if not name:
-        return done(None)
+        return messages, attached, None, False
     found = R_FOUND[how].format(name=name)
     if meta["relation"] == "name":
         act(found, "answer", name)
-        return done(name)
-
+        return messages, attached, name, False
     chain = ["maker", meta["relation"]] if meta["kind"] == "multihop" else [meta["relation"]]
     reason, subject, corrected = found + R_NEED.format(key=RELATIONS[chain[0]]["key"]), name, False
     for hop, rel in enumerate(chain):
@@ -565,40 +528,34 @@ def teacher(q, image, tk, typo=None):
         if value is None:
             value, about = read_fact(act(reason, "text_search", fact_title(subject, rel)), subject, rel)
             if value is None:
-                return done(None, corrected)
+                return messages, attached, None, corrected
         sentence = fact_sentence(subject, rel, value)
         if hop + 1 < len(chain):
             reason = R_HOP.format(sentence=sentence, key=RELATIONS[chain[hop + 1]]["key"], name=value)
             subject = value
     act(sentence, "answer", value)
-    return done(value, corrected)
-
-
-def uses_text_search(q):
-    return q["meta"].get("relation", "name") != "name"  # a fact (or the maker's fact) is asked
+    return messages, attached, value, corrected
 
 
 def make_sft(questions, out, tk, near, seed, self_correct_share, quiet):
     """Teacher trajectories for `questions`; keeps those that reach the gold answer.
-    near: {entity name: its near-miss names} for the self-corrected ones. Tool images are written
+    near: {entity id: its near-miss names} for the self-corrected ones. Tool images are written
     as images/<qid>_t<k>.png and listed after the question image, in order."""
     rng = random.Random(f"{seed}-teacher")
     rows = []
     for q in tqdm(questions, desc="teacher trajectories", disable=quiet):
         typo = None
-        if uses_text_search(q) and rng.random() < self_correct_share:
+        if q["meta"].get("relation", "name") != "name" and rng.random() < self_correct_share:  # a text search
             typo = rng.choice(near[q["meta"]["entity"]])
-        image = Image.open(out / q["image"]).convert("RGB")
-        t = teacher(q, image, tk, typo)
-        if t["answer"] not in q["answers"]:
+        messages, attached, answer, corrected = teacher(q, Image.open(out / q["image"]).convert("RGB"), tk, typo)
+        if answer not in q["answers"]:
             continue
         paths = [q["image"]]
-        for k, img in enumerate(t["images"]):
+        for k, img in enumerate(attached):
             paths.append(f"images/{q['id']}_t{k}.png")
             img.save(out / paths[-1])
-        rows.append({"id": q["id"], "images": paths, "messages": t["messages"], "kind": q["meta"]["kind"],
-                     "needs_search": q["needs_search"], "self_correction": t["self_corrected"],
-                     "answers": q["answers"]})
+        rows.append({"id": q["id"], "images": paths, "messages": messages, "kind": q["meta"]["kind"],
+                     "needs_search": q["needs_search"], "self_correction": corrected, "answers": q["answers"]})
     return rows
 
 
@@ -631,8 +588,7 @@ def image_search_accuracy(index, scene_questions, by_id, base):
     for q in scene_questions:
         img = Image.open(base / q["image"]).convert("RGB")
         for i, eid in enumerate(q["meta"]["scene"]):
-            piece, _ = tools.crop(img, slot_box(i))
-            crop_hits += index.search(piece, 1)[0]["title"] == by_id[eid]["name"]
+            crop_hits += index.search(tools.crop(img, slot_box(i))[0], 1)[0]["title"] == by_id[eid]["name"]
             crop_n += 1
         scene_hits += index.search(img, 1)[0]["title"] == by_id[q["meta"]["entity"]]["name"]
     return crop_hits / max(crop_n, 1), scene_hits / max(len(scene_questions), 1), crop_n
@@ -640,12 +596,9 @@ def image_search_accuracy(index, scene_questions, by_id, base):
 
 def tokens_per_trajectory(rows, tiny_dir):
     """Mean and max tokens per SFT trajectory with the tiny tokenizer (image tokens included)."""
-    import model
     proc = model.Processor.from_pretrained(tiny_dir)
-    lens = []
-    for r in rows:
-        imgs = [Image.open(tiny_dir.parent / p).convert("RGB") for p in r["images"]]
-        lens.append(len(model.render(proc, r["messages"], imgs)["input_ids"]))
+    lens = [len(model.render(proc, r["messages"], [Image.open(tiny_dir.parent / p).convert("RGB")
+                                                     for p in r["images"]])["input_ids"]) for r in rows]
     return sum(lens) / max(len(lens), 1), max(lens, default=0)
 
 
@@ -655,14 +608,6 @@ def tokens_per_trajectory(rows, tiny_dir):
 def counts(rows):
     c = Counter(r.get("kind") or r["meta"]["kind"] for r in rows)
     return {k: c[k] for k in KINDS if c[k]} | {"total": len(rows)}
-
-
-def tiny_texts(corpus, questions, sft):
-    """The texts the tiny tokenizer is trained on: pages, prompts, trajectories."""
-    texts = [f"{r['title']}\n{r['text']}" for r in corpus]
-    texts += [tools.initial_prompt(q["question"], has_image=q["image"] is not None) for q in questions]
-    texts += [m["content"] for t in sft for m in t["messages"]]
-    return texts
 
 
 def build(args, out):
@@ -695,7 +640,6 @@ def build(args, out):
     scene_questions = [q for q in all_questions if "scene" in q["meta"]]  # one scene image each
     for q in tqdm(scene_questions, desc="scenes", disable=args.quiet):
         render_scene([icons[i] for i in q["meta"]["scene"]]).save(out / q["image"])
-
     near = {}
     for d in distractors:
         near.setdefault(d["of"], []).append(d["name"])
@@ -731,26 +675,19 @@ def build(args, out):
     seconds["checks"] = time.time() - t0 - seconds["world"]
     if not args.no_tiny:
         t1 = time.time()
-        size = {"hidden": args.hidden, "layers": args.layers, "heads": args.heads, "kv_heads": max(1, args.heads // 2)}
-        size.update(copy_steps=args.copy_steps, caption_steps=args.caption_steps,
-                    captions=captions(ents, icons, len(train), args.seed) if args.caption_steps else ())
-        if build_tiny(out / "tiny", tiny_texts(corpus, all_questions, sft), args.seed, args.vocab_size, size,
-                      log=None if args.quiet else tqdm.write):
-            mean_tok, max_tok = tokens_per_trajectory(sft, out / "tiny")
-            summary["sft_tokens"] = {"mean": round(mean_tok, 1), "max": max_tok}
+        # the tokenizer learns from every text the model will see: pages, prompts, trajectories
+        texts = [f"{r['title']}\n{r['text']}" for r in corpus]
+        texts += [tools.initial_prompt(q["question"], has_image=q["image"] is not None) for q in all_questions]
+        texts += [m["content"] for t in sft for m in t["messages"]]
+        model.build_tiny(out / "tiny", texts, seed=args.seed, vocab_size=args.vocab_size,
+                         log=None if args.quiet else tqdm.write, hidden=args.hidden, layers=args.layers,
+                         heads=args.heads, kv_heads=max(1, args.heads // 2), copy_steps=args.copy_steps,
+                         caption_steps=args.caption_steps,
+                         captions=captions(ents, icons, len(train), args.seed) if args.caption_steps else ())
+        mean_tok, max_tok = tokens_per_trajectory(sft, out / "tiny")
+        summary["sft_tokens"] = {"mean": round(mean_tok, 1), "max": max_tok}
         seconds["tiny tokenizer+checkpoint"] = time.time() - t1
     return summary, seconds
-
-
-def build_tiny(out_dir, texts, seed, vocab_size, size, log=None):
-    """model.build_tiny on our texts; False when model.py cannot be imported."""
-    try:
-        import model
-    except ImportError as err:  # model.py is another stage's file; the world itself does not need it
-        print(f"make_data: model.py not importable ({err}); skipping the tiny checkpoint", file=sys.stderr)
-        return False
-    model.build_tiny(out_dir, texts, seed=seed, vocab_size=vocab_size, log=log, **size)
-    return True
 
 
 def install(tmp, out):
@@ -786,39 +723,40 @@ def print_summary(s):
           f"whole scenes {i['whole_scene']:.4f} ({i['scenes']} scenes), single icons {i['single_icon']:.4f}")
 
 
+def synthetic_main(args):
+    out = Path(args.out)
+    key = build_key(args)
+    summary_path = out / "summary.json"
+    if not args.force and summary_path.is_file():
+        old = json.loads(summary_path.read_text())
+        if old.get("build") == key:
+            print(f"make_data: {out} is up to date (same arguments); --force rebuilds it")
+            print_summary(old)
+            return old
+    tmp = out.with_name(f".{out.name}.building")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    summary, seconds = build(args, tmp)
+    (tmp / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    install(tmp, out)
+    print_summary(summary)
+    print("time: " + ", ".join(f"{phase} {s:.1f}s" for phase, s in seconds.items()) + f"; written to {out}/")
+    return summary
+
+
 # =============================================================================================
 # The real world: DeepMMSearchVQA through a teacher MLLM (`python make_data.py --world real`)
 # =============================================================================================
-#
 # The paper's recipe: every source question (InfoSeek) is played by a strong MLLM in the multi-turn
 # search protocol with real search tools; a conversation is discarded at the first malformed turn or
-# when it runs out of turns, and kept when its final answer is right. The kept ones are sampled
-# into the SFT set, balanced across knowledge categories and 50:50 search-required : search-free.
-#
-# Files under --out (default data_real/):
-#   attempts.jsonl   one line per finished source item, appended as it finishes (the done-set):
-#                    {"id","status":"kept"|"discarded","reason","turns","usage",...}; a kept line holds
-#                    the trajectory ("messages", "tool_images", "category", "needs_search")
-#   images/          images the tools attached to observations (<id>_t<k>.png)
-#   sft.jsonl        the sampled SFT trajectories, the design's format (image paths relative to it)
-#   summary.json     counts, discard reasons, the sample's mix, calls and tokens (also printed)
-#   search_cache.sqlite   tools.SearchCache of every search made (unless --cache says otherwise)
-#   judge_cache.sqlite    eval.Judge's verdicts, with --judge_url
-# summary.json: attempted / kept / discarded, discard_reasons {reason: n}, kept_by_category, kept_by_kind,
-#   kept_search_required / kept_search_free, category_source, sft (the sample: n, requested, shortfall,
-#   search_required, search_free, by_category, seed), this_run (attempted, kept, discarded, errors
-#   {transient kind: n}, seconds), cost.all_runs (summed from the records: teacher and classify calls
-#   and tokens, tool calls) and cost.this_run (teacher/classify requests, calls, tokens, retries,
-#   rate_limited, timeouts, failed; per tool calls, crops, refused, backend_calls; summarizer, judge).
-# Items that fail for a transient reason (the teacher API still failing after its retries, a search
-# backend down) get no line: a rerun retries them. A crash, a kill or Ctrl-C loses only the items in
-# flight; rerunning the same command resumes.
+# when it runs out of turns, and kept when its final answer is right. The kept ones are sampled into
+# the SFT set, balanced across knowledge categories and 50:50 search-required : search-free.
 
-REAL_OUT = "data_real"
 ATTEMPTS = "attempts.jsonl"
-# Knowledge categories a teacher assigns when the source has none (InfoSeek's files carry no category).
-DEFAULT_CATEGORIES = ("animal", "plant", "food", "person", "building", "place", "vehicle", "product",
-                      "artwork", "sport", "event", "organization", "science", "other")
+MAX_TURNS = 10  # assistant turns; a conversation not answered by the last one is discarded
+# Knowledge categories the teacher assigns when the source has none (InfoSeek's files carry none).
+CATEGORIES = ("animal", "plant", "food", "person", "building", "place", "vehicle", "product", "artwork", "sport",
+              "event", "organization", "science", "other")
 DISCARD_REASONS = ("invalid_action", "truncated", "turn_limit", "wrong_answer", "gave_up", "tool_refused",
                    "api_rejected", "bad_image")
 
@@ -836,38 +774,33 @@ TEACHER_IMAGE_ACTIONS = (
     "<img_search>[x1, y1, x2, y2]</img_search> searches a crop; the image is {width}x{height} pixels\n"
 )
 TEACHER_EXPRESSION = "<img_search>object description</img_search> searches the object so described\n"
-
-
-def teacher_system(size, max_turns, grounder=False):
-    """The teacher's system prompt (the student never sees it): the protocol, the image's size in the
-    pixels the teacher sees (its crop boxes are in them)."""
-    if size is None:
-        return TEACHER_SYSTEM.format(about="", image_actions="", crop_hint="", max_turns=max_turns)
-    actions = TEACHER_IMAGE_ACTIONS.format(width=size[0], height=size[1])
-    return TEACHER_SYSTEM.format(
-        about=" about an image", image_actions=actions + (TEACHER_EXPRESSION if grounder else ""),
-        crop_hint=" Crop when the question is about one object of a larger scene.", max_turns=max_turns)
-
-
 CLASSIFY_PROMPT = ("Which category of knowledge does this question ask about?\nQuestion: {question}\n"
                    "Categories: {categories}.\nReply with one category, nothing else.")
 
 
-def image_data_url(image, quality=90):
+def teacher_system(size, grounder=False):
+    """The teacher's system prompt (the student never sees it): the protocol, and the image's size in
+    the pixels the teacher sees (its crop boxes are in them); size None: no image."""
+    if size is None:
+        return TEACHER_SYSTEM.format(about="", image_actions="", crop_hint="", max_turns=MAX_TURNS)
+    actions = TEACHER_IMAGE_ACTIONS.format(width=size[0], height=size[1])
+    return TEACHER_SYSTEM.format(
+        about=" about an image", image_actions=actions + (TEACHER_EXPRESSION if grounder else ""),
+        crop_hint=" Crop when the question is about one object of a larger scene.", max_turns=MAX_TURNS)
+
+
+def image_data_url(image):
     """A PIL image as a base64 JPEG data URL. Always re-encoded from the decoded pixels: no EXIF
     rotation can make the teacher see other coordinates than the crop will use."""
     buffer = io.BytesIO()
-    image.convert("RGB").save(buffer, format="JPEG", quality=quality)
+    image.convert("RGB").save(buffer, format="JPEG", quality=90)
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def teacher_content(text, urls):
     """A user turn for the teacher: our text with each "<image>" placeholder replaced, in order, by
     an image part (OpenAI's image_url format)."""
-    pieces = text.split("<image>")
-    if len(pieces) - 1 != len(urls):
-        raise ValueError(f"{len(pieces) - 1} <image> placeholders but {len(urls)} images")
-    parts = []
+    pieces, parts = text.split("<image>"), []
     for i, piece in enumerate(pieces):
         if i:
             parts.append({"type": "image_url", "image_url": {"url": urls[i - 1]}})
@@ -876,23 +809,15 @@ def teacher_content(text, urls):
     return parts
 
 
-def close_cut_action(text):
-    """A reply the server cut at one of our stop sequences (OpenAI-style servers drop the stop string):
-    close its last opened action tag, so it parses as the teacher meant it."""
-    if text.rstrip().endswith(tools.ACTION_END_TAGS):
-        return text
-    start, kind = max((text.rfind(f"<{k}>"), k) for k in tools.ACTION_KINDS)
-    if start < 0 or f"</{kind}>" in text[start:]:
-        return text
-    return text.rstrip() + f"</{kind}>"
-
-
 def normalise_turn(text, finish_reason, scale=1.0, stop_used=True):
     """The teacher's reply -> (Action in the teacher's pixels, Action in the original image's pixels),
     or (invalid Action, None). Whatever surrounds the reason and the action is dropped; a missing or
     empty <reason> is invalid (the SFT data teaches the format)."""
-    if stop_used and finish_reason == "stop":
-        text = close_cut_action(text)
+    if stop_used and finish_reason == "stop" and not text.rstrip().endswith(tools.ACTION_END_TAGS):
+        # OpenAI-style servers drop the stop string they cut at: close the last opened action tag
+        start, kind = max((text.rfind(f"<{k}>"), k) for k in tools.ACTION_KINDS)
+        if start >= 0 and f"</{kind}>" not in text[start:]:
+            text = text.rstrip() + f"</{kind}>"
     action = tools.parse_action(text)
     if action.kind == "invalid":
         return action, None
@@ -905,97 +830,72 @@ def normalise_turn(text, finish_reason, scale=1.0, stop_used=True):
 
 
 def parse_category(reply, categories):
-    """The category a reply names: an exact match, else the first category named in it, else "other"
-    (or the last category when "other" is not one)."""
-    words = re.sub(r"[^a-z0-9& ]+", " ", str(reply).lower()).split()
-    text = " ".join(words)
-    for c in categories:
-        if text == c.lower():
-            return c
-    for c in categories:
-        if re.search(rf"\b{re.escape(c.lower())}\b", text):
-            return c
-    return "other" if "other" in categories else categories[-1]
+    """The first category a reply names as a word, else "other"."""
+    text = " ".join(re.sub(r"[^a-z0-9& ]+", " ", str(reply).lower()).split())
+    return next((c for c in categories if re.search(rf"\b{re.escape(c.lower())}\b", text)), "other")
 
 
 def safe_name(text):
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(text))[:120]
 
 
-class CountingBackend:
-    """A search backend that counts the calls that reach it (the search cache's misses)."""
-
-    def __init__(self, backend, meter, group):
-        self.backend, self.meter, self.group = backend, meter, group
-        self.name = backend.name
-
-    def search(self, query, k=3):
-        self.meter.add(self.group, backend_calls=1)
-        return self.backend.search(query, k)
+def metered(fn, meter, group, field="calls"):
+    """fn, counting each call in meter[group][field]."""
+    def call(*args):
+        meter.add(group, **{field: 1})
+        return fn(*args)
+    return call
 
 
-class CountingSummarizer:
-    """Counts calls to a summarizer (tools.ChatSummarizer does not report its token usage)."""
+def serialised(fn):
+    """fn, one call at a time (a torch model shared by the worker threads)."""
+    lock = threading.Lock()
 
-    def __init__(self, summarizer, meter):
-        self.summarizer, self.meter = summarizer, meter
-
-    def __call__(self, query, results):
-        self.meter.add("summarizer", calls=1)
-        return self.summarizer(query, results)
-
-
-class LockedGrounder:
-    """One grounding call at a time: a torch model shared by worker threads."""
-
-    def __init__(self, grounder):
-        self.grounder, self._lock = grounder, threading.Lock()
-
-    def ground(self, image, expression):
-        with self._lock:
-            return self.grounder.ground(image, expression)
+    def call(*args):
+        with lock:
+            return fn(*args)
+    return call
 
 
 # ----------------------------------------------------------------------------- the source
 
 
-def load_source(path, fmt="auto", images=None, category_key="category", n_source=0, seed=0):
-    """Source questions -> (rows in the design's question format with meta["category"] when the source
-    has one, stats). fmt: "infoseek" (eval.load_infoseek; --images holds <image_id>.jpg), "questions"
-    (tools.load_questions), or "auto" (InfoSeek when the first row has data_id and image_id).
-    Rows without an image file or without answers are skipped; a repeated id keeps its first row.
-    n_source > 0 keeps a random (seeded) subset of that many, in source order."""
-    from eval import Images, load_infoseek, read_records
+def first_row(path):
+    with open(path, encoding="utf-8") as f:
+        line = next((line for line in f if line.strip()), "{}")
+    try:
+        return json.loads(line)
+    except ValueError:
+        return {}
 
+
+def load_source(path, images=None, n_source=0, seed=0):
+    """Source questions -> (rows in the design's question format, with meta["category"] when the source
+    has a "category", stats). InfoSeek (eval.load_infoseek; `images` holds <image_id>.jpg) when the first
+    row has data_id and image_id, else a question JSONL (tools.load_questions). Rows without answers, an
+    InfoSeek row without its image file and a repeated id are skipped; n_source > 0 keeps a random
+    (seeded) subset of that many, in source order."""
     path = Path(path)
-    if fmt == "auto":
-        first = next(iter(read_records(path)), {}) if path.suffix.lower() != ".jsonl" else _first_row(path)
-        fmt = "infoseek" if isinstance(first, dict) and {"data_id", "image_id"} <= set(first) else "questions"
+    first = first_row(path) if path.suffix.lower() == ".jsonl" else next(iter(read_records(path)), {})
+    fmt = "infoseek" if isinstance(first, dict) and {"data_id", "image_id"} <= set(first) else "questions"
     if fmt == "infoseek":
         rows = load_infoseek([path], Images(images))
         raw = {str(r.get("data_id")): r for r in read_records(path) if isinstance(r, dict)}
-        for row in rows:
-            value = raw.get(row["meta"]["source_id"], {}).get(category_key)
-            if value not in (None, ""):
-                row["meta"]["category"] = str(value)
-    elif fmt == "questions":
-        rows = tools.load_questions(path)
-        for row in rows:
-            value = row["meta"].get(category_key, row.get(category_key))
-            if value not in (None, ""):
-                row["meta"]["category"] = str(value)
+        categories = [raw.get(r["meta"]["source_id"], {}).get("category") for r in rows]
     else:
-        raise ValueError(f"unknown source format {fmt!r}: use auto, infoseek or questions")
-    stats = Counter()
-    kept, seen = [], set()
-    for row in rows:
+        rows = tools.load_questions(path)
+        categories = [r["meta"].get("category", r.get("category")) for r in rows]
+    skipped, kept, seen = Counter(), [], set()
+    for row, category in zip(rows, categories):
         row["id"] = str(row["id"])
+        if category not in (None, ""):
+            row["meta"]["category"] = str(category)
         if not row.get("answers"):
-            stats["no_answers"] += 1
+            skipped["no_answers"] += 1
         elif fmt == "infoseek" and row.get("image") is None:
-            stats["no_image"] += 1
+            skipped["no_image"] += 1
         elif row["id"] in seen:
-            stats["duplicate_id"] += 1
+            skipped["duplicate_id"] += 1
         else:
             seen.add(row["id"])
             kept.append(row)
@@ -1003,20 +903,8 @@ def load_source(path, fmt="auto", images=None, category_key="category", n_source
     if 0 < n_source < len(kept):
         chosen = set(random.Random(f"{seed}-source").sample(range(len(kept)), n_source))
         kept = [r for i, r in enumerate(kept) if i in chosen]
-    info = {"path": str(path), "format": fmt, "rows": len(rows), "usable": usable, "selected": len(kept),
-            "skipped": {k: stats[k] for k in ("no_answers", "no_image", "duplicate_id")}}
-    return kept, info
-
-
-def _first_row(path):
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                try:
-                    return json.loads(line)
-                except ValueError:
-                    return {}
-    return {}
+    return kept, {"path": str(path), "format": fmt, "rows": len(rows), "usable": usable, "selected": len(kept),
+                  "skipped": {k: skipped[k] for k in ("no_answers", "no_image", "duplicate_id")}}
 
 
 # ----------------------------------------------------------------------------- the append-only log
@@ -1051,21 +939,15 @@ def read_attempts(path):
 
 
 class AttemptLog:
-    """Append-only JSONL: each record is one line, written with a single write and flushed (and, with
-    fsync=True, forced to disk) before the next item is taken as done."""
+    """Append-only JSONL: each record is one line, written with a single write and flushed before the
+    next item is taken as done."""
 
-    def __init__(self, path, fsync=False):
-        self.path, self.fsync = path, fsync
-        self._file = open(path, "a", encoding="utf-8")
+    def __init__(self, path):
+        self.file = open(path, "a", encoding="utf-8")
 
     def append(self, record):
-        self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self._file.flush()
-        if self.fsync:
-            os.fsync(self._file.fileno())
-
-    def close(self):
-        self._file.close()
+        self.file.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.file.flush()
 
 
 # ----------------------------------------------------------------------------- one item
@@ -1076,49 +958,32 @@ class RealContext:
     """What every worker shares."""
 
     teacher: tools.ChatClient
-    tools: object  # tools.Tools
+    classifier: tools.ChatClient  # asks a kept question's category when the source has none
+    tools: tools.Tools
     out: Path
-    categories: tuple
-    max_turns: int = 10
     max_tokens: int = 1024
-    temperature: float | None = None
-    stop: bool = True
+    stop: bool = True  # send the action end tags as stop sequences
     teacher_max_side: int = 0
-    keep_refused: bool = False
-    judge: object = None
-    classifier: tools.ChatClient | None = None
+    judge: object = None  # eval.Judge (metered), for answers the rules reject
 
 
-def _discard(q, reason, turns, usage, detail=""):
+def discard(q, reason, turns, usage, detail=""):
     return {"id": q["id"], "status": "discarded", "reason": reason, "turns": turns,
             "detail": str(detail)[:500], "usage": usage}
 
 
-def _add_usage(total, group, usage):
+def add_usage(total, group, usage):
     g = total.setdefault(group, {"calls": 0, "prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0})
     g["calls"] += 1
     for k in ("prompt_tokens", "completion_tokens", "total_tokens"):
         g[k] += usage.get(k, 0)
 
 
-def _tool_problem(observation, calls_before, state):
-    """None for a usable observation; "tool_refused" when the tools refused the action (a second image
-    search, a box outside the image, no calls left: n_calls did not move); "search_failed" when the
-    backend failed after its retries (transient). "No results" is a usable observation."""
-    if not observation.error:
-        return None
-    if state.n_calls == calls_before:
-        return "tool_refused"
-    if observation.text.startswith("<information>Search failed"):
-        return "search_failed"
-    return None
-
-
-def _count_tool(usage, meter, action, problem):
-    """Tool actions per item (in its record's usage) and per run (meter): calls include the search
-    cache's hits; the meter's backend_calls (CountingBackend) are the searches that reached a backend."""
+def count_tool(usage, meter, action, refused):
+    """Tool actions per item (in its record's usage) and per run (meter). Calls include the search
+    cache's hits; the meter's backend_calls are the searches that reached a backend."""
     group = "text_search" if action.kind == "text_search" else "image_search"
-    fields = {"calls": 1, "refused": int(problem == "tool_refused")}
+    fields = {"calls": 1, "refused": int(refused)}
     if action.kind == "img_search" and not action.whole:
         fields["crops"] = 1
     meter.add(group, **fields)
@@ -1127,86 +992,70 @@ def _count_tool(usage, meter, action, problem):
         g[f"{group}_{k}"] = g.get(f"{group}_{k}", 0) + v
 
 
-def trajectory_kind(n_text, n_img, n_crop):
-    """What the kept trajectory did, in the synthetic world's words where they fit."""
-    if not n_text and not n_img:
-        return "search_free"
-    if n_crop:
-        return "crop"
-    if n_img:
-        return "image_text" if n_text else "image"
-    return "text"
-
-
 def play_item(q, ctx):
     """Play one question with the teacher and the real tools; returns its attempt record (kept or
     discarded). Raises tools.TransientError when it could not be finished (no record: a rerun retries it).
 
-    The trajectory's turns: user 1 = tools.initial_prompt (with its "<image>" placeholder), then per
-    turn the teacher's reply normalised to <reason>..</reason> + one action (Action.render), then the
-    observation text exactly as Tools.execute returns it. The teacher sees the same conversation
-    (in its own pixels when the image is downscaled for it), images as data URLs, and a system prompt.
-    """
-    usage = {}
-    image = None
+    The trajectory: user 1 = tools.initial_prompt (with its "<image>" placeholder), then per turn the
+    teacher's reply normalised to <reason>..</reason> + one action (Action.render), then the observation
+    exactly as Tools.execute returns it. The teacher sees the same conversation (in its own pixels when
+    the image is downscaled for it), images as data URLs, and a system prompt."""
+    usage, image = {}, None
     if q.get("image"):
         try:
             with Image.open(q["image"]) as f:
                 image = f.convert("RGB")
         except (OSError, ValueError) as e:
-            return _discard(q, "bad_image", 0, usage, f"{type(e).__name__}: {e}")
-    teacher_image, scale = image, 1.0
-    if image is not None and ctx.teacher_max_side and max(image.size) > ctx.teacher_max_side:
-        scale = ctx.teacher_max_side / max(image.size)
-        teacher_image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
-                                     Image.BICUBIC)
-    system = teacher_system(teacher_image.size if teacher_image is not None else None, ctx.max_turns,
-                            grounder=ctx.tools.grounder is not None)
+            return discard(q, "bad_image", 0, usage, f"{type(e).__name__}: {e}")
+    seen_image, scale, urls = image, 1.0, []
+    if image is not None:
+        if ctx.teacher_max_side and max(image.size) > ctx.teacher_max_side:
+            scale = ctx.teacher_max_side / max(image.size)
+            seen_image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+                                      Image.BICUBIC)
+        urls = [image_data_url(seen_image)]
+    system = teacher_system(seen_image.size if image is not None else None, ctx.tools.grounder is not None)
     first = tools.initial_prompt(q["question"], has_image=image is not None)
     messages = [{"role": "user", "content": first}]
-    urls = [image_data_url(teacher_image)] if image is not None else []
     view = [{"role": "system", "content": system}, {"role": "user", "content": teacher_content(first, urls)}]
     state, attached = tools.State(), []
-    stop = tools.ACTION_END_TAGS if ctx.stop else None
-    for turn in range(1, ctx.max_turns + 1):
+    for turn in range(1, MAX_TURNS + 1):
         try:
-            text, u, finish = ctx.teacher.chat(view, ctx.max_tokens, ctx.temperature, stop)
+            text, u, finish = ctx.teacher.chat(view, ctx.max_tokens, stop=tools.ACTION_END_TAGS if ctx.stop else None)
         except tools.ApiRejected as e:
-            return _discard(q, "api_rejected", turn - 1, usage, e)
-        _add_usage(usage, "teacher", u)
+            return discard(q, "api_rejected", turn - 1, usage, e)
+        add_usage(usage, "teacher", u)
         seen, action = normalise_turn(text, finish, scale, stop_used=ctx.stop)
         if action is None:
             reason = "truncated" if finish == "length" else "invalid_action"  # truncated: raise --max_tokens
-            return _discard(q, reason, turn, usage, f"{seen.error} | {text[:300]!r}")
+            return discard(q, reason, turn, usage, f"{seen.error} | {text[:300]!r}")
         messages.append({"role": "assistant", "content": action.render()})
         view.append({"role": "assistant", "content": seen.render()})
         if action.kind == "answer":
-            return _finish(q, ctx, action.arg, messages, attached, state, turn, usage)
-        if turn == ctx.max_turns:
-            return _discard(q, "turn_limit", turn, usage, f"turn {turn} is a {action.kind}, not an answer")
+            return finish_item(q, ctx, action.arg, messages, attached, state, turn, usage)
+        if turn == MAX_TURNS:
+            return discard(q, "turn_limit", turn, usage, f"turn {turn} is a {action.kind}, not an answer")
         calls = state.n_calls
-        observation = ctx.tools.execute(action, image, state)
-        problem = _tool_problem(observation, calls, state)
-        _count_tool(usage, ctx.teacher.meter, action, problem)
-        if problem == "search_failed":
-            raise tools.TransientError("search_failed", observation.text[:200])
-        if problem == "tool_refused" and not ctx.keep_refused:
-            return _discard(q, "tool_refused", turn, usage, observation.text)
-        messages.append({"role": "user", "content": observation.text})
-        attached.extend(observation.images)
-        urls = [image_data_url(i) for i in observation.images]
-        view.append({"role": "user", "content": teacher_content(observation.text, urls)})
-    raise AssertionError("unreachable: the last turn either answers or is discarded")
+        obs = ctx.tools.execute(action, image, state)
+        # refused: a second image search, a box outside the image, no calls left (n_calls did not
+        # move); "No results" is a usable observation, a search failed after its retries is transient
+        refused = obs.error and state.n_calls == calls
+        count_tool(usage, ctx.teacher.meter, action, refused)
+        if obs.error and not refused and obs.text.startswith("<information>Search failed"):
+            raise tools.TransientError("search_failed", obs.text[:200])
+        if refused:
+            return discard(q, "tool_refused", turn, usage, obs.text)
+        messages.append({"role": "user", "content": obs.text})
+        attached.extend(obs.images)
+        view.append({"role": "user", "content": teacher_content(obs.text, [image_data_url(i) for i in obs.images])})
 
 
-def _finish(q, ctx, answer, messages, attached, state, turns, usage):
+def finish_item(q, ctx, answer, messages, attached, state, turns, usage):
     """Score the answer; a kept trajectory gets its category and its attached images written."""
-    from eval import score
-
     if answer.strip() == tools.GIVE_UP:
-        return _discard(q, "gave_up", turns, usage)
+        return discard(q, "gave_up", turns, usage)
     if score(answer, q["answers"], question=q["question"], judge=ctx.judge) != 1.0:
-        return _discard(q, "wrong_answer", turns, usage, answer)
+        return discard(q, "wrong_answer", turns, usage, answer)
     category, source = q["meta"].get("category"), "meta"
     if category is None:
         category, source = classify(q, ctx, usage), "teacher"
@@ -1214,10 +1063,15 @@ def _finish(q, ctx, answer, messages, attached, state, turns, usage):
     for k, img in enumerate(attached):
         paths.append(f"images/{safe_name(q['id'])}_t{k}.png")
         img.save(ctx.out / paths[-1])
+    n_text, n_img, n_crop = state.n_text_search, state.n_img_search, state.n_crop
+    # what the trajectory did, in the synthetic world's words where they fit
+    if n_img:
+        kind = "crop" if n_crop else "image_text" if n_text else "image"
+    else:
+        kind = "text" if n_text else "search_free"
     return {"id": q["id"], "status": "kept", "reason": "", "turns": turns, "usage": usage,
-            "category": category, "category_source": source, "needs_search": turns > 1,
-            "kind": trajectory_kind(state.n_text_search, state.n_img_search, state.n_crop),
-            "n_text_search": state.n_text_search, "n_img_search": state.n_img_search, "n_crop": state.n_crop,
+            "category": category, "category_source": source, "needs_search": turns > 1, "kind": kind,
+            "n_text_search": n_text, "n_img_search": n_img, "n_crop": n_crop,
             "question": q["question"], "answers": q["answers"], "answer": answer,
             "image": str(Path(q["image"]).resolve()) if q.get("image") else None,
             "tool_images": paths, "messages": messages, "source_meta": q["meta"]}
@@ -1225,21 +1079,20 @@ def _finish(q, ctx, answer, messages, attached, state, turns, usage):
 
 def classify(q, ctx, usage):
     """The question's knowledge category, asked of the classifier (by default the teacher), text only."""
-    client = ctx.classifier or ctx.teacher
-    prompt = CLASSIFY_PROMPT.format(question=q["question"], categories=", ".join(ctx.categories))
+    prompt = CLASSIFY_PROMPT.format(question=q["question"], categories=", ".join(CATEGORIES))
     try:
-        text, u, _ = client.chat([{"role": "user", "content": prompt}], max_tokens=16, temperature=ctx.temperature)
+        text, u, _ = ctx.classifier.chat([{"role": "user", "content": prompt}], max_tokens=16)
     except tools.ApiRejected as e:  # e.g. a content filter on the question: not worth losing the trajectory
         warnings.warn(f"{q['id']}: category request rejected ({e}); using 'other'")
         return "other"
-    _add_usage(usage, "classify", u)
-    return parse_category(text, ctx.categories)
+    add_usage(usage, "classify", u)
+    return parse_category(text, CATEGORIES)
 
 
 # ----------------------------------------------------------------------------- sampling
 
 
-def _quotas(avail, k, rng):
+def quotas(avail, k, rng):
     """Split k among categories as evenly as their sizes allow (max-min fair): every category gets the
     same share, a category with fewer items gives the rest to the others. avail: {category: n}."""
     quota = {c: 0 for c in avail}
@@ -1265,8 +1118,6 @@ def sample_sft(kept, n, search_share=0.5, seed=0):
     so the ratio holds), each side balanced across categories. Deterministic for a seed whatever the
     order of `kept` (the log's order depends on thread timing). Returns (chosen ids in a seeded
     shuffled order, info)."""
-    if not 0.0 <= search_share <= 1.0:
-        raise ValueError("search_share must be in [0, 1]")
     sides = {True: [], False: []}
     for r in sorted(kept, key=lambda r: r["id"]):
         sides[bool(r["needs_search"])].append(r)
@@ -1284,8 +1135,7 @@ def sample_sft(kept, n, search_share=0.5, seed=0):
         groups = {}
         for r in sides[side]:
             groups.setdefault(r["category"], []).append(r["id"])
-        rng = random.Random(f"{seed}-sft-{side}")
-        quota = _quotas({c: len(v) for c, v in groups.items()}, want[side], rng)
+        quota = quotas({c: len(v) for c, v in groups.items()}, want[side], random.Random(f"{seed}-sft-{side}"))
         for c in sorted(groups):
             ids = groups[c]
             random.Random(f"{seed}-sft-{side}-{c}").shuffle(ids)
@@ -1300,35 +1150,144 @@ def sample_sft(kept, n, search_share=0.5, seed=0):
     return chosen, info
 
 
-def sft_row(record, out, copy_images=False):
-    """A kept attempt -> an SFT trajectory row (the design's format; image paths relative to `out`)."""
-    images = []
-    if record.get("image"):
-        src = Path(record["image"])
-        if copy_images:
-            dst = out / "images" / "source" / (safe_name(record["id"]) + src.suffix.lower())
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            if not dst.exists():
-                shutil.copyfile(src, dst)
-            images.append(dst.relative_to(out).as_posix())
-        else:
-            images.append(Path(os.path.relpath(src, out.resolve())).as_posix())
-    images += record["tool_images"]
-    return {"id": record["id"], "images": images, "messages": record["messages"], "kind": record["kind"],
-            "needs_search": record["needs_search"], "category": record["category"],
-            "question": record["question"], "answers": record["answers"]}
-
-
-def write_sft(out, records, n, search_share, seed, copy_images=False):
-    """Sample and write out/sft.jsonl (atomically); returns the sample's info."""
-    kept = [r for r in records if r["status"] == "kept"]
-    ids, info = sample_sft(kept, n, search_share, seed)
-    by_id = {r["id"]: r for r in kept}
-    tools.write_jsonl(out / "sft.jsonl", [sft_row(by_id[i], out, copy_images) for i in ids])
+def write_sft(out, records, n, seed):
+    """Sample the kept records 50:50 and write out/sft.jsonl (the design's format, image paths relative
+    to `out`, atomically); returns the sample's info."""
+    kept = {r["id"]: r for r in records if r["status"] == "kept"}
+    ids, info = sample_sft(kept.values(), n, 0.5, seed)
+    rows = []
+    for r in (kept[i] for i in ids):
+        images = [Path(os.path.relpath(r["image"], out.resolve())).as_posix()] if r.get("image") else []
+        rows.append({"id": r["id"], "images": images + r["tool_images"], "messages": r["messages"],
+                     "kind": r["kind"], "needs_search": r["needs_search"], "category": r["category"],
+                     "question": r["question"], "answers": r["answers"]})
+    tools.write_jsonl(out / "sft.jsonl", rows)
     return info
 
 
 # ----------------------------------------------------------------------------- the run
+
+
+def get_real_args(argv=None):
+    p = argparse.ArgumentParser(
+        prog="make_data.py --world real",
+        description="DeepMMSearchVQA: a teacher MLLM (OpenAI-compatible API) plays source questions with our "
+                    "search tools; correct conversations are kept and sampled into sft.jsonl.")
+    p.add_argument("--world", choices=("synthetic", "real"), default="real")
+    p.add_argument("--source", help="InfoSeek-format file (data_id, image_id, question, answer, answer_eval) "
+                                    "or a question JSONL in the design's format; a \"category\" is used if present")
+    p.add_argument("--images", help="InfoSeek/OVEN image folder (files <image_id>.jpg, any sub-folder)")
+    p.add_argument("--n_source", type=int, default=0, help="a random (seeded) subset of the source; 0: all")
+    p.add_argument("--out", default="data_real")
+    p.add_argument("--teacher_url", default="http://127.0.0.1:8000/v1", help="OpenAI-compatible base URL")
+    p.add_argument("--teacher_model", help="model name the endpoint serves")
+    p.add_argument("--api_key_env", default="OPENAI_API_KEY",
+                   help="environment variable holding the API key (a local vLLM server needs none)")
+    p.add_argument("--max_tokens", type=int, default=1024, help="per teacher reply")
+    p.add_argument("--no_stop", action="store_true",
+                   help="do not send the action end tags as stop sequences (for APIs that refuse `stop`)")
+    p.add_argument("--teacher_max_side", type=int, default=0,
+                   help="downscale images the teacher sees to this side (its crop boxes are scaled back); 0: never")
+    p.add_argument("--classify_url", help="endpoint for the category requests (default: the teacher's)")
+    p.add_argument("--classify_model", help="model for the category requests (default: the teacher's)")
+    p.add_argument("--workers", type=int, default=8, help="items played at once (threads)")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds per API request")
+    p.add_argument("--retries", type=int, default=6, help="retries per API request (timeouts, 429, 5xx)")
+    p.add_argument("--backoff", type=float, default=2.0, help="first retry delay in seconds, doubled each time")
+    tools.add_search_args(p)
+    p.add_argument("--data", default="data", help="local backend: folder with corpus.jsonl and image_index.jsonl")
+    p.add_argument("--grounder", help="local GroundingDINO folder, for <img_search>object description</img_search>")
+    p.add_argument("--summarizer_url", help="OpenAI-compatible endpoint that summarizes search results")
+    p.add_argument("--summarizer_model")
+    p.add_argument("--judge_url", help="LLM judge for answers the rules reject (eval.Judge)")
+    p.add_argument("--judge_model")
+    p.add_argument("--n_sft", type=int, default=10_000, help="size of the sampled SFT set")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sample_only", action="store_true", help="no teacher calls: resample sft.jsonl from the log")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    if not args.sample_only and not (args.source and args.teacher_model):
+        p.error("--source and --teacher_model are required (or --sample_only)")
+    return args
+
+
+def build_real_context(args, out, meter):
+    """The teacher, the classifier and the judge (sharing one rate gate: one API's limit), and the
+    tools, every call metered."""
+    # Real photos: GroundingDINO or no grounder, never the synthetic world's (False: none).
+    grounder = False
+    if args.grounder:
+        grounder = tools.GroundingDinoGrounder(args.grounder)
+        grounder.ground = serialised(grounder.ground)
+    summarizer = None
+    if args.summarizer_url:  # tools.ChatSummarizer does not report its token usage: calls are counted
+        summarizer = metered(tools.ChatSummarizer(args.summarizer_url, args.summarizer_model or args.teacher_model),
+                             meter, "summarizer")
+    tk = tools.make_tools(args.data, cache=str(out / "search_cache.sqlite"), grounder=grounder,
+                          summarizer=summarizer, **tools.search_options(args))
+    for backend, group in ((tk.text_backend, "text_search"), (tk.image_backend, "image_search")):
+        if backend is not None:  # the searches that reach a backend: the search cache's misses
+            backend.search = metered(backend.search, meter, group, "backend_calls")
+    client = dict(meter=meter, api_key_env=args.api_key_env, timeout=args.timeout, retries=args.retries,
+                  backoff=args.backoff, gate=tools.RateGate())
+    judge = None
+    if args.judge_url:
+        judge = metered(Judge(args.judge_url, args.judge_model or args.teacher_model,
+                              cache=out / "judge_cache.sqlite", api_key_env=args.api_key_env), meter, "judge")
+    return RealContext(
+        teacher=tools.ChatClient(args.teacher_url, args.teacher_model, name="teacher", **client),
+        classifier=tools.ChatClient(args.classify_url or args.teacher_url, args.classify_model or args.teacher_model,
+                                    name="classify", **client),
+        tools=tk, out=out, max_tokens=args.max_tokens, stop=not args.no_stop,
+        teacher_max_side=args.teacher_max_side, judge=judge)
+
+
+def play_all(todo, ctx, log, workers, quiet=False):
+    """Play `todo` on a bounded thread pool; the main thread appends each finished record to `log`
+    (one writer: lines never interleave). Returns this run's counts."""
+    run = {"attempted": 0, "kept": 0, "discarded": 0, "errors": Counter(), "seconds": 0.0}
+    t0 = time.time()
+    bar = tqdm(total=len(todo), desc="teacher", unit="item", disable=quiet, dynamic_ncols=True)
+    items = iter(todo)
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="teacher")
+    pending, shown_bug, interrupted = set(), False, False
+    try:
+        while True:
+            # at most 2 x workers items in flight or queued: memory stays flat on 200k items
+            while len(pending) < 2 * workers and (q := next(items, None)) is not None:
+                pending.add(pool.submit(play_item, q, ctx))
+            if not pending:
+                break
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                try:
+                    record = future.result()
+                except tools.TransientError as e:
+                    run["errors"][e.kind] += 1
+                except tools.ApiFatal:
+                    raise
+                except Exception as e:  # a bug on one item must not stop 200k: counted, shown once, redone later
+                    run["errors"][f"exception:{type(e).__name__}"] += 1
+                    if not shown_bug:
+                        shown_bug = True
+                        traceback.print_exception(e)
+                else:
+                    log.append(record)
+                    run["attempted"] += 1
+                    run["kept" if record["status"] == "kept" else "discarded"] += 1
+                bar.update(1)
+                tokens = ctx.teacher.meter.snapshot().get("teacher", {}).get("total_tokens", 0)
+                bar.set_postfix(kept=run["kept"], discarded=run["discarded"], errors=sum(run["errors"].values()),
+                                tokens=tokens, refresh=False)
+    except KeyboardInterrupt:
+        interrupted = True  # do not wait for the teacher calls in flight: their items are redone next time
+        raise
+    finally:
+        pool.shutdown(wait=not interrupted, cancel_futures=True)
+        bar.close()
+    run["errors"] = dict(sorted(run["errors"].items()))
+    run["seconds"] = round(time.time() - t0, 2)
+    return run
 
 
 def real_summary(records, source, sample, run, meter, args):
@@ -1371,179 +1330,22 @@ def print_real_summary(s):
           f"({s['keep_rate']:.1%}: {s['kept_search_required']} search-required, {s['kept_search_free']} search-free), "
           f"discarded {s['discarded']}")
     print("discard reasons: " + ", ".join(f"{k} {v}" for k, v in s["discard_reasons"].items()))
-    errors = s["this_run"]["errors"]
-    if errors:
-        print("not finished this run (retried by the next): " + ", ".join(f"{k} {v}" for k, v in errors.items()))
+    if s["this_run"]["errors"]:
+        print("not finished this run (retried by the next): "
+              + ", ".join(f"{k} {v}" for k, v in s["this_run"]["errors"].items()))
     print("kept by category: " + ", ".join(f"{k} {v}" for k, v in s["kept_by_category"].items()))
-    if s["sft"]:
-        x = s["sft"]
-        print(f"sft.jsonl: {x['n']} of {x['requested']} requested ({x['search_required']} search-required, "
-              f"{x['search_free']} search-free, {len(x['by_category'])} categories, seed {x['seed']})")
+    x = s["sft"]
+    print(f"sft.jsonl: {x['n']} of {x['requested']} requested ({x['search_required']} search-required, "
+          f"{x['search_free']} search-free, {len(x['by_category'])} categories, seed {x['seed']})")
     t = s["cost"]["this_run"]
-    teacher = t["teacher"]
+    teacher, classifier, tk = t["teacher"], t["classify"], t["tools"]
     print(f"teacher this run: {teacher.get('calls', 0)} calls, {teacher.get('prompt_tokens', 0)} prompt + "
           f"{teacher.get('completion_tokens', 0)} completion tokens, {teacher.get('retries', 0)} retries, "
           f"{teacher.get('rate_limited', 0)} rate-limited, {teacher.get('timeouts', 0)} timeouts; "
-          f"classify {t['classify'].get('calls', 0)} calls, {t['classify'].get('total_tokens', 0)} tokens; "
-          f"search backend calls: text {t['tools']['text_search'].get('backend_calls', 0)}, "
-          f"image {t['tools']['image_search'].get('backend_calls', 0)}; "
+          f"classify {classifier.get('calls', 0)} calls, {classifier.get('total_tokens', 0)} tokens; "
+          f"search backend calls: text {tk['text_search'].get('backend_calls', 0)}, "
+          f"image {tk['image_search'].get('backend_calls', 0)}; "
           f"summarizer {t['summarizer'].get('calls', 0)} calls; judge {t['judge'].get('calls', 0)} calls")
-
-
-def get_real_args(argv=None):
-    p = argparse.ArgumentParser(
-        prog="make_data.py --world real",
-        description="DeepMMSearchVQA: a teacher MLLM (OpenAI-compatible API) plays source questions with our "
-                    "search tools; correct conversations are kept and sampled into sft.jsonl.")
-    p.add_argument("--world", choices=("synthetic", "real"), default="real")
-    p.add_argument("--source", help="InfoSeek-format file (data_id, image_id, question, answer, answer_eval) "
-                                    "or a question JSONL in the design's format")
-    p.add_argument("--source_format", choices=("auto", "infoseek", "questions"), default="auto")
-    p.add_argument("--images", help="InfoSeek/OVEN image folder (files <image_id>.jpg, any sub-folder)")
-    p.add_argument("--category_key", default="category",
-                   help="source key (InfoSeek row, or question meta) holding a category; else the teacher is asked")
-    p.add_argument("--categories", default=",".join(DEFAULT_CATEGORIES),
-                   help="comma-separated categories the teacher chooses from")
-    p.add_argument("--n_source", type=int, default=0, help="a random (seeded) subset of the source; 0: all")
-    p.add_argument("--out", default=REAL_OUT)
-    p.add_argument("--teacher_url", default="http://127.0.0.1:8000/v1", help="OpenAI-compatible base URL")
-    p.add_argument("--teacher_model", help="model name the endpoint serves")
-    p.add_argument("--api_key_env", default="OPENAI_API_KEY",
-                   help="environment variable holding the API key (a local vLLM server needs none)")
-    p.add_argument("--max_tokens", type=int, default=1024, help="per teacher reply")
-    p.add_argument("--temperature", type=float, default=None, help="omitted from requests unless given")
-    p.add_argument("--no_stop", action="store_true",
-                   help="do not send the action end tags as stop sequences (for APIs that refuse `stop`)")
-    p.add_argument("--teacher_max_side", type=int, default=0,
-                   help="downscale images the teacher sees to this side (its crop boxes are scaled back); 0: never")
-    p.add_argument("--classify_url", help="endpoint for the category requests (default: the teacher's)")
-    p.add_argument("--classify_model", help="model for the category requests (default: the teacher's)")
-    p.add_argument("--workers", type=int, default=8, help="items played at once (threads)")
-    p.add_argument("--timeout", type=float, default=300.0, help="seconds per API request")
-    p.add_argument("--retries", type=int, default=6, help="retries per API request (timeouts, 429, 5xx)")
-    p.add_argument("--backoff", type=float, default=2.0, help="first retry delay in seconds, doubled each time")
-    p.add_argument("--max_turns", type=int, default=10,
-                   help="assistant turns; a conversation not answered by the last one is discarded")
-    p.add_argument("--keep_refused", action="store_true",
-                   help="keep conversations where the tools refused an action (second image search, bad box)")
-    tools.add_search_args(p)
-    p.add_argument("--data", default="data", help="local backend: folder with corpus.jsonl and image_index.jsonl")
-    p.add_argument("--cache", help="SQLite search cache (default: <out>/search_cache.sqlite)")
-    p.add_argument("--cache_mode", choices=("rw", "replay", "off"), default="rw")
-    p.add_argument("--topk", type=int, default=3)
-    p.add_argument("--attach", choices=("none", "crop"), default="none", help="tools.Tools attach")
-    p.add_argument("--grounder", help="local GroundingDINO folder, for <img_search>object description</img_search>")
-    p.add_argument("--summarizer_url", help="OpenAI-compatible endpoint that summarizes search results")
-    p.add_argument("--summarizer_model")
-    p.add_argument("--judge_url", help="LLM judge for answers the rules reject (eval.Judge)")
-    p.add_argument("--judge_model")
-    p.add_argument("--n_sft", type=int, default=10_000, help="size of the sampled SFT set")
-    p.add_argument("--search_share", type=float, default=0.5, help="search-required share of sft.jsonl")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--copy_images", action="store_true", help="copy the sampled questions' images into <out>/images")
-    p.add_argument("--sample_only", action="store_true", help="no teacher calls: resample sft.jsonl from the log")
-    p.add_argument("--no_sample", action="store_true", help="play the items, do not write sft.jsonl")
-    p.add_argument("--fsync", action="store_true", help="fsync after every line (survives a power cut too)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    args = p.parse_args(argv)
-    if not args.sample_only and not (args.source and args.teacher_model):
-        p.error("--source and --teacher_model are required (or --sample_only)")
-    return args
-
-
-def build_real_context(args, out, meter):
-    # Real photos: GroundingDINO or no grounder, never the synthetic world's (False: none).
-    grounder = LockedGrounder(tools.GroundingDinoGrounder(args.grounder)) if args.grounder else False
-    summarizer = None
-    if args.summarizer_url:
-        summarizer = CountingSummarizer(tools.ChatSummarizer(args.summarizer_url, args.summarizer_model or
-                                                             args.teacher_model), meter)
-    tk = tools.make_tools(args.data, cache=args.cache or str(out / "search_cache.sqlite"), cache_mode=args.cache_mode,
-                          grounder=grounder, topk=args.topk, attach=args.attach, summarizer=summarizer,
-                          **tools.search_options(args))
-    if tk.text_backend is not None:
-        tk.text_backend = CountingBackend(tk.text_backend, meter, "text_search")
-    if tk.image_backend is not None:
-        tk.image_backend = CountingBackend(tk.image_backend, meter, "image_search")
-    client = dict(meter=meter, api_key_env=args.api_key_env, timeout=args.timeout, retries=args.retries,
-                  backoff=args.backoff, gate=tools.RateGate())  # one gate: the same API's rate limit
-    teacher = tools.ChatClient(args.teacher_url, args.teacher_model, name="teacher", **client)
-    classifier = tools.ChatClient(args.classify_url or args.teacher_url, args.classify_model or args.teacher_model,
-                            name="classify", **client)
-    judge = None
-    if args.judge_url:
-        from eval import Judge
-
-        judge = Judge(args.judge_url, args.judge_model or args.teacher_model, cache=out / "judge_cache.sqlite",
-                      api_key_env=args.api_key_env)
-        judge = _CountingJudge(judge, meter)
-    categories = tuple(c.strip() for c in args.categories.split(",") if c.strip())
-    return RealContext(teacher=teacher, tools=tk, out=out, categories=categories, max_turns=args.max_turns,
-                       max_tokens=args.max_tokens, temperature=args.temperature, stop=not args.no_stop,
-                       teacher_max_side=args.teacher_max_side, keep_refused=args.keep_refused, judge=judge,
-                       classifier=classifier)
-
-
-class _CountingJudge:
-    def __init__(self, judge, meter):
-        self.judge, self.meter = judge, meter
-
-    def __call__(self, question, pred, answers):
-        self.meter.add("judge", calls=1)
-        return self.judge(question, pred, answers)
-
-
-def play_all(todo, ctx, log, workers, quiet=False):
-    """Play `todo` on a bounded thread pool; the main thread appends each finished record to `log`
-    (one writer: lines never interleave). Returns this run's counts."""
-    run = {"attempted": 0, "kept": 0, "discarded": 0, "errors": Counter(), "seconds": 0.0}
-    t0 = time.time()
-    bar = tqdm(total=len(todo), desc="teacher", unit="item", disable=quiet, dynamic_ncols=True)
-    items = iter(todo)
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="teacher")
-    pending, shown_bug, interrupted = set(), False, False
-    try:
-        def fill():  # at most 2 x workers items in flight or queued: memory stays flat on 200k items
-            while len(pending) < 2 * workers:
-                q = next(items, None)
-                if q is None:
-                    return
-                pending.add(pool.submit(play_item, q, ctx))
-
-        fill()
-        while pending:
-            done, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for future in done:
-                pending.discard(future)
-                try:
-                    record = future.result()
-                except tools.TransientError as e:
-                    run["errors"][e.kind] += 1
-                except tools.ApiFatal:
-                    raise
-                except Exception as e:  # a bug on one item must not stop 200k: counted, shown once, redone later
-                    run["errors"][f"exception:{type(e).__name__}"] += 1
-                    if not shown_bug:
-                        shown_bug = True
-                        traceback.print_exception(e)
-                else:
-                    log.append(record)
-                    run["attempted"] += 1
-                    run["kept" if record["status"] == "kept" else "discarded"] += 1
-                bar.update(1)
-                tokens = ctx.teacher.meter.snapshot().get("teacher", {}).get("total_tokens", 0)
-                bar.set_postfix(kept=run["kept"], discarded=run["discarded"], errors=sum(run["errors"].values()),
-                                tokens=tokens, refresh=False)
-            fill()
-    except KeyboardInterrupt:
-        interrupted = True  # do not wait for the teacher calls in flight: their items are redone next time
-        raise
-    finally:
-        pool.shutdown(wait=not interrupted, cancel_futures=True)
-        bar.close()
-    run["errors"] = dict(sorted(run["errors"].items()))
-    run["seconds"] = round(time.time() - t0, 2)
-    return run
 
 
 def real_main(argv=None):
@@ -1557,8 +1359,7 @@ def real_main(argv=None):
     run = {"attempted": 0, "kept": 0, "discarded": 0, "errors": {}, "seconds": 0.0}
     source = {}
     if not args.sample_only:
-        questions, source = load_source(args.source, args.source_format, args.images, args.category_key,
-                                        args.n_source, args.seed)
+        questions, source = load_source(args.source, args.images, args.n_source, args.seed)
         done = {r["id"] for r in records}
         todo = [q for q in questions if q["id"] not in done]
         source["done_before"] = len(questions) - len(todo)
@@ -1566,56 +1367,30 @@ def real_main(argv=None):
         print(f"make_data --world real: {len(todo)} items to play ({source['done_before']} already done) with "
               f"{args.teacher_model} at {tools.public_url(ctx.teacher.endpoint)}, {args.workers} workers, "
               f"{args.backend} search", flush=True)
-        log = AttemptLog(log_path, fsync=args.fsync)
+        log = AttemptLog(log_path)
         try:
             run = play_all(todo, ctx, log, args.workers, args.quiet)
         finally:
-            log.close()
+            log.file.close()
         records = read_attempts(log_path)
-    sample = {} if args.no_sample else write_sft(out, records, args.n_sft, args.search_share, args.seed,
-                                                 args.copy_images)
-    summary = real_summary(records, source, sample, run, meter, args)
-    tmp = out / f"summary.json.tmp.{os.getpid()}"
-    tmp.write_text(json.dumps(summary, indent=1) + "\n")
-    os.replace(tmp, out / "summary.json")
+    summary = real_summary(records, source, write_sft(out, records, args.n_sft, args.seed), run, meter, args)
+    with tools.atomic_path(out / "summary.json") as tmp:
+        Path(tmp).write_text(json.dumps(summary, indent=1) + "\n")
     print_real_summary(summary)
     print(f"written to {out}/ ({ATTEMPTS}, sft.jsonl, summary.json)")
     return summary
-
-
-def world_of(argv=None):
-    """Which world the command line asks for (so the synthetic parser never sees the real flags)."""
-    p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--world", default="synthetic")
-    known, _ = p.parse_known_args(argv)
-    return known.world
 
 
 # =============================================================================================
 
 
 def main(argv=None):
-    if world_of(argv) == "real":
+    # which world: the synthetic parser never sees the real world's flags
+    world = argparse.ArgumentParser(add_help=False)
+    world.add_argument("--world", default="synthetic")
+    if world.parse_known_args(argv)[0].world == "real":
         return real_main(argv)
-    args = get_args(argv)
-    out = Path(args.out)
-    key = build_key(args)
-    summary_path = out / "summary.json"
-    if not args.force and summary_path.is_file():
-        old = json.loads(summary_path.read_text())
-        if old.get("build") == key:
-            print(f"make_data: {out} is up to date (same arguments); --force rebuilds it")
-            print_summary(old)
-            return old
-    tmp = out.with_name(f".{out.name}.building")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    summary, seconds = build(args, tmp)
-    (tmp / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    install(tmp, out)
-    print_summary(summary)
-    print("time: " + ", ".join(f"{phase} {s:.1f}s" for phase, s in seconds.items()) + f"; written to {out}/")
-    return summary
+    return synthetic_main(get_args(argv))
 
 
 if __name__ == "__main__":

@@ -548,7 +548,7 @@ def test_read_attempts_cuts_a_partial_last_line(tmp_path):
     assert path.read_bytes().endswith(b'"discarded"}\n')
     log = make_data.AttemptLog(path)
     log.append({"id": "z", "status": "kept"})
-    log.close()
+    log.file.close()
     with pytest.warns(UserWarning, match="bad line"):
         assert [r["id"] for r in make_data.read_attempts(path)] == ["x", "y", "z"]
 
