@@ -1,7 +1,7 @@
 """The agent's side of the world: action format, prompts, crop, grounding, search backends, cache.
 
 Everything the policy touches between two generations lives here, so that SFT data, rollouts,
-RL rewards and evaluation all agree on one parser and one set of prompts.
+RL rewards and evaluation agree on one parser and one set of prompts.
 
     python tools.py serve --data data --host 127.0.0.1 --port 8765   # share one search service
     python tools.py index photos/ --encoder models/siglip --out idx/photos   # CLIP / SigLIP image index
@@ -12,21 +12,20 @@ RL rewards and evaluation all agree on one parser and one set of prompts.
 An assistant turn is `<reason>...</reason>` and then exactly one action, at the very end:
     <answer>short answer</answer>
     <text_search>query</text_search>
-    <img_search><img></img_search>               whole image
-    <img_search>[x1, y1, x2, y2]</img_search>    crop box in the original image's pixels
+    <img_search><img></img_search>                 whole image
+    <img_search>[x1, y1, x2, y2]</img_search>      crop box in the original image's pixels
     <img_search>referring expression</img_search>  grounded to a box by a grounding backend
 
 `Tools.execute(action, image, state)` runs one action within the budgets (one image search, ten
-tool calls by default) and returns an `Observation`: the next user turn. Any failure (bad box,
-timeout, HTTP 429/5xx after retries, no results, a second image search) is an observation that
-tells the model what went wrong; nothing raises into the rollout.
+tool calls by default) and returns an `Observation`, the next user turn. Every failure (bad box,
+timeout, HTTP errors after retries, no results, a second image search) is an observation that
+tells the model what went wrong: nothing raises into the rollout.
 
 Backends: `local` (BM25 over corpus.jsonl, nearest neighbours over image_index.jsonl; offline,
-deterministic), `http` (our JSON protocol, served by `python tools.py serve`), `serpapi` (Google
-web search and Google Lens; key from SERPAPI_API_KEY), `searchr1` (a Search-R1 /retrieve server).
-Dense indexes built by `python tools.py index` (CLIP / SigLIP images, e5 / BGE texts) replace the
-search of their kind in any backend. Any of them sits behind `SearchCache`. This file never
-imports torch: only the optional model-backed parts (GroundingDINO, the encoders) do, when built.
+deterministic), `http` (our JSON protocol, `python tools.py serve`), `serpapi` (Google and Google
+Lens; key from SERPAPI_API_KEY), `searchr1` (a Search-R1 /retrieve server). Dense indexes from
+`python tools.py index` replace the search of their kind in any backend; all sit behind
+`SearchCache`. This file never imports torch: only GroundingDINO and the encoders do, when built.
 """
 
 import argparse
@@ -47,10 +46,10 @@ import sqlite3
 import threading
 import time
 import traceback
-from urllib.parse import urlsplit
 import warnings
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
 
 import numpy as np
 import requests
@@ -59,7 +58,7 @@ from PIL import Image
 from tqdm import tqdm
 
 # ---------------------------------------------------------------------------------------------
-# JSONL files
+# JSONL files and questions
 # ---------------------------------------------------------------------------------------------
 
 
@@ -76,18 +75,13 @@ def read_jsonl(path, strict=False, required=(), check=None):
                 row = json.loads(line.decode("utf-8"))
                 if not isinstance(row, dict):
                     raise ValueError(f"expected a JSON object, got {type(row).__name__}")
-                missing = [key for key in required if key not in row]
-                if missing:
+                if missing := [key for key in required if key not in row]:
                     raise ValueError(f"missing key(s) {missing}")
-                if check is not None:
-                    row = check(row)
+                rows.append(row if check is None else check(row))
             except ValueError as e:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
-                message = f"{path}:{lineno}: bad JSONL line: {e}"
                 if strict:
-                    raise ValueError(message) from None
-                warnings.warn(message + " (skipped)", stacklevel=2)
-                continue
-            rows.append(row)
+                    raise ValueError(f"{path}:{lineno}: bad JSONL line: {e}") from None
+                warnings.warn(f"{path}:{lineno}: bad JSONL line: {e} (skipped)", stacklevel=2)
     return rows
 
 
@@ -112,19 +106,20 @@ def write_jsonl(path, rows):
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
+def _scalar(value):
+    return isinstance(value, (str, int, float)) and not isinstance(value, bool)
+
+
 def check_question(row):
-    """A question row with its fields checked and normalised (ValueError naming the field):
-    id as text, answers as a list of strings (a single string or number is one answer), image a
-    path or absent, meta an object; absent needs_search and meta default to True and {} (real
-    benchmarks carry neither)."""
-    if not isinstance(row["id"], (str, int)) or isinstance(row["id"], bool):
+    """A question row checked (ValueError naming the field) and normalised: id and answers as text
+    (a bare answer is a list of one), image a path or absent, needs_search and meta defaulting to
+    True and {} (real benchmarks carry neither)."""
+    answers = [row["answers"]] if _scalar(row["answers"]) else row["answers"]
+    if not _scalar(row["id"]) or isinstance(row["id"], float):
         raise ValueError(f"'id' must be a string or an integer, got {row['id']!r:.40}")
     if not isinstance(row["question"], str) or not row["question"].strip():
         raise ValueError("'question' must be a non-empty string")
-    answers = row["answers"]
-    answers = [answers] if isinstance(answers, (str, int, float)) and not isinstance(answers, bool) else answers
-    if not isinstance(answers, list) or not answers or \
-            not all(isinstance(a, (str, int, float)) and not isinstance(a, bool) for a in answers):
+    if not isinstance(answers, list) or not answers or not all(map(_scalar, answers)):
         raise ValueError(f"'answers' must be a non-empty list of strings, got {row['answers']!r:.60}")
     if row.get("image") is not None and not isinstance(row["image"], str):
         raise ValueError(f"'image' must be a path, got {row['image']!r:.40}")
@@ -137,9 +132,9 @@ def check_question(row):
 
 
 def load_questions(path, strict=False):
-    """Question rows {"id","image","question","answers","needs_search","meta"} (check_question);
+    """Question rows {"id","image","question","answers","needs_search","meta"} (check_question),
     "image" made absolute relative to the file's folder (or None). Bad rows are skipped with a
-    warning naming path:line; a file with no usable question is a ValueError, before any work."""
+    warning; a file with no usable question is a ValueError, before any work."""
     base = os.path.dirname(os.path.abspath(path))
     rows = read_jsonl(path, strict=strict, required=("id", "question", "answers"), check=check_question)
     if not rows:
@@ -150,54 +145,40 @@ def load_questions(path, strict=False):
 
 
 # ---------------------------------------------------------------------------------------------
-# Text from outside
+# Text from outside, and the prompts (the structure of the paper's appendix E.1, our wording;
+# every token is paid for by a tiny model trained on a CPU, so they are a few dozen words each)
 # ---------------------------------------------------------------------------------------------
 
 
 def neutralize(text):
-    """Text from outside (a search result, a summary, an upstream error, a question, a query echoed
-    back) made inert for the chat format.
+    """Text from outside (a search result, a summary, an upstream error, a question, an echoed query)
+    made inert for the chat format: every "<" becomes U+2039 "‹", which looks alike.
 
-    Why: an observation is tokenised with its special tokens live, so a web page holding
-    "<|im_end|>\\n<|im_start|>system" would become a forged turn, and one holding "<image>" an image
-    placeholder (a fake image, or a count that no longer matches the images attached).
-    How: every "<" becomes U+2039 (SINGLE LEFT-POINTING ANGLE QUOTATION MARK, which looks alike).
-    Every control token of Qwen's vocabulary (<|...|>, <tool_call>, </tool_call>) and every piece of
-    our markup (<image>, <information>, the action tags) begins with "<", so none can survive.
-    U+2039 is left as it is by NFC and NFKC, which tokenizers may apply; the fullwidth U+FF1C would
-    not do: NFKC maps it back to "<". Our own markup is added after this, so it stays intact.
-    """
+    An observation is tokenised with its special tokens live, so a page holding "<|im_end|>" would
+    forge a turn and one holding "<image>" a placeholder. Every control token of Qwen's vocabulary
+    and every piece of our markup begins with "<", so none survives. NFC and NFKC, which tokenizers
+    may apply, leave U+2039 as it is (the fullwidth U+FF1C would become "<" again). Our own markup
+    is added after this, so it stays intact."""
     return str(text).replace("<", "\u2039")
 
 
-# ---------------------------------------------------------------------------------------------
-# Prompts (the structure of the paper's appendix E.1, our wording). Every token is paid for by a
-# tiny model trained on a CPU, so they are a few dozen words each.
-# ---------------------------------------------------------------------------------------------
-
 GIVE_UP = "Unable to answer due to lack of relevant information"
-
 _TEXT_ACTIONS = "<answer>short answer</answer>\n<text_search>query</text_search>\n"
-_IMAGE_ACTIONS = (
-    "<img_search><img></img_search> (whole image)\n"
-    "<img_search>[x1, y1, x2, y2]</img_search> or <img_search>object</img_search> (a crop)\n"
-)
+_IMAGE_ACTIONS = ("<img_search><img></img_search> (whole image)\n"
+                  "<img_search>[x1, y1, x2, y2]</img_search> or <img_search>object</img_search> (a crop)\n")
 
 
 def initial_prompt(question, has_image=True):
-    """The first user turn. With an image it starts with the "<image>\\n" placeholder and lists
-    the image-search actions (one image search per question); without one they would be useless tokens.
-    The question comes from a data set or a user: neutralized, like any text from outside."""
-    head = "<image>\n" if has_image else ""
-    return (head + "Reply <reason>...</reason> then one action (image search at most once):\n" + _TEXT_ACTIONS
-            + (_IMAGE_ACTIONS if has_image else "")
+    """The first user turn: the "<image>\\n" placeholder and the image-search actions only when there
+    is an image (else they are useless tokens); the question neutralized, like any text from outside."""
+    return (("<image>\n" if has_image else "") + "Reply <reason>...</reason> then one action "
+            "(image search at most once):\n" + _TEXT_ACTIONS + (_IMAGE_ACTIONS if has_image else "")
             + f"Stuck: <answer>{GIVE_UP}</answer>\nQuestion: {neutralize(question)}")
 
 
 IMAGE_SEARCH_PROMPT = "Image search results above. Answer, or <text_search> for missing facts."
 TEXT_SEARCH_PROMPT = "Text search results above. Answer, or search again with a better query."
-# After an error observation: the <information> block says what was wrong.
-RETRY_PROMPT = "Fix this. Reply <reason>...</reason> then one action."
+RETRY_PROMPT = "Fix this. Reply <reason>...</reason> then one action."  # after an error observation
 
 # ---------------------------------------------------------------------------------------------
 # Actions and their parser
@@ -206,9 +187,7 @@ RETRY_PROMPT = "Fix this. Reply <reason>...</reason> then one action."
 ACTION_KINDS = ("answer", "text_search", "img_search")
 ACTION_END_TAGS = ("</answer>", "</text_search>", "</img_search>")
 _ACTION_TAGS = tuple(f"<{k}>" for k in ACTION_KINDS) + ACTION_END_TAGS
-_REASON_TAGS = ("<reason>", "</reason>")
-# What a turn may end with after its action: the chat end token, or a stray end-of-text.
-_TRAILING_TOKENS = ("<|im_end|>", "<|endoftext|>")
+_TRAILING_TOKENS = ("<|im_end|>", "<|endoftext|>")  # what a turn may end with after its action
 _WHOLE_IMAGE = ("<img>", "<img/>", "<img />", "<img></img>")
 MAX_ARG_CHARS = 1000  # longer answers/queries are junk, not a search
 
@@ -225,108 +204,78 @@ class Action:
     def render(self):
         """The assistant text for this action (inverse of parse_action): used to write SFT turns."""
         arg = self.arg
-        if self.kind == "img_search" and self.whole:
-            arg = "<img>"
-        elif self.kind == "img_search" and self.box is not None:
-            arg = "[" + ", ".join(str(v) for v in self.box) + "]"
+        if self.kind == "img_search" and (self.whole or self.box is not None):
+            arg = "<img>" if self.whole else "[" + ", ".join(str(v) for v in self.box) + "]"
         return f"<reason>{self.reason}</reason>\n<{self.kind}>{arg}</{self.kind}>"
 
 
-def _invalid(message, reason=""):
-    return Action("invalid", reason=reason, error=message)
-
-
 def parse_action(text):
-    """Parse one assistant turn into an Action. Never raises: anything malformed is an `invalid`
-    Action whose `error` tells the model what to fix.
-
-    Linear time on any input: only str.find/rfind/endswith and `in`, no regular expression, so
-    megabytes of junk from an untrained policy cost milliseconds.
-    """
+    """One assistant turn as an Action; anything malformed is an `invalid` Action whose `error` tells
+    the model what to fix. Never raises, and linear time on any input (str.find/rfind/endswith and
+    `in`, no regular expression): megabytes of junk from an untrained policy cost milliseconds."""
     if not isinstance(text, str):
-        return _invalid("Invalid reply: not text.")
+        return Action("invalid", error="Invalid reply: not text.")
     # Drop trailing whitespace and end tokens by moving an index (slicing in a loop would be
     # quadratic on a string of a million "<|im_end|>").
-    end = len(text)
-    while True:
+    end, token = len(text), True
+    while token:
         while end and text[end - 1].isspace():
             end -= 1
         token = next((t for t in _TRAILING_TOKENS if text.endswith(t, 0, end)), None)
-        if token is None:
-            break
-        end -= len(token)
-
+        end -= len(token or "")
     close = next((t for t in ACTION_END_TAGS if text.endswith(t, 0, end)), None)
     if close is None:
         opened = [t for t in _ACTION_TAGS if text.find(t, 0, end) >= 0]
         if not opened:
-            return _invalid("No action found. End with <answer>, <text_search> or <img_search>.")
+            return Action("invalid", error="No action found. End with <answer>, <text_search> or <img_search>.")
         if any(t.startswith("</") for t in opened):
-            return _invalid("The action must be the last thing in your reply.")
-        return _invalid(f"Unclosed {opened[0]}: close it with </{opened[0][1:]}.")
-
+            return Action("invalid", error="The action must be the last thing in your reply.")
+        return Action("invalid", error=f"Unclosed {opened[0]}: close it with </{opened[0][1:]}.")
     kind = close[2:-1]
     open_tag = f"<{kind}>"
     start = text.rfind(open_tag, 0, end - len(close))
     if start < 0:
-        return _invalid(f"{close} without {open_tag}.")
-    prefix = text[:start]
-    content = text[start + len(open_tag) : end - len(close)]
-
-    reason, error = _parse_reason(prefix)
-    if error:
-        return _invalid(error, reason)
-    if any(t in content for t in _ACTION_TAGS + _REASON_TAGS):
-        return _invalid(f"Nested tags inside {open_tag}.", reason)
-    if any(t in prefix for t in _ACTION_TAGS):
-        return _invalid("More than one action: give exactly one action, at the end.", reason)
-
-    content = content.strip()
-    if not content:
-        return _invalid(f"Empty {open_tag}.", reason)
-    if len(content) > MAX_ARG_CHARS:
-        return _invalid(f"{open_tag} is too long (over {MAX_ARG_CHARS} characters).", reason)
-    if kind != "img_search":
-        return Action(kind, arg=content, reason=reason)
-    if content in _WHOLE_IMAGE:
-        return Action(kind, arg=content, whole=True, reason=reason)
-    if content.startswith("["):
-        box, error = _parse_box(content)
-        if error:
-            return _invalid(error, reason)
-        return Action(kind, arg=content, box=box, reason=reason)
-    if "<img" in content:
-        return _invalid("Use <img> alone for the whole image.", reason)
-    return Action(kind, arg=content, reason=reason)  # a referring expression
-
-
-def _parse_reason(prefix):
-    """(reason text, error). Lenient: a missing <reason> block is allowed (the format reward
-    judges it), and so is a closing tag alone, as when a rollout prefills "<reason>"."""
+        return Action("invalid", error=f"{close} without {open_tag}.")
+    prefix, content = text[:start], text[start + len(open_tag) : end - len(close)]
+    # <reason> is lenient: it may be missing (the format reward judges that), or only closed, as
+    # when a rollout prefills "<reason>".
     opening, closing = prefix.find("<reason>"), prefix.find("</reason>")
-    if opening < 0:
-        return (prefix[:closing].strip() if closing >= 0 else ""), ""
-    closing = prefix.find("</reason>", opening)
-    if closing < 0:
-        return "", "Unclosed <reason>: close it with </reason>."
-    return prefix[opening + len("<reason>") : closing].strip(), ""
+    reason = prefix[:closing].strip() if opening < 0 and closing >= 0 else ""
+    if opening >= 0:
+        closing = prefix.find("</reason>", opening)
+        if closing < 0:
+            return Action("invalid", error="Unclosed <reason>: close it with </reason>.")
+        reason = prefix[opening + len("<reason>") : closing].strip()
+    content, error, box = content.strip(), "", None
+    if any(t in content for t in _ACTION_TAGS + ("<reason>", "</reason>")):
+        error = f"Nested tags inside {open_tag}."
+    elif any(t in prefix for t in _ACTION_TAGS):
+        error = "More than one action: give exactly one action, at the end."
+    elif not content:
+        error = f"Empty {open_tag}."
+    elif len(content) > MAX_ARG_CHARS:
+        error = f"{open_tag} is too long (over {MAX_ARG_CHARS} characters)."
+    elif kind == "img_search" and content.startswith("["):
+        values, error = _four_numbers(content[1:-1].split(",") if content.endswith("]") else ())
+        box = None if error else tuple(int(round(v)) for v in values)
+    elif kind == "img_search" and "<img" in content and content not in _WHOLE_IMAGE:
+        error = "Use <img> alone for the whole image."
+    if error:
+        return Action("invalid", reason=reason, error=error)
+    whole = kind == "img_search" and content in _WHOLE_IMAGE
+    return Action(kind, arg=content, box=box, whole=whole, reason=reason)  # img_search with neither: an expression
 
 
-def _parse_box(content):
-    """"[x1, y1, x2, y2]" -> ((x1, y1, x2, y2) as ints, "") or (None, message)."""
+def _four_numbers(values):
+    """(four floats, "") or (None, message for the model)."""
     usage = "A box is [x1, y1, x2, y2]: four numbers in image pixels."
-    if not content.endswith("]"):
-        return None, usage
-    parts = content[1:-1].split(",")
-    if len(parts) != 4:
-        return None, usage
     try:
-        values = [float(p) for p in parts]
-    except ValueError:
+        values = [float(v) for v in values] if len(values) == 4 else None  # the length first: "[1,1,...]" is long
+    except (TypeError, ValueError):
+        values = None
+    if values is None:
         return None, usage
-    if not all(math.isfinite(v) for v in values):
-        return None, "Box coordinates must be finite numbers."
-    return tuple(int(round(v)) for v in values), ""
+    return (values, "") if all(map(math.isfinite, values)) else (None, "Box coordinates must be finite numbers.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -336,32 +285,27 @@ def _parse_box(content):
 MIN_CROP = 28  # one Qwen2.5-VL vision patch (14 px, merged 2x2): a smaller crop has no token
 
 
-def clamp_box(box, size, min_side=MIN_CROP):
-    """Clamp a box to an image of `size` (W, H), growing it around its centre to at least
-    `min_side` pixels per side. Returns ((x1, y1, x2, y2) ints, "") or (None, message)."""
-    try:
-        x1, y1, x2, y2 = (float(v) for v in box)
-    except (TypeError, ValueError):
-        return None, "A box is [x1, y1, x2, y2]: four numbers in image pixels."
-    if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
-        return None, "Box coordinates must be finite numbers."
-    width, height = size
+def clamp_box(box, size):
+    """A box clamped to an image of `size` (W, H), grown around its centre to at least MIN_CROP
+    pixels per side: ((x1, y1, x2, y2) ints, "") or (None, message for the model)."""
+    values, error = _four_numbers(box)
+    if error:
+        return None, error
+    (x1, y1, x2, y2), (width, height) = values, size
     shown = f"[{x1:g}, {y1:g}, {x2:g}, {y2:g}]"
     if x2 <= x1 or y2 <= y1:
         return None, f"Empty box {shown}: need x1 < x2 and y1 < y2."
     if x2 <= 0 or y2 <= 0 or x1 >= width or y1 >= height:
         return None, f"Box {shown} is outside the image ({width}x{height} pixels)."
-    left, right = _clamp_span(x1, x2, width, min_side)
-    top, bottom = _clamp_span(y1, y2, height, min_side)
+    (left, right), (top, bottom) = _clamp_span(x1, x2, width), _clamp_span(y1, y2, height)
     return (left, top, right, bottom), ""
 
 
-def _clamp_span(lo, hi, limit, min_side):
+def _clamp_span(lo, hi, limit):
     lo, hi = max(0, math.floor(lo)), min(limit, math.ceil(hi))
-    side = min(min_side, limit)  # an image smaller than a patch: take all of it
+    side = min(MIN_CROP, limit)  # an image smaller than a patch: take all of it
     if hi - lo < side:
-        lo = int(round((lo + hi - side) / 2))  # same centre, `side` wide...
-        lo = min(max(lo, 0), limit - side)  # ...shifted back inside the image
+        lo = min(max(int(round((lo + hi - side) / 2)), 0), limit - side)  # same centre, shifted inside
         hi = lo + side
     return lo, hi
 
@@ -369,85 +313,61 @@ def _clamp_span(lo, hi, limit, min_side):
 def crop(image, box):
     """(crop, "") or (None, message for the model). See clamp_box for the rules."""
     used, message = clamp_box(box, image.size)
-    if used is None:
-        return None, message
-    return image.crop(used), ""
+    return (None, message) if used is None else (image.crop(used), "")
 
 
 # ---------------------------------------------------------------------------------------------
-# Grounding: referring expression -> box
+# Grounding: referring expression -> box. Any object with ground(image, expression) ->
+# (x1, y1, x2, y2) | None is a grounder.
 # ---------------------------------------------------------------------------------------------
 
 
 class GroundingDinoGrounder:
-    """Grounder backed by GroundingDINO through transformers' zero-shot object detection.
-
-    Any object with `ground(image, expression) -> (x1, y1, x2, y2) | None` is a grounder; this is
-    the one we ship. `model_dir` is a local folder (e.g. a downloaded IDEA-Research/grounding-dino-
-    tiny). torch and transformers are imported here, so tools.py itself stays torch-free.
-    """
+    """GroundingDINO from a local folder (e.g. IDEA-Research/grounding-dino-tiny), through
+    transformers' zero-shot object detection."""
 
     def __init__(self, model_dir, device="cpu", box_threshold=0.3, text_threshold=0.25):
-        import torch
+        import torch  # optional heavy dependencies, imported when built: tools.py stays torch-free
         from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
 
         if not os.path.isdir(model_dir):
             raise FileNotFoundError(f"grounding model folder not found: {model_dir}")
-        self._torch = torch
-        self.device = device
+        self.torch, self.device = torch, device
         self.box_threshold, self.text_threshold = box_threshold, text_threshold
         self.processor = AutoProcessor.from_pretrained(model_dir)
         self.model = AutoModelForZeroShotObjectDetection.from_pretrained(model_dir).to(device).eval()
 
     def ground(self, image, expression):
-        # GroundingDINO was trained on lower-case phrases that end with a period.
-        text = expression.strip().lower().rstrip(".") + "."
+        text = expression.strip().lower().rstrip(".") + "."  # GroundingDINO's training phrases look so
         rgb = image.convert("RGB")
         inputs = self.processor(images=rgb, text=text, return_tensors="pt").to(self.device)
-        with self._torch.inference_mode():
+        with self.torch.inference_mode():
             outputs = self.model(**inputs)
         found = self.processor.post_process_grounded_object_detection(
-            outputs,
-            inputs["input_ids"],
-            threshold=self.box_threshold,
-            text_threshold=self.text_threshold,
-            target_sizes=[(rgb.height, rgb.width)],
-        )[0]
+            outputs, inputs["input_ids"], threshold=self.box_threshold, text_threshold=self.text_threshold,
+            target_sizes=[(rgb.height, rgb.width)])[0]
         if len(found["scores"]) == 0:
             return None
-        best = int(found["scores"].argmax())
-        return tuple(float(v) for v in found["boxes"][best].tolist())
+        return tuple(float(v) for v in found["boxes"][int(found["scores"].argmax())].tolist())
 
 
 ORDINAL_WORDS = ("first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth")
 
 
-def _outline(fg):
-    """Signed foreground occupancy of a mask cut to its bounding box, on a SHAPE_GRID grid, as a
-    unit vector (-0.5 empty .. +0.5 full per cell): the object's silhouette, whatever its colours."""
-    rows, cols = np.flatnonzero(fg.any(axis=1)), np.flatnonzero(fg.any(axis=0))
-    fg = fg[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
-    occupancy = Image.fromarray(fg.astype(np.uint8) * 255).resize((SHAPE_GRID, SHAPE_GRID), Image.BOX)
-    shape = np.asarray(occupancy, dtype=np.float64).ravel() / 255 - 0.5
-    return shape / max(np.linalg.norm(shape), 1e-12)
-
-
 class SceneGrounder:
-    """The offline world's GroundingDINO: grounds a referring expression in an image of separate
-    objects on a plain background, from its pixels. Objects are the runs of foreground columns, left
-    to right. "the third object from the left" (or "from the right") picks by position; "the square"
-    picks the object whose silhouette is nearest (cosine) to the mean silhouette of the labelled
-    examples of that name (`examples`: {name: [PIL images]}), when it is the nearest of all names.
-    Returns the object's box padded by `pad` pixels, or None when the expression names nothing there."""
+    """The offline world's GroundingDINO, from the pixels of an image of separate objects on a plain
+    background. Objects are the runs of foreground columns, left to right. "the third object from the
+    left" (or "right") picks by position; "the square" picks the one object whose silhouette is
+    nearest (cosine) to the mean silhouette of the labelled `examples` ({name: [PIL images]}) of that
+    name. Returns its box padded by `pad` pixels, or None when the expression names nothing there."""
 
     def __init__(self, examples, pad=2):
         if not examples:
             raise ValueError("SceneGrounder needs labelled example images of at least one shape")
-        self.names = sorted(examples)
+        self.names, self.pad = sorted(examples), pad
         means = [np.mean([_outline(_foreground(np.asarray(_rgb(im)))) for im in examples[n]], axis=0)
                  for n in self.names]
         self.prototypes = np.stack([m / np.linalg.norm(m) for m in means])  # (names, SHAPE_GRID**2)
-        self.pad = pad
 
     @classmethod
     def from_entities(cls, path, label="category", split="train"):
@@ -462,12 +382,10 @@ class SceneGrounder:
 
     def objects(self, image):
         """[(box, foreground mask of the box)] of the image's objects, left to right."""
-        pixels = np.asarray(_rgb(image))
-        fg = _foreground(pixels)
+        fg = _foreground(np.asarray(_rgb(image)))
         if fg.all():  # blank, or no background to tell objects apart
             return []
-        cols = fg.any(axis=0).astype(np.int8)
-        edges = np.flatnonzero(np.diff(np.concatenate([[0], cols, [0]])))  # run starts and ends, alternating
+        edges = np.flatnonzero(np.diff(np.concatenate([[0], fg.any(axis=0).astype(np.int8), [0]])))  # run starts, ends
         found = []
         for x1, x2 in zip(edges[::2], edges[1::2]):
             rows = np.flatnonzero(fg[:, x1:x2].any(axis=1))
@@ -481,11 +399,9 @@ class SceneGrounder:
     def ground(self, image, expression):
         words = re.findall(r"[a-z]+", expression.lower())
         objects = self.objects(image)
-        pick = None
         ordinal = next((w for w in words if w in ORDINAL_WORDS), None)
         if ordinal and "object" in words:
-            i = ORDINAL_WORDS.index(ordinal)
-            order = objects[::-1] if "right" in words else objects
+            i, order = ORDINAL_WORDS.index(ordinal), objects[::-1] if "right" in words else objects
             pick = order[i] if i < len(order) else None
         else:
             name = next((w for w in words if w in self.names), None)
@@ -509,21 +425,15 @@ def tokenize(text):
 
 
 class BM25Index:
-    """Okapi BM25 over {"id","title","text","url"} rows, as a sparse inverted index.
-
-    Postings are three flat arrays sorted by term: `indptr[t]:indptr[t+1]` is term t's slice of
-    `post_docs` (document numbers) and `post_weights` (its precomputed BM25 term score in that
-    document). A query therefore touches only the postings of its own terms: gather, sum per
-    document, keep the top k. Nothing is proportional to the corpus size at query time.
-    """
+    """Okapi BM25 over {"id","title","text","url"} rows, as a sparse inverted index: postings are flat
+    arrays sorted by term, `indptr[t]:indptr[t+1]` being term t's slice of `post_docs` (documents) and
+    `post_weights` (its BM25 score in each). A query touches only the postings of its own terms."""
 
     name = "local"
 
     def __init__(self, rows, k1=1.2, b=0.75):
-        self.docs = [
-            {"id": str(r["id"]), "title": r.get("title", ""), "text": r.get("text", ""), "url": r.get("url", "")}
-            for r in rows
-        ]
+        self.docs = [{"id": str(r["id"]), "title": r.get("title", ""), "text": r.get("text", ""),
+                      "url": r.get("url", "")} for r in rows]
         n = len(self.docs)
         tokens = [tokenize(f"{d['title']} {d['text']}") for d in self.docs]
         lengths = np.fromiter(map(len, tokens), dtype=np.int64, count=n)
@@ -531,13 +441,11 @@ class BM25Index:
         # Term ids in order of first appearance; the C-level map() keeps six million tokens fast.
         self.vocab = {t: i for i, t in enumerate(dict.fromkeys(everything(tokens)))}
         terms = np.fromiter(map(self.vocab.__getitem__, everything(tokens)), dtype=np.int64, count=int(lengths.sum()))
-        docs = np.repeat(np.arange(n, dtype=np.int64), lengths)
-        # One sort gives everything: the (term, doc) pairs, packed into one integer, come out
-        # unique, in term-major order, with their counts (term frequencies).
+        # One sort gives everything: the (term, doc) pairs, packed into one integer, come out unique,
+        # in term-major order, with their counts (term frequencies).
         width = max(n, 1)
-        pairs, tf = np.unique(terms * width + docs, return_counts=True)
-        post_terms = pairs // width
-        self.post_docs = (pairs % width).astype(np.int32)
+        pairs, tf = np.unique(terms * width + np.repeat(np.arange(n, dtype=np.int64), lengths), return_counts=True)
+        post_terms, self.post_docs = pairs // width, (pairs % width).astype(np.int32)
         df = np.bincount(post_terms, minlength=len(self.vocab))
         self.indptr = np.concatenate([[0], np.cumsum(df)])
         idf = np.log1p((n - df + 0.5) / (df + 0.5))  # Lucene's idf: never negative
@@ -546,8 +454,8 @@ class BM25Index:
         self.n_tokens = int(lengths.sum())
 
     @classmethod
-    def from_jsonl(cls, path, **kw):
-        return cls(read_jsonl(path, required=("id", "text")), **kw)
+    def from_jsonl(cls, path):
+        return cls(read_jsonl(path, required=("id", "text")))
 
     def search(self, query, k=3):
         """Top-k documents: dicts {id, title, text, url, score}; ties go to the earlier document."""
@@ -557,22 +465,14 @@ class BM25Index:
         spans = [slice(self.indptr[t], self.indptr[t + 1]) for t in terms]
         docs = np.concatenate([self.post_docs[s] for s in spans])
         weights = np.concatenate([self.post_weights[s] for s in spans])
-        if len(spans) > 1:
-            # Each term's postings are sorted by document, so a stable sort (timsort) of their
-            # concatenation is a merge of sorted runs: O(P log terms), not a full sort.
+        if len(spans) > 1:  # a stable sort (timsort) of sorted runs is a merge: O(P log terms)
             order = np.argsort(docs, kind="stable")
             docs, weights = docs[order], weights[order]
-        first = np.empty(len(docs), dtype=bool)  # where each document's run of postings starts
-        first[0] = True
-        np.not_equal(docs[1:], docs[:-1], out=first[1:])
-        starts = np.flatnonzero(first)
-        hit = docs[starts]
-        scores = np.add.reduceat(weights, starts, dtype=np.float64)
-        if len(scores) > k:  # keep only candidates at or above the k-th best score, then sort those
-            kth = np.partition(scores, len(scores) - k)[len(scores) - k]
-            keep = np.nonzero(scores >= kth)[0]
-        else:
-            keep = np.arange(len(scores))
+        starts = np.flatnonzero(np.concatenate([[True], docs[1:] != docs[:-1]]))  # each document's run
+        hit, scores = docs[starts], np.add.reduceat(weights, starts, dtype=np.float64)
+        keep = np.arange(len(scores))
+        if len(scores) > k:  # only candidates at or above the k-th best score are sorted
+            keep = np.nonzero(scores >= np.partition(scores, len(scores) - k)[len(scores) - k])[0]
         best = keep[np.lexsort((hit[keep], -scores[keep]))][:k]
         return [dict(self.docs[hit[i]], score=float(scores[i])) for i in best]
 
@@ -591,63 +491,56 @@ def _rgb(image):
     """RGB with any transparency composited onto white (icons may be saved with alpha)."""
     if image.mode in ("RGBA", "LA", "P"):
         image = image.convert("RGBA")
-        canvas = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        return Image.alpha_composite(canvas, image).convert("RGB")
+        return Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image).convert("RGB")
     return image.convert("RGB")
 
 
 def _foreground(pixels):
-    """Mask of the pixels (uint8 RGB) farther than FG_THRESHOLD, in some channel, from the
-    background colour (the median border pixel); all of them when fewer than 4 are (a blank image
-    is described whole rather than not at all). Compared channel by channel with the uint8 pixels:
-    |p - b| > T is p > b + T or p < b - T, exactly (b is a whole or half integer), with no signed
-    or float copy of the image (a 16 M pixel image would need 0.1 GB as int16, 0.4 GB as float)."""
+    """Mask of the uint8 RGB pixels farther than FG_THRESHOLD, in some channel, from the background
+    colour (the median border pixel); all of them when fewer than 4 are (a blank image is described
+    whole). Compared per channel on the uint8 pixels (|p - b| > T is p > b + T or p < b - T): a signed
+    or float copy of a 16 M pixel image would take 0.1 to 0.4 GB."""
     border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
     background = np.median(border, axis=0)  # float64, one value per channel
     fg = np.zeros(pixels.shape[:2], dtype=bool)
     for c in range(3):
-        channel = pixels[..., c]
-        fg |= channel > background[c] + FG_THRESHOLD
-        fg |= channel < background[c] - FG_THRESHOLD
+        fg |= (pixels[..., c] > background[c] + FG_THRESHOLD) | (pixels[..., c] < background[c] - FG_THRESHOLD)
     if fg.sum() < 4:
         fg[:] = True
     return fg
 
 
-def image_descriptor(image):
-    """A unit vector describing an icon-like image; cosine similarity compares two.
+def _outline(fg):
+    """Signed foreground occupancy of a mask cut to its bounding box, on a SHAPE_GRID grid, as a unit
+    vector (-0.5 empty .. +0.5 full per cell): the silhouette, whatever its colours. Empty cells count
+    against full ones, which tells a circle from a square far better than two mostly-full grids would."""
+    rows, cols = np.flatnonzero(fg.any(axis=1)), np.flatnonzero(fg.any(axis=0))
+    fg = fg[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+    occupancy = Image.fromarray(fg.astype(np.uint8) * 255).resize((SHAPE_GRID, SHAPE_GRID), Image.BOX)
+    shape = np.asarray(occupancy, dtype=np.float64).ravel() / 255 - 0.5
+    return shape / max(np.linalg.norm(shape), 1e-12)
 
-    What it is: the image is cut to the bounding box of its foreground (pixels unlike the
-    background colour, estimated as the median border pixel), then described by three blocks of
-    equal weight (each scaled to unit length):
-      - a 64-bin colour histogram of the foreground pixels (an entity's identity is its colours),
-      - one such histogram per quadrant of the box (where its marks sit),
-      - an 8x8 grid of signed foreground occupancy (its outline: circle, star, triangle...).
-    The histograms are square-rooted (Hellinger: their cosine is the Bhattacharyya overlap of the
-    two colour distributions, which one big bin cannot dominate).
-    Why it is robust: cropping and small shifts change only the background around the icon, which
-    the tight box removes; rescaling changes pixel counts, which the normalisation removes. A scene
-    of several icons mixes their colours and fills its box differently, so it matches any single
-    icon poorly: that is the gap that makes cropping worth learning.
-    """
-    pixels = np.asarray(_rgb(image))  # uint8: every array below the size of the image stays 1-2 bytes a pixel
+
+def image_descriptor(image):
+    """A unit vector describing an icon-like image (cosine compares two): the image cut to the box of
+    its foreground, then three blocks of equal weight: a 64-bin colour histogram of the foreground
+    (an entity's identity is its colours), one per quadrant of the box (where its marks sit), and its
+    outline. Histograms are square-rooted (Hellinger: one big bin cannot dominate). Cropping, small
+    shifts and rescaling change only the background and pixel counts, which the box and the
+    normalisation remove; a scene of several icons matches any one of them poorly: cropping pays."""
+    pixels = np.asarray(_rgb(image))  # uint8: every array the size of the image stays 1-2 bytes a pixel
     fg = _foreground(pixels)
     rows, cols = np.flatnonzero(fg.any(axis=1)), np.flatnonzero(fg.any(axis=0))
     pixels = pixels[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
     fg = fg[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
     height, width = fg.shape
-
     level = pixels // (256 // COLOUR_LEVELS)
-    colour = (level[..., 0] * COLOUR_LEVELS + level[..., 1]) * COLOUR_LEVELS + level[..., 2]  # < 64: fits uint8
+    colour = (level[..., 0] * COLOUR_LEVELS + level[..., 1]) * COLOUR_LEVELS + level[..., 2]  # < 64: uint8
     n_colours = COLOUR_LEVELS**3
-    # Quadrant codes as uint16, not int64 (8 bytes a pixel): GRID * GRID * n_colours = 256 codes.
-    row_quadrant = (np.arange(height) * GRID // height).astype(np.uint16)
-    col_quadrant = (np.arange(width) * GRID // width).astype(np.uint16)
-    quadrant = row_quadrant[:, None] * GRID + col_quadrant[None, :]
+    quadrant = ((np.arange(height) * GRID // height).astype(np.uint16)[:, None] * GRID  # uint16: 256 codes
+                + (np.arange(width) * GRID // width).astype(np.uint16)[None, :])
     colours = np.bincount(colour[fg], minlength=n_colours)
     placed = np.bincount((quadrant * n_colours + colour)[fg], minlength=GRID * GRID * n_colours)
-    # Signed occupancy: empty cells count against full ones, which tells a circle from a square far
-    # better than the overlap of two mostly-full grids would.
     blocks = [np.sqrt(colours / colours.sum()), np.sqrt(placed / placed.sum()), _outline(fg)]
     vector = np.concatenate([block / max(np.linalg.norm(block), 1e-12) for block in blocks])
     return (vector / np.linalg.norm(vector)).astype(np.float32)
@@ -660,7 +553,8 @@ class LocalImageIndex:
     name = "local"
 
     def __init__(self, rows, base_dir="."):
-        self.rows = [dict(r) for r in rows]
+        self.rows = [{"id": str(r["id"]), "title": r.get("title", ""), "text": r.get("text", ""),
+                      "url": r.get("url", ""), "image": r["image"]} for r in rows]
         vectors = []
         for row in self.rows:
             path = os.path.join(base_dir, row["image"])
@@ -668,31 +562,19 @@ class LocalImageIndex:
                 with Image.open(path) as image:
                     vectors.append(image_descriptor(image))
             except OSError as e:
-                raise ValueError(f"image index row {row.get('id')!r}: cannot read {path}: {e}") from None
+                raise ValueError(f"image index row {row['id']!r}: cannot read {path}: {e}") from None
         self.matrix = np.stack(vectors) if vectors else np.zeros((0, 1), dtype=np.float32)
 
     @classmethod
     def from_jsonl(cls, path):
-        rows = read_jsonl(path, required=("id", "image"))
-        return cls(rows, base_dir=os.path.dirname(os.path.abspath(path)))
+        return cls(read_jsonl(path, required=("id", "image")), base_dir=os.path.dirname(os.path.abspath(path)))
 
     def search(self, image, k=3):
         """Top-k rows: dicts {id, title, text, url, image, score}; ties go to the earlier row."""
         if not self.rows or k <= 0:
             return []
         scores = self.matrix @ image_descriptor(image)
-        best = np.lexsort((np.arange(len(scores)), -scores))[:k]
-        return [
-            {
-                "id": str(self.rows[i]["id"]),
-                "title": self.rows[i].get("title", ""),
-                "text": self.rows[i].get("text", ""),
-                "url": self.rows[i].get("url", ""),
-                "image": self.rows[i]["image"],
-                "score": float(scores[i]),
-            }
-            for i in best
-        ]
+        return [dict(self.rows[i], score=float(scores[i])) for i in np.lexsort((np.arange(len(scores)), -scores))[:k]]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -711,55 +593,38 @@ def _weights_signature(model_dir):
         return hashlib.sha256(f.read() + json.dumps(sizes).encode()).hexdigest()
 
 
-def _card_pooling(model_dir):
-    """The pooling a sentence-transformers folder declares (1_Pooling/config.json): "cls" for BGE,
-    "mean" for e5 and most others; "mean" when the folder does not say."""
-    path = os.path.join(model_dir, "1_Pooling", "config.json")
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            if json.load(f).get("pooling_mode_cls_token"):
-                return "cls"
-    return "mean"
-
-
-def _pil_image_processor(model_dir):
-    """The checkpoint's image processor, in its PIL flavour (transformers' default one needs torchvision)."""
-    import transformers
-
-    with open(os.path.join(model_dir, "preprocessor_config.json"), encoding="utf-8") as f:
-        config = json.load(f)
-    name = config.get("image_processor_type") or config.get("feature_extractor_type", "")
-    name = name.replace("FeatureExtractor", "ImageProcessor").removesuffix("Fast")
-    cls = getattr(transformers, name + "Pil", None)
-    if cls is None:
-        raise ValueError(f"{model_dir}/preprocessor_config.json: no PIL image processor for {name!r}")
-    return cls.from_pretrained(model_dir)
+def _read_json(path):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
 
 
 class Encoder:
-    """Unit-length float32 embeddings from a local transformers checkpoint.
-
-    A dual encoder (CLIP, SigLIP: the model has get_image_features) embeds images and texts into one
-    space, so text can search images too; any other model (e5, BGE: BERT-style) embeds texts, pooled
-    by `pooling` ("mean" over the attention mask, or "cls"; default: what the folder's
-    1_Pooling/config.json says). torch and transformers are imported here, as for the grounder.
-    """
+    """Unit-length float32 embeddings from a local transformers checkpoint. A dual encoder (CLIP,
+    SigLIP: it has get_image_features) embeds images and texts into one space, so text can search
+    images too; any other (e5, BGE) embeds texts, pooled by `pooling` ("mean" over the attention
+    mask, or "cls"; default: what the folder's 1_Pooling/config.json says, else "mean")."""
 
     def __init__(self, model_dir, device=None, pooling=None):
-        import torch
-        from transformers import AutoModel, AutoTokenizer
+        import torch  # optional heavy dependencies, as for the grounder
+        import transformers
 
         if not os.path.isfile(os.path.join(model_dir, "config.json")):
             raise FileNotFoundError(f"encoder folder {model_dir!r} has no config.json")
-        self._torch = torch
+        self.torch = torch
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = AutoModel.from_pretrained(model_dir).to(self.device).eval()
+        self.model = transformers.AutoModel.from_pretrained(model_dir).to(self.device).eval()
         self.dual = hasattr(self.model, "get_image_features")
-        self.processor = _pil_image_processor(model_dir) if self.dual else None
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.pooling = pooling or _card_pooling(model_dir)
-        if self.pooling not in ("mean", "cls"):
-            raise ValueError(f"pooling must be 'mean' or 'cls', got {self.pooling!r}")
+        if self.dual:  # the PIL flavour of the image processor: transformers' default one needs torchvision
+            config = _read_json(os.path.join(model_dir, "preprocessor_config.json"))
+            name = config.get("image_processor_type") or config.get("feature_extractor_type", "")
+            name = name.replace("FeatureExtractor", "ImageProcessor").removesuffix("Fast") + "Pil"
+            if not hasattr(transformers, name):
+                raise ValueError(f"{model_dir}/preprocessor_config.json: no PIL image processor {name!r}")
+            self.processor = getattr(transformers, name).from_pretrained(model_dir)
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+        card = os.path.join(model_dir, "1_Pooling", "config.json")  # sentence-transformers: BGE "cls", e5 "mean"
+        self.pooling = pooling or ("cls" if os.path.exists(card) and _read_json(card).get("pooling_mode_cls_token")
+                                   else "mean")
         config = getattr(self.model.config, "text_config", self.model.config)
         self.max_length = min(self.tokenizer.model_max_length, getattr(config, "max_position_embeddings", 512))
         # SigLIP was trained on texts padded to max_length, and scores them only that way.
@@ -767,8 +632,7 @@ class Encoder:
 
     def embed(self, items, prefix=""):
         """(len(items), D) float32 rows of unit length, for a list of all PIL images or all strings."""
-        torch = self._torch
-        with torch.inference_mode():
+        with self.torch.inference_mode():
             if isinstance(items[0], Image.Image):
                 if not self.dual:
                     raise SearchError("this index's encoder embeds text only")
@@ -784,21 +648,20 @@ class Encoder:
                     hidden = self.model(**tokens).last_hidden_state  # (B, T, H)
                     mask = tokens["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
                     features = hidden[:, 0] if self.pooling == "cls" else (hidden * mask).sum(1) / mask.sum(1)
-            features = getattr(features, "pooler_output", features).float()  # transformers 5 returns an output object
-            return torch.nn.functional.normalize(features, dim=-1).cpu().numpy()
+            features = getattr(features, "pooler_output", features).float()  # transformers 5: an output object
+            return self.torch.nn.functional.normalize(features, dim=-1).cpu().numpy()
 
 
 def index_rows(source):
-    """(rows, base_dir) to index. A folder: its images, recursively, sorted, id the relative path
-    and title the file name. A JSONL: image-index rows {"id","image","title","text","url"}, or corpus
-    rows {"id","title","text","url"} when the first row has no "image"; paths relative to the file."""
+    """(rows, base_dir) to index. A folder: its images, recursively, sorted, id the relative path and
+    title the file name. A JSONL: image-index rows {"id","image","title","text","url"}, or corpus rows
+    {"id","title","text","url"} when the first row has no "image"; paths relative to the file."""
     if os.path.isdir(source):
         base = os.path.abspath(source)
-        paths = sorted(os.path.relpath(os.path.join(folder, name), base)
-                       for folder, _, names in os.walk(base) for name in names if name.lower().endswith(IMAGE_SUFFIXES))
-        rows = [{"id": p, "image": p, "title": os.path.splitext(os.path.basename(p))[0].replace("_", " "),
-                 "text": "", "url": ""} for p in paths]
-        return rows, base
+        paths = sorted(os.path.relpath(os.path.join(folder, name), base) for folder, _, names in os.walk(base)
+                       for name in names if name.lower().endswith(IMAGE_SUFFIXES))
+        return [{"id": p, "image": p, "title": os.path.splitext(os.path.basename(p))[0].replace("_", " "),
+                 "text": "", "url": ""} for p in paths], base
     rows = read_jsonl(source, required=("id",))
     if rows and "image" in rows[0]:
         kept = [r for r in rows if isinstance(r.get("image"), str)]
@@ -808,47 +671,48 @@ def index_rows(source):
     return [{**r, "id": str(r["id"])} for r in rows], os.path.dirname(os.path.abspath(source))
 
 
-def _load_images(rows, base_dir):
-    """The rows' images (None where one cannot be read: it is warned about and left out of the index)."""
-    images = []
-    for row in rows:
-        path = os.path.join(base_dir, row["image"])
-        try:
-            with Image.open(path) as image:
-                image.draft("RGB", (1024, 1024))  # JPEG decodes at a fraction of its size: encoders see ~224 px
-                images.append(_rgb(image))
-        except Exception as e:  # a corrupt, truncated or huge file must not end a build of hours
-            warnings.warn(f"index: row {row['id']!r}: cannot read {path}: {type(e).__name__}: {e} (left out)")
-            images.append(None)
-    return images
-
-
 def _embed_rows(encoder, rows, kind, base_dir, prefix, batch_size):
-    """(len(rows), D) float32; a row whose image cannot be read is NaN (left out when the index is written)."""
+    """(len(rows), D) float32; the row of an image that cannot be read is NaN, and warned about (a
+    corrupt or huge file must not end a build of hours): the index leaves it out."""
     out = []
     for start in range(0, len(rows), batch_size):
         batch = rows[start : start + batch_size]
         if kind == "text":
             out.append(encoder.embed([f"{r.get('title', '')}\n{r.get('text', '')}".strip() for r in batch], prefix))
             continue
-        images = _load_images(batch, base_dir)
+        images = []
+        for row in batch:
+            path = os.path.join(base_dir, row["image"])
+            try:
+                with Image.open(path) as image:
+                    image.draft("RGB", (1024, 1024))  # JPEG decodes at a fraction of its size: encoders see ~224 px
+                    images.append(_rgb(image))
+            except Exception as e:
+                warnings.warn(f"index: row {row['id']!r}: cannot read {path}: {type(e).__name__}: {e} (left out)")
+                images.append(None)
         vectors = encoder.embed([image or Image.new("RGB", (8, 8)) for image in images])  # keeps the batch's shape
         vectors[[image is None for image in images]] = np.nan
         out.append(vectors)
     return np.concatenate(out)
 
 
-def build_index(source, encoder_dir, out, *, batch_size=32, query_prefix="", passage_prefix="", pooling=None,
-                device=None, part_size=INDEX_PART, progress=True):
-    """Embed `source` (see index_rows) with the encoder into the folder `out`: rows.jsonl,
-    embeddings.npy (N, D) float32 of unit rows, and index.json, written last (its presence means
-    complete). Resumable: every `part_size` rows are saved atomically under out/parts/, and running
-    the same command again continues from the last saved part. Returns index.json's contents."""
+def _save(path, write):
+    """write(f) into a file opened "wb", atomically."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        write(f)
+
+
+def build_index(source, encoder_dir, out, *, batch_size=32, query_prefix="", passage_prefix="", part_size=INDEX_PART,
+                progress=True):
+    """Embed `source` (see index_rows) into the folder `out`: rows.jsonl, embeddings.npy (N, D) float32
+    of unit rows, and index.json, written last (its presence means complete). Resumable: each
+    `part_size` rows are saved atomically under out/parts/, and the same command run again goes on
+    from the last saved part. Returns index.json's contents."""
     rows, base_dir = index_rows(source)
     if not rows:
         raise ValueError(f"{source}: nothing to index")
     kind = "image" if "image" in rows[0] else "text"
-    encoder = Encoder(encoder_dir, device, pooling)
+    encoder = Encoder(encoder_dir)
     if kind == "image" and not encoder.dual:
         raise ValueError(f"{encoder_dir} embeds text only: image indexes need a CLIP / SigLIP checkpoint")
     plan = {"kind": kind, "encoder": os.path.abspath(encoder_dir), "encoder_signature": _weights_signature(encoder_dir),
@@ -859,19 +723,14 @@ def build_index(source, encoder_dir, out, *, batch_size=32, query_prefix="", pas
         digest.update(json.dumps(row, sort_keys=True).encode())
     plan["digest"] = digest.hexdigest()
     meta_path, parts = os.path.join(out, "index.json"), os.path.join(out, "parts")
-    plan_path = os.path.join(parts, "plan.json")
-    for path in (meta_path, plan_path):
-        if os.path.exists(path):
-            with open(path, encoding="utf-8") as f:
-                if json.load(f).get("digest") != plan["digest"]:
-                    raise ValueError(f"{out} holds an index of another input, encoder or settings: "
-                                     f"remove it or choose another folder")
-            if path == meta_path:
-                print(f"{out}: up to date", flush=True)
-                with open(meta_path, encoding="utf-8") as f:
-                    return json.load(f)
-    with atomic_path(plan_path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        json.dump(plan, f)
+    for path in (meta_path, os.path.join(parts, "plan.json")):
+        if os.path.exists(path) and _read_json(path).get("digest") != plan["digest"]:
+            raise ValueError(f"{out} holds an index of another input, encoder or settings: "
+                             f"remove it or choose another folder")
+    if os.path.exists(meta_path):
+        print(f"{out}: up to date", flush=True)
+        return _read_json(meta_path)
+    _save(os.path.join(parts, "plan.json"), lambda f: f.write(json.dumps(plan).encode()))
     starts = range(0, len(rows), part_size)
     part = lambda start: os.path.join(parts, f"{start // part_size:06d}.npy")  # noqa: E731
     todo = [s for s in starts if not os.path.exists(part(s))]
@@ -879,8 +738,7 @@ def build_index(source, encoder_dir, out, *, batch_size=32, query_prefix="", pas
                desc=f"index {kind}s", unit=kind, disable=not progress)
     for start in todo:
         vectors = _embed_rows(encoder, rows[start : start + part_size], kind, base_dir, passage_prefix, batch_size)
-        with atomic_path(part(start)) as tmp, open(tmp, "wb") as f:
-            np.save(f, vectors)
+        _save(part(start), lambda f: np.save(f, vectors))
         bar.update(len(vectors))
     bar.close()
     matrix = np.concatenate([np.load(part(s)) for s in starts])  # (N, D)
@@ -888,27 +746,23 @@ def build_index(source, encoder_dir, out, *, batch_size=32, query_prefix="", pas
     meta = {**plan, "count": int(keep.sum()), "dim": int(matrix.shape[1]),
             "left_out": [rows[i]["id"] for i in np.flatnonzero(~keep)]}
     write_jsonl(os.path.join(out, "rows.jsonl"), [row for row, k in zip(rows, keep) if k])
-    with atomic_path(os.path.join(out, "embeddings.npy")) as tmp, open(tmp, "wb") as f:
-        np.save(f, np.ascontiguousarray(matrix[keep]))
-    with atomic_path(meta_path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        json.dump(meta, f, indent=1)
+    _save(os.path.join(out, "embeddings.npy"), lambda f: np.save(f, np.ascontiguousarray(matrix[keep])))
+    _save(meta_path, lambda f: f.write(json.dumps(meta, indent=1).encode()))
     shutil.rmtree(parts)
     return meta
 
 
 class DenseIndex:
-    """Cosine top-k over a folder written by build_index. Queries are PIL images (an image index,
-    through a CLIP / SigLIP encoder) or strings (any index whose encoder has a text tower: a text
-    query over an image index is text-to-image search). Results are the rows' {id, title, text,
-    url[, image]} and a score, like the local backends'."""
+    """Cosine top-k over a folder written by build_index. Queries are PIL images (an image index) or
+    strings (any index whose encoder has a text tower: a text query over an image index is
+    text-to-image search). Results are the rows' {id, title, text, url[, image]} and a score."""
 
-    def __init__(self, folder, device=None):
+    def __init__(self, folder):
         meta_path = os.path.join(folder, "index.json")
         if not os.path.exists(meta_path):
             resume = " (a build was interrupted: run it again to resume)" if os.path.isdir(os.path.join(folder, "parts")) else ""
             raise FileNotFoundError(f"{folder}: no index.json: build it with `python tools.py index`{resume}")
-        with open(meta_path, encoding="utf-8") as f:
-            self.meta = json.load(f)
+        self.meta = _read_json(meta_path)
         if _weights_signature(self.meta["encoder"]) != self.meta["encoder_signature"]:
             raise ValueError(f"{folder}: the encoder at {self.meta['encoder']} is not the one this index was "
                              f"built with: rebuild the index")
@@ -916,16 +770,15 @@ class DenseIndex:
         self.matrix = np.load(os.path.join(folder, "embeddings.npy"), mmap_mode="r")  # (N, D)
         if self.matrix.shape != (len(self.rows), self.meta["dim"]):
             raise ValueError(f"{folder}: embeddings.npy is {self.matrix.shape}, rows.jsonl has {len(self.rows)} rows")
-        self.encoder = Encoder(self.meta["encoder"], device, self.meta["pooling"])
+        self.encoder = Encoder(self.meta["encoder"], pooling=self.meta["pooling"])
         self.name = "dense-" + self.meta["digest"][:12]  # the cache key: a rebuilt index is a new backend
-        self._lock = threading.Lock()  # one encoder forward at a time when the server's threads share it
+        self.lock = threading.Lock()  # one encoder forward at a time when the server's threads share it
 
     def search(self, query, k=3):
         if not self.rows or k <= 0:
             return []
-        prefix = self.meta["query_prefix"] if isinstance(query, str) else ""
-        with self._lock:
-            vector = self.encoder.embed([query], prefix)[0]  # (D,)
+        with self.lock:
+            vector = self.encoder.embed([query], self.meta["query_prefix"] if isinstance(query, str) else "")[0]  # (D,)
         scores = self.matrix @ vector  # (N,)
         top = np.argpartition(-scores, k - 1)[:k] if k < len(scores) else np.arange(len(scores))
         top = top[np.lexsort((top, -scores[top]))]  # best first; ties go to the earlier row
@@ -934,7 +787,7 @@ class DenseIndex:
 
 
 # ---------------------------------------------------------------------------------------------
-# Remote backends: our HTTP protocol and SerpAPI
+# Remote backends: one JSON request helper; our HTTP protocol, Search-R1's, SerpAPI
 # ---------------------------------------------------------------------------------------------
 
 
@@ -963,31 +816,23 @@ _READ_CHUNK = 64 << 10
 
 
 def _detail(text, secret=None, limit=200):
-    """Upstream text for an error message: the secret masked first, then cut to `limit` characters.
-    In the other order a key that straddles the cut loses its tail, and the mask no longer matches
-    the head that is left."""
+    """Upstream text for an error message: the secret masked first, then cut to `limit` characters
+    (cut first, a key straddling the cut would lose its tail and no longer match the mask)."""
     text = str(text)
-    if secret:
-        text = text.replace(secret, "***")
-    return text[:limit]
+    return (text.replace(secret, "***") if secret else text)[:limit]
 
 
-def _request_json(method, url, *, params=None, payload=None, headers=None, timeout=10.0, retries=2, backoff=0.5,
-                  secret=None, deadline=None, max_bytes=MAX_RESPONSE_BYTES):
-    """One JSON request with retries: timeouts, connection errors, HTTP 429 and 5xx are retried
-    with exponential backoff, except that a 429 or 503 with a Retry-After header is retried after
-    the time it asks (the service knows when it will have room), or fails at once when that is
-    past the deadline; other HTTP errors fail at once. Raises SearchError with a short
-    message. Exception texts from requests are never passed on: they contain the URL, and so
-    the API key when it travels as a query parameter.
+def _request_json(method, url, *, params=None, payload=None, timeout=10.0, retries=2, backoff=0.5, secret=None,
+                  deadline=None, max_bytes=MAX_RESPONSE_BYTES):
+    """One JSON request, or SearchError with a short message (never requests' own texts: they hold the
+    URL, and so a key sent as a query parameter). Timeouts, connection errors, HTTP 429 and 5xx are
+    retried with exponential backoff, a 429 or 503 with Retry-After after the time it asks (or failed
+    at once when that is past the deadline); other statuses fail at once.
 
-    timeout: seconds per connection attempt and per read, as requests means it; a server that
-    trickles its reply never trips it. deadline: seconds for the whole call, every try, backoff
-    sleep and byte of body included; None means timeout * (retries + 1) plus the backoff sleeps,
-    what the tries could take if each used its timeout once. max_bytes: the most bytes of body
-    read (Content-Length is checked first, then the bytes are counted as they arrive). A reply
-    past the deadline or the cap fails at once, without a retry.
-    """
+    timeout: seconds per connection attempt and per read (a server that trickles its reply never
+    trips it). deadline: seconds for the whole call, every try, sleep and byte included; by default
+    what the tries could take at one timeout each, plus the sleeps. max_bytes: the most bytes of body
+    read. A reply past the deadline or the cap fails at once, without a retry."""
     if deadline is None:
         deadline = timeout * (retries + 1) + sum(backoff * 2**i for i in range(retries))
     end = time.monotonic() + deadline
@@ -1004,11 +849,9 @@ def _request_json(method, url, *, params=None, payload=None, headers=None, timeo
         left = end - time.monotonic()
         if left <= 0:
             break
-        wait = min(timeout, left)
-        tries, asked = tries + 1, None
+        wait, tries, asked = min(timeout, left), tries + 1, None
         try:
-            with requests.request(method, url, params=params, json=payload, headers=headers, timeout=wait,
-                                  stream=True) as response:
+            with requests.request(method, url, params=params, json=payload, timeout=wait, stream=True) as response:
                 status = response.status_code
                 if status == 429 or status >= 500:
                     last = f"HTTP {status}"
@@ -1017,9 +860,8 @@ def _request_json(method, url, *, params=None, payload=None, headers=None, timeo
                     continue
                 body = _read_body(response, end, deadline, max_bytes, timeout)
         except (requests.Timeout, urllib3.exceptions.TimeoutError, TimeoutError):
-            last = f"timed out after {wait:g} s"
-            if end - time.monotonic() < 0.05:  # a read cut short at the deadline (see _read_body)
-                last = f"timed out: no complete reply within the {deadline:g} s deadline"
+            cut = end - time.monotonic() < 0.05  # a read cut short at the deadline (see _read_body)
+            last = f"timed out: no complete reply within the {deadline:g} s deadline" if cut else f"timed out after {wait:g} s"
             continue
         except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as e:
             last = f"connection failed ({type(e).__name__})"
@@ -1043,36 +885,31 @@ def retry_after_seconds(value, cap=600.0):
         seconds = float(value)
     except ValueError:
         try:
-            when = email.utils.parsedate_to_datetime(value)
+            seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
         except (TypeError, ValueError):
             return None
-        if when is None:
-            return None
-        seconds = when.timestamp() - time.time()
     return min(max(seconds, 0.0), cap) if math.isfinite(seconds) else None
 
 
 def _read_body(response, end, deadline, max_bytes, timeout):
-    """The body of a streamed response, read before time.monotonic() passes `end` and no longer
-    than max_bytes; SearchError otherwise. Reads go through urllib3's read1, which returns what one
-    read of the socket brings: read(n) waits for all n bytes, and a trickling server would hold it
-    long past the deadline between two checks. Before each read the socket's timeout is cut to the
-    time left, so a read that starts just before the deadline cannot outlast it by a whole
-    `timeout` (urllib3 sets the timeout afresh for the next request on that connection). Where no
-    socket can be found the reads keep `timeout`: a call then ends by the deadline plus one of them."""
+    """The body of a streamed response, read before time.monotonic() passes `end` and no longer than
+    max_bytes; SearchError otherwise. urllib3's read1 returns what one read of the socket brings
+    (read(n) waits for all n bytes: a trickling server would hold it past the deadline), and before
+    each read the socket's timeout is cut to the time left, so no read outlasts the deadline."""
     declared = response.headers.get("Content-Length", "")
     if declared.isdigit() and int(declared) > max_bytes:
         raise SearchError(f"response larger than {max_bytes} bytes")
     raw = response.raw
     read = getattr(raw, "read1", raw.read)  # urllib3 1.x has no read1
-    sock = _socket_of(raw)
     chunks, size = [], 0
     while True:
         left = end - time.monotonic()
         if left <= 0:
             raise SearchError(f"timed out: no complete reply within the {deadline:g} s deadline")
-        if sock is not None and sock.fileno() >= 0:  # http.client closes it once the body is all read
-            sock.settimeout(min(timeout, left))
+        reader = getattr(getattr(raw, "_fp", None), "fp", None)  # http.client's reader of the socket
+        sock = getattr(getattr(reader, "raw", None), "_sock", None)  # None once the body is all read
+        if sock is not None and sock.fileno() >= 0:
+            sock.settimeout(min(timeout, left))  # urllib3 sets it afresh for the connection's next request
         chunk = read(_READ_CHUNK, decode_content=True)
         if not chunk:
             return b"".join(chunks)
@@ -1080,24 +917,6 @@ def _read_body(response, end, deadline, max_bytes, timeout):
         if size > max_bytes:  # counted after decoding: a small gzip body may unpack to gigabytes
             raise SearchError(f"response larger than {max_bytes} bytes")
         chunks.append(chunk)
-
-
-def _socket_of(raw):
-    """The socket a urllib3 response reads from, or None: its connection's while that is kept
-    alive; else the one under http.client's body reader (a reply that closes the connection makes
-    http.client let go of the connection's socket, not of the body's)."""
-    sock = getattr(getattr(raw, "connection", None), "sock", None)
-    if sock is None:
-        reader = getattr(getattr(raw, "_fp", None), "fp", None)  # http.client's BufferedReader
-        sock = getattr(getattr(reader, "raw", None), "_sock", None)  # socket.SocketIO's socket
-    return sock if hasattr(sock, "settimeout") else None
-
-
-def _results_of(reply):
-    """The "results" of a reply of our protocol, checked by clean_results later."""
-    if not isinstance(reply, dict) or "results" not in reply:
-        raise SearchError(f"the search service replied with a JSON {type(reply).__name__} without \"results\"")
-    return reply["results"]
 
 
 class HttpTextSearch:
@@ -1108,45 +927,32 @@ class HttpTextSearch:
     def __init__(self, url, timeout=10.0, retries=2, backoff=0.5):
         self.url, self.timeout, self.retries, self.backoff = url.rstrip("/"), timeout, retries, backoff
 
+    def _post(self, path, payload):
+        return _request_json("POST", self.url + path, payload=payload, timeout=self.timeout, retries=self.retries,
+                             backoff=self.backoff)
+
     def search(self, query, k=3):
-        reply = _request_json(
-            "POST", self.url + "/text", payload={"query": query, "k": k},
-            timeout=self.timeout, retries=self.retries, backoff=self.backoff,
-        )
-        return _results_of(reply)
+        return _results_of(self._post("/text", {"query": query, "k": k}))
 
 
 class HttpImageSearch(HttpTextSearch):
     """POST {url}/image {"image": base64 PNG, "k"} -> {"results": [...]}."""
 
     def search(self, image, k=3):
-        encoded = base64.b64encode(_png_bytes(image)).decode("ascii")
-        reply = _request_json(
-            "POST", self.url + "/image", payload={"image": encoded, "k": k},
-            timeout=self.timeout, retries=self.retries, backoff=self.backoff,
-        )
-        return _results_of(reply)
+        return _results_of(self._post("/image", {"image": base64.b64encode(_png_bytes(image)).decode("ascii"), "k": k}))
+
+
+def _results_of(reply):
+    """The "results" of a reply of our protocol (clean_results checks them later)."""
+    if not isinstance(reply, dict) or "results" not in reply:
+        raise SearchError(f"the search service replied with a JSON {type(reply).__name__} without \"results\"")
+    return reply["results"]
 
 
 # The Search-R1 retrieval protocol (the e5 / BGE servers of Search-R1, SenseNova-MARS and others):
 # POST /retrieve {"queries": [...], "topk": k, "return_scores": true} ->
 # {"result": [[{"document": {"id", "contents"}, "score"}, ...] per query]}, contents being
 # '"Title"\ntext'. Without return_scores each entry is the document itself.
-
-def searchr1_contents(title, text):
-    return f'"{title}"\n{text}'
-
-
-def searchr1_document(entry):
-    """One entry of a /retrieve result -> our result dict {id, title, text, score}."""
-    doc = entry.get("document", entry) if isinstance(entry, dict) else None
-    if not isinstance(doc, dict):
-        raise SearchError(f"/retrieve: an entry is a JSON {type(entry).__name__}, not an object")
-    head, _, text = str(doc.get("contents", "")).partition("\n")
-    row = {"id": doc.get("id", ""), "title": head.strip().strip('"'), "text": text.strip()}
-    if isinstance(entry.get("score"), (int, float)):
-        row["score"] = float(entry["score"])
-    return row
 
 
 class SearchR1TextSearch(HttpTextSearch):
@@ -1155,69 +961,78 @@ class SearchR1TextSearch(HttpTextSearch):
     name = "searchr1"
 
     def search(self, query, k=3):
-        reply = _request_json(
-            "POST", self.url, payload={"queries": [query], "topk": k, "return_scores": True},
-            timeout=self.timeout, retries=self.retries, backoff=self.backoff,
-        )
+        reply = self._post("", {"queries": [query], "topk": k, "return_scores": True})
         result = reply.get("result") if isinstance(reply, dict) else None
         if not isinstance(result, list) or len(result) != 1 or not isinstance(result[0], list):
             raise SearchError('/retrieve: expected {"result": [[...]]} with one list for the one query')
-        return [searchr1_document(e) for e in result[0][:k]]
+        rows = []
+        for entry in result[0][:k]:
+            doc = entry.get("document", entry) if isinstance(entry, dict) else None
+            if not isinstance(doc, dict):
+                raise SearchError(f"/retrieve: an entry is a JSON {type(entry).__name__}, not an object")
+            head, _, text = str(doc.get("contents", "")).partition("\n")
+            rows.append({"id": doc.get("id", ""), "title": head.strip().strip('"'), "text": text.strip()})
+            if isinstance(entry.get("score"), (int, float)):
+                rows[-1]["score"] = float(entry["score"])
+        return rows
 
 
 SERPAPI_URL = "https://serpapi.com/search.json"
 
 
-def _entries(reply, key, k):
-    """The first k objects of the list reply[key] (absent: none); a non-list is a SearchError."""
-    entries = reply.get(key, [])
-    if not isinstance(entries, list):
-        raise SearchError(f"SerpAPI's {key} is a JSON {type(entries).__name__}, not a list")
-    return [r for r in entries[:k] if isinstance(r, dict)]
-
-
 class SerpApiTextSearch:
-    """Google web search through SerpAPI. The key is read from the environment variable
-    SERPAPI_API_KEY at each call and never logged; a missing key is an error at search time, so
-    a replay of a recorded cache needs no key. `base_url` is overridable (tests use a local
-    server)."""
+    """Google web search through SerpAPI. The key is read from SERPAPI_API_KEY at each call and never
+    shown; a missing key is an error at search time, so replaying a recorded cache needs none."""
 
-    name = "serpapi"
-    engine = "google"
+    name, engine, entries = "serpapi", "google", "organic_results"
 
     def __init__(self, base_url=SERPAPI_URL, timeout=20.0, retries=2, backoff=1.0):
         self.base_url, self.timeout, self.retries, self.backoff = base_url, timeout, retries, backoff
 
-    def _get(self, params):
+    def _get(self, params, k):
+        """The first k objects of the reply's list of results."""
         key = os.environ.get("SERPAPI_API_KEY")
         if not key:
             raise SearchError("web search is not configured (SERPAPI_API_KEY is not set)")
-        reply = _request_json(
-            "GET", self.base_url, params=dict(params, engine=self.engine, api_key=key),
-            timeout=self.timeout, retries=self.retries, backoff=self.backoff, secret=key,
-        )
+        reply = _request_json("GET", self.base_url, params=dict(params, engine=self.engine, api_key=key),
+                              timeout=self.timeout, retries=self.retries, backoff=self.backoff, secret=key)
         if not isinstance(reply, dict):
             raise SearchError(f"SerpAPI replied with a JSON {type(reply).__name__}, not an object")
         if "error" in reply:
             if "hasn't returned any results" in str(reply["error"]):  # SerpAPI's way of saying "none"
-                return {}
+                return []
             raise SearchError(f"SerpAPI: {_detail(reply['error'], key)}")
-        return reply
+        entries = reply.get(self.entries, [])
+        if not isinstance(entries, list):
+            raise SearchError(f"SerpAPI's {self.entries} is a JSON {type(entries).__name__}, not a list")
+        return [r for r in entries[:k] if isinstance(r, dict)]
 
     def search(self, query, k=3):
-        reply = self._get({"q": query, "num": k})
-        return [
-            {"id": r.get("link", ""), "title": r.get("title", ""), "text": r.get("snippet", ""),
-             "url": r.get("link", ""), "score": 1.0 / r.get("position", i + 1)}
-            for i, r in enumerate(_entries(reply, "organic_results", k))
-        ]
+        return [{"id": r.get("link", ""), "title": r.get("title", ""), "text": r.get("snippet", ""),
+                 "url": r.get("link", ""), "score": 1.0 / r.get("position", i + 1)}
+                for i, r in enumerate(self._get({"q": query, "num": k}, k))]
+
+
+class SerpApiLens(SerpApiTextSearch):
+    """Google Lens (visual matches) through SerpAPI. Lens takes an image URL, not bytes:
+    `upload_fn(png_bytes) -> url` puts the PNG where Google can fetch it (see upload_to)."""
+
+    engine, entries = "google_lens", "visual_matches"
+
+    def __init__(self, upload_fn, **kw):
+        super().__init__(**kw)
+        self.upload_fn = upload_fn
+
+    def search(self, image, k=3):
+        return [{"id": r.get("link", ""), "title": r.get("title", ""), "text": r.get("source", ""),
+                 "url": r.get("link", ""), "image": r.get("thumbnail", ""), "score": 1.0 / r.get("position", i + 1)}
+                for i, r in enumerate(self._get({"url": self.upload_fn(_png_bytes(image))}, k))]
 
 
 def upload_to(url, timeout=10.0):
-    """An upload_fn for SerpApiLens from the command line: POST the PNG (Content-Type image/png) to
-    `url`, an endpoint of yours that stores it where Google can fetch it and answers its public URL,
-    as plain text or as JSON {"url": ...}. For example a small service in front of a bucket that
-    writes the object and returns a presigned GET URL."""
+    """An upload_fn for SerpApiLens: POST the PNG (Content-Type image/png) to `url`, an endpoint of
+    yours that stores it where Google can fetch it (e.g. a bucket, with a presigned GET URL) and
+    answers its public URL, as plain text or as JSON {"url": ...}."""
     def upload(png):
         try:
             r = requests.post(url, data=png, headers={"Content-Type": "image/png"}, timeout=timeout)
@@ -1236,45 +1051,18 @@ def upload_to(url, timeout=10.0):
     return upload
 
 
-class SerpApiLens(SerpApiTextSearch):
-    """Google Lens (visual matches) through SerpAPI.
-
-    Lens takes an image URL, not bytes, so it needs an image-hosting hook:
-    `upload_fn(png_bytes) -> url`, a function that puts the PNG somewhere Google can fetch it
-    (your own bucket with a signed URL, an image host) and returns its public URL. The key comes
-    from SERPAPI_API_KEY, as for text search.
-    """
-
-    engine = "google_lens"
-
-    def __init__(self, upload_fn, **kw):
-        super().__init__(**kw)
-        self.upload_fn = upload_fn
-
-    def search(self, image, k=3):
-        reply = self._get({"url": self.upload_fn(_png_bytes(image))})
-        return [
-            {"id": r.get("link", ""), "title": r.get("title", ""), "text": r.get("source", ""),
-             "url": r.get("link", ""), "image": r.get("thumbnail", ""), "score": 1.0 / r.get("position", i + 1)}
-            for i, r in enumerate(_entries(reply, "visual_matches", k))
-        ]
-
-
 # ---------------------------------------------------------------------------------------------
-# Search cache
+# Search cache, and results as the model sees them
 # ---------------------------------------------------------------------------------------------
 
 
 class SearchCache:
-    """SQLite cache of search results, keyed by (backend, query or image hash, k).
-
-    Modes: "off" (always call the backend), "rw" (read, and write what was missing), "replay"
-    (read only; a miss raises CacheMiss instead of calling the backend, so a replayed evaluation
-    makes no network call at all). Several processes (torchrun ranks) may share one file: WAL
-    journal (readers never block the writer), a busy timeout (writers queue instead of failing)
-    and INSERT OR REPLACE (two ranks caching the same query is harmless). An empty list of results
-    is never stored, and Tools checks results (clean_results) before they reach the cache.
-    """
+    """SQLite cache of search results (and of eval's judge verdicts), keyed by (backend, query or
+    image hash, k). Modes: "off" (always run), "rw" (read, and write what was missing), "replay"
+    (read only: a miss raises CacheMiss, so a replayed evaluation makes no network call). Several
+    processes may share one file: WAL journal (readers never block the writer), a busy timeout
+    (writers queue) and INSERT OR REPLACE (two ranks caching one query is harmless). An empty list
+    is never stored (often transient: a rate limit, an index being rebuilt)."""
 
     MODES = ("off", "rw", "replay")
 
@@ -1288,17 +1076,14 @@ class SearchCache:
         self._conn, self._pid = None, None
 
     def _db(self):
-        # A forked child must not reuse its parent's connection: open one per process.
-        if self._conn is None or self._pid != os.getpid():
+        if self._conn is None or self._pid != os.getpid():  # a forked child must not reuse its parent's
             os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-            conn = sqlite3.connect(self.path, timeout=60, isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA busy_timeout=60000")
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute(
-                "CREATE TABLE IF NOT EXISTS search (key TEXT PRIMARY KEY, backend TEXT, query TEXT,"
-                " k INTEGER, results TEXT NOT NULL, created REAL)"
-            )
-            self._conn, self._pid = conn, os.getpid()
+            self._conn = sqlite3.connect(self.path, timeout=60, isolation_level=None, check_same_thread=False)
+            self._conn.execute("PRAGMA busy_timeout=60000")
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("CREATE TABLE IF NOT EXISTS search (key TEXT PRIMARY KEY, backend TEXT, query TEXT,"
+                               " k INTEGER, results TEXT NOT NULL, created REAL)")
+            self._pid = os.getpid()
         return self._conn
 
     @staticmethod
@@ -1307,17 +1092,13 @@ class SearchCache:
 
     def get(self, backend, query, k):
         with self._lock:
-            row = self._db().execute(
-                "SELECT results FROM search WHERE key = ?", (self._key(backend, query, k),)
-            ).fetchone()
+            row = self._db().execute("SELECT results FROM search WHERE key = ?", (self._key(backend, query, k),)).fetchone()
         return None if row is None else json.loads(row[0])
 
     def put(self, backend, query, k, results):
         with self._lock:
-            self._db().execute(
-                "INSERT OR REPLACE INTO search VALUES (?, ?, ?, ?, ?, ?)",
-                (self._key(backend, query, k), backend, query, k, json.dumps(results), time.time()),
-            )
+            self._db().execute("INSERT OR REPLACE INTO search VALUES (?, ?, ?, ?, ?, ?)",
+                               (self._key(backend, query, k), backend, query, k, json.dumps(results), time.time()))
 
     def lookup(self, backend, query, k, run):
         """Cached `run()`; `backend` and `query` name what run() computes."""
@@ -1329,44 +1110,25 @@ class SearchCache:
         if self.mode == "replay":
             raise CacheMiss(f"not in the search cache (replay mode): {backend} {query[:80]!r}")
         results = run()
-        if results:  # an empty list is often transient (a rate limit, an index being rebuilt): ask again next time
+        if results:
             self.put(backend, query, k, results)
         return results
 
 
-# ---------------------------------------------------------------------------------------------
-# Formatting results for the model, and the optional summarizer
-# ---------------------------------------------------------------------------------------------
-
-
-_RESULT_TEXT = ("id", "title", "text", "url")
-
-
-def _as_text(value):
-    """A result field as a string: numbers written out, None empty; a list or object is not text."""
-    if value is None:
-        return ""
-    if isinstance(value, (str, int, float)):  # bool is an int: "True"
-        return str(value)
-    raise TypeError(type(value).__name__)
-
-
 def clean_results(results):
-    """A backend's results, checked before they are cached or shown: a list of objects whose id,
-    title, text and url (those present) are strings, numbers written as text and None as "".
-    Entries that are not objects, hold a list or object in one of those fields, or show nothing
-    (no title, text or id) are dropped. Raises SearchError for a reply that is not a list, or of
-    which nothing is left: malformed results must not be cached and replayed forever."""
+    """A backend's results, checked before they are cached or shown: objects whose id, title, text and
+    url (those present) are strings, numbers written as text and None as "". Entries that are not
+    objects, hold a list or object in one of those fields, or show nothing (no title, text or id) are
+    dropped. SearchError for a reply that is not a list, or of which nothing is left: malformed results
+    must not be cached and replayed forever."""
     if not isinstance(results, (list, tuple)):
         raise SearchError(f"the search backend's results are a {type(results).__name__}, not a list")
     clean = []
     for r in results:
-        if not isinstance(r, dict):
+        shown = {key: r[key] for key in ("id", "title", "text", "url") if key in r} if isinstance(r, dict) else None
+        if shown is None or not all(v is None or isinstance(v, (str, int, float)) for v in shown.values()):
             continue
-        try:
-            row = dict(r, **{key: _as_text(r[key]) for key in _RESULT_TEXT if key in r})
-        except TypeError:
-            continue
+        row = dict(r, **{key: "" if v is None else str(v) for key, v in shown.items()})  # bool is an int: "True"
         if row.get("title") or row.get("text") or row.get("id"):
             clean.append(row)
     if results and not clean:
@@ -1413,8 +1175,7 @@ class Meter:
     """Thread-safe counters: {group: {field: number}}."""
 
     def __init__(self):
-        self._lock = threading.Lock()
-        self.data = {}
+        self._lock, self.data = threading.Lock(), {}
 
     def add(self, group, **fields):
         with self._lock:
@@ -1427,41 +1188,26 @@ class Meter:
             return {g: dict(f) for g, f in self.data.items()}
 
 
-def _usage(reply):
-    u = reply.get("usage") or {}
-    prompt, completion = int(u.get("prompt_tokens") or 0), int(u.get("completion_tokens") or 0)
-    return {"prompt_tokens": prompt, "completion_tokens": completion,
-            "total_tokens": int(u.get("total_tokens") or prompt + completion)}
-
-
-def _content_text(content):
-    """A chat message's content as text (a string, or a list of {"type": "text", "text"} parts)."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
-    return ""
-
-
 class RateGate:
     """When the next request may go: a 429's Retry-After holds back every thread (and every client)
     sharing the gate, since hammering a rate limit only extends it."""
 
     def __init__(self):
-        self._lock = threading.Lock()
-        self._not_before = 0.0
+        self._lock, self._not_before = threading.Lock(), 0.0
 
     def hold(self, seconds):
         with self._lock:
             self._not_before = max(self._not_before, time.time() + seconds)
 
     def wait(self):
-        while True:
-            with self._lock:
-                left = self._not_before - time.time()
-            if left <= 0:
-                return
+        while (left := self._not_before - time.time()) > 0:  # a float read is atomic: no lock needed
             time.sleep(left)
+
+
+def public_url(url):
+    """scheme://host/path of a URL: never its query string (some APIs take a key there)."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc.rsplit('@', 1)[-1]}{parts.path}"
 
 
 class ChatClient:
@@ -1469,35 +1215,24 @@ class ChatClient:
 
     Retries timeouts, connection errors, malformed replies, HTTP 5xx and 429 with exponential backoff
     and jitter; a 429's Retry-After holds back every thread that shares the `gate`. HTTP 401/403/404
-    raise ApiFatal (the run stops), other 4xx ApiRejected (the item is discarded). The key is read once
-    from the environment variable `api_key_env` and only ever sent in the Authorization header: it is
-    in no message, log or file.
-    Calls and tokens (from the API's `usage`) go to `meter` under `name`.
-    """
+    raise ApiFatal (the run stops), other 4xx ApiRejected (the item is discarded). The key, read once
+    from the environment variable `api_key_env`, only ever travels in the Authorization header.
+    Requests, outcomes and tokens (the API's `usage`) are counted in `meter` under `name`."""
 
     def __init__(self, url, model, meter=None, name="teacher", api_key_env="OPENAI_API_KEY", timeout=300.0,
                  retries=6, backoff=2.0, max_backoff=60.0, gate=None):
         url = url.rstrip("/")
         self.endpoint = url if url.endswith("/chat/completions") else url + "/chat/completions"
-        self.model, self.meter, self.name = model, meter or Meter(), name
+        self.model, self.meter, self.name, self.gate = model, meter or Meter(), name, gate or RateGate()
         self.timeout, self.retries, self.backoff, self.max_backoff = timeout, retries, backoff, max_backoff
         self._key = os.environ.get(api_key_env) if api_key_env else None
         self._local = threading.local()  # one requests.Session per thread (sessions are not thread-safe)
-        self.gate = gate or RateGate()
 
     def __repr__(self):  # never shows the key
         return f"ChatClient({self.name}, {self.model!r} at {public_url(self.endpoint)})"
 
-    def _session(self):
-        if getattr(self._local, "session", None) is None:
-            self._local.session = requests.Session()
-        return self._local.session
-
     def _redact(self, text):
         return text.replace(self._key, "***") if self._key else text
-
-    def _sleep(self, attempt):
-        time.sleep(min(self.max_backoff, self.backoff * 2 ** attempt) * random.uniform(0.5, 1.0))
 
     def chat(self, messages, max_tokens=1024, temperature=None, stop=None):
         """(text, usage {prompt_tokens, completion_tokens, total_tokens}, finish_reason)."""
@@ -1507,30 +1242,26 @@ class ChatClient:
         if stop:
             body["stop"] = list(stop)
         headers = {"Authorization": f"Bearer {self._key}"} if self._key else {}
+        if getattr(self._local, "session", None) is None:
+            self._local.session = requests.Session()
         last = "no attempt"
         for attempt in range(self.retries + 1):
             self.gate.wait()
             self.meter.add(self.name, requests=1)
+            hold = None
             try:
-                response = self._session().post(self.endpoint, json=body, headers=headers, timeout=self.timeout)
+                response = self._local.session.post(self.endpoint, json=body, headers=headers, timeout=self.timeout)
             except requests.Timeout:
-                last = f"timed out after {self.timeout:g} s"
-                self.meter.add(self.name, timeouts=1)
+                last, event = f"timed out after {self.timeout:g} s", "timeouts"
             except requests.RequestException as e:  # its text may hold the URL: only the type is shown
-                last = f"connection failed ({type(e).__name__})"
-                self.meter.add(self.name, connection_errors=1)
+                last, event = f"connection failed ({type(e).__name__})", "connection_errors"
             else:
                 status = response.status_code
                 if status == 429:
-                    last = "HTTP 429"
-                    self.meter.add(self.name, rate_limited=1)
-                    wait = retry_after_seconds(response.headers.get("Retry-After"))
-                    if wait is not None and attempt < self.retries:
-                        self.gate.hold(wait)
-                        continue
+                    last, event = "HTTP 429", "rate_limited"
+                    hold = retry_after_seconds(response.headers.get("Retry-After"))
                 elif status >= 500:
-                    last = f"HTTP {status}"
-                    self.meter.add(self.name, server_errors=1)
+                    last, event = f"HTTP {status}", "server_errors"
                 elif status in FATAL_STATUS:
                     raise ApiFatal(f"{self.name} at {public_url(self.endpoint)}: HTTP {status}: "
                                    f"{self._redact(response.text[:300])} (check the URL, the model and the key)")
@@ -1543,31 +1274,35 @@ class ChatClient:
                         choice = reply["choices"][0]
                         text = _content_text(choice["message"]["content"])
                     except (ValueError, KeyError, IndexError, TypeError):
-                        last = "malformed reply"
-                        self.meter.add(self.name, malformed=1)
+                        last, event = "malformed reply", "malformed"
                     else:
-                        usage = _usage(reply)
+                        u = reply.get("usage") or {}
+                        prompt, completion = int(u.get("prompt_tokens") or 0), int(u.get("completion_tokens") or 0)
+                        usage = {"prompt_tokens": prompt, "completion_tokens": completion,
+                                 "total_tokens": int(u.get("total_tokens") or prompt + completion)}
                         self.meter.add(self.name, calls=1, **usage)
                         return text, usage, choice.get("finish_reason")
-            if attempt < self.retries:
+            self.meter.add(self.name, **{event: 1})
+            if attempt < self.retries and hold is not None:
+                self.gate.hold(hold)  # the server said when: no backoff of ours on top
+            elif attempt < self.retries:
                 self.meter.add(self.name, retries=1)
-                self._sleep(attempt)
+                time.sleep(min(self.max_backoff, self.backoff * 2**attempt) * random.uniform(0.5, 1.0))
         self.meter.add(self.name, failed=1)
         raise TransientError("api_error", f"{self.name}: {last} ({self.retries + 1} tries)")
 
 
-def public_url(url):
-    """scheme://host/path of a URL: never its query string (some APIs take a key there)."""
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc.rsplit('@', 1)[-1]}{parts.path}"
-
+def _content_text(content):
+    """A chat message's content as text (a string, or a list of {"type": "text", "text"} parts)."""
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return content if isinstance(content, str) else ""
 
 
 class ChatSummarizer:
-    """Summarizes top-k results with any OpenAI-compatible chat endpoint (vLLM, a hosted API).
-    `summarizer(query, results) -> str`. The key comes from OPENAI_API_KEY (a local vLLM server
-    needs none). When the endpoint fails, the plain results are used and a warning is printed:
-    the model still gets its information."""
+    """`summarizer(query, results) -> str` through any OpenAI-compatible chat endpoint (key from
+    OPENAI_API_KEY; a local vLLM server needs none). When the endpoint fails, the plain results are
+    used and a warning is printed: the model still gets its information."""
 
     def __init__(self, base_url, model, max_words=60, timeout=30.0, retries=2):
         self.client = ChatClient(base_url, model, name="summarizer", timeout=timeout, retries=retries, backoff=0.5)
@@ -1575,10 +1310,8 @@ class ChatSummarizer:
 
     def __call__(self, query, results):
         # The summarizer is a chat model too: a forged turn in a result would steer its summary.
-        prompt = (
-            f"Search: {neutralize(query)}\nResults:\n{neutralize(format_results(results, max_words=100))}\n"
-            f"Summarize the facts relevant to the search in at most {self.max_words} words."
-        )
+        prompt = (f"Search: {neutralize(query)}\nResults:\n{neutralize(format_results(results, max_words=100))}\n"
+                  f"Summarize the facts relevant to the search in at most {self.max_words} words.")
         try:
             text, _, _ = self.client.chat([{"role": "user", "content": prompt}], max_tokens=4 * self.max_words,
                                           temperature=0)
@@ -1600,8 +1333,8 @@ class State:
     n_text_search: int = 0
     n_img_search: int = 0  # whole-image and crop searches
     n_crop: int = 0  # the crop searches among them
-    n_calls: int = 0  # searches sent to a backend or the cache; a failed one counts too (the
-    # backend already retried inside it), a refused one (bad box, over budget) does not
+    n_calls: int = 0  # searches sent to a backend or the cache, failed ones too (the backend retried
+    # inside them); not refused ones (bad box, over budget)
     n_errors: int = 0  # observations with error=True
 
 
@@ -1620,16 +1353,12 @@ def _failure(kind, message, box=None):
 
 
 class Tools:
-    """Runs actions against the search backends, within budgets. Build it with make_tools().
-
-    attach="crop" puts the searched crop in the observation (one "<image>" placeholder), so the
-    model sees what it searched; "none" keeps observations text-only.
-    """
+    """Runs actions against the search backends, within budgets; build it with make_tools().
+    attach="crop" puts the searched crop in the observation (one "<image>"), so the model sees what
+    it searched; "none" keeps observations text-only."""
 
     def __init__(self, text_backend, image_backend, grounder=None, cache=None, summarizer=None, topk=3,
                  max_calls=10, max_img_search=1, attach="none", snippet_words=30):
-        if attach not in ("none", "crop"):
-            raise ValueError(f"attach must be 'none' or 'crop', got {attach!r}")
         self.text_backend, self.image_backend = text_backend, image_backend
         self.grounder, self.cache, self.summarizer = grounder, cache, summarizer
         self.topk, self.max_calls, self.max_img_search = topk, max_calls, max_img_search
@@ -1660,11 +1389,10 @@ class Tools:
         if not self.budget_left(state):
             return _failure(action.kind, f"No tool calls left (at most {self.max_calls}). Answer now.")
         if action.kind == "text_search":
-            return self._text_search(action.arg, state)
+            return self._text_search(" ".join(action.arg.split()), state)
         return self._image_search(action, image, state)
 
     def _text_search(self, query, state):
-        query = " ".join(query.split())
         if self.text_backend is None:
             return _failure("text_search", "Text search is not available. Answer now.")
         state.n_text_search += 1
@@ -1679,9 +1407,8 @@ class Tools:
         if self.image_backend is None:
             return _failure("img_search", "Image search is not available. Use <text_search> or answer.")
         if state.n_img_search >= self.max_img_search:
-            return _failure(
-                "img_search", f"Image search already used (at most {self.max_img_search}). Use <text_search> or answer."
-            )
+            return _failure("img_search", f"Image search already used (at most {self.max_img_search}). "
+                                          "Use <text_search> or answer.")
         box = action.box
         if not action.whole and box is None:  # a referring expression: ground it first
             hint = "give a box [x1, y1, x2, y2] or use <img>."
@@ -1700,18 +1427,16 @@ class Tools:
         state.n_crop += box is not None
         state.n_calls += 1
         backend = self.image_backend
-        results = self._cached(
-            f"{backend.name}/image", "image:" + image_hash(query_image), lambda: backend.search(query_image, self.topk)
-        )
+        results = self._cached(f"{backend.name}/image", "image:" + image_hash(query_image),
+                               lambda: backend.search(query_image, self.topk))
         images = [query_image] if self.attach == "crop" and box is not None else []
         label = "the whole image" if box is None else f"the crop {list(box)}"
         return self._observation("img_search", label, results, IMAGE_SEARCH_PROMPT, images, box)
 
     def _cached(self, backend, query, run):
-        """run()'s results, cleaned before the cache sees them; a cached list is cleaned again, as a
-        file written before results were checked may hold anything."""
-        def fetch():
-            return clean_results(run())
+        """run()'s results, cleaned before the cache sees them; a cached list is cleaned again (a file
+        written before results were checked may hold anything)."""
+        fetch = lambda: clean_results(run())  # noqa: E731
         return fetch() if self.cache is None else clean_results(self.cache.lookup(backend, query, self.topk, fetch))
 
     def _observation(self, kind, query, results, prompt, images=(), box=None):
@@ -1724,49 +1449,44 @@ class Tools:
         return Observation(text, images=list(images), error=False, kind=kind, box=box, results=results)
 
 
+BACKENDS = ("local", "http", "searchr1", "serpapi")
+
+
 def make_tools(data_dir="data", backend="local", cache=None, cache_mode="rw", grounder=None, server_url=None,
                upload_fn=None, lens_upload_url=None, text_index=None, image_index=None, timeout=10.0, **kw):
     """The one factory every script uses.
 
-    backend: "local" (data_dir/corpus.jsonl and data_dir/image_index.jsonl), "http" (server_url,
-    a `python tools.py serve`), "searchr1" (server_url: a Search-R1 /retrieve address; text only,
-    images through data_dir's local index), "serpapi" (SERPAPI_API_KEY; image search needs `upload_fn`
-    or `lens_upload_url`, see SerpApiLens and upload_to); `timeout` is per connection attempt and
-    per read, and a whole call, retries included, has a deadline and a byte cap (see _request_json).
-    text_index / image_index: folders built by `python tools.py index` (CLIP / SigLIP images, e5 /
-    BGE texts); each replaces the backend's search of its kind. cache: a SQLite path (or a
-    SearchCache) used in `cache_mode`. grounder: a local GroundingDINO folder or any object with
-    ground(image, expression); None: the synthetic world's SceneGrounder when data_dir holds
-    make_data.py's entities.jsonl, else none; False: none (referring expressions are then refused). Other keywords (topk, max_calls, max_img_search, attach, summarizer,
-    snippet_words) go to Tools.
-    """
-    dense_text = DenseIndex(text_index) if text_index else None
-    dense_image = DenseIndex(image_index) if image_index else None
+    backend: "local" (data_dir/corpus.jsonl and image_index.jsonl), "http" (server_url: a `python
+    tools.py serve`), "searchr1" (server_url: a Search-R1 /retrieve address; text only, images through
+    data_dir's local index when it has one), "serpapi" (SERPAPI_API_KEY; image search needs `upload_fn`
+    or `lens_upload_url`, see upload_to). `timeout` is per connection attempt and per read; a whole
+    call has a deadline and a byte cap (_request_json). text_index / image_index: `python tools.py
+    index` folders, each replacing the search of its kind. cache: a SQLite path (or a SearchCache)
+    used in `cache_mode`. grounder: a GroundingDINO folder or any object with ground(image,
+    expression); None: the synthetic world's SceneGrounder when data_dir holds make_data.py's
+    entities.jsonl; False: none (referring expressions are then refused). Other keywords (topk,
+    max_calls, max_img_search, attach, summarizer, snippet_words) go to Tools."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}: use local, http, searchr1 or serpapi")
+    if backend in ("http", "searchr1") and not server_url:
+        address = "a `python tools.py serve` address" if backend == "http" else "a Search-R1 /retrieve address"
+        raise ValueError(f"backend {backend!r} needs server_url ({address})")
+    text = DenseIndex(text_index) if text_index else None
+    image = DenseIndex(image_index) if image_index else None
     if backend == "local":
-        text_backend = dense_text or _local_index(data_dir, "text", required=True)
-        image_backend = dense_image or _local_index(data_dir, "image", required=True)
+        text, image = text or _local_index(data_dir, "text", True), image or _local_index(data_dir, "image", True)
     elif backend == "http":
-        if not server_url:
-            raise ValueError("backend 'http' needs server_url (a `python tools.py serve` address)")
-        text_backend, image_backend = HttpTextSearch(server_url, timeout), HttpImageSearch(server_url, timeout)
-    elif backend == "searchr1":
-        if not server_url:
-            raise ValueError("backend 'searchr1' needs server_url (a Search-R1 /retrieve address)")
-        # text only, like Search-R1's servers; images go to the local index when data_dir has one
-        text_backend = SearchR1TextSearch(server_url, timeout)
-        image_backend = dense_image or _local_index(data_dir, "image", required=False)
-        if image_backend is None:
+        text, image = text or HttpTextSearch(server_url, timeout), image or HttpImageSearch(server_url, timeout)
+    elif backend == "searchr1":  # text only, like Search-R1's servers
+        text, image = text or SearchR1TextSearch(server_url, timeout), image or _local_index(data_dir, "image", False)
+        if image is None:
             warnings.warn(f"searchr1 backend: no {data_dir}/image_index.jsonl, image search is off")
-    elif backend == "serpapi":
+    else:
         upload_fn = upload_fn or (upload_to(lens_upload_url, timeout) if lens_upload_url else None)
-        text_backend = SerpApiTextSearch(timeout=timeout)
-        image_backend = SerpApiLens(upload_fn, timeout=timeout) if upload_fn else None
-        if image_backend is None and dense_image is None:
+        text, image = text or SerpApiTextSearch(timeout=timeout), image or (upload_fn and SerpApiLens(upload_fn, timeout=timeout))
+        if image is None:
             warnings.warn("serpapi backend without upload_fn or lens_upload_url: image search is off "
                           "(Google Lens needs an image URL)")
-    else:
-        raise ValueError(f"unknown backend {backend!r}: use local, http, searchr1 or serpapi")
-    text_backend, image_backend = dense_text or text_backend, dense_image or image_backend
     if isinstance(cache, (str, os.PathLike)):
         cache = None if cache_mode == "off" else SearchCache(cache, cache_mode)
     elif cache is None and cache_mode == "replay":
@@ -1776,26 +1496,7 @@ def make_tools(data_dir="data", backend="local", cache=None, cache_mode="rw", gr
     world = os.path.join(data_dir, "entities.jsonl")
     if grounder is None and os.path.exists(world):  # the synthetic world: its grounder comes with it
         grounder = SceneGrounder.from_entities(world)
-    return Tools(text_backend, image_backend, grounder=grounder or None, cache=cache, **kw)
-
-
-BACKENDS = ("local", "http", "searchr1", "serpapi")
-
-
-def add_search_args(parser):
-    """The search flags that eval.py, rl.py and make_data.py share; search_options(args) reads them."""
-    g = parser.add_argument_group("search")
-    g.add_argument("--backend", default="local", choices=BACKENDS, help="search backend (see tools.make_tools)")
-    g.add_argument("--server_url", default=None, help="backend http: a `python tools.py serve` address; "
-                   "backend searchr1: a Search-R1 /retrieve address")
-    g.add_argument("--lens_upload_url", default=None, help="backend serpapi: an endpoint of yours that takes a "
-                   "POSTed PNG and answers its public URL, for Google Lens (tools.upload_to)")
-    g.add_argument("--text_index", default=None, help="a `python tools.py index` folder (e5 / BGE) for text search")
-    g.add_argument("--image_index", default=None, help="a `python tools.py index` folder (CLIP / SigLIP) for image search")
-
-
-def search_options(args):
-    return {k: getattr(args, k) for k in ("backend", "server_url", "lens_upload_url", "text_index", "image_index")}
+    return Tools(text, image, grounder=grounder or None, cache=cache, **kw)
 
 
 def _local_index(data_dir, kind, required):
@@ -1809,20 +1510,41 @@ def _local_index(data_dir, kind, required):
     return (BM25Index if kind == "text" else LocalImageIndex).from_jsonl(path)
 
 
+_SEARCH_FLAGS = {
+    "backend": dict(default="local", choices=BACKENDS, help="search backend (see tools.make_tools)"),
+    "server_url": dict(help="backend http: a `python tools.py serve` address; backend searchr1: a Search-R1 "
+                            "/retrieve address"),
+    "lens_upload_url": dict(help="backend serpapi: an endpoint of yours that takes a POSTed PNG and answers its "
+                                 "public URL, for Google Lens (tools.upload_to)"),
+    "text_index": dict(help="a `python tools.py index` folder (e5 / BGE) for text search"),
+    "image_index": dict(help="a `python tools.py index` folder (CLIP / SigLIP) for image search"),
+}
+
+
+def add_search_args(parser):
+    """The search flags that eval.py, rl.py and make_data.py share; search_options(args) reads them."""
+    group = parser.add_argument_group("search")
+    for name, options in _SEARCH_FLAGS.items():
+        group.add_argument("--" + name, **options)
+
+
+def search_options(args):
+    return {name: getattr(args, name) for name in _SEARCH_FLAGS}
+
+
 # ---------------------------------------------------------------------------------------------
-# The search server (`python tools.py serve`)
+# The search server (`python tools.py serve`): no client can hold it for long
 # ---------------------------------------------------------------------------------------------
 
 MAX_BODY = 32 << 20  # bytes; a base64 PNG of a large photo fits. A longer body is refused (413) unread.
 MAX_K = 100
-# Pixels one image search may decode. A 12 MP camera photo (4032x3024) fits; beyond it the
-# descriptor gains nothing (it keeps 64-bin histograms and an 8x8 grid) while the cost keeps
-# growing: 16.7 M pixels take about 0.4 GB and 1 s to decode and describe.
+# Pixels one image search may decode: a 12 MP camera photo (4032x3024) fits. Beyond it the descriptor
+# gains nothing (64-bin histograms, an 8x8 grid) while 16.7 M pixels already take 0.4 GB and 1 s.
 MAX_IMAGE_PIXELS = 4096 * 4096
 HANDLER_TIMEOUT = 10.0  # seconds one read or write on a connection may wait: a stalled client is dropped
 REQUEST_DEADLINE = 60.0  # seconds a connection may last in all: a trickling client is dropped too
 MAX_HANDLERS = 32  # connections handled at once (a thread each); the next ones get 503 at once
-BUSY_RETRY_AFTER = 1  # seconds, the Retry-After of that 503 (our client waits that long, see _request_json)
+BUSY_RETRY_AFTER = 1  # seconds, the Retry-After of that 503 (_request_json waits that long)
 _LINGER = 1.0  # seconds a refused connection stays half-open, so the client reads the 503 before a reset
 
 
@@ -1836,7 +1558,7 @@ class _Refused(Exception):
 
 def _json_object(data):
     """The JSON object of a request body, or _Refused(400). Nesting too deep for the parser raises
-    RecursionError, which is no ValueError: uncaught, it ended the handler without a reply."""
+    RecursionError, which is no ValueError: uncaught, it would end the handler without a reply."""
     try:
         payload = json.loads(data)
     except RecursionError:
@@ -1849,9 +1571,9 @@ def _json_object(data):
 
 
 def _decode_image(encoded):
-    """The image of a request, decoded only after its header shows at most MAX_IMAGE_PIXELS
-    (Image.open reads the header alone): a PNG of a few KB can declare 12000x12000 pixels, since a
-    one-colour image compresses about 1000:1, and decoding it takes seconds and gigabytes."""
+    """The image of a request, decoded only once its header (all Image.open reads) shows at most
+    MAX_IMAGE_PIXELS: a one-colour PNG of a few KB can declare 12000x12000 pixels, and decoding it
+    takes seconds and gigabytes."""
     try:
         image = Image.open(io.BytesIO(base64.b64decode(encoded or "", validate=True)))
     except Image.DecompressionBombError:  # PIL's own refusal, past twice Image.MAX_IMAGE_PIXELS
@@ -1870,8 +1592,9 @@ def _decode_image(encoded):
 
 
 class _SearchHandler(BaseHTTPRequestHandler):
-    """POST /text {"query", "k"}, POST /image {"image": base64 PNG, "k"} -> {"results": [...]};
-    GET /health. The indexes and the limits live on the server object (self.server)."""
+    """POST /text {"query", "k"} and /image {"image": base64 PNG, "k"} -> {"results": [...]}; POST
+    /retrieve, Search-R1's protocol over the text index (so that our indexes and Search-R1's e5 / BGE
+    servers serve either side); GET /health. The indexes and limits live on self.server."""
 
     def setup(self):
         self.timeout = self.server.handler_timeout  # StreamRequestHandler.setup puts it on the socket
@@ -1883,69 +1606,52 @@ class _SearchHandler(BaseHTTPRequestHandler):
         self._reply(200, {"text": self.server.text_index is not None, "image": self.server.image_index is not None})
 
     def do_POST(self):
-        if self.path == "/retrieve":
-            return self._retrieve()
-        indexes = {"/text": self.server.text_index, "/image": self.server.image_index}
+        indexes = {"/text": self.server.text_index, "/image": self.server.image_index,
+                   "/retrieve": self.server.text_index}
         if self.path not in indexes:
             return self._reply(404, {"error": f"unknown path {self.path}"})
         if indexes[self.path] is None:
-            return self._reply(404, {"error": f"this server has no {self.path[1:]} index"})
+            return self._reply(404, {"error": f"this server has no {'image' if self.path == '/image' else 'text'} index"})
         try:
-            query, k = self._parse_request()
+            payload = _json_object(self._body())
+            queries, k = self._queries(payload)
         except _Refused as e:
             return self._reply(e.status, {"error": str(e)})
         try:
-            results = indexes[self.path].search(query, k)
+            found = [indexes[self.path].search(query, k) for query in queries]
         except Exception:
             traceback.print_exc()
             return self._reply(500, {"error": "search failed on the server"})
-        self._reply(200, {"results": results})
+        if self.path != "/retrieve":
+            return self._reply(200, {"results": found[0]})
+        scores, result = payload.get("return_scores") is True, []
+        for hits in found:
+            docs = [{"id": r.get("id", ""), "contents": f'"{r.get("title", "")}"\n{r.get("text", "")}'} for r in hits]
+            result.append([{"document": d, "score": r.get("score", 0.0)} if scores else d for d, r in zip(docs, hits)])
+        self._reply(200, {"result": result})
 
-    def _retrieve(self):
-        """The Search-R1 protocol over our text index (see searchr1_document), so that our indexes and
-        the e5 / BGE servers of Search-R1-style projects serve either side."""
-        if self.server.text_index is None:
-            return self._reply(404, {"error": "this server has no text index"})
-        try:
-            payload = _json_object(self._body())
+    def _queries(self, payload):
+        """(queries, k) of a valid request, or _Refused(400)."""
+        if self.path == "/retrieve":
             queries, k = payload.get("queries"), payload.get("topk", 3)
             if not isinstance(queries, list) or not queries or not all(isinstance(q, str) for q in queries):
                 raise _Refused(400, "queries must be a non-empty list of strings")
             if len(queries) > MAX_K or not isinstance(k, int) or not 1 <= k <= MAX_K:
                 raise _Refused(400, f"at most {MAX_K} queries, and topk an integer from 1 to {MAX_K}")
-        except _Refused as e:
-            return self._reply(e.status, {"error": str(e)})
-        scores = payload.get("return_scores") is True
-        try:
-            found = [self.server.text_index.search(q, k) for q in queries]
-        except Exception:
-            traceback.print_exc()
-            return self._reply(500, {"error": "search failed on the server"})
-        result = []
-        for hits in found:
-            docs = []
-            for r in hits:
-                doc = {"id": r.get("id", ""), "contents": searchr1_contents(r.get("title", ""), r.get("text", ""))}
-                docs.append({"document": doc, "score": r.get("score", 0.0)} if scores else doc)
-            result.append(docs)
-        self._reply(200, {"result": result})
-
-    def _parse_request(self):
-        payload = _json_object(self._body())
+            return queries, k
         k = payload.get("k", 3)
         if not isinstance(k, int) or not 1 <= k <= MAX_K:
             raise _Refused(400, f"k must be an integer from 1 to {MAX_K}")
-        if self.path == "/text":
-            query = payload.get("query")
-            if not isinstance(query, str) or not query.strip():
-                raise _Refused(400, "query must be a non-empty string")
-            return query, k
-        return _decode_image(payload.get("image")), k
+        if self.path == "/image":
+            return [_decode_image(payload.get("image"))], k
+        if not isinstance(payload.get("query"), str) or not payload["query"].strip():
+            raise _Refused(400, "query must be a non-empty string")
+        return [payload["query"]], k
 
     def _body(self):
-        """The body, as long as its Content-Length says; one over MAX_BODY is refused before a byte
-        of it is read. A client that stalls mid-body makes the read raise TimeoutError after the
-        socket's timeout, and http.server then drops the connection."""
+        """The body, as long as its Content-Length says; one over MAX_BODY is refused before a byte of
+        it is read. A client that stalls mid-body makes the read raise TimeoutError after the socket's
+        timeout, and http.server then drops the connection."""
         declared = self.headers.get("Content-Length", "").strip()
         wrong = f"body must be 1 to {MAX_BODY} bytes of JSON, with a Content-Length"
         if not re.fullmatch(r"[0-9]+", declared):
@@ -1953,11 +1659,10 @@ class _SearchHandler(BaseHTTPRequestHandler):
         if len(declared) > 12 or int(declared) > MAX_BODY:  # int() of thousands of digits is itself an error
             self.close_connection = True  # the unread body must not be read as a next request
             raise _Refused(413, f"body of {declared[:20]} bytes is over the {MAX_BODY} bytes this server reads")
-        length = int(declared)
-        if length == 0:
+        if int(declared) == 0:
             raise _Refused(400, wrong)
-        body = self.rfile.read(length)
-        if len(body) < length:  # the client closed its side, or the server's deadline cut it
+        body = self.rfile.read(int(declared))
+        if len(body) < int(declared):  # the client closed its side, or the server's deadline cut it
             raise _Refused(400, "body ended before its Content-Length")
         return body
 
@@ -1977,18 +1682,15 @@ class _SearchHandler(BaseHTTPRequestHandler):
 
 
 class _SearchServer(ThreadingHTTPServer):
-    """A ThreadingHTTPServer whose threads no client can hold for long: at most `max_handlers`
-    connections are handled at once (the next ones get 503 + Retry-After from the accept loop,
-    which starts no thread for them), each read or write waits at most `timeout` seconds (the
-    handler's socket timeout), and a connection older than `deadline` seconds is shut down from
-    serve_forever's loop (service_actions), which wakes its handler's blocked read."""
+    """At most `max_handlers` connections are handled at once (the next ones get 503 + Retry-After
+    from the accept loop, which starts no thread for them); each read or write waits at most
+    `timeout` seconds (the handler's socket timeout); a connection older than `deadline` seconds is
+    shut down from serve_forever's loop (service_actions), which wakes its handler's blocked read."""
 
     daemon_threads = True
     request_queue_size = 128  # a burst of connects waits in the kernel's backlog, not in SYN retries
 
     def __init__(self, address, text_index, image_index, timeout, deadline, max_handlers):
-        if max_handlers < 1 or not timeout > 0 or not deadline > 0:
-            raise ValueError("max_handlers must be at least 1, timeout and deadline above 0")
         super().__init__(address, _SearchHandler)
         self.text_index, self.image_index = text_index, image_index
         self.handler_timeout, self.request_deadline = timeout, deadline
@@ -2021,23 +1723,21 @@ class _SearchServer(ThreadingHTTPServer):
 
     def _refuse_busy(self, request):
         """503 from the accept loop, which must never wait on one client: the socket is made
-        non-blocking (a fresh one takes these few hundred bytes at once). It is only half-closed
-        now and closed in _LINGER s: closing it while the request is still arriving would answer
-        that with a reset, which can destroy the 503 before the client reads it."""
+        non-blocking (a fresh one takes these few hundred bytes at once), half-closed now and closed
+        in _LINGER s (closed while the request still arrives, it would answer with a reset that can
+        destroy the 503 before the client reads it)."""
         body = json.dumps({"error": f"the search server is busy: retry after {BUSY_RETRY_AFTER} s"}).encode()
         head = ("HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\n"
                 f"Content-Length: {len(body)}\r\nRetry-After: {BUSY_RETRY_AFTER}\r\nConnection: close\r\n\r\n")
-        try:
+        with contextlib.suppress(OSError):
             request.setblocking(False)
             request.sendall(head.encode() + body)
             request.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
         self._lingering.append((time.monotonic() + _LINGER, request))
 
     def service_actions(self):
-        """Between two polls of serve_forever: cut connections past their deadline (shutdown wakes
-        the handler blocked reading them) and close refused ones whose linger is over."""
+        """Between two polls of serve_forever: cut connections past their deadline (shutdown wakes the
+        handler blocked reading them) and close refused ones whose linger is over."""
         now = time.monotonic()
         with self._lock:
             late = [sock for sock, end in self._deadlines.items() if end <= now]
@@ -2057,9 +1757,8 @@ class _SearchServer(ThreadingHTTPServer):
 
 
 def _close_drained(sock, max_reads=16):
-    """Close a non-blocking socket after reading what the client sent (a closed socket with unread
-    bytes sends a reset instead of a clean end); at most max_reads reads, so that a client still
-    uploading cannot keep the accept loop here."""
+    """Close a non-blocking socket after reading what the client sent (unread bytes would make the
+    close a reset); at most max_reads reads, so that a client still uploading cannot hold the loop."""
     with contextlib.suppress(OSError):
         for _ in range(max_reads):
             if not sock.recv(_READ_CHUNK):
@@ -2070,37 +1769,33 @@ def _close_drained(sock, max_reads=16):
 def make_server(text_index, image_index, host="127.0.0.1", port=8765, *, timeout=HANDLER_TIMEOUT,
                 deadline=REQUEST_DEADLINE, max_handlers=MAX_HANDLERS):
     """A threading HTTP server over the given indexes (either may be None); port 0 picks a free one.
-    timeout, deadline, max_handlers: see _SearchServer. Call serve_forever() on it (tests run it in
-    a thread); its service_actions enforce the deadline, so another loop would have to call them."""
+    Run it with serve_forever(), whose service_actions enforce the deadline (tests run it in a thread)."""
     return _SearchServer((host, port), text_index, image_index, timeout, deadline, max_handlers)
 
 
-def serve(data_dir, host="127.0.0.1", port=8765, text_index=None, image_index=None, **limits):
+def serve(data_dir, host="127.0.0.1", port=8765, text_index=None, image_index=None):
     """Serve search over data_dir's local indexes, or the dense index folders given instead."""
     text = DenseIndex(text_index) if text_index else _local_index(data_dir, "text", required=False)
     image = DenseIndex(image_index) if image_index else _local_index(data_dir, "image", required=False)
     if text is None and image is None:
         raise FileNotFoundError(f"nothing to serve: {data_dir} has no corpus.jsonl or image_index.jsonl")
-    server = make_server(text, image, host, port, **limits)
+    server = make_server(text, image, host, port)
     served = [(kind, index.name) for kind, index in (("text", text), ("image", image)) if index is not None]
     print(f"serving {' and '.join(k for k, _ in served)} search ({', '.join(n for _, n in served)}) "
           f"on http://{host}:{server.server_port}", flush=True)
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
+    server.server_close()
 
 
 # ---------------------------------------------------------------------------------------------
-# Benchmark (`python tools.py --bench`)
+# Benchmark (`python tools.py --bench`) and the command line
 # ---------------------------------------------------------------------------------------------
 
 
 def bench(n_docs=100_000, n_queries=2000, seed=0):
-    """Build BM25 over a generated corpus (Zipf-distributed pseudo-words) and time queries made
-    of three words of a random document; also report how often that document comes first."""
+    """BM25 over a generated corpus (Zipf-distributed pseudo-words): build time, queries of three
+    words of a random document per second, and how often that document comes first."""
     rng = np.random.default_rng(seed)
     letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
     words = np.array(["".join(rng.choice(letters, size=rng.integers(3, 10))) for _ in range(30_000)])
@@ -2108,48 +1803,34 @@ def bench(n_docs=100_000, n_queries=2000, seed=0):
     lengths = rng.integers(30, 90, size=n_docs)
     stream = words[rng.choice(len(words), size=int(lengths.sum()), p=frequency / frequency.sum())]
     bounds = np.concatenate([[0], np.cumsum(lengths)])
-    rows = [
-        {"id": f"d{i}", "title": " ".join(stream[bounds[i] : bounds[i] + 3]),
-         "text": " ".join(stream[bounds[i] + 3 : bounds[i + 1]]), "url": f"https://example.org/d{i}"}
-        for i in range(n_docs)
-    ]
+    rows = [{"id": f"d{i}", "title": " ".join(stream[bounds[i] : bounds[i] + 3]),
+             "text": " ".join(stream[bounds[i] + 3 : bounds[i + 1]]), "url": f"https://example.org/d{i}"}
+            for i in range(n_docs)]
     start = time.perf_counter()
     index = BM25Index(rows)
     build = time.perf_counter() - start
-
     targets = rng.integers(0, n_docs, size=n_queries)
     queries = [" ".join(rng.choice(stream[bounds[t] : bounds[t + 1]], size=3, replace=False)) for t in targets]
     start = time.perf_counter()
     top = [index.search(q, 3) for q in queries]
     elapsed = time.perf_counter() - start
     first = np.mean([bool(r) and r[0]["id"] == f"d{t}" for r, t in zip(top, targets)])
-    print(
-        f"BM25 over {n_docs:,} generated documents ({index.n_tokens:,} tokens, {len(index.vocab):,} terms, "
-        f"{len(index.post_docs):,} postings): build {build:.2f} s; {n_queries / elapsed:,.0f} queries/s (k=3); "
-        f"the query's source document ranked first in {first:.0%} of queries"
-    )
-
-
-# ---------------------------------------------------------------------------------------------
+    print(f"BM25 over {n_docs:,} generated documents ({index.n_tokens:,} tokens, {len(index.vocab):,} terms, "
+          f"{len(index.post_docs):,} postings): build {build:.2f} s; {n_queries / elapsed:,.0f} queries/s (k=3); "
+          f"the query's source document ranked first in {first:.0%} of queries")
 
 
 def get_args(argv=None):
     parser = argparse.ArgumentParser(description="Search tools: build a dense index, serve indexes, or benchmark BM25.")
-    parser.add_argument("--bench", action="store_true", help="time BM25 build and queries on a generated corpus")
-    parser.add_argument("--bench-docs", "--bench_docs", type=int, default=100_000, help="documents in the generated corpus")
+    parser.add_argument("--bench", action="store_true", help="time BM25 build and queries on 100k generated documents")
     commands = parser.add_subparsers(dest="command")
-    server = commands.add_parser("serve", help="serve data/corpus.jsonl and data/image_index.jsonl (or dense indexes) over HTTP")
+    server = commands.add_parser("serve", help="serve data/corpus.jsonl and data/image_index.jsonl (or dense "
+                                 "indexes) over HTTP")
     server.add_argument("--data", default="data", help="folder with corpus.jsonl and/or image_index.jsonl")
     server.add_argument("--text_index", help="a `tools.py index` folder to serve for text search instead of BM25")
     server.add_argument("--image_index", help="a `tools.py index` folder to serve for image search instead")
     server.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 exposes it to the network)")
     server.add_argument("--port", type=int, default=8765)
-    server.add_argument("--timeout", type=float, default=HANDLER_TIMEOUT,
-                        help="seconds one read or write on a connection may stall before it is dropped")
-    server.add_argument("--deadline", type=float, default=REQUEST_DEADLINE,
-                        help="seconds a connection may last in all (a trickling client is dropped)")
-    server.add_argument("--max-handlers", "--max_handlers", type=int, default=MAX_HANDLERS,
-                        help="connections handled at once; more are answered 503 with Retry-After")
     index = commands.add_parser("index", help="embed a folder of images or a JSONL with a local CLIP / SigLIP / "
                                 "e5 / BGE checkpoint (resumable: run it again after a kill)")
     index.add_argument("source", help="a folder of images, an image index JSONL ({id, image, title, text, url}) "
@@ -2158,13 +1839,10 @@ def get_args(argv=None):
                        "(and text-to-image), any of them or e5 / BGE for texts")
     index.add_argument("--out", required=True, help="index folder to write (rows.jsonl, embeddings.npy, index.json)")
     index.add_argument("--batch_size", type=int, default=32)
-    index.add_argument("--part_size", type=int, default=INDEX_PART,
-                       help="rows saved at a time: a kill loses at most this much work")
-    index.add_argument("--pooling", choices=("mean", "cls"), default=None,
-                       help="text encoders: default is the folder's 1_Pooling/config.json (BGE: cls), else mean (e5)")
+    index.add_argument("--part_size", type=int, default=INDEX_PART, help="rows saved at a time: a kill loses at "
+                       "most this much work")
     index.add_argument("--query_prefix", default="", help='put before every query, e.g. "query: " for e5')
     index.add_argument("--passage_prefix", default="", help='put before every indexed text, e.g. "passage: " for e5')
-    index.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     args = parser.parse_args(argv)
     if args.command is None and not args.bench:
         parser.error("give a command: index, serve, or --bench")
@@ -2174,19 +1852,17 @@ def get_args(argv=None):
 def main(argv=None):
     args = get_args(argv)
     if args.command == "serve":
-        serve(args.data, args.host, args.port, text_index=args.text_index, image_index=args.image_index,
-              timeout=args.timeout, deadline=args.deadline, max_handlers=args.max_handlers)
+        serve(args.data, args.host, args.port, text_index=args.text_index, image_index=args.image_index)
     elif args.command == "index":
         start = time.perf_counter()
-        meta = build_index(args.source, args.encoder, args.out, batch_size=args.batch_size,
-                           part_size=args.part_size, pooling=args.pooling,
-                           query_prefix=args.query_prefix, passage_prefix=args.passage_prefix, device=args.device)
+        meta = build_index(args.source, args.encoder, args.out, batch_size=args.batch_size, part_size=args.part_size,
+                           query_prefix=args.query_prefix, passage_prefix=args.passage_prefix)
         size = sum(os.path.getsize(os.path.join(args.out, f)) for f in ("rows.jsonl", "embeddings.npy", "index.json"))
         left_out = f"; {len(meta['left_out'])} unreadable left out" if meta["left_out"] else ""
         print(f"{args.out}: {meta['count']:,} {meta['kind']}s x {meta['dim']} dims, {size / 1024:,.0f} KiB, "
               f"{time.perf_counter() - start:.1f} s{left_out}", flush=True)
     else:
-        bench(args.bench_docs)
+        bench()
 
 
 if __name__ == "__main__":
