@@ -6,18 +6,15 @@ DeepMMSearchVQA pipeline (`--world real`: a teacher MLLM plays InfoSeek question
     python make_data.py --small --out /tmp/w    # a few dozen entities in seconds (tests, CI)
     python make_data.py --n_entities 2000 --n_sft 8000 --n_eval 500 --seed 1
 
-    # the real world: 1. a search service over your index (or --backend serpapi, or --backend local --data DIR)
+    # the real world: a search service over your index (or --backend serpapi, or --backend local --data DIR)
     python tools.py serve --data /path/to/index --port 8765 &
-    # 2a. a local vLLM server as the teacher (no key needed)
+    # a teacher: a local vLLM server (no key), or a hosted API (--api_key_env names the key's variable)
     vllm serve Qwen/Qwen2.5-VL-72B-Instruct --port 8000 --limit-mm-per-prompt '{"image": 4}' &
     python make_data.py --world real --source infoseek_train.jsonl --images oven_images/ \
         --teacher_url http://127.0.0.1:8000/v1 --teacher_model Qwen/Qwen2.5-VL-72B-Instruct \
         --backend http --server_url http://127.0.0.1:8765 --n_source 200000 --n_sft 10000 --workers 32
-    # 2b. a hosted OpenAI-compatible API (the key is read from the variable named by --api_key_env)
-    export GEMINI_API_KEY=...
-    python make_data.py --world real --source infoseek_train.jsonl --images oven_images/ \
-        --teacher_url https://generativelanguage.googleapis.com/v1beta/openai --teacher_model gemini-2.5-pro \
-        --api_key_env GEMINI_API_KEY --backend http --server_url http://127.0.0.1:8765 --workers 16
+    GEMINI_API_KEY=... python make_data.py --world real ... --api_key_env GEMINI_API_KEY --workers 16 \
+        --teacher_url https://generativelanguage.googleapis.com/v1beta/openai --teacher_model gemini-2.5-pro
     # the same command again resumes after a crash; resample without calling the teacher:
     python make_data.py --world real --sample_only --out data_real --n_sft 5000 --seed 1
 
@@ -38,29 +35,26 @@ The synthetic world writes under --out (paths inside files are relative to that 
     tiny/                   the tiny tokenizer + checkpoint (model.build_tiny) trained on the texts above
     summary.json            the arguments, counts per kind, teacher and replay rates, image-search accuracies
 
-It is built for a tiny model to learn from in minutes on a CPU. An icon shows its entity's category
-in the shape and its identity in a random colour pair and mark, so a held-out entity is only known
-through image search, and its facts (founding year, home city, maker) only through text search. Each
-fact lives on its own page titled "<name> <relation>": the query that finds it is the name the image
-search returned plus a relation word, and the answer is a copy from the page; near-miss names (one
-word off) make a sloppy query land on the wrong page. Scenes put 2-4 icons in 56 px slots, so
-whole-image search is ambiguous: the teacher crops as the paper does, with a referring expression
-from the question ("the third object from the left", "the square") that the world's grounder
-(tools.SceneGrounder) turns into a box. The teacher runs our real tools, decides each action from the
-last observation (never from the gold answer), and only trajectories that reach the gold answer are
-kept; every kept one is then replayed through fresh backends built from the written files. The split
-is by entity: held-out entities never appear in sft.jsonl, rl.jsonl or questions_train.jsonl.
+A tiny model learns from it in minutes on a CPU. An icon shows its entity's category in the shape
+and its identity in a random colour pair and mark: a held-out entity is only known through image
+search, its facts (founding year, home city, maker) only through text search, each fact on its own
+page "<name> <relation>", so a query is a copy of the name found plus a relation word; near-miss
+names make a sloppy query land on the wrong page. Scenes put 2-4 icons in 56 px slots, so the
+teacher crops, with a referring expression from the question ("the third object from the left",
+"the square") that tools.SceneGrounder turns into a box. The teacher runs the real tools, decides
+from the last observation (never from the gold answer), keeps what reaches gold; every kept
+trajectory is replayed through fresh backends. The split is by entity.
 
-The real world (files under --out, default data_real/): attempts.jsonl, one line per finished source
-item appended as it finishes (the done-set of a resumed run; a kept line holds the trajectory);
-images/ (what the tools attached); sft.jsonl (the kept trajectories sampled 50:50 search-required :
-search-free, each side balanced across knowledge categories); summary.json (counts, discard reasons,
-the sample's mix, calls and tokens of this run and of all runs; also printed); search_cache.sqlite;
-judge_cache.sqlite (with --judge_url). An item that fails for a transient reason (the API still
-failing after its retries, a search backend down) gets no line and is retried by the next run.
+The real world writes under --out (default data_real/): attempts.jsonl (one line per finished item,
+appended as it finishes: the done-set of a resumed run), images/, sft.jsonl (kept trajectories,
+50:50 search-required : search-free, each side balanced across knowledge categories), summary.json
+(counts, discard reasons, calls and tokens; also printed), search_cache.sqlite, judge_cache.sqlite.
+An item that fails for a transient reason (the API failing after its retries, a search backend
+down) gets no line: the next run retries it.
 """
 import argparse
 import base64
+import contextlib
 import dataclasses
 import io
 import json
@@ -333,28 +327,23 @@ def make_image_index(ents):
 # ----------------------------------------------------------------------------- rendering
 
 
-def shape_polygon(shape, c=ICON / 2, r=ICON / 2 - 3):
-    """The outline of a shape as a list of points (circle: None, drawn as an ellipse)."""
-    if shape == "square":
-        s = r * 0.82
-        return [(c - s, c - s), (c + s, c - s), (c + s, c + s), (c - s, c + s)]
-    if shape == "triangle":
-        return [(c, c - r), (c + r, c + r * 0.85), (c - r, c + r * 0.85)]
-    if shape == "diamond":
-        return [(c, c - r), (c + r, c), (c, c + r), (c - r, c)]
-    if shape == "star":
+OUTLINES = {  # polygons in units of the radius about the centre (the circle is an ellipse, the star below)
+    "square": ((-.82, -.82), (.82, -.82), (.82, .82), (-.82, .82)),
+    "triangle": ((0, -1), (1, .85), (-1, .85)),
+    "diamond": ((0, -1), (1, 0), (0, 1), (-1, 0)),
+    "hexagon": tuple((math.cos(i * math.pi / 3), math.sin(i * math.pi / 3)) for i in range(6)),
+    "cross": ((-.38, -1), (.38, -1), (.38, -.38), (1, -.38), (1, .38), (.38, .38), (.38, 1), (-.38, 1),
+              (-.38, .38), (-1, .38), (-1, -.38), (-.38, -.38)),
+    "arrow": ((-1, -.3), (.1, -.3), (.1, -1), (1, 0), (.1, 1), (.1, .3), (-1, .3)),
+}
+
+
+def outline(shape, c=ICON / 2, r=ICON / 2 - 3):
+    """A shape's polygon in an icon's pixels."""
+    if shape == "star":  # outer points at r, inner ones at 0.45 r
         return [(c + (r if i % 2 == 0 else r * 0.45) * math.sin(i * math.pi / 5),
                  c - (r if i % 2 == 0 else r * 0.45) * math.cos(i * math.pi / 5)) for i in range(10)]
-    if shape == "hexagon":
-        return [(c + r * math.cos(i * math.pi / 3), c + r * math.sin(i * math.pi / 3)) for i in range(6)]
-    if shape == "cross":
-        w = r * 0.38
-        return [(c - w, c - r), (c + w, c - r), (c + w, c - w), (c + r, c - w), (c + r, c + w), (c + w, c + w),
-                (c + w, c + r), (c - w, c + r), (c - w, c + w), (c - r, c + w), (c - r, c - w), (c - w, c - w)]
-    if shape == "arrow":
-        return [(c - r, c - r * 0.3), (c + r * 0.1, c - r * 0.3), (c + r * 0.1, c - r), (c + r, c),
-                (c + r * 0.1, c + r), (c + r * 0.1, c + r * 0.3), (c - r, c + r * 0.3)]
-    return None  # circle
+    return [(c + r * x, c + r * y) for x, y in OUTLINES[shape]]
 
 
 def render_icon(e):
@@ -362,12 +351,12 @@ def render_icon(e):
     img = Image.new("RGB", (ICON, ICON), BACKGROUND)
     d = ImageDraw.Draw(img)
     main, second = COLOURS[e["colour"]], COLOURS[e["colour2"]]
-    poly, m = shape_polygon(e["category"]), e["mark"]
+    m = e["mark"]
     border = {"outline": second, "width": 4} if m == "border" else {"outline": None, "width": 0}
-    if poly is None:
+    if e["category"] == "circle":
         d.ellipse([3, 3, ICON - 4, ICON - 4], fill=main, **border)
     else:
-        d.polygon(poly, fill=main, **border)
+        d.polygon(outline(e["category"]), fill=main, **border)
     c = ICON // 2 + (5 if e["category"] == "triangle" else 0)  # a triangle's middle sits low
     if m == "dot":
         d.ellipse([c - 7, c - 7, c + 7, c + 7], fill=second)
@@ -789,21 +778,17 @@ def teacher_system(size, grounder=False):
         crop_hint=" Crop when the question is about one object of a larger scene.", max_turns=MAX_TURNS)
 
 
-def image_data_url(image):
-    """A PIL image as a base64 JPEG data URL. Always re-encoded from the decoded pixels: no EXIF
-    rotation can make the teacher see other coordinates than the crop will use."""
-    buffer = io.BytesIO()
-    image.convert("RGB").save(buffer, format="JPEG", quality=90)
-    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def teacher_content(text, urls):
-    """A user turn for the teacher: our text with each "<image>" placeholder replaced, in order, by
-    an image part (OpenAI's image_url format)."""
-    pieces, parts = text.split("<image>"), []
-    for i, piece in enumerate(pieces):
+def teacher_content(text, images):
+    """A user turn for the teacher: our text with each "<image>" placeholder replaced, in order, by an
+    image part (OpenAI's image_url format), a JPEG re-encoded from the decoded pixels so that no EXIF
+    rotation makes the teacher see other coordinates than the crop will use."""
+    parts = []
+    for i, piece in enumerate(text.split("<image>")):
         if i:
-            parts.append({"type": "image_url", "image_url": {"url": urls[i - 1]}})
+            jpeg = io.BytesIO()
+            images[i - 1].convert("RGB").save(jpeg, format="JPEG", quality=90)
+            url = "data:image/jpeg;base64," + base64.b64encode(jpeg.getvalue()).decode("ascii")
+            parts.append({"type": "image_url", "image_url": {"url": url}})
         if piece.strip():
             parts.append({"type": "text", "text": piece})
     return parts
@@ -835,53 +820,31 @@ def parse_category(reply, categories):
     return next((c for c in categories if re.search(rf"\b{re.escape(c.lower())}\b", text)), "other")
 
 
-def safe_name(text):
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(text))[:120]
-
-
-def metered(fn, meter, group, field="calls"):
-    """fn, counting each call in meter[group][field]."""
+def metered(fn, meter, group, field="calls", lock=contextlib.nullcontext()):
+    """fn, counting each call in meter[group][field], run inside `lock`."""
     def call(*args):
         meter.add(group, **{field: 1})
-        return fn(*args)
-    return call
-
-
-def serialised(fn):
-    """fn, one call at a time (a torch model shared by the worker threads)."""
-    lock = threading.Lock()
-
-    def call(*args):
         with lock:
             return fn(*args)
     return call
 
 
-# ----------------------------------------------------------------------------- the source
-
-
-def first_row(path):
-    with open(path, encoding="utf-8") as f:
-        line = next((line for line in f if line.strip()), "{}")
-    try:
-        return json.loads(line)
-    except ValueError:
-        return {}
+# ----------------------------------------------------------------------------- the source and the log
 
 
 def load_source(path, images=None, n_source=0, seed=0):
     """Source questions -> (rows in the design's question format, with meta["category"] when the source
-    has a "category", stats). InfoSeek (eval.load_infoseek; `images` holds <image_id>.jpg) when the first
-    row has data_id and image_id, else a question JSONL (tools.load_questions). Rows without answers, an
+    has a "category", stats). InfoSeek (eval.load_infoseek; `images` holds <image_id>.jpg) when its rows
+    have data_id and image_id, else a question JSONL (tools.load_questions). Rows without answers, an
     InfoSeek row without its image file and a repeated id are skipped; n_source > 0 keeps a random
     (seeded) subset of that many, in source order."""
     path = Path(path)
-    first = first_row(path) if path.suffix.lower() == ".jsonl" else next(iter(read_records(path)), {})
-    fmt = "infoseek" if isinstance(first, dict) and {"data_id", "image_id"} <= set(first) else "questions"
+    raw = [r for r in read_records(path) if isinstance(r, dict)]
+    fmt = "infoseek" if raw and {"data_id", "image_id"} <= set(raw[0]) else "questions"
     if fmt == "infoseek":
         rows = load_infoseek([path], Images(images))
-        raw = {str(r.get("data_id")): r for r in read_records(path) if isinstance(r, dict)}
-        categories = [raw.get(r["meta"]["source_id"], {}).get("category") for r in rows]
+        by_id = {str(r.get("data_id")): r for r in raw}
+        categories = [by_id.get(r["meta"]["source_id"], {}).get("category") for r in rows]
     else:
         rows = tools.load_questions(path)
         categories = [r["meta"].get("category", r.get("category")) for r in rows]
@@ -907,35 +870,20 @@ def load_source(path, images=None, n_source=0, seed=0):
                   "skipped": {k: skipped[k] for k in ("no_answers", "no_image", "duplicate_id")}}
 
 
-# ----------------------------------------------------------------------------- the append-only log
-
-
 def read_attempts(path):
-    """Finished items of a previous run: the rows of `path`, in order. A last line without its newline
-    (a process killed mid-write) is cut off the file, so that the next append starts a clean line;
-    any other unreadable line is skipped with a warning (its item is simply done again)."""
-    rows = []
+    """The finished items of previous runs, in order. A last line without its newline (a process
+    killed mid-write) is cut off the file, so that the next append starts a clean line; a bad line
+    is skipped with a warning (its item is simply done again)."""
     if not os.path.exists(path):
-        return rows
+        return []
     with open(path, "rb+") as f:
         offset = 0
         for lineno, line in enumerate(f, 1):
-            if not line.endswith(b"\n"):
+            if not line.endswith(b"\n"):  # only the last line can lack it
                 warnings.warn(f"{path}:{lineno}: partial last line ({len(line)} bytes) removed; its item is redone")
                 f.truncate(offset)
-                break
             offset += len(line)
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                if not isinstance(row, dict) or "id" not in row or "status" not in row:
-                    raise ValueError("not a record")
-            except ValueError as e:
-                warnings.warn(f"{path}:{lineno}: bad line ({e}); skipped, its item is redone")
-                continue
-            rows.append(row)
-    return rows
+    return tools.read_jsonl(path, required=("id", "status"))
 
 
 class AttemptLog:
@@ -957,39 +905,14 @@ class AttemptLog:
 class RealContext:
     """What every worker shares."""
 
-    teacher: tools.ChatClient
+    teacher: tools.ChatClient  # its meter counts this run's calls, tokens and tool actions
     classifier: tools.ChatClient  # asks a kept question's category when the source has none
     tools: tools.Tools
     out: Path
     max_tokens: int = 1024
     stop: bool = True  # send the action end tags as stop sequences
     teacher_max_side: int = 0
-    judge: object = None  # eval.Judge (metered), for answers the rules reject
-
-
-def discard(q, reason, turns, usage, detail=""):
-    return {"id": q["id"], "status": "discarded", "reason": reason, "turns": turns,
-            "detail": str(detail)[:500], "usage": usage}
-
-
-def add_usage(total, group, usage):
-    g = total.setdefault(group, {"calls": 0, "prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0})
-    g["calls"] += 1
-    for k in ("prompt_tokens", "completion_tokens", "total_tokens"):
-        g[k] += usage.get(k, 0)
-
-
-def count_tool(usage, meter, action, refused):
-    """Tool actions per item (in its record's usage) and per run (meter). Calls include the search
-    cache's hits; the meter's backend_calls are the searches that reached a backend."""
-    group = "text_search" if action.kind == "text_search" else "image_search"
-    fields = {"calls": 1, "refused": int(refused)}
-    if action.kind == "img_search" and not action.whole:
-        fields["crops"] = 1
-    meter.add(group, **fields)
-    g = usage.setdefault("tools", {})
-    for k, v in fields.items():
-        g[f"{group}_{k}"] = g.get(f"{group}_{k}", 0) + v
+    judge: object = None  # for answers the rules reject
 
 
 def play_item(q, ctx):
@@ -1000,92 +923,99 @@ def play_item(q, ctx):
     teacher's reply normalised to <reason>..</reason> + one action (Action.render), then the observation
     exactly as Tools.execute returns it. The teacher sees the same conversation (in its own pixels when
     the image is downscaled for it), images as data URLs, and a system prompt."""
-    usage, image = {}, None
+    usage = tools.Meter()  # this item's calls and tokens, kept in its record (summed over all runs)
+
+    def discard(reason, turns, detail=""):
+        return {"id": q["id"], "status": "discarded", "reason": reason, "turns": turns,
+                "detail": str(detail)[:500], "usage": usage.snapshot()}
+
+    image = seen_image = None
+    scale = 1.0
     if q.get("image"):
         try:
             with Image.open(q["image"]) as f:
-                image = f.convert("RGB")
+                image = seen_image = f.convert("RGB")
         except (OSError, ValueError) as e:
-            return discard(q, "bad_image", 0, usage, f"{type(e).__name__}: {e}")
-    seen_image, scale, urls = image, 1.0, []
-    if image is not None:
+            return discard("bad_image", 0, f"{type(e).__name__}: {e}")
         if ctx.teacher_max_side and max(image.size) > ctx.teacher_max_side:
             scale = ctx.teacher_max_side / max(image.size)
             seen_image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
                                       Image.BICUBIC)
-        urls = [image_data_url(seen_image)]
-    system = teacher_system(seen_image.size if image is not None else None, ctx.tools.grounder is not None)
     first = tools.initial_prompt(q["question"], has_image=image is not None)
     messages = [{"role": "user", "content": first}]
-    view = [{"role": "system", "content": system}, {"role": "user", "content": teacher_content(first, urls)}]
+    system = teacher_system(None if image is None else seen_image.size, ctx.tools.grounder is not None)
+    view = [{"role": "system", "content": system},
+            {"role": "user", "content": teacher_content(first, [seen_image])}]
     state, attached = tools.State(), []
     for turn in range(1, MAX_TURNS + 1):
         try:
             text, u, finish = ctx.teacher.chat(view, ctx.max_tokens, stop=tools.ACTION_END_TAGS if ctx.stop else None)
         except tools.ApiRejected as e:
-            return discard(q, "api_rejected", turn - 1, usage, e)
-        add_usage(usage, "teacher", u)
+            return discard("api_rejected", turn - 1, e)
+        usage.add("teacher", calls=1, **u)
         seen, action = normalise_turn(text, finish, scale, stop_used=ctx.stop)
-        if action is None:
-            reason = "truncated" if finish == "length" else "invalid_action"  # truncated: raise --max_tokens
-            return discard(q, reason, turn, usage, f"{seen.error} | {text[:300]!r}")
+        if action is None:  # truncated: raise --max_tokens
+            return discard("truncated" if finish == "length" else "invalid_action", turn,
+                           f"{seen.error} | {text[:300]!r}")
         messages.append({"role": "assistant", "content": action.render()})
         view.append({"role": "assistant", "content": seen.render()})
         if action.kind == "answer":
-            return finish_item(q, ctx, action.arg, messages, attached, state, turn, usage)
+            break
         if turn == MAX_TURNS:
-            return discard(q, "turn_limit", turn, usage, f"turn {turn} is a {action.kind}, not an answer")
+            return discard("turn_limit", turn, f"turn {turn} is a {action.kind}, not an answer")
         calls = state.n_calls
         obs = ctx.tools.execute(action, image, state)
         # refused: a second image search, a box outside the image, no calls left (n_calls did not
         # move); "No results" is a usable observation, a search failed after its retries is transient
         refused = obs.error and state.n_calls == calls
-        count_tool(usage, ctx.teacher.meter, action, refused)
+        group = "text_search" if action.kind == "text_search" else "image_search"
+        fields = {"calls": 1, "refused": int(refused)}  # calls include the search cache's hits
+        if group == "image_search" and not action.whole:
+            fields["crops"] = 1
+        ctx.teacher.meter.add(group, **fields)
+        usage.add("tools", **{f"{group}_{k}": v for k, v in fields.items()})
         if obs.error and not refused and obs.text.startswith("<information>Search failed"):
             raise tools.TransientError("search_failed", obs.text[:200])
         if refused:
-            return discard(q, "tool_refused", turn, usage, obs.text)
+            return discard("tool_refused", turn, obs.text)
         messages.append({"role": "user", "content": obs.text})
         attached.extend(obs.images)
-        view.append({"role": "user", "content": teacher_content(obs.text, [image_data_url(i) for i in obs.images])})
+        view.append({"role": "user", "content": teacher_content(obs.text, obs.images)})
 
-
-def finish_item(q, ctx, answer, messages, attached, state, turns, usage):
-    """Score the answer; a kept trajectory gets its category and its attached images written."""
+    answer = action.arg
     if answer.strip() == tools.GIVE_UP:
-        return discard(q, "gave_up", turns, usage)
+        return discard("gave_up", turn)
     if score(answer, q["answers"], question=q["question"], judge=ctx.judge) != 1.0:
-        return discard(q, "wrong_answer", turns, usage, answer)
-    category, source = q["meta"].get("category"), "meta"
+        return discard("wrong_answer", turn, answer)
+    category, category_source = q["meta"].get("category"), "meta"
     if category is None:
-        category, source = classify(q, ctx, usage), "teacher"
-    paths = []
-    for k, img in enumerate(attached):
-        paths.append(f"images/{safe_name(q['id'])}_t{k}.png")
-        img.save(ctx.out / paths[-1])
+        category, category_source = classify(q, ctx.classifier, usage), "teacher"
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", q["id"])[:120]  # a file name, whatever the id
+    paths = [f"images/{stem}_t{k}.png" for k in range(len(attached))]
+    for path, img in zip(paths, attached):
+        img.save(ctx.out / path)
     n_text, n_img, n_crop = state.n_text_search, state.n_img_search, state.n_crop
-    # what the trajectory did, in the synthetic world's words where they fit
-    if n_img:
+    if n_img:  # what the trajectory did, in the synthetic world's words where they fit
         kind = "crop" if n_crop else "image_text" if n_text else "image"
     else:
         kind = "text" if n_text else "search_free"
-    return {"id": q["id"], "status": "kept", "reason": "", "turns": turns, "usage": usage,
-            "category": category, "category_source": source, "needs_search": turns > 1, "kind": kind,
+    return {"id": q["id"], "status": "kept", "reason": "", "turns": turn, "usage": usage.snapshot(),
+            "category": category, "category_source": category_source, "needs_search": turn > 1, "kind": kind,
             "n_text_search": n_text, "n_img_search": n_img, "n_crop": n_crop,
             "question": q["question"], "answers": q["answers"], "answer": answer,
             "image": str(Path(q["image"]).resolve()) if q.get("image") else None,
             "tool_images": paths, "messages": messages, "source_meta": q["meta"]}
 
 
-def classify(q, ctx, usage):
-    """The question's knowledge category, asked of the classifier (by default the teacher), text only."""
+def classify(q, client, usage):
+    """The question's knowledge category, asked of the classifier, text only."""
     prompt = CLASSIFY_PROMPT.format(question=q["question"], categories=", ".join(CATEGORIES))
     try:
-        text, u, _ = ctx.classifier.chat([{"role": "user", "content": prompt}], max_tokens=16)
+        text, u, _ = client.chat([{"role": "user", "content": prompt}], max_tokens=16)
     except tools.ApiRejected as e:  # e.g. a content filter on the question: not worth losing the trajectory
         warnings.warn(f"{q['id']}: category request rejected ({e}); using 'other'")
         return "other"
-    add_usage(usage, "classify", u)
+    usage.add("classify", calls=1, **u)
     return parse_category(text, CATEGORIES)
 
 
@@ -1112,38 +1042,30 @@ def quotas(avail, k, rng):
     return quota
 
 
-def sample_sft(kept, n, search_share=0.5, seed=0):
-    """Choose the SFT set from kept records (dicts with id, category, needs_search): search_share of it
-    search-required and the rest search-free, exactly (when one side is short the whole set shrinks,
-    so the ratio holds), each side balanced across categories. Deterministic for a seed whatever the
+def sample_sft(kept, n, seed=0):
+    """Choose the SFT set from kept records (dicts with id, category, needs_search): half of it
+    search-required and half search-free, exactly (when one side is short the whole set shrinks, so
+    the ratio holds), each side balanced across categories. Deterministic for a seed whatever the
     order of `kept` (the log's order depends on thread timing). Returns (chosen ids in a seeded
     shuffled order, info)."""
     sides = {True: [], False: []}
     for r in sorted(kept, key=lambda r: r["id"]):
         sides[bool(r["needs_search"])].append(r)
-    limits = [n]
-    if search_share > 0:
-        limits.append(math.floor(len(sides[True]) / search_share + 1e-9))
-    if search_share < 1:
-        limits.append(math.floor(len(sides[False]) / (1 - search_share) + 1e-9))
-    total = min(limits)
-    want = {True: round(total * search_share)}
-    want[False] = total - want[True]
+    total = min(n, 2 * len(sides[True]), 2 * len(sides[False]))
+    want = {True: round(total * 0.5), False: total - round(total * 0.5)}
     chosen, info = [], {"requested": n, "n": 0, "search_required": 0, "search_free": 0, "by_category": {},
-                        "shortfall": n - total, "seed": seed, "search_share": search_share}
-    for side in (True, False):
+                        "shortfall": n - total, "seed": seed, "search_share": 0.5}
+    for side, name in ((True, "search_required"), (False, "search_free")):
         groups = {}
         for r in sides[side]:
             groups.setdefault(r["category"], []).append(r["id"])
         quota = quotas({c: len(v) for c, v in groups.items()}, want[side], random.Random(f"{seed}-sft-{side}"))
         for c in sorted(groups):
-            ids = groups[c]
-            random.Random(f"{seed}-sft-{side}-{c}").shuffle(ids)
-            chosen += ids[:quota[c]]
+            random.Random(f"{seed}-sft-{side}-{c}").shuffle(groups[c])
+            chosen += groups[c][:quota[c]]
             if quota[c]:
-                info["by_category"].setdefault(c, {"search_required": 0, "search_free": 0})[
-                    "search_required" if side else "search_free"] += quota[c]
-        info["search_required" if side else "search_free"] = sum(quota.values())
+                info["by_category"].setdefault(c, {"search_required": 0, "search_free": 0})[name] += quota[c]
+        info[name] = sum(quota.values())
     random.Random(f"{seed}-sft-order").shuffle(chosen)
     info["n"] = len(chosen)
     info["by_category"] = dict(sorted(info["by_category"].items()))
@@ -1151,10 +1073,10 @@ def sample_sft(kept, n, search_share=0.5, seed=0):
 
 
 def write_sft(out, records, n, seed):
-    """Sample the kept records 50:50 and write out/sft.jsonl (the design's format, image paths relative
-    to `out`, atomically); returns the sample's info."""
+    """Sample the kept records and write out/sft.jsonl (the design's format, image paths relative to
+    `out`); returns the sample's info."""
     kept = {r["id"]: r for r in records if r["status"] == "kept"}
-    ids, info = sample_sft(kept.values(), n, 0.5, seed)
+    ids, info = sample_sft(kept.values(), n, seed)
     rows = []
     for r in (kept[i] for i in ids):
         images = [Path(os.path.relpath(r["image"], out.resolve())).as_posix()] if r.get("image") else []
@@ -1181,11 +1103,9 @@ def get_real_args(argv=None):
     p.add_argument("--out", default="data_real")
     p.add_argument("--teacher_url", default="http://127.0.0.1:8000/v1", help="OpenAI-compatible base URL")
     p.add_argument("--teacher_model", help="model name the endpoint serves")
-    p.add_argument("--api_key_env", default="OPENAI_API_KEY",
-                   help="environment variable holding the API key (a local vLLM server needs none)")
+    p.add_argument("--api_key_env", default="OPENAI_API_KEY", help="variable holding the API key (vLLM needs none)")
     p.add_argument("--max_tokens", type=int, default=1024, help="per teacher reply")
-    p.add_argument("--no_stop", action="store_true",
-                   help="do not send the action end tags as stop sequences (for APIs that refuse `stop`)")
+    p.add_argument("--no_stop", action="store_true", help="send no stop sequences (for APIs that refuse `stop`)")
     p.add_argument("--teacher_max_side", type=int, default=0,
                    help="downscale images the teacher sees to this side (its crop boxes are scaled back); 0: never")
     p.add_argument("--classify_url", help="endpoint for the category requests (default: the teacher's)")
@@ -1212,13 +1132,12 @@ def get_real_args(argv=None):
 
 
 def build_real_context(args, out, meter):
-    """The teacher, the classifier and the judge (sharing one rate gate: one API's limit), and the
-    tools, every call metered."""
-    # Real photos: GroundingDINO or no grounder, never the synthetic world's (False: none).
-    grounder = False
-    if args.grounder:
+    """The teacher, the classifier and the judge (one rate gate: one API's limit) and the tools, every
+    call counted in `meter`."""
+    grounder = False  # real photos: GroundingDINO or none, never the synthetic world's
+    if args.grounder:  # one torch model shared by the worker threads: one call at a time
         grounder = tools.GroundingDinoGrounder(args.grounder)
-        grounder.ground = serialised(grounder.ground)
+        grounder.ground = metered(grounder.ground, meter, "grounder", lock=threading.Lock())
     summarizer = None
     if args.summarizer_url:  # tools.ChatSummarizer does not report its token usage: calls are counted
         summarizer = metered(tools.ChatSummarizer(args.summarizer_url, args.summarizer_model or args.teacher_model),
@@ -1248,9 +1167,8 @@ def play_all(todo, ctx, log, workers, quiet=False):
     run = {"attempted": 0, "kept": 0, "discarded": 0, "errors": Counter(), "seconds": 0.0}
     t0 = time.time()
     bar = tqdm(total=len(todo), desc="teacher", unit="item", disable=quiet, dynamic_ncols=True)
-    items = iter(todo)
+    items, pending, shown_bug, interrupted = iter(todo), set(), False, False
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="teacher")
-    pending, shown_bug, interrupted = set(), False, False
     try:
         while True:
             # at most 2 x workers items in flight or queued: memory stays flat on 200k items
@@ -1295,13 +1213,11 @@ def real_summary(records, source, sample, run, meter, args):
     `cost.this_run` (the calls and tokens this process spent, failures included)."""
     kept = [r for r in records if r["status"] == "kept"]
     reasons = Counter(r["reason"] for r in records if r["status"] == "discarded")
-    cost_all = {}
+    cost_all = tools.Meter()
     for r in records:
-        for group, u in (r.get("usage") or {}).items():
-            g = cost_all.setdefault(group, {})
-            for k, v in u.items():
-                g[k] = g.get(k, 0) + v
-    snapshot = meter.snapshot()
+        for group, fields in (r.get("usage") or {}).items():
+            cost_all.add(group, **fields)
+    now = meter.snapshot()
     return {
         "world": "real",
         "args": {k: (tools.public_url(v) if k.endswith("_url") and v else v) for k, v in sorted(vars(args).items())},
@@ -1317,10 +1233,10 @@ def real_summary(records, source, sample, run, meter, args):
         "turns_mean_kept": round(sum(r["turns"] for r in kept) / max(len(kept), 1), 3),
         "sft": sample,
         "this_run": run,
-        "cost": {"all_runs": cost_all,
-                 "this_run": {"teacher": snapshot.get("teacher", {}), "classify": snapshot.get("classify", {}),
-                              "tools": {k: snapshot.get(k, {}) for k in ("text_search", "image_search")},
-                              "summarizer": snapshot.get("summarizer", {}), "judge": snapshot.get("judge", {})}},
+        "cost": {"all_runs": cost_all.snapshot(),
+                 "this_run": {"teacher": now.get("teacher", {}), "classify": now.get("classify", {}),
+                              "tools": {k: now.get(k, {}) for k in ("text_search", "image_search")},
+                              "summarizer": now.get("summarizer", {}), "judge": now.get("judge", {})}},
     }
 
 
@@ -1353,11 +1269,8 @@ def real_main(argv=None):
     args = get_real_args(argv)
     out = Path(args.out)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    log_path = out / ATTEMPTS
-    records = read_attempts(log_path)
-    meter = tools.Meter()
+    records, meter, source = read_attempts(out / ATTEMPTS), tools.Meter(), {}
     run = {"attempted": 0, "kept": 0, "discarded": 0, "errors": {}, "seconds": 0.0}
-    source = {}
     if not args.sample_only:
         questions, source = load_source(args.source, args.images, args.n_source, args.seed)
         done = {r["id"] for r in records}
@@ -1367,12 +1280,12 @@ def real_main(argv=None):
         print(f"make_data --world real: {len(todo)} items to play ({source['done_before']} already done) with "
               f"{args.teacher_model} at {tools.public_url(ctx.teacher.endpoint)}, {args.workers} workers, "
               f"{args.backend} search", flush=True)
-        log = AttemptLog(log_path)
+        log = AttemptLog(out / ATTEMPTS)
         try:
             run = play_all(todo, ctx, log, args.workers, args.quiet)
         finally:
             log.file.close()
-        records = read_attempts(log_path)
+        records = read_attempts(out / ATTEMPTS)
     summary = real_summary(records, source, write_sft(out, records, args.n_sft, args.seed), run, meter, args)
     with tools.atomic_path(out / "summary.json") as tmp:
         Path(tmp).write_text(json.dumps(summary, indent=1) + "\n")

@@ -521,12 +521,12 @@ def records(n, seed=0):
 
 def test_sample_sft_deterministic_balanced():
     rows = records(2000)
-    ids, info = make_data.sample_sft(rows, 800, 0.5, seed=1)
+    ids, info = make_data.sample_sft(rows, 800, seed=1)
     assert len(ids) == len(set(ids)) == 800 and info["search_required"] == info["search_free"] == 400
     shuffled = rows[:]
     random.Random(9).shuffle(shuffled)
-    assert make_data.sample_sft(shuffled, 800, 0.5, seed=1)[0] == ids, "independent of the log's order"
-    assert make_data.sample_sft(rows, 800, 0.5, seed=2)[0] != ids
+    assert make_data.sample_sft(shuffled, 800, seed=1)[0] == ids, "independent of the log's order"
+    assert make_data.sample_sft(rows, 800, seed=2)[0] != ids
     by_id = {r["id"]: r for r in rows}
     for side in (True, False):  # max-min fair: a category below the top count has given all it has
         avail = {c: sum(r["category"] == c and r["needs_search"] == side for r in rows) for c in "abcd"}
@@ -535,7 +535,7 @@ def test_sample_sft_deterministic_balanced():
         assert all(counts[c] == avail[c] or counts[c] >= top - 1 for c in "abcd"), (avail, counts)
         assert counts["d"] == avail["d"] < top  # the skew is real: d is short on both sides
     # one side short: the set shrinks, the ratio holds
-    ids, info = make_data.sample_sft(rows[:100], 1000, 0.5, seed=0)
+    ids, info = make_data.sample_sft(rows[:100], 1000, seed=0)
     assert info["search_required"] == info["search_free"] == sum(not r["needs_search"] for r in rows[:100])
 
 
@@ -549,7 +549,7 @@ def test_read_attempts_cuts_a_partial_last_line(tmp_path):
     log = make_data.AttemptLog(path)
     log.append({"id": "z", "status": "kept"})
     log.file.close()
-    with pytest.warns(UserWarning, match="bad line"):
+    with pytest.warns(UserWarning, match="bad JSONL line"):
         assert [r["id"] for r in make_data.read_attempts(path)] == ["x", "y", "z"]
 
 
@@ -573,5 +573,6 @@ def test_small_helpers():
     assert seen.box == (10, 0, 20, 10) and original.box == (20, 0, 40, 20)
     bad, none = make_data.normalise_turn("<answer>x</answer>", "stop")
     assert bad.kind == "invalid" and none is None  # no <reason>: not a demonstration
-    assert make_data.teacher_content("<image>\nhi", ["data:x"]) == [
-        {"type": "image_url", "image_url": {"url": "data:x"}}, {"type": "text", "text": "\nhi"}]
+    image, text = make_data.teacher_content("<image>\nhi", [Image.new("RGB", (8, 8))])
+    assert image["type"] == "image_url" and image["image_url"]["url"].startswith("data:image/jpeg;base64,")
+    assert text == {"type": "text", "text": "\nhi"}
