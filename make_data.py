@@ -23,12 +23,10 @@ The synthetic world writes under --out (paths inside files are relative to that 
     entities.jsonl          {"id","name","category","colour","colour2","mark","image","split","facts","maker"}
     corpus.jsonl            {"id","title","text","url"}: profile, fact and near-miss distractor pages
     image_index.jsonl       {"id","image","title","text","url"}: every entity's icon, on a few pages
-    images/*.png            icons e*.png (56x56; a one-object question's image is its icon), scenes
-                            <qid>.png (2-4 slots of 56 px in a row), images the tools attach <qid>_t<k>.png
+    images/*.png            icons e*.png (56x56), scenes <qid>.png (2-4 icons in a row), tool images <qid>_t<k>.png
     questions_train.jsonl   question rows for training-split entities (the SFT ones + the RL ones)
-    sft.jsonl               teacher trajectories {"id","images","messages","kind","needs_search",
-                            "self_correction","answers"}, run through tools.make_tools(out) with its
-                            defaults (topk, attach): a rollout with the same defaults sees the same turns
+    sft.jsonl               teacher trajectories through tools.make_tools(out) with its defaults (topk,
+                            attach): a rollout with the same defaults sees the same turns
     rl.jsonl                RL prompts (question rows)
     questions_eval.jsonl    held-out entities, all five kinds
     questions_hard.jsonl    held-out entities, multi-hop and crop-then-search questions
@@ -154,8 +152,7 @@ def get_args(argv=None):
     p.add_argument("--n_sft", type=int, default=4000, help="SFT questions (50:50 search-required:search-free)")
     p.add_argument("--n_rl", type=int, default=1000, help="RL prompts")
     p.add_argument("--n_eval", type=int, default=300, help="questions in each eval set")
-    p.add_argument("--self_correct", type=float, default=0.2,
-                   help="share of SFT trajectories with a text search whose first query misses")
+    p.add_argument("--self_correct", type=float, default=0.2, help="share of SFT text searches that first miss")
     # Small on purpose: a big BPE vocabulary turns whole names into tokens of their own (with 4096,
     # 18% of the tokens of held-out names never occur in sft.jsonl; with 1024, 0.2%).
     p.add_argument("--vocab_size", type=int, default=1536, help="tiny BPE vocabulary (every name word one token)")
@@ -168,8 +165,7 @@ def get_args(argv=None):
     p.add_argument("--small", action="store_true", help="a few dozen entities (tests, CI)")
     p.add_argument("--force", action="store_true", help="rebuild even when the output is up to date")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--world", choices=("synthetic", "real"), default="synthetic",
-                   help="real: the DeepMMSearchVQA pipeline with a teacher MLLM (see --world real --help)")
+    p.add_argument("--world", choices=("synthetic", "real"), default="synthetic", help="real: see --world real --help")
     args = p.parse_args(argv)
     if args.small:
         args.n_entities, args.n_sft, args.n_rl, args.n_eval, args.copy_steps, args.caption_steps = 40, 160, 40, 40, 0, 0
@@ -225,9 +221,8 @@ def make_entities(n, held_out, seed):
         raise ValueError(f"at most {len(looks)} distinct looks; asked for {n} entities")
     looks = rng.sample(looks, n)
     cities = [fresh(rng, used, lambda r: make_word(r)[:-1] + r.choice(CITY_ENDS)) for _ in range(max(8, n // 20))]
-    # Names are pairs of words from two small pools: each word recurs across entities, so the tiny
-    # tokenizer learns it as one token and copying a name is copying two tokens. A held-out name is a
-    # pair never seen in training...
+    # Names are pairs of words from two small pools: each word recurs, so the tiny tokenizer learns it
+    # as one token and copying a name is copying two tokens. A held-out name is a pair never seen in training...
     pool = 2 * math.isqrt(3 * n) + 8  # pool^2 >= 12 n pairs: room for entities and their distractors
     firsts = [fresh(rng, used, make_word) for _ in range(pool)]
     lasts = [fresh(rng, used, make_word) for _ in range(pool)]
@@ -259,8 +254,7 @@ def make_distractors(ents, cities, pools, k, seed):
     """k near-miss names per entity (one of its two words swapped for another pool word, a name no
     entity has), each with its own random facts."""
     rng = random.Random(f"{seed}-distractors")
-    taken = {e["name"] for e in ents}
-    out = []
+    taken, train, out = {e["name"] for e in ents}, [e for e in ents if e["split"] == "train"], []
     for e in ents:
         first, last = e["name"].split()
         for j in range(k):
@@ -269,12 +263,11 @@ def make_distractors(ents, cities, pools, k, seed):
                 if name not in taken:
                     taken.add(name)
                     break
-            makers = ents if e["split"] == "heldout" else [o for o in ents if o["split"] == "train"]
             out.append({"id": f"{e['id']}d{j}", "of": e["id"], "name": name, "category": rng.choice(SHAPES),
                         "colour": rng.choice(list(COLOURS)), "colour2": rng.choice(list(COLOURS)),
-                        "mark": rng.choice(MARKS), "facts": {"founded": str(rng.randint(1800, 2019)),
-                                                             "city": rng.choice(cities),
-                                                             "maker": rng.choice(makers)["name"]}})
+                        "mark": rng.choice(MARKS), "facts": {
+                            "founded": str(rng.randint(1800, 2019)), "city": rng.choice(cities),
+                            "maker": rng.choice(ents if e["split"] == "heldout" else train)["name"]}})
     return out
 
 
@@ -734,12 +727,11 @@ def synthetic_main(args):
 
 
 # =============================================================================================
-# The real world: DeepMMSearchVQA through a teacher MLLM (`python make_data.py --world real`)
+# The real world: DeepMMSearchVQA through a teacher MLLM (`python make_data.py --world real`). As in
+# the paper, every source question (InfoSeek) is played by a strong MLLM with real search tools; a
+# conversation is discarded at its first malformed turn or when it runs out of turns, kept when its
+# final answer is right.
 # =============================================================================================
-# The paper's recipe: every source question (InfoSeek) is played by a strong MLLM in the multi-turn
-# search protocol with real search tools; a conversation is discarded at the first malformed turn or
-# when it runs out of turns, and kept when its final answer is right. The kept ones are sampled into
-# the SFT set, balanced across knowledge categories and 50:50 search-required : search-free.
 
 ATTEMPTS = "attempts.jsonl"
 MAX_TURNS = 10  # assistant turns; a conversation not answered by the last one is discarded
@@ -1096,8 +1088,7 @@ def get_real_args(argv=None):
         description="DeepMMSearchVQA: a teacher MLLM (OpenAI-compatible API) plays source questions with our "
                     "search tools; correct conversations are kept and sampled into sft.jsonl.")
     p.add_argument("--world", choices=("synthetic", "real"), default="real")
-    p.add_argument("--source", help="InfoSeek-format file (data_id, image_id, question, answer, answer_eval) "
-                                    "or a question JSONL in the design's format; a \"category\" is used if present")
+    p.add_argument("--source", help="InfoSeek file or question JSONL (the design's format); a category if given")
     p.add_argument("--images", help="InfoSeek/OVEN image folder (files <image_id>.jpg, any sub-folder)")
     p.add_argument("--n_source", type=int, default=0, help="a random (seeded) subset of the source; 0: all")
     p.add_argument("--out", default="data_real")
@@ -1106,8 +1097,7 @@ def get_real_args(argv=None):
     p.add_argument("--api_key_env", default="OPENAI_API_KEY", help="variable holding the API key (vLLM needs none)")
     p.add_argument("--max_tokens", type=int, default=1024, help="per teacher reply")
     p.add_argument("--no_stop", action="store_true", help="send no stop sequences (for APIs that refuse `stop`)")
-    p.add_argument("--teacher_max_side", type=int, default=0,
-                   help="downscale images the teacher sees to this side (its crop boxes are scaled back); 0: never")
+    p.add_argument("--teacher_max_side", type=int, default=0, help="downscale what the teacher sees (0: never)")
     p.add_argument("--classify_url", help="endpoint for the category requests (default: the teacher's)")
     p.add_argument("--classify_model", help="model for the category requests (default: the teacher's)")
     p.add_argument("--workers", type=int, default=8, help="items played at once (threads)")

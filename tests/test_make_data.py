@@ -4,11 +4,14 @@
 """
 import json
 import re
+import shutil
 
 import pytest
 
 import make_data
+import model
 import tools
+from eval import score
 
 ARGS = ["--small", "--no_tiny", "--quiet"]
 
@@ -22,8 +25,7 @@ def build(out, capsys=None):
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     out = tmp_path_factory.mktemp("world") / "data"
-    summary = make_data.main(ARGS + ["--out", str(out)])
-    return out, summary
+    return out, build(out)[0]
 
 
 def files_of(folder):
@@ -63,10 +65,6 @@ def test_held_out_entities_never_reach_training_files(world):
 
 def test_sft_trajectories_well_formed(world):
     out, _ = world
-    try:
-        from eval import score
-    except ImportError:
-        score = None
     rows = tools.read_jsonl(out / "sft.jsonl", strict=True)
     assert rows
     for r in rows:
@@ -79,9 +77,7 @@ def test_sft_trajectories_well_formed(world):
         assert all(a.kind != "invalid" for a in actions), r["id"]
         assert [a.kind == "answer" for a in actions] == [False] * (len(actions) - 1) + [True], r["id"]
         assert all(m["content"].startswith("<information>") for m in msgs[2::2])
-        assert actions[-1].arg in r["answers"]
-        if score is not None:
-            assert score(actions[-1].arg, r["answers"]) == 1.0, r["id"]
+        assert actions[-1].arg in r["answers"] and score(actions[-1].arg, r["answers"]) == 1.0, r["id"]
         assert r["needs_search"] == (len(actions) > 1)
         assert sum(a.kind == "img_search" for a in actions) <= 1
 
@@ -185,7 +181,6 @@ def test_question_files_load(world):
 def test_attached_crops_are_saved_in_order(world, tmp_path):
     """With attach="crop" the tools put the searched crop in the observation: the trajectory lists
     it after the question image, one file per "<image>" placeholder."""
-    import shutil
     out = tmp_path / "w"
     shutil.copytree(world[0], out)
     crops = [q for q in tools.read_jsonl(out / "rl.jsonl") if q["meta"]["kind"] == "crop"][:4]
@@ -197,7 +192,6 @@ def test_attached_crops_are_saved_in_order(world, tmp_path):
 
 
 def test_tiny_checkpoint_is_built_from_the_world(tmp_path):
-    model = pytest.importorskip("model")
     out = tmp_path / "data"
     summary = make_data.main(["--small", "--quiet", "--out", str(out)])
     proc = model.Processor.from_pretrained(out / "tiny")

@@ -565,8 +565,6 @@ def test_wrong_key_stops_the_run(world, tmp_path, monkeypatch):
 
 
 def test_small_helpers():
-    assert make_data.tools.retry_after_seconds("3") == 3.0 and make_data.tools.retry_after_seconds(None) is None
-    assert 0 <= make_data.tools.retry_after_seconds("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # a past date: now
     assert make_data.parse_category("Category: Place.", ("place", "other")) == "place"
     assert make_data.parse_category("no idea", ("place", "other")) == "other"
     seen, original = make_data.normalise_turn("<reason>r</reason><img_search>[10,0,20,10]", "stop", scale=0.5)
