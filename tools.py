@@ -1,7 +1,8 @@
-"""The agent's side of the world: action format, prompts, crop, grounding, search backends, cache.
-
-Everything the policy touches between two generations lives here, so that SFT data, rollouts,
-RL rewards and evaluation agree on one parser and one set of prompts.
+"""The agent's side of the world: the action format and its parser, prompts, crop, grounding,
+search backends and indexes, the search cache, the chat client, and `Tools.execute`, which runs
+one action within the budgets and returns the next user turn. Every failure (a bad box, a
+timeout, HTTP errors after retries, no results, a second image search) is an observation that
+tells the model what went wrong: nothing raises into the rollout.
 
     python tools.py serve --data data --host 127.0.0.1 --port 8765   # share one search service
     python tools.py index photos/ --encoder models/siglip --out idx/photos   # CLIP / SigLIP image index
@@ -9,23 +10,10 @@ RL rewards and evaluation agree on one parser and one set of prompts.
         --query_prefix "query: " --passage_prefix "passage: "         # dense text index (e5 / BGE)
     python tools.py --bench                                           # BM25 build time, queries/s
 
-An assistant turn is `<reason>...</reason>` and then exactly one action, at the very end:
-    <answer>short answer</answer>
-    <text_search>query</text_search>
-    <img_search><img></img_search>                 whole image
-    <img_search>[x1, y1, x2, y2]</img_search>      crop box in the original image's pixels
-    <img_search>referring expression</img_search>  grounded to a box by a grounding backend
-
-`Tools.execute(action, image, state)` runs one action within the budgets (one image search, ten
-tool calls by default) and returns an `Observation`, the next user turn. Every failure (bad box,
-timeout, HTTP errors after retries, no results, a second image search) is an observation that
-tells the model what went wrong: nothing raises into the rollout.
-
 Backends: `local` (BM25 over corpus.jsonl, nearest neighbours over image_index.jsonl; offline,
-deterministic), `http` (our JSON protocol, `python tools.py serve`), `serpapi` (Google and Google
-Lens; key from SERPAPI_API_KEY), `searchr1` (a Search-R1 /retrieve server). Dense indexes from
-`python tools.py index` replace the search of their kind in any backend; all sit behind
-`SearchCache`. This file never imports torch: only GroundingDINO and the encoders do, when built.
+deterministic), `http` (`python tools.py serve`), `serpapi` (Google and Google Lens), `searchr1`
+(a Search-R1 /retrieve server). Dense indexes replace the search of their kind in any of them; all
+sit behind `SearchCache`. No torch here: GroundingDINO and the encoders import it when built.
 """
 
 import argparse
@@ -57,10 +45,8 @@ import urllib3
 from PIL import Image
 from tqdm import tqdm
 
-# ---------------------------------------------------------------------------------------------
-# JSONL files and questions
-# ---------------------------------------------------------------------------------------------
 
+# ----------------------------------------------------------------------------- JSONL files and questions
 
 def read_jsonl(path, strict=False, required=(), check=None):
     """Rows of a JSONL file. A bad line (not UTF-8, not JSON, not an object, lacking a `required`
@@ -102,8 +88,7 @@ def atomic_path(path):
 def write_jsonl(path, rows):
     """Write rows atomically."""
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
 
 
 def _scalar(value):
@@ -112,8 +97,7 @@ def _scalar(value):
 
 def check_question(row):
     """A question row checked (ValueError naming the field) and normalised: id and answers as text
-    (a bare answer is a list of one), image a path or absent, needs_search and meta defaulting to
-    True and {} (real benchmarks carry neither)."""
+    (a bare answer is a list of one), needs_search and meta True and {} when absent."""
     answers = [row["answers"]] if _scalar(row["answers"]) else row["answers"]
     if not _scalar(row["id"]) or isinstance(row["id"], float):
         raise ValueError(f"'id' must be a string or an integer, got {row['id']!r:.40}")
@@ -132,9 +116,8 @@ def check_question(row):
 
 
 def load_questions(path, strict=False):
-    """Question rows {"id","image","question","answers","needs_search","meta"} (check_question),
-    "image" made absolute relative to the file's folder (or None). Bad rows are skipped with a
-    warning; a file with no usable question is a ValueError, before any work."""
+    """Checked question rows, "image" made absolute (or None); bad rows are skipped with a warning,
+    and a file with no usable question is a ValueError, before any work."""
     base = os.path.dirname(os.path.abspath(path))
     rows = read_jsonl(path, strict=strict, required=("id", "question", "answers"), check=check_question)
     if not rows:
@@ -144,45 +127,35 @@ def load_questions(path, strict=False):
     return rows
 
 
-# ---------------------------------------------------------------------------------------------
-# Text from outside, and the prompts (the structure of the paper's appendix E.1, our wording;
-# every token is paid for by a tiny model trained on a CPU, so they are a few dozen words each)
-# ---------------------------------------------------------------------------------------------
-
+# ----------------------------------------------------------------------------- prompts (appendix E.1's structure)
 
 def neutralize(text):
-    """Text from outside (a search result, a summary, an upstream error, a question, an echoed query)
-    made inert for the chat format: every "<" becomes U+2039 "‹", which looks alike.
-
-    An observation is tokenised with its special tokens live, so a page holding "<|im_end|>" would
-    forge a turn and one holding "<image>" a placeholder. Every control token of Qwen's vocabulary
-    and every piece of our markup begins with "<", so none survives. NFC and NFKC, which tokenizers
-    may apply, leave U+2039 as it is (the fullwidth U+FF1C would become "<" again). Our own markup
-    is added after this, so it stays intact."""
+    """Text from outside (a result, a summary, an upstream error, a question) made inert for the chat
+    format: every "<" becomes U+2039 "‹". Every control token of Qwen's vocabulary and every piece of
+    our markup begins with "<", so a page can neither open or close a turn nor claim an image; NFC
+    and NFKC leave U+2039 as it is (the fullwidth U+FF1C would become "<" again). Our own markup is
+    added after this, so it stays intact."""
     return str(text).replace("<", "\u2039")
 
 
+# Every token is paid for by a tiny model trained on a CPU: a few dozen words each.
 GIVE_UP = "Unable to answer due to lack of relevant information"
-_TEXT_ACTIONS = "<answer>short answer</answer>\n<text_search>query</text_search>\n"
-_IMAGE_ACTIONS = ("<img_search><img></img_search> (whole image)\n"
-                  "<img_search>[x1, y1, x2, y2]</img_search> or <img_search>object</img_search> (a crop)\n")
-
-
-def initial_prompt(question, has_image=True):
-    """The first user turn: the "<image>\\n" placeholder and the image-search actions only when there
-    is an image (else they are useless tokens); the question neutralized, like any text from outside."""
-    return (("<image>\n" if has_image else "") + "Reply <reason>...</reason> then one action "
-            "(image search at most once):\n" + _TEXT_ACTIONS + (_IMAGE_ACTIONS if has_image else "")
-            + f"Stuck: <answer>{GIVE_UP}</answer>\nQuestion: {neutralize(question)}")
-
-
 IMAGE_SEARCH_PROMPT = "Image search results above. Answer, or <text_search> for missing facts."
 TEXT_SEARCH_PROMPT = "Text search results above. Answer, or search again with a better query."
 RETRY_PROMPT = "Fix this. Reply <reason>...</reason> then one action."  # after an error observation
 
-# ---------------------------------------------------------------------------------------------
-# Actions and their parser
-# ---------------------------------------------------------------------------------------------
+
+def initial_prompt(question, has_image=True):
+    """The first user turn; the "<image>" placeholder and the image-search actions only with an image."""
+    image_actions = ("<img_search><img></img_search> (whole image)\n<img_search>[x1, y1, x2, y2]</img_search> "
+                     "or <img_search>object</img_search> (a crop)\n")
+    return (("<image>\n" if has_image else "") + "Reply <reason>...</reason> then one action (image search at "
+            "most once):\n<answer>short answer</answer>\n<text_search>query</text_search>\n"
+            + (image_actions if has_image else "")
+            + f"Stuck: <answer>{GIVE_UP}</answer>\nQuestion: {neutralize(question)}")
+
+
+# ----------------------------------------------------------------------------- actions and their parser
 
 ACTION_KINDS = ("answer", "text_search", "img_search")
 ACTION_END_TAGS = ("</answer>", "</text_search>", "</img_search>")
@@ -195,8 +168,8 @@ MAX_ARG_CHARS = 1000  # longer answers/queries are junk, not a search
 @dataclass
 class Action:
     kind: str  # "answer" | "text_search" | "img_search" | "invalid"
-    arg: str = ""  # answer text, query, or the raw img_search content
-    box: tuple | None = None  # img_search with [x1, y1, x2, y2]
+    arg: str = ""  # answer text, query, or the raw img_search content (a referring expression)
+    box: tuple | None = None  # img_search with [x1, y1, x2, y2], in the original image's pixels
     whole: bool = False  # img_search with <img>
     reason: str = ""  # text of <reason>...</reason>, if present
     error: str = ""  # for invalid: a message the model can read
@@ -210,14 +183,13 @@ class Action:
 
 
 def parse_action(text):
-    """One assistant turn as an Action; anything malformed is an `invalid` Action whose `error` tells
-    the model what to fix. Never raises, and linear time on any input (str.find/rfind/endswith and
-    `in`, no regular expression): megabytes of junk from an untrained policy cost milliseconds."""
+    """One assistant turn, `<reason>...</reason>` then one action at the very end, as an Action;
+    anything malformed is an `invalid` Action whose `error` tells the model what to fix. Never
+    raises, and linear time on any input (find/rfind/endswith and `in`, no regular expression):
+    megabytes of junk from an untrained policy cost milliseconds."""
     if not isinstance(text, str):
         return Action("invalid", error="Invalid reply: not text.")
-    # Drop trailing whitespace and end tokens by moving an index (slicing in a loop would be
-    # quadratic on a string of a million "<|im_end|>").
-    end, token = len(text), True
+    end, token = len(text), True  # trailing space and end tokens dropped by moving an index, not slicing
     while token:
         while end and text[end - 1].isspace():
             end -= 1
@@ -231,14 +203,12 @@ def parse_action(text):
         if any(t.startswith("</") for t in opened):
             return Action("invalid", error="The action must be the last thing in your reply.")
         return Action("invalid", error=f"Unclosed {opened[0]}: close it with </{opened[0][1:]}.")
-    kind = close[2:-1]
-    open_tag = f"<{kind}>"
+    kind, open_tag = close[2:-1], "<" + close[2:]
     start = text.rfind(open_tag, 0, end - len(close))
     if start < 0:
         return Action("invalid", error=f"{close} without {open_tag}.")
-    prefix, content = text[:start], text[start + len(open_tag) : end - len(close)]
-    # <reason> is lenient: it may be missing (the format reward judges that), or only closed, as
-    # when a rollout prefills "<reason>".
+    prefix, content = text[:start], text[start + len(open_tag) : end - len(close)].strip()
+    # <reason> may be missing (the format reward judges that), or only closed, as after a prefilled "<reason>".
     opening, closing = prefix.find("<reason>"), prefix.find("</reason>")
     reason = prefix[:closing].strip() if opening < 0 and closing >= 0 else ""
     if opening >= 0:
@@ -246,7 +216,7 @@ def parse_action(text):
         if closing < 0:
             return Action("invalid", error="Unclosed <reason>: close it with </reason>.")
         reason = prefix[opening + len("<reason>") : closing].strip()
-    content, error, box = content.strip(), "", None
+    error, box = "", None
     if any(t in content for t in _ACTION_TAGS + ("<reason>", "</reason>")):
         error = f"Nested tags inside {open_tag}."
     elif any(t in prefix for t in _ACTION_TAGS):
@@ -262,25 +232,21 @@ def parse_action(text):
         error = "Use <img> alone for the whole image."
     if error:
         return Action("invalid", reason=reason, error=error)
-    whole = kind == "img_search" and content in _WHOLE_IMAGE
-    return Action(kind, arg=content, box=box, whole=whole, reason=reason)  # img_search with neither: an expression
+    return Action(kind, arg=content, box=box, whole=kind == "img_search" and content in _WHOLE_IMAGE, reason=reason)
 
 
 def _four_numbers(values):
-    """(four floats, "") or (None, message for the model)."""
-    usage = "A box is [x1, y1, x2, y2]: four numbers in image pixels."
-    try:
-        values = [float(v) for v in values] if len(values) == 4 else None  # the length first: "[1,1,...]" is long
+    """(four finite floats, "") or (None, message for the model)."""
+    try:  # the length first: "[1,1,1,...]" may be megabytes long
+        values = [float(v) for v in values] if len(values) == 4 else None
     except (TypeError, ValueError):
         values = None
     if values is None:
-        return None, usage
+        return None, "A box is [x1, y1, x2, y2]: four numbers in image pixels."
     return (values, "") if all(map(math.isfinite, values)) else (None, "Box coordinates must be finite numbers.")
 
 
-# ---------------------------------------------------------------------------------------------
-# Crop
-# ---------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------- crop and grounding
 
 MIN_CROP = 28  # one Qwen2.5-VL vision patch (14 px, merged 2x2): a smaller crop has no token
 
@@ -297,17 +263,15 @@ def clamp_box(box, size):
         return None, f"Empty box {shown}: need x1 < x2 and y1 < y2."
     if x2 <= 0 or y2 <= 0 or x1 >= width or y1 >= height:
         return None, f"Box {shown} is outside the image ({width}x{height} pixels)."
-    (left, right), (top, bottom) = _clamp_span(x1, x2, width), _clamp_span(y1, y2, height)
-    return (left, top, right, bottom), ""
-
-
-def _clamp_span(lo, hi, limit):
-    lo, hi = max(0, math.floor(lo)), min(limit, math.ceil(hi))
-    side = min(MIN_CROP, limit)  # an image smaller than a patch: take all of it
-    if hi - lo < side:
-        lo = min(max(int(round((lo + hi - side) / 2)), 0), limit - side)  # same centre, shifted inside
-        hi = lo + side
-    return lo, hi
+    spans = []
+    for lo, hi, limit in ((x1, x2, width), (y1, y2, height)):
+        lo, hi = max(0, math.floor(lo)), min(limit, math.ceil(hi))
+        side = min(MIN_CROP, limit)  # an image smaller than a patch: all of it
+        if hi - lo < side:  # the same centre, shifted back inside the image
+            lo = min(max(int(round((lo + hi - side) / 2)), 0), limit - side)
+            hi = lo + side
+        spans.append((lo, hi))
+    return (spans[0][0], spans[1][0], spans[0][1], spans[1][1]), ""
 
 
 def crop(image, box):
@@ -316,15 +280,10 @@ def crop(image, box):
     return (None, message) if used is None else (image.crop(used), "")
 
 
-# ---------------------------------------------------------------------------------------------
-# Grounding: referring expression -> box. Any object with ground(image, expression) ->
-# (x1, y1, x2, y2) | None is a grounder.
-# ---------------------------------------------------------------------------------------------
-
+# A grounder is any object with ground(image, expression) -> (x1, y1, x2, y2) | None.
 
 class GroundingDinoGrounder:
-    """GroundingDINO from a local folder (e.g. IDEA-Research/grounding-dino-tiny), through
-    transformers' zero-shot object detection."""
+    """GroundingDINO from a local folder (e.g. IDEA-Research/grounding-dino-tiny)."""
 
     def __init__(self, model_dir, device="cpu", box_threshold=0.3, text_threshold=0.25):
         import torch  # optional heavy dependencies, imported when built: tools.py stays torch-free
@@ -355,11 +314,11 @@ ORDINAL_WORDS = ("first", "second", "third", "fourth", "fifth", "sixth", "sevent
 
 
 class SceneGrounder:
-    """The offline world's GroundingDINO, from the pixels of an image of separate objects on a plain
-    background. Objects are the runs of foreground columns, left to right. "the third object from the
-    left" (or "right") picks by position; "the square" picks the one object whose silhouette is
-    nearest (cosine) to the mean silhouette of the labelled `examples` ({name: [PIL images]}) of that
-    name. Returns its box padded by `pad` pixels, or None when the expression names nothing there."""
+    """The offline world's GroundingDINO, from the pixels of separate objects on a plain background.
+    Objects are the runs of foreground columns. "the third object from the left" (or "right") picks
+    by position; "the square" picks the one object whose silhouette is nearest (cosine) to the mean
+    silhouette of the `examples` ({name: [PIL images]}) of that name. Returns its box padded by
+    `pad` pixels, or None when the expression names nothing there."""
 
     def __init__(self, examples, pad=2):
         if not examples:
@@ -371,8 +330,8 @@ class SceneGrounder:
 
     @classmethod
     def from_entities(cls, path, label="category", split="train"):
-        """From make_data.py's entities.jsonl: the icons of the `split` entities, labelled by `label`
-        (training entities only by default: the grounder learns nothing about held-out ones)."""
+        """From make_data.py's entities.jsonl: the icons of the `split` entities (training ones by
+        default: the grounder learns nothing about held-out ones), labelled by `label`."""
         examples, base = {}, os.path.dirname(os.path.abspath(path))
         for row in read_jsonl(path, required=("image", label)):
             if split is None or row.get("split") == split:
@@ -385,7 +344,7 @@ class SceneGrounder:
         fg = _foreground(np.asarray(_rgb(image)))
         if fg.all():  # blank, or no background to tell objects apart
             return []
-        edges = np.flatnonzero(np.diff(np.concatenate([[0], fg.any(axis=0).astype(np.int8), [0]])))  # run starts, ends
+        edges = np.flatnonzero(np.diff(np.concatenate([[0], fg.any(axis=0).astype(np.int8), [0]])))  # starts, ends
         found = []
         for x1, x2 in zip(edges[::2], edges[1::2]):
             rows = np.flatnonzero(fg[:, x1:x2].any(axis=1))
@@ -413,9 +372,7 @@ class SceneGrounder:
         return (max(x1 - p, 0), max(y1 - p, 0), min(x2 + p, image.width), min(y2 + p, image.height))
 
 
-# ---------------------------------------------------------------------------------------------
-# Text search: BM25 over a local corpus
-# ---------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------- text search: BM25
 
 _WORD = re.compile(r"\w+")
 
@@ -425,9 +382,9 @@ def tokenize(text):
 
 
 class BM25Index:
-    """Okapi BM25 over {"id","title","text","url"} rows, as a sparse inverted index: postings are flat
-    arrays sorted by term, `indptr[t]:indptr[t+1]` being term t's slice of `post_docs` (documents) and
-    `post_weights` (its BM25 score in each). A query touches only the postings of its own terms."""
+    """Okapi BM25 over {"id","title","text","url"} rows, as an inverted index: flat postings sorted by
+    term, `indptr[t]:indptr[t+1]` being term t's slice of `post_docs` (documents) and `post_weights`
+    (its BM25 score in each). A query touches only the postings of its own terms."""
 
     name = "local"
 
@@ -437,10 +394,11 @@ class BM25Index:
         n = len(self.docs)
         tokens = [tokenize(f"{d['title']} {d['text']}") for d in self.docs]
         lengths = np.fromiter(map(len, tokens), dtype=np.int64, count=n)
+        self.n_tokens = int(lengths.sum())
         everything = itertools.chain.from_iterable
         # Term ids in order of first appearance; the C-level map() keeps six million tokens fast.
         self.vocab = {t: i for i, t in enumerate(dict.fromkeys(everything(tokens)))}
-        terms = np.fromiter(map(self.vocab.__getitem__, everything(tokens)), dtype=np.int64, count=int(lengths.sum()))
+        terms = np.fromiter(map(self.vocab.__getitem__, everything(tokens)), dtype=np.int64, count=self.n_tokens)
         # One sort gives everything: the (term, doc) pairs, packed into one integer, come out unique,
         # in term-major order, with their counts (term frequencies).
         width = max(n, 1)
@@ -451,7 +409,6 @@ class BM25Index:
         idf = np.log1p((n - df + 0.5) / (df + 0.5))  # Lucene's idf: never negative
         norm = k1 * (1 - b + b * lengths[self.post_docs] / max(lengths.mean() if n else 0.0, 1.0))
         self.post_weights = (idf[post_terms] * tf * (k1 + 1) / (tf + norm)).astype(np.float32)
-        self.n_tokens = int(lengths.sum())
 
     @classmethod
     def from_jsonl(cls, path):
@@ -477,9 +434,7 @@ class BM25Index:
         return [dict(self.docs[hit[i]], score=float(scores[i])) for i in best]
 
 
-# ---------------------------------------------------------------------------------------------
-# Image search: nearest neighbours over a crop-robust descriptor
-# ---------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------- image search: a crop-robust descriptor
 
 FG_THRESHOLD = 40  # a pixel this far (max over channels) from the background colour is foreground
 COLOUR_LEVELS = 4  # per channel: 4**3 = 64 colour bins
@@ -497,13 +452,11 @@ def _rgb(image):
 
 def _foreground(pixels):
     """Mask of the uint8 RGB pixels farther than FG_THRESHOLD, in some channel, from the background
-    colour (the median border pixel); all of them when fewer than 4 are (a blank image is described
-    whole). Compared per channel on the uint8 pixels (|p - b| > T is p > b + T or p < b - T): a signed
-    or float copy of a 16 M pixel image would take 0.1 to 0.4 GB."""
-    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
-    background = np.median(border, axis=0)  # float64, one value per channel
+    (the median border pixel); all of them when fewer than 4 are (a blank image is described whole).
+    Compared on the uint8 pixels: a signed or float copy of 16 M pixels would take 0.1 to 0.4 GB."""
+    background = np.median(np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]]), axis=0)
     fg = np.zeros(pixels.shape[:2], dtype=bool)
-    for c in range(3):
+    for c in range(3):  # |p - b| > T is p > b + T or p < b - T
         fg |= (pixels[..., c] > background[c] + FG_THRESHOLD) | (pixels[..., c] < background[c] - FG_THRESHOLD)
     if fg.sum() < 4:
         fg[:] = True
@@ -511,9 +464,9 @@ def _foreground(pixels):
 
 
 def _outline(fg):
-    """Signed foreground occupancy of a mask cut to its bounding box, on a SHAPE_GRID grid, as a unit
-    vector (-0.5 empty .. +0.5 full per cell): the silhouette, whatever its colours. Empty cells count
-    against full ones, which tells a circle from a square far better than two mostly-full grids would."""
+    """Signed occupancy (-0.5 empty .. +0.5 full) of a mask cut to its bounding box, on a SHAPE_GRID
+    grid, as a unit vector: the silhouette, whatever its colours (empty cells counting against full
+    ones tell a circle from a square far better than two mostly-full grids would)."""
     rows, cols = np.flatnonzero(fg.any(axis=1)), np.flatnonzero(fg.any(axis=0))
     fg = fg[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
     occupancy = Image.fromarray(fg.astype(np.uint8) * 255).resize((SHAPE_GRID, SHAPE_GRID), Image.BOX)
@@ -523,20 +476,18 @@ def _outline(fg):
 
 def image_descriptor(image):
     """A unit vector describing an icon-like image (cosine compares two): the image cut to the box of
-    its foreground, then three blocks of equal weight: a 64-bin colour histogram of the foreground
-    (an entity's identity is its colours), one per quadrant of the box (where its marks sit), and its
-    outline. Histograms are square-rooted (Hellinger: one big bin cannot dominate). Cropping, small
-    shifts and rescaling change only the background and pixel counts, which the box and the
-    normalisation remove; a scene of several icons matches any one of them poorly: cropping pays."""
+    its foreground, then three blocks of equal weight: a 64-bin colour histogram (an entity is its
+    colours), one per quadrant (where its marks sit), and its outline; histograms square-rooted
+    (Hellinger: one big bin cannot dominate). A crop, a small shift or a rescale changes only what the
+    box and the normalisation remove; a scene of several icons matches each poorly: cropping pays."""
     pixels = np.asarray(_rgb(image))  # uint8: every array the size of the image stays 1-2 bytes a pixel
     fg = _foreground(pixels)
     rows, cols = np.flatnonzero(fg.any(axis=1)), np.flatnonzero(fg.any(axis=0))
-    pixels = pixels[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
-    fg = fg[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
-    height, width = fg.shape
+    box = np.s_[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+    pixels, fg = pixels[box], fg[box]
+    (height, width), n_colours = fg.shape, COLOUR_LEVELS**3
     level = pixels // (256 // COLOUR_LEVELS)
     colour = (level[..., 0] * COLOUR_LEVELS + level[..., 1]) * COLOUR_LEVELS + level[..., 2]  # < 64: uint8
-    n_colours = COLOUR_LEVELS**3
     quadrant = ((np.arange(height) * GRID // height).astype(np.uint16)[:, None] * GRID  # uint16: 256 codes
                 + (np.arange(width) * GRID // width).astype(np.uint16)[None, :])
     colours = np.bincount(colour[fg], minlength=n_colours)
@@ -577,9 +528,7 @@ class LocalImageIndex:
         return [dict(self.rows[i], score=float(scores[i])) for i in np.lexsort((np.arange(len(scores)), -scores))[:k]]
 
 
-# ---------------------------------------------------------------------------------------------
-# Dense retrieval: CLIP / SigLIP image search, e5 / BGE text search (`python tools.py index`)
-# ---------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------- dense retrieval (`tools.py index`)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 INDEX_PART = 1024  # rows per resumable part of an index build: a kill loses at most this much work
@@ -588,9 +537,9 @@ INDEX_PART = 1024  # rows per resumable part of an index build: a kill loses at 
 def _weights_signature(model_dir):
     """config.json and the weight files' names and sizes: tells one checkpoint from another."""
     names = sorted(f for f in os.listdir(model_dir) if f.endswith((".safetensors", ".bin", ".json")))
-    sizes = [(f, os.path.getsize(os.path.join(model_dir, f))) for f in names]
     with open(os.path.join(model_dir, "config.json"), "rb") as f:
-        return hashlib.sha256(f.read() + json.dumps(sizes).encode()).hexdigest()
+        return hashlib.sha256(f.read() + json.dumps([(n, os.path.getsize(os.path.join(model_dir, n))) for n in names])
+                              .encode()).hexdigest()
 
 
 def _read_json(path):
@@ -598,11 +547,17 @@ def _read_json(path):
         return json.load(f)
 
 
+def _save(path, write):
+    """write(f) into a file opened "wb", atomically."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        write(f)
+
+
 class Encoder:
     """Unit-length float32 embeddings from a local transformers checkpoint. A dual encoder (CLIP,
-    SigLIP: it has get_image_features) embeds images and texts into one space, so text can search
-    images too; any other (e5, BGE) embeds texts, pooled by `pooling` ("mean" over the attention
-    mask, or "cls"; default: what the folder's 1_Pooling/config.json says, else "mean")."""
+    SigLIP) embeds images and texts into one space, so text can search images too; any other (e5,
+    BGE) embeds texts, pooled by `pooling` ("mean" or "cls"; by default what the sentence-transformers
+    folder's 1_Pooling/config.json says, else "mean")."""
 
     def __init__(self, model_dir, device=None, pooling=None):
         import torch  # optional heavy dependencies, as for the grounder
@@ -622,7 +577,7 @@ class Encoder:
                 raise ValueError(f"{model_dir}/preprocessor_config.json: no PIL image processor {name!r}")
             self.processor = getattr(transformers, name).from_pretrained(model_dir)
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
-        card = os.path.join(model_dir, "1_Pooling", "config.json")  # sentence-transformers: BGE "cls", e5 "mean"
+        card = os.path.join(model_dir, "1_Pooling", "config.json")
         self.pooling = pooling or ("cls" if os.path.exists(card) and _read_json(card).get("pooling_mode_cls_token")
                                    else "mean")
         config = getattr(self.model.config, "text_config", self.model.config)
@@ -654,8 +609,7 @@ class Encoder:
 
 def index_rows(source):
     """(rows, base_dir) to index. A folder: its images, recursively, sorted, id the relative path and
-    title the file name. A JSONL: image-index rows {"id","image","title","text","url"}, or corpus rows
-    {"id","title","text","url"} when the first row has no "image"; paths relative to the file."""
+    title the file name. A JSONL: image-index rows, or corpus rows when the first row has no "image"."""
     if os.path.isdir(source):
         base = os.path.abspath(source)
         paths = sorted(os.path.relpath(os.path.join(folder, name), base) for folder, _, names in os.walk(base)
@@ -672,8 +626,8 @@ def index_rows(source):
 
 
 def _embed_rows(encoder, rows, kind, base_dir, prefix, batch_size):
-    """(len(rows), D) float32; the row of an image that cannot be read is NaN, and warned about (a
-    corrupt or huge file must not end a build of hours): the index leaves it out."""
+    """(len(rows), D) float32; NaN for an image that cannot be read, which is warned about and left out
+    of the index (a corrupt or huge file must not end a build of hours)."""
     out = []
     for start in range(0, len(rows), batch_size):
         batch = rows[start : start + batch_size]
@@ -696,12 +650,6 @@ def _embed_rows(encoder, rows, kind, base_dir, prefix, batch_size):
     return np.concatenate(out)
 
 
-def _save(path, write):
-    """write(f) into a file opened "wb", atomically."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        write(f)
-
-
 def build_index(source, encoder_dir, out, *, batch_size=32, query_prefix="", passage_prefix="", part_size=INDEX_PART,
                 progress=True):
     """Embed `source` (see index_rows) into the folder `out`: rows.jsonl, embeddings.npy (N, D) float32
@@ -711,8 +659,7 @@ def build_index(source, encoder_dir, out, *, batch_size=32, query_prefix="", pas
     rows, base_dir = index_rows(source)
     if not rows:
         raise ValueError(f"{source}: nothing to index")
-    kind = "image" if "image" in rows[0] else "text"
-    encoder = Encoder(encoder_dir)
+    kind, encoder = "image" if "image" in rows[0] else "text", Encoder(encoder_dir)
     if kind == "image" and not encoder.dual:
         raise ValueError(f"{encoder_dir} embeds text only: image indexes need a CLIP / SigLIP checkpoint")
     plan = {"kind": kind, "encoder": os.path.abspath(encoder_dir), "encoder_signature": _weights_signature(encoder_dir),
@@ -731,16 +678,15 @@ def build_index(source, encoder_dir, out, *, batch_size=32, query_prefix="", pas
         print(f"{out}: up to date", flush=True)
         return _read_json(meta_path)
     _save(os.path.join(parts, "plan.json"), lambda f: f.write(json.dumps(plan).encode()))
-    starts = range(0, len(rows), part_size)
     part = lambda start: os.path.join(parts, f"{start // part_size:06d}.npy")  # noqa: E731
+    starts = range(0, len(rows), part_size)
     todo = [s for s in starts if not os.path.exists(part(s))]
-    bar = tqdm(total=len(rows), initial=len(rows) - sum(len(rows[s : s + part_size]) for s in todo),
-               desc=f"index {kind}s", unit=kind, disable=not progress)
-    for start in todo:
-        vectors = _embed_rows(encoder, rows[start : start + part_size], kind, base_dir, passage_prefix, batch_size)
-        _save(part(start), lambda f: np.save(f, vectors))
-        bar.update(len(vectors))
-    bar.close()
+    with tqdm(total=len(rows), initial=len(rows) - sum(len(rows[s : s + part_size]) for s in todo),
+              desc=f"index {kind}s", unit=kind, disable=not progress) as bar:
+        for start in todo:
+            vectors = _embed_rows(encoder, rows[start : start + part_size], kind, base_dir, passage_prefix, batch_size)
+            _save(part(start), lambda f: np.save(f, vectors))
+            bar.update(len(vectors))
     matrix = np.concatenate([np.load(part(s)) for s in starts])  # (N, D)
     keep = ~np.isnan(matrix).any(axis=1)
     meta = {**plan, "count": int(keep.sum()), "dim": int(matrix.shape[1]),
@@ -753,14 +699,14 @@ def build_index(source, encoder_dir, out, *, batch_size=32, query_prefix="", pas
 
 
 class DenseIndex:
-    """Cosine top-k over a folder written by build_index. Queries are PIL images (an image index) or
-    strings (any index whose encoder has a text tower: a text query over an image index is
-    text-to-image search). Results are the rows' {id, title, text, url[, image]} and a score."""
+    """Cosine top-k over a folder written by build_index. Queries are PIL images, or strings for any
+    index whose encoder has a text tower (over an image index: text-to-image search)."""
 
     def __init__(self, folder):
         meta_path = os.path.join(folder, "index.json")
         if not os.path.exists(meta_path):
-            resume = " (a build was interrupted: run it again to resume)" if os.path.isdir(os.path.join(folder, "parts")) else ""
+            interrupted = os.path.isdir(os.path.join(folder, "parts"))
+            resume = " (a build was interrupted: run it again to resume)" if interrupted else ""
             raise FileNotFoundError(f"{folder}: no index.json: build it with `python tools.py index`{resume}")
         self.meta = _read_json(meta_path)
         if _weights_signature(self.meta["encoder"]) != self.meta["encoder_signature"]:
@@ -775,21 +721,19 @@ class DenseIndex:
         self.lock = threading.Lock()  # one encoder forward at a time when the server's threads share it
 
     def search(self, query, k=3):
+        """The rows' {id, title, text, url[, image]} and a score, best first; ties go to the earlier row."""
         if not self.rows or k <= 0:
             return []
         with self.lock:
             vector = self.encoder.embed([query], self.meta["query_prefix"] if isinstance(query, str) else "")[0]  # (D,)
         scores = self.matrix @ vector  # (N,)
         top = np.argpartition(-scores, k - 1)[:k] if k < len(scores) else np.arange(len(scores))
-        top = top[np.lexsort((top, -scores[top]))]  # best first; ties go to the earlier row
+        top = top[np.lexsort((top, -scores[top]))]
         fields = ("id", "title", "text", "url", "image")
         return [{**{f: self.rows[i][f] for f in fields if f in self.rows[i]}, "score": float(scores[i])} for i in top]
 
 
-# ---------------------------------------------------------------------------------------------
-# Remote backends: one JSON request helper; our HTTP protocol, Search-R1's, SerpAPI
-# ---------------------------------------------------------------------------------------------
-
+# ----------------------------------------------------------------------------- remote backends, one request helper
 
 class SearchError(RuntimeError):
     """A search that failed in a way worth telling the model (the message is model-readable)."""
@@ -816,23 +760,19 @@ _READ_CHUNK = 64 << 10
 
 
 def _detail(text, secret=None, limit=200):
-    """Upstream text for an error message: the secret masked first, then cut to `limit` characters
-    (cut first, a key straddling the cut would lose its tail and no longer match the mask)."""
-    text = str(text)
-    return (text.replace(secret, "***") if secret else text)[:limit]
+    """Upstream text for an error message: the secret masked first, then cut (cut first, a key
+    straddling the cut would lose its tail and no longer match the mask)."""
+    return (str(text).replace(secret, "***") if secret else str(text))[:limit]
 
 
 def _request_json(method, url, *, params=None, payload=None, timeout=10.0, retries=2, backoff=0.5, secret=None,
                   deadline=None, max_bytes=MAX_RESPONSE_BYTES):
     """One JSON request, or SearchError with a short message (never requests' own texts: they hold the
     URL, and so a key sent as a query parameter). Timeouts, connection errors, HTTP 429 and 5xx are
-    retried with exponential backoff, a 429 or 503 with Retry-After after the time it asks (or failed
-    at once when that is past the deadline); other statuses fail at once.
-
-    timeout: seconds per connection attempt and per read (a server that trickles its reply never
-    trips it). deadline: seconds for the whole call, every try, sleep and byte included; by default
-    what the tries could take at one timeout each, plus the sleeps. max_bytes: the most bytes of body
-    read. A reply past the deadline or the cap fails at once, without a retry."""
+    retried with exponential backoff, a 429 or 503 with Retry-After after the time it asks (failed at
+    once when that is past the deadline); other statuses fail at once. timeout: per connection
+    attempt and per read; deadline: the whole call, every try, sleep and byte included (by default
+    what the tries and sleeps could take); max_bytes: the most bytes of body read."""
     if deadline is None:
         deadline = timeout * (retries + 1) + sum(backoff * 2**i for i in range(retries))
     end = time.monotonic() + deadline
@@ -860,8 +800,9 @@ def _request_json(method, url, *, params=None, payload=None, timeout=10.0, retri
                     continue
                 body = _read_body(response, end, deadline, max_bytes, timeout)
         except (requests.Timeout, urllib3.exceptions.TimeoutError, TimeoutError):
-            cut = end - time.monotonic() < 0.05  # a read cut short at the deadline (see _read_body)
-            last = f"timed out: no complete reply within the {deadline:g} s deadline" if cut else f"timed out after {wait:g} s"
+            last = f"timed out after {wait:g} s"
+            if end - time.monotonic() < 0.05:  # a read cut short at the deadline (see _read_body)
+                last = f"timed out: no complete reply within the {deadline:g} s deadline"
             continue
         except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as e:
             last = f"connection failed ({type(e).__name__})"
@@ -877,8 +818,8 @@ def _request_json(method, url, *, params=None, payload=None, timeout=10.0, retri
 
 
 def retry_after_seconds(value, cap=600.0):
-    """Seconds a Retry-After header asks to wait (delta-seconds, or an HTTP date), at most `cap`;
-    None when absent or unreadable (the usual backoff applies then)."""
+    """Seconds a Retry-After header (delta-seconds or an HTTP date) asks to wait, at most `cap`; None
+    when absent or unreadable."""
     if not value:
         return None
     try:
@@ -893,9 +834,9 @@ def retry_after_seconds(value, cap=600.0):
 
 def _read_body(response, end, deadline, max_bytes, timeout):
     """The body of a streamed response, read before time.monotonic() passes `end` and no longer than
-    max_bytes; SearchError otherwise. urllib3's read1 returns what one read of the socket brings
-    (read(n) waits for all n bytes: a trickling server would hold it past the deadline), and before
-    each read the socket's timeout is cut to the time left, so no read outlasts the deadline."""
+    max_bytes, else SearchError. read1 returns what one read of the socket brings (read(n) waits for
+    n bytes, which a trickling server sends past any deadline), and before each read the socket's
+    timeout is cut to the time left."""
     declared = response.headers.get("Content-Length", "")
     if declared.isdigit() and int(declared) > max_bytes:
         raise SearchError(f"response larger than {max_bytes} bytes")
@@ -949,14 +890,10 @@ def _results_of(reply):
     return reply["results"]
 
 
-# The Search-R1 retrieval protocol (the e5 / BGE servers of Search-R1, SenseNova-MARS and others):
-# POST /retrieve {"queries": [...], "topk": k, "return_scores": true} ->
-# {"result": [[{"document": {"id", "contents"}, "score"}, ...] per query]}, contents being
-# '"Title"\ntext'. Without return_scores each entry is the document itself.
-
-
 class SearchR1TextSearch(HttpTextSearch):
-    """Client of a Search-R1-style retrieval server: `url` is its /retrieve address."""
+    """Client of a Search-R1-style retrieval server (e5 / BGE servers of Search-R1, SenseNova-MARS...):
+    POST {url} {"queries": [...], "topk": k, "return_scores": true} -> {"result": [[{"document": {"id",
+    "contents": '"Title"\ntext'}, "score"}, ...] per query]}; without scores, entries are documents."""
 
     name = "searchr1"
 
@@ -1051,18 +988,14 @@ def upload_to(url, timeout=10.0):
     return upload
 
 
-# ---------------------------------------------------------------------------------------------
-# Search cache, and results as the model sees them
-# ---------------------------------------------------------------------------------------------
-
+# ----------------------------------------------------------------------------- search cache; results for the model
 
 class SearchCache:
-    """SQLite cache of search results (and of eval's judge verdicts), keyed by (backend, query or
-    image hash, k). Modes: "off" (always run), "rw" (read, and write what was missing), "replay"
-    (read only: a miss raises CacheMiss, so a replayed evaluation makes no network call). Several
-    processes may share one file: WAL journal (readers never block the writer), a busy timeout
-    (writers queue) and INSERT OR REPLACE (two ranks caching one query is harmless). An empty list
-    is never stored (often transient: a rate limit, an index being rebuilt)."""
+    """SQLite cache of search results (and eval's judge verdicts), keyed by (backend, query or image
+    hash, k). Modes: "off" (always run), "rw" (read, and write what was missing), "replay" (a miss
+    raises CacheMiss: a replayed evaluation makes no network call). Processes may share one file:
+    WAL journal, a busy timeout (writers queue), INSERT OR REPLACE (two ranks caching one query is
+    harmless). An empty list is never stored: it is often transient (a rate limit, a rebuild)."""
 
     MODES = ("off", "rw", "replay")
 
@@ -1092,7 +1025,8 @@ class SearchCache:
 
     def get(self, backend, query, k):
         with self._lock:
-            row = self._db().execute("SELECT results FROM search WHERE key = ?", (self._key(backend, query, k),)).fetchone()
+            row = self._db().execute("SELECT results FROM search WHERE key = ?",
+                                     (self._key(backend, query, k),)).fetchone()
         return None if row is None else json.loads(row[0])
 
     def put(self, backend, query, k, results):
@@ -1117,10 +1051,9 @@ class SearchCache:
 
 def clean_results(results):
     """A backend's results, checked before they are cached or shown: objects whose id, title, text and
-    url (those present) are strings, numbers written as text and None as "". Entries that are not
-    objects, hold a list or object in one of those fields, or show nothing (no title, text or id) are
-    dropped. SearchError for a reply that is not a list, or of which nothing is left: malformed results
-    must not be cached and replayed forever."""
+    url are text (numbers written out, None as ""); any other entry, or one that shows nothing, is
+    dropped. SearchError for a reply that is not a list, or of which nothing is left: malformed
+    results must not be cached and replayed forever."""
     if not isinstance(results, (list, tuple)):
         raise SearchError(f"the search backend's results are a {type(results).__name__}, not a list")
     clean = []
@@ -1146,10 +1079,7 @@ def format_results(results, max_words=30):
     return "\n".join(lines)
 
 
-# ---------------------------------------------------------------------------------------------
-# The OpenAI-compatible chat client (the summarizer, eval's judge, make_data's teacher)
-# ---------------------------------------------------------------------------------------------
-
+# ----------------------------------------------------------------------------- the OpenAI-compatible chat client
 
 class TransientError(RuntimeError):
     """The item could not be finished for a reason a rerun may not meet: it gets no line."""
@@ -1211,13 +1141,12 @@ def public_url(url):
 
 
 class ChatClient:
-    """A client of any OpenAI-compatible /chat/completions endpoint (vLLM, a hosted API).
-
-    Retries timeouts, connection errors, malformed replies, HTTP 5xx and 429 with exponential backoff
-    and jitter; a 429's Retry-After holds back every thread that shares the `gate`. HTTP 401/403/404
-    raise ApiFatal (the run stops), other 4xx ApiRejected (the item is discarded). The key, read once
-    from the environment variable `api_key_env`, only ever travels in the Authorization header.
-    Requests, outcomes and tokens (the API's `usage`) are counted in `meter` under `name`."""
+    """A client of any OpenAI-compatible /chat/completions endpoint (vLLM, a hosted API): the
+    summarizer, eval's judge and make_data's teacher. Timeouts, connection errors, malformed replies,
+    HTTP 5xx and 429 are retried with exponential backoff and jitter (a 429's Retry-After holds back
+    every thread sharing the `gate`); 401/403/404 raise ApiFatal (the run stops), other 4xx
+    ApiRejected (the item is discarded). The key, read once from the environment variable
+    `api_key_env`, only travels in the Authorization header. Outcomes and tokens go to `meter`."""
 
     def __init__(self, url, model, meter=None, name="teacher", api_key_env="OPENAI_API_KEY", timeout=300.0,
                  retries=6, backoff=2.0, max_backoff=60.0, gate=None):
@@ -1300,9 +1229,8 @@ def _content_text(content):
 
 
 class ChatSummarizer:
-    """`summarizer(query, results) -> str` through any OpenAI-compatible chat endpoint (key from
-    OPENAI_API_KEY; a local vLLM server needs none). When the endpoint fails, the plain results are
-    used and a warning is printed: the model still gets its information."""
+    """`summarizer(query, results) -> str` through a chat endpoint (key from OPENAI_API_KEY). When it
+    fails, the plain results are used, with a warning: the model still gets its information."""
 
     def __init__(self, base_url, model, max_words=60, timeout=30.0, retries=2):
         self.client = ChatClient(base_url, model, name="summarizer", timeout=timeout, retries=retries, backoff=0.5)
@@ -1321,10 +1249,7 @@ class ChatSummarizer:
         return " ".join(str(text).split()[: self.max_words])
 
 
-# ---------------------------------------------------------------------------------------------
-# Executing actions
-# ---------------------------------------------------------------------------------------------
-
+# ----------------------------------------------------------------------------- executing actions
 
 @dataclass
 class State:
@@ -1333,8 +1258,7 @@ class State:
     n_text_search: int = 0
     n_img_search: int = 0  # whole-image and crop searches
     n_crop: int = 0  # the crop searches among them
-    n_calls: int = 0  # searches sent to a backend or the cache, failed ones too (the backend retried
-    # inside them); not refused ones (bad box, over budget)
+    n_calls: int = 0  # searches sent to a backend or the cache, failed ones too; not refused ones
     n_errors: int = 0  # observations with error=True
 
 
@@ -1354,8 +1278,7 @@ def _failure(kind, message, box=None):
 
 class Tools:
     """Runs actions against the search backends, within budgets; build it with make_tools().
-    attach="crop" puts the searched crop in the observation (one "<image>"), so the model sees what
-    it searched; "none" keeps observations text-only."""
+    attach="crop" puts the searched crop in the observation, so the model sees what it searched."""
 
     def __init__(self, text_backend, image_backend, grounder=None, cache=None, summarizer=None, topk=3,
                  max_calls=10, max_img_search=1, attach="none", snippet_words=30):
@@ -1380,12 +1303,10 @@ class Tools:
         return observation
 
     def _execute(self, action, image, state):
-        if action.kind == "answer":
-            return _failure("answer", "An answer ends the episode: there is nothing to run.")
-        if action.kind == "invalid":
-            return _failure("invalid", action.error or "Invalid action.")
         if action.kind not in ("text_search", "img_search"):
-            return _failure(action.kind, f"Unknown action {action.kind!r}.")
+            return _failure(action.kind, {"answer": "An answer ends the episode: there is nothing to run.",
+                                          "invalid": action.error or "Invalid action."}.get(
+                                              action.kind, f"Unknown action {action.kind!r}."))
         if not self.budget_left(state):
             return _failure(action.kind, f"No tool calls left (at most {self.max_calls}). Answer now.")
         if action.kind == "text_search":
@@ -1454,18 +1375,13 @@ BACKENDS = ("local", "http", "searchr1", "serpapi")
 
 def make_tools(data_dir="data", backend="local", cache=None, cache_mode="rw", grounder=None, server_url=None,
                upload_fn=None, lens_upload_url=None, text_index=None, image_index=None, timeout=10.0, **kw):
-    """The one factory every script uses.
-
-    backend: "local" (data_dir/corpus.jsonl and image_index.jsonl), "http" (server_url: a `python
-    tools.py serve`), "searchr1" (server_url: a Search-R1 /retrieve address; text only, images through
-    data_dir's local index when it has one), "serpapi" (SERPAPI_API_KEY; image search needs `upload_fn`
-    or `lens_upload_url`, see upload_to). `timeout` is per connection attempt and per read; a whole
-    call has a deadline and a byte cap (_request_json). text_index / image_index: `python tools.py
-    index` folders, each replacing the search of its kind. cache: a SQLite path (or a SearchCache)
-    used in `cache_mode`. grounder: a GroundingDINO folder or any object with ground(image,
-    expression); None: the synthetic world's SceneGrounder when data_dir holds make_data.py's
-    entities.jsonl; False: none (referring expressions are then refused). Other keywords (topk,
-    max_calls, max_img_search, attach, summarizer, snippet_words) go to Tools."""
+    """The one factory every script uses. backend: "local" (data_dir's corpus.jsonl and
+    image_index.jsonl), "http" (server_url: a `python tools.py serve`), "searchr1" (server_url: a
+    /retrieve address; images through data_dir's local index if any), "serpapi" (image search needs
+    `upload_fn` or `lens_upload_url`). text_index / image_index: `python tools.py index` folders,
+    each replacing the search of its kind. cache: a SQLite path (or a SearchCache) used in
+    `cache_mode`. grounder: a GroundingDINO folder or any grounder; None: data_dir's world's
+    SceneGrounder if it has one; False: none. Other keywords go to Tools."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}: use local, http, searchr1 or serpapi")
     if backend in ("http", "searchr1") and not server_url:
@@ -1483,7 +1399,8 @@ def make_tools(data_dir="data", backend="local", cache=None, cache_mode="rw", gr
             warnings.warn(f"searchr1 backend: no {data_dir}/image_index.jsonl, image search is off")
     else:
         upload_fn = upload_fn or (upload_to(lens_upload_url, timeout) if lens_upload_url else None)
-        text, image = text or SerpApiTextSearch(timeout=timeout), image or (upload_fn and SerpApiLens(upload_fn, timeout=timeout))
+        text = text or SerpApiTextSearch(timeout=timeout)
+        image = image or (SerpApiLens(upload_fn, timeout=timeout) if upload_fn else None)
         if image is None:
             warnings.warn("serpapi backend without upload_fn or lens_upload_url: image search is off "
                           "(Google Lens needs an image URL)")
@@ -1500,8 +1417,8 @@ def make_tools(data_dir="data", backend="local", cache=None, cache_mode="rw", gr
 
 
 def _local_index(data_dir, kind, required):
-    """BM25Index over data_dir/corpus.jsonl (kind "text") or LocalImageIndex over
-    data_dir/image_index.jsonl (kind "image"); None when the file is absent and not required."""
+    """BM25 over data_dir/corpus.jsonl or image nearest neighbours over data_dir/image_index.jsonl;
+    None when the file is absent and not required."""
     path = os.path.join(data_dir, "corpus.jsonl" if kind == "text" else "image_index.jsonl")
     if not os.path.exists(path):
         if required:
@@ -1510,37 +1427,28 @@ def _local_index(data_dir, kind, required):
     return (BM25Index if kind == "text" else LocalImageIndex).from_jsonl(path)
 
 
-_SEARCH_FLAGS = {
-    "backend": dict(default="local", choices=BACKENDS, help="search backend (see tools.make_tools)"),
-    "server_url": dict(help="backend http: a `python tools.py serve` address; backend searchr1: a Search-R1 "
-                            "/retrieve address"),
-    "lens_upload_url": dict(help="backend serpapi: an endpoint of yours that takes a POSTed PNG and answers its "
-                                 "public URL, for Google Lens (tools.upload_to)"),
-    "text_index": dict(help="a `python tools.py index` folder (e5 / BGE) for text search"),
-    "image_index": dict(help="a `python tools.py index` folder (CLIP / SigLIP) for image search"),
-}
-
-
 def add_search_args(parser):
     """The search flags that eval.py, rl.py and make_data.py share; search_options(args) reads them."""
-    group = parser.add_argument_group("search")
-    for name, options in _SEARCH_FLAGS.items():
-        group.add_argument("--" + name, **options)
+    g = parser.add_argument_group("search")
+    g.add_argument("--backend", default="local", choices=BACKENDS, help="search backend (see tools.make_tools)")
+    g.add_argument("--server_url", help="backend http: a `python tools.py serve` address; backend searchr1: a "
+                   "Search-R1 /retrieve address")
+    g.add_argument("--lens_upload_url", help="backend serpapi: an endpoint of yours that takes a POSTed PNG and "
+                   "answers its public URL, for Google Lens (tools.upload_to)")
+    g.add_argument("--text_index", help="a `python tools.py index` folder (e5 / BGE) for text search")
+    g.add_argument("--image_index", help="a `python tools.py index` folder (CLIP / SigLIP) for image search")
 
 
 def search_options(args):
-    return {name: getattr(args, name) for name in _SEARCH_FLAGS}
+    return {k: getattr(args, k) for k in ("backend", "server_url", "lens_upload_url", "text_index", "image_index")}
 
 
-# ---------------------------------------------------------------------------------------------
-# The search server (`python tools.py serve`): no client can hold it for long
-# ---------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------- the search server (`tools.py serve`)
 
+# No client can hold the server for long, nor make it decode more than a photo's worth.
 MAX_BODY = 32 << 20  # bytes; a base64 PNG of a large photo fits. A longer body is refused (413) unread.
 MAX_K = 100
-# Pixels one image search may decode: a 12 MP camera photo (4032x3024) fits. Beyond it the descriptor
-# gains nothing (64-bin histograms, an 8x8 grid) while 16.7 M pixels already take 0.4 GB and 1 s.
-MAX_IMAGE_PIXELS = 4096 * 4096
+MAX_IMAGE_PIXELS = 4096 * 4096  # a 12 MP photo fits; 16.7 M pixels already take 0.4 GB and 1 s to describe
 HANDLER_TIMEOUT = 10.0  # seconds one read or write on a connection may wait: a stalled client is dropped
 REQUEST_DEADLINE = 60.0  # seconds a connection may last in all: a trickling client is dropped too
 MAX_HANDLERS = 32  # connections handled at once (a thread each); the next ones get 503 at once
@@ -1557,11 +1465,10 @@ class _Refused(Exception):
 
 
 def _json_object(data):
-    """The JSON object of a request body, or _Refused(400). Nesting too deep for the parser raises
-    RecursionError, which is no ValueError: uncaught, it would end the handler without a reply."""
+    """The JSON object of a request body, or _Refused(400)."""
     try:
         payload = json.loads(data)
-    except RecursionError:
+    except RecursionError:  # no ValueError: uncaught, it would end the handler without a reply
         raise _Refused(400, "body is not valid JSON: nested too deeply") from None
     except ValueError as e:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise _Refused(400, f"body is not valid JSON: {_detail(e)}") from None
@@ -1572,8 +1479,7 @@ def _json_object(data):
 
 def _decode_image(encoded):
     """The image of a request, decoded only once its header (all Image.open reads) shows at most
-    MAX_IMAGE_PIXELS: a one-colour PNG of a few KB can declare 12000x12000 pixels, and decoding it
-    takes seconds and gigabytes."""
+    MAX_IMAGE_PIXELS: a one-colour PNG of a few KB can declare 12000x12000 pixels."""
     try:
         image = Image.open(io.BytesIO(base64.b64decode(encoded or "", validate=True)))
     except Image.DecompressionBombError:  # PIL's own refusal, past twice Image.MAX_IMAGE_PIXELS
@@ -1611,7 +1517,8 @@ class _SearchHandler(BaseHTTPRequestHandler):
         if self.path not in indexes:
             return self._reply(404, {"error": f"unknown path {self.path}"})
         if indexes[self.path] is None:
-            return self._reply(404, {"error": f"this server has no {'image' if self.path == '/image' else 'text'} index"})
+            kind = "image" if self.path == "/image" else "text"
+            return self._reply(404, {"error": f"this server has no {kind} index"})
         try:
             payload = _json_object(self._body())
             queries, k = self._queries(payload)
@@ -1649,9 +1556,8 @@ class _SearchHandler(BaseHTTPRequestHandler):
         return [payload["query"]], k
 
     def _body(self):
-        """The body, as long as its Content-Length says; one over MAX_BODY is refused before a byte of
-        it is read. A client that stalls mid-body makes the read raise TimeoutError after the socket's
-        timeout, and http.server then drops the connection."""
+        """The body, as long as its Content-Length says; one over MAX_BODY is refused unread. A client
+        that stalls mid-body times out (the socket's timeout) and http.server drops the connection."""
         declared = self.headers.get("Content-Length", "").strip()
         wrong = f"body must be 1 to {MAX_BODY} bytes of JSON, with a Content-Length"
         if not re.fullmatch(r"[0-9]+", declared):
@@ -1682,10 +1588,9 @@ class _SearchHandler(BaseHTTPRequestHandler):
 
 
 class _SearchServer(ThreadingHTTPServer):
-    """At most `max_handlers` connections are handled at once (the next ones get 503 + Retry-After
-    from the accept loop, which starts no thread for them); each read or write waits at most
-    `timeout` seconds (the handler's socket timeout); a connection older than `deadline` seconds is
-    shut down from serve_forever's loop (service_actions), which wakes its handler's blocked read."""
+    """At most `max_handlers` connections are handled at once (the next ones get 503 from the accept
+    loop, which starts no thread for them); each read or write waits at most `timeout` seconds; a
+    connection older than `deadline` seconds is shut down by service_actions (serve_forever's loop)."""
 
     daemon_threads = True
     request_queue_size = 128  # a burst of connects waits in the kernel's backlog, not in SYN retries
@@ -1722,10 +1627,9 @@ class _SearchServer(ThreadingHTTPServer):
         self._slots.release()
 
     def _refuse_busy(self, request):
-        """503 from the accept loop, which must never wait on one client: the socket is made
-        non-blocking (a fresh one takes these few hundred bytes at once), half-closed now and closed
-        in _LINGER s (closed while the request still arrives, it would answer with a reset that can
-        destroy the 503 before the client reads it)."""
+        """503 from the accept loop, which must never wait: non-blocking (a fresh socket takes these few
+        hundred bytes at once), half-closed now and closed in _LINGER s (closed while the request still
+        arrives, it would answer with a reset that can destroy the 503 before the client reads it)."""
         body = json.dumps({"error": f"the search server is busy: retry after {BUSY_RETRY_AFTER} s"}).encode()
         head = ("HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\n"
                 f"Content-Length: {len(body)}\r\nRetry-After: {BUSY_RETRY_AFTER}\r\nConnection: close\r\n\r\n")
@@ -1736,8 +1640,7 @@ class _SearchServer(ThreadingHTTPServer):
         self._lingering.append((time.monotonic() + _LINGER, request))
 
     def service_actions(self):
-        """Between two polls of serve_forever: cut connections past their deadline (shutdown wakes the
-        handler blocked reading them) and close refused ones whose linger is over."""
+        """Cut connections past their deadline (which wakes their handlers) and close lingering ones."""
         now = time.monotonic()
         with self._lock:
             late = [sock for sock, end in self._deadlines.items() if end <= now]
@@ -1768,8 +1671,8 @@ def _close_drained(sock, max_reads=16):
 
 def make_server(text_index, image_index, host="127.0.0.1", port=8765, *, timeout=HANDLER_TIMEOUT,
                 deadline=REQUEST_DEADLINE, max_handlers=MAX_HANDLERS):
-    """A threading HTTP server over the given indexes (either may be None); port 0 picks a free one.
-    Run it with serve_forever(), whose service_actions enforce the deadline (tests run it in a thread)."""
+    """A search server over the given indexes (either may be None); port 0 picks a free one. Run it
+    with serve_forever(), whose loop enforces the deadline."""
     return _SearchServer((host, port), text_index, image_index, timeout, deadline, max_handlers)
 
 
@@ -1788,14 +1691,11 @@ def serve(data_dir, host="127.0.0.1", port=8765, text_index=None, image_index=No
     server.server_close()
 
 
-# ---------------------------------------------------------------------------------------------
-# Benchmark (`python tools.py --bench`) and the command line
-# ---------------------------------------------------------------------------------------------
-
+# ----------------------------------------------------------------------------- bench and command line
 
 def bench(n_docs=100_000, n_queries=2000, seed=0):
-    """BM25 over a generated corpus (Zipf-distributed pseudo-words): build time, queries of three
-    words of a random document per second, and how often that document comes first."""
+    """BM25 over a generated corpus (Zipf-distributed pseudo-words): build time, queries (three words
+    of a random document) per second, and how often that document comes first."""
     rng = np.random.default_rng(seed)
     letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
     words = np.array(["".join(rng.choice(letters, size=rng.integers(3, 10))) for _ in range(30_000)])
