@@ -48,7 +48,9 @@ appended as it finishes: the done-set of a resumed run), images/, sft.jsonl (kep
 50:50 search-required : search-free, each side balanced across knowledge categories), summary.json
 (counts, discard reasons, calls and tokens; also printed), search_cache.sqlite, judge_cache.sqlite.
 An item that fails for a transient reason (the API failing after its retries, a search backend
-down) gets no line: the next run retries it.
+down) gets no line: the next run retries it. What it simplifies: the paper's teacher is Gemini 2.5 Pro
+over private search APIs; ours is any OpenAI-compatible MLLM over our tools, and by default the
+synthetic world replaces the web, its teacher a script.
 """
 import argparse
 import base64
