@@ -1,7 +1,7 @@
 """eval.py: score answers, convert the paper's benchmarks, run direct / RAG / agent inference, report.
 
-    python eval.py                      # synthetic held-out set (data/questions_eval.jsonl), newest checkpoint
-                                        # (out/rl, out/sft, else data/tiny), all three modes: prints the table
+    python eval.py            # data/questions_eval.jsonl, newest checkpoint (out/rl, out/sft, data/tiny), 3 modes
+    python eval.py --compare out/sft out/rl                 # the pipeline's table (the README's), by question kind
     python eval.py --ckpt out/sft --modes agent --limit 50 --report out/eval/report.html
     python eval.py --questions bench/infoseek.jsonl bench/dynvqa.jsonl --backend http --server_url http://127.0.0.1:8765
     python eval.py --judge_url http://127.0.0.1:8000/v1 --judge_model Qwen2.5-72B-Instruct   # LLM judge
@@ -9,28 +9,23 @@
     python eval.py convert --bench infoseek --src infoseek_val.jsonl --images oven_images/ --out bench/infoseek.jsonl
 
 Scoring. `score(pred, answers)` is the one scorer (rl.py's rewards call it too): 1.0 when the prediction
-matches any gold alias after normalisation (case, accents, punctuation, articles), or is the gold phrase with
-at most two extra words and no hedge ("or", "not", ...), or when both are numbers that agree (reasonable
-rounding, a gold range containing the prediction, a narrow predicted range containing the gold (years:
-at most 5 wide), simple unit conversions); empty or missing answers score 0. With a `Judge` (any
-OpenAI-compatible endpoint, verdicts cached in SQLite) the answers the rules reject are judged by an LLM, as the paper's evaluation does.
+matches a gold alias after normalisation (case, accents, punctuation, articles), or is the gold phrase with at
+most two extra words and no hedge ("or", "not", ...), or both are numbers that agree (reasonable rounding, a
+gold range containing the prediction, a narrow predicted range containing the gold (years: at most 5 wide),
+simple unit conversions); empty answers score 0. With a `Judge` (any OpenAI-compatible endpoint, verdicts
+cached in SQLite) an LLM judges the answers the rules reject, as the paper's evaluation does.
 
-Modes. All three run through `rollout.rollout`, so the model sees the conversation format it was trained on
-and token ids are never re-tokenized; decoding is greedy.
-  direct  the paper's direct answer: one assistant turn, no tools; a turn that is not an answer ends the
-          trajectory unanswered (scored wrong).
-  rag     the paper's fixed workflow: a forced whole-image search, a forced text search with the question
-          (`RAG_TURNS`), then one answer turn, which is wrong unless it is an answer.
-  agent   on-demand multi-turn search.
+Modes. All run through `rollout.rollout` (the conversation format the model was trained on, token ids never
+re-tokenized); decoding is greedy. direct: the paper's direct answer, one turn, no tools. rag: the paper's
+fixed workflow, a forced whole-image search and a forced text search with the question (`RAG_TURNS`), then
+one answer turn. agent: on-demand multi-turn search. A last turn that is not an answer scores 0.
 
-Benchmarks (`convert --bench NAME`; the file layouts each loader expects are in its docstring, and in
-`python eval.py convert --help`): infoseek, evqa (Encyclopedic-VQA), simplevqa, dynvqa, okvqa, aokvqa,
-fvqa and livevqa (MMSearch-R1's). Output rows are the design's question JSONL, image paths relative to it.
-
-Outputs of a run (--out, default out/eval): metrics.json (per benchmark and mode: accuracy, share of
-questions that searched, searches per question by kind, turns, tokens generated, tool errors, wall time),
-table.md (the paper's Table 1 shape, then the search behaviour), trajectories.jsonl (one record per
-question and mode) and, with --report, one self-contained HTML file showing every trajectory.
+Benchmarks (`convert --bench NAME`, layouts in `python eval.py convert --help`): infoseek, evqa, simplevqa,
+dynvqa, okvqa, aokvqa, fvqa and livevqa -> the design's question JSONL, image paths relative to it; a record
+that cannot be read is skipped, counted and named. Outputs (--out, default out/eval): metrics.json (see
+`metrics`), table.md (the paper's Table 1 shape, then the search behaviour), trajectories.jsonl, and with
+--report one self-contained HTML page of every trajectory; --compare writes compare.md, compare.json,
+compare_trajectories.jsonl and curves.svg (the training curves from the runs' logs).
 """
 import argparse
 import ast
@@ -46,25 +41,29 @@ import re
 import sys
 import time
 import unicodedata
-from collections import Counter, defaultdict
-from dataclasses import dataclass
+from collections import Counter, defaultdict, namedtuple
 from pathlib import Path
 from urllib.parse import urlparse
 
+import numpy as np
+import torch.distributed as dist
+from PIL import Image, ImageDraw, UnidentifiedImageError
+
+import model as M
+import rollout
 import tools
 
 HERE = Path(__file__).resolve().parent
 MODES = ("direct", "rag", "agent")
-MODE_TITLES = {"direct": "Direct answer (no search)",
-               "rag": "RAG workflow (image search, then text search)",
+MODE_TITLES = {"direct": "Direct answer (no search)", "rag": "RAG workflow (image search, then text search)",
                "agent": "Agent (on-demand search)"}
 
-# ============================================================================ scorer
+# ----------------------------------------------------------------------------- scorer
 
 MAX_EXTRA_WORDS = 2  # "the answer is Paris" / "Eiffel Tower, Paris" pass; long answers go to the judge
 # Words that turn "<gold> + a few words" into a hedge, a list or a negation: never a match.
-HEDGE_WORDS = {"or", "and", "not", "no", "never", "nor", "neither", "either", "maybe", "perhaps",
-               "possibly", "probably", "unlikely", "unknown", "unsure", "except", "but", "than"}
+HEDGE_WORDS = set("or and not no never nor neither either maybe perhaps possibly probably unlikely unknown unsure "
+                  "except but than".split())
 RANGE_MAX_WIDTH = 0.25  # a predicted range counts only if narrow: width <= 25% of the gold value
 # ... and for years, at most 5 years wide: the paper's judge accepts "1990-1995" for 1993, while a
 # decade ("1990-2000") says too little (a share of the value means nothing for years)
@@ -85,196 +84,105 @@ def normalize_answer(text):
 
 
 def _text_match(pred_n, gold_n):
-    if not gold_n:
-        return False
-    if pred_n == gold_n:
-        return True
+    """The gold itself, or the gold among at most MAX_EXTRA_WORDS more words, none of them a hedge."""
+    if not gold_n or pred_n == gold_n:
+        return bool(gold_n)
     pt, gt = pred_n.split(), gold_n.split()
     if not 0 < len(pt) - len(gt) <= MAX_EXTRA_WORDS:
         return False
-    for i in range(len(pt) - len(gt) + 1):
-        if pt[i:i + len(gt)] == gt:
-            return not (set(pt[:i] + pt[i + len(gt):]) & HEDGE_WORDS)
-    return False
+    i = next((i for i in range(len(pt) - len(gt) + 1) if pt[i:i + len(gt)] == gt), None)
+    return i is not None and not set(pt[:i] + pt[i + len(gt):]) & HEDGE_WORDS
 
 
-# ---------------------------------------------------------------------------- numbers and units
-
-UNITS = {}  # written unit -> (dimension, factor to the dimension's base unit, offset added first)
-
-
-def _units(dim, factor, *names, offset=0.0):
-    for n in names:
-        UNITS[n] = (dim, factor, offset)
-
-
-_units("length", 1e-3, "mm", "millimeter", "millimeters", "millimetre", "millimetres")
-_units("length", 1e-2, "cm", "centimeter", "centimeters", "centimetre", "centimetres")
-_units("length", 1.0, "m", "meter", "meters", "metre", "metres")
-_units("length", 1e3, "km", "kilometer", "kilometers", "kilometre", "kilometres")
-_units("length", 0.0254, "in", "inch", "inches")
-_units("length", 0.3048, "ft", "foot", "feet")
-_units("length", 0.9144, "yd", "yard", "yards")
-_units("length", 1609.344, "mi", "mile", "miles")
-_units("mass", 1e-6, "mg", "milligram", "milligrams")
-_units("mass", 1e-3, "g", "gram", "grams")
-_units("mass", 1.0, "kg", "kilogram", "kilograms", "kilo", "kilos")
-_units("mass", 1e3, "t", "tonne", "tonnes", "ton", "tons", "metric ton", "metric tons")  # ton = metric
-_units("mass", 0.45359237, "lb", "lbs", "pound", "pounds")
-_units("mass", 0.028349523125, "oz", "ounce", "ounces")
-_units("area", 1.0, "m2", "m²", "sq m", "square meter", "square meters", "square metre", "square metres")
-_units("area", 1e6, "km2", "km²", "sq km", "square kilometer", "square kilometers", "square kilometre",
-       "square kilometres")
-_units("area", 1e4, "ha", "hectare", "hectares")
-_units("area", 4046.8564224, "acre", "acres")
-_units("area", 2589988.110336, "mi2", "mi²", "sq mi", "square mile", "square miles")
-_units("area", 0.09290304, "ft2", "ft²", "sq ft", "square foot", "square feet")
-_units("volume", 1e-3, "ml", "milliliter", "milliliters", "millilitre", "millilitres")
-_units("volume", 1.0, "l", "liter", "liters", "litre", "litres")
-_units("volume", 3.785411784, "gal", "gallon", "gallons")
-_units("volume", 1e3, "m3", "m³", "cubic meter", "cubic meters", "cubic metre", "cubic metres")
-_units("time", 1.0, "s", "sec", "secs", "second", "seconds")
-_units("time", 60.0, "min", "mins", "minute", "minutes")
-_units("time", 3600.0, "h", "hr", "hrs", "hour", "hours")
-_units("time", 86400.0, "day", "days")
-_units("time", 604800.0, "week", "weeks")
-_units("time", 31557600.0, "yr", "yrs", "year", "years")
-_units("speed", 1 / 3.6, "km/h", "kmh", "kph", "km per hour", "kilometers per hour", "kilometres per hour")
-_units("speed", 0.44704, "mph", "miles per hour")
-_units("speed", 1.0, "m/s", "meters per second", "metres per second")
-_units("speed", 0.514444, "knot", "knots", "kn")
-_units("temperature", 1.0, "°c", "degrees c", "degree c", "degrees celsius", "degree celsius", "celsius",
-       offset=273.15)
-_units("temperature", 5 / 9, "°f", "degrees f", "degree f", "degrees fahrenheit", "degree fahrenheit",
-       "fahrenheit", offset=459.67)
-_units("temperature", 1.0, "kelvin", "kelvins")
-_units("percent", 1.0, "%", "percent", "per cent", "pct")
-_units("angle", 1.0, "°", "degree", "degrees")
-for _code, _names in {"usd": ("usd", "us dollars", "dollars", "dollar"), "eur": ("eur", "euro", "euros"),
-                      "gbp": ("gbp",), "jpy": ("jpy", "yen"), "cny": ("cny", "rmb", "yuan")}.items():
-    _units("currency:" + _code, 1.0, *_names)
+_UNIT_TABLE = [  # (dimension, factor to its base unit, written names ("x(s)": x and xs)[, offset added first])
+    ("length", 1e-3, "mm|millimeter(s)|millimetre(s)"), ("length", 1e-2, "cm|centimeter(s)|centimetre(s)"),
+    ("length", 1.0, "m|meter(s)|metre(s)"), ("length", 1e3, "km|kilometer(s)|kilometre(s)"),
+    ("length", 0.0254, "in|inch|inches"), ("length", 0.3048, "ft|foot|feet"), ("length", 0.9144, "yd|yard(s)"),
+    ("length", 1609.344, "mi|mile(s)"), ("mass", 1e-6, "mg|milligram(s)"), ("mass", 1e-3, "g|gram(s)"),
+    ("mass", 1.0, "kg|kilogram(s)|kilo(s)"), ("mass", 1e3, "t|tonne(s)|ton(s)|metric ton(s)"),  # ton: metric
+    ("mass", 0.45359237, "lb(s)|pound(s)"), ("mass", 0.028349523125, "oz|ounce(s)"),
+    ("area", 1.0, "m2|m²|sq m|square meter(s)|square metre(s)"), ("area", 1e4, "ha|hectare(s)"),
+    ("area", 1e6, "km2|km²|sq km|square kilometer(s)|square kilometre(s)"), ("area", 4046.8564224, "acre(s)"),
+    ("area", 2589988.110336, "mi2|mi²|sq mi|square mile(s)"),
+    ("area", 0.09290304, "ft2|ft²|sq ft|square foot|square feet"), ("volume", 1.0, "l|liter(s)|litre(s)"),
+    ("volume", 1e-3, "ml|milliliter(s)|millilitre(s)"), ("volume", 3.785411784, "gal|gallon(s)"),
+    ("volume", 1e3, "m3|m³|cubic meter(s)|cubic metre(s)"), ("time", 1.0, "s|sec(s)|second(s)"),
+    ("time", 60.0, "min(s)|minute(s)"), ("time", 3600.0, "h|hr(s)|hour(s)"), ("time", 86400.0, "day(s)"),
+    ("time", 604800.0, "week(s)"), ("time", 31557600.0, "yr(s)|year(s)"),
+    ("speed", 1 / 3.6, "km/h|kmh|kph|km per hour|kilometers per hour|kilometres per hour"),
+    ("speed", 0.44704, "mph|miles per hour"), ("speed", 1.0, "m/s|meters per second|metres per second"),
+    ("speed", 0.514444, "knot(s)|kn"), ("temperature", 1.0, "°c|degree(s) c|degree(s) celsius|celsius", 273.15),
+    ("temperature", 5 / 9, "°f|degree(s) f|degree(s) fahrenheit|fahrenheit", 459.67),
+    ("temperature", 1.0, "kelvin(s)"), ("percent", 1.0, "%|percent|per cent|pct"), ("angle", 1.0, "°|degree(s)"),
+    ("currency:usd", 1.0, "usd|us dollars|dollar(s)"), ("currency:eur", 1.0, "eur|euro(s)"),
+    ("currency:gbp", 1.0, "gbp"), ("currency:jpy", 1.0, "jpy|yen"), ("currency:cny", 1.0, "cny|rmb|yuan")]
+UNITS = {name: (dim, factor, *(offset or [0.0])) for dim, factor, names, *offset in _UNIT_TABLE
+         for n in names.split("|") for name in dict.fromkeys((n.replace("(s)", ""), n.replace("(s)", "s")))}
 CURRENCY_SYMBOLS = {"$": "currency:usd", "€": "currency:eur", "£": "currency:gbp", "¥": "currency:jpy"}
-SCALES = {"hundred": 1e2, "thousand": 1e3, "k": 1e3, "million": 1e6, "mn": 1e6, "mln": 1e6,
-          "billion": 1e9, "bn": 1e9, "trillion": 1e12}
-NUMBER_WORDS = {w: i for i, w in enumerate(
-    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
-    "sixteen seventeen eighteen nineteen twenty".split())}
-NUMBER_WORDS.update({"thirty": 30, "forty": 40, "fifty": 50, "sixty": 60, "seventy": 70, "eighty": 80,
-                     "ninety": 90, "dozen": 12})
+SCALES = {"hundred": 1e2, "thousand": 1e3, "k": 1e3, "million": 1e6, "mn": 1e6, "mln": 1e6, "billion": 1e9,
+          "bn": 1e9, "trillion": 1e12}
+NUMBER_WORDS = {w: i for i, w in enumerate("zero one two three four five six seven eight nine ten eleven twelve "
+                                           "thirteen fourteen fifteen sixteen seventeen eighteen nineteen twenty".split())}
+NUMBER_WORDS.update(thirty=30, forty=40, fifty=50, sixty=60, seventy=70, eighty=80, ninety=90, dozen=12)
 # Words that may surround a number without making the answer something other than a number.
-NUMBER_FILLER = {"about", "approximately", "approx", "around", "roughly", "circa", "ca", "c", "nearly",
-                 "almost", "some", "estimated", "an", "a", "the", "~", "≈", "is", "of"}
+NUMBER_FILLER = set("about approximately approx around roughly circa ca c nearly almost some estimated an a the ~ ≈ "
+                    "is of".split())
 RANGE_WORDS = {"-", "to", "and", "between", "from"}
-
 _NUM = r"(?:(?<![\w.])[-+])?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|(?<![\w.])\.\d+"
-_UNIT_ALT = "|".join(re.escape(u) for u in sorted(UNITS, key=len, reverse=True))
 _QTY = re.compile(
     r"(?P<cur>[$€£¥])?\s*(?P<num>" + _NUM + r")"
     r"(?:\s*(?P<scale>hundred|thousand|million|billion|trillion|mln|mn|bn)\b|(?P<k>k)(?![a-z]))?"
-    r"(?:\s*(?P<unit>" + _UNIT_ALT + r"))?(?![a-z0-9])")
-
-
-@dataclass
-class Quantity:
-    """A number or a range as written (raw, in its own unit) and in the unit's base (for conversions).
-    tol_pred: half the resolution the written number stands for (when it is the prediction, it may be a
-    rounding of the gold); tol_gold: the same, but only when the gold was written with decimals."""
-    lo: float
-    hi: float
-    lo_base: float
-    hi_base: float
-    unit: str | None
-    dim: str | None
-    tol_pred: float
-    tol_gold: float
-    tol_pred_base: float
-    tol_gold_base: float
-    year: bool
-
-
-def _num_text(text):
-    s = unicodedata.normalize("NFKC", str(text)).lower().strip()
-    s = s.replace("\u2212", "-").replace("\u2013", " - ").replace("\u2014", " - ")
-    s = re.sub(r"\b(" + "|".join(NUMBER_WORDS) + r")\b", lambda m: str(NUMBER_WORDS[m.group(1)]), s)
-    return s.rstrip(".")
+    r"(?:\s*(?P<unit>" + "|".join(re.escape(u) for u in sorted(UNITS, key=len, reverse=True)) + r"))?(?![a-z0-9])")
+# A number or a range lo..hi as written, in `unit` (dimension dim; base unit value: (v + offset) x factor).
+# tol_pred: half the resolution the written number stands for (as a prediction it may round the gold);
+# tol_gold: the same, but only for a gold written with decimals.
+Quantity = namedtuple("Quantity", "lo hi unit dim factor offset tol_pred tol_gold year")
 
 
 def _parse_one(m):
+    """One matched number -> {value, unit, scale, year, tol_pred, tol_gold}."""
     num = m.group("num")
-    digits = num.lstrip("+-").replace(",", "")
-    decimals = len(digits.split(".")[1]) if "." in digits else 0
-    intpart = digits.split(".")[0].lstrip("0")
-    sig_str = (intpart + (digits.split(".")[1] if decimals else "")).lstrip("0")
-    trailing = 0 if decimals else len(sig_str) - len(sig_str.rstrip("0"))
-    sig = len(sig_str.rstrip("0")) if not decimals else len(sig_str)
+    intpart, _, frac = num.lstrip("+-").replace(",", "").partition(".")
+    sig_str = (intpart + frac).lstrip("0")
+    sig = len(sig_str) if frac else len(sig_str.rstrip("0"))   # significant digits
     scale = SCALES[m.group("scale")] if m.group("scale") else (1e3 if m.group("k") else 1.0)
-    unit = m.group("unit")
-    if unit is None and m.group("cur"):
-        unit = m.group("cur")
-    value = float(num.replace(",", "")) * scale
-    year = (scale == 1.0 and unit is None and not decimals and "," not in num
-            and num.isdigit() and 1000 <= int(num) <= 2100)
-    if year:
-        res = 1.0
-    elif decimals:
-        res = 10.0 ** -decimals
-    elif trailing and sig >= 2:
-        res = 10.0 ** trailing          # 1,200 stands for "1,200 to the nearest hundred"
-    else:
-        res = 1.0
-    res *= scale
+    unit = m.group("unit") or m.group("cur")
+    year = scale == 1.0 and unit is None and num.isdigit() and 1000 <= int(num) <= 2100
+    # a year is exact; 1,200 stands for "1,200 to the nearest hundred"
+    res = scale * (1.0 if year else 10.0 ** -len(frac) if frac else
+                   10.0 ** (len(sig_str) - sig) if len(sig_str) > sig and sig >= 2 else 1.0)
     # One significant digit is too coarse to call a rounding: "2 million" is not 1.6 million, "2000"
     # is not 1990, "3" is not 3.4; "3.4" is 3.42, "12" is 12.3, "1,200" is 1,234.
-    tol_pred = res / 2 if (decimals or sig >= 2) else 0.0
-    tol_gold = res / 2 if decimals else 0.0
-    return {"value": value, "unit": unit, "scale": scale, "tol_pred": tol_pred, "tol_gold": tol_gold,
-            "year": year, "has_scale": scale != 1.0}
-
-
-def _unit_info(unit):
-    if unit is None:
-        return None, 1.0, 0.0
-    if unit in CURRENCY_SYMBOLS:
-        return CURRENCY_SYMBOLS[unit], 1.0, 0.0
-    return UNITS[unit]
+    return {"value": float(num.replace(",", "")) * scale, "unit": unit, "scale": scale, "year": year,
+            "tol_pred": res / 2 if (frac or sig >= 2) else 0.0, "tol_gold": res / 2 if frac else 0.0}
 
 
 def parse_quantity(text):
     """A number or a range of numbers with an optional unit, or None when the text is more than that
     (e.g. "Boeing 747", "May 5, 1990", "1990-05-12")."""
-    s = _num_text(text)
+    s = unicodedata.normalize("NFKC", str(text)).lower().strip()
+    s = s.replace("\u2212", "-").replace("\u2013", " - ").replace("\u2014", " - ")
+    s = re.sub(r"\b(" + "|".join(NUMBER_WORDS) + r")\b", lambda m: str(NUMBER_WORDS[m.group(1)]), s).rstrip(".")
     matches = list(_QTY.finditer(s))
-    if not 1 <= len(matches) <= 2:
-        return None
-    rest = re.findall(r"[^\s,;:!?()]+", _QTY.sub(" ", s))
-    allowed = NUMBER_FILLER | (RANGE_WORDS if len(matches) == 2 else set())
-    if any(w.strip(".") not in allowed for w in rest if w.strip(".")):
+    rest = {w.strip(".") for w in re.findall(r"[^\s,;:!?()]+", _QTY.sub(" ", s))} - {""}
+    if not 1 <= len(matches) <= 2 or rest - NUMBER_FILLER - (RANGE_WORDS if len(matches) == 2 else set()):
         return None
     parts = [_parse_one(m) for m in matches]
     if len(parts) == 2:
-        if not set(w.strip(".") for w in rest) & RANGE_WORDS:
+        if not rest & RANGE_WORDS:
             return None  # two numbers side by side are not a range
         a, b = parts
-        # "5 to 6 million km", "$5-6": one side's unit or scale applies to both
-        for x, y in ((a, b), (b, a)):
+        for x, y in ((a, b), (b, a)):  # "5 to 6 million km", "$5-6": one side's unit or scale applies to both
             if x["unit"] is None and y["unit"] is not None:
-                x["unit"] = y["unit"]
-                x["year"] = False
-        if not a["has_scale"] and b["has_scale"]:
-            a["value"] *= b["scale"]
-            a["tol_pred"] *= b["scale"]
-            a["tol_gold"] *= b["scale"]
-    units = {p["unit"] for p in parts}
-    if len(units) > 1:
+                x["unit"], x["year"] = y["unit"], False
+        if a["scale"] == 1.0 and b["scale"] != 1.0:
+            a.update({k: a[k] * b["scale"] for k in ("value", "tol_pred", "tol_gold")})
+    if len({p["unit"] for p in parts}) > 1:
         return None
     unit = parts[0]["unit"]
-    dim, factor, offset = _unit_info(unit)
-    lo, hi = min(p["value"] for p in parts), max(p["value"] for p in parts)
-    tol_pred, tol_gold = min(p["tol_pred"] for p in parts), min(p["tol_gold"] for p in parts)
-    return Quantity(lo=lo, hi=hi, lo_base=(lo + offset) * factor, hi_base=(hi + offset) * factor,
-                    unit=unit, dim=dim, tol_pred=tol_pred, tol_gold=tol_gold,
-                    tol_pred_base=tol_pred * factor, tol_gold_base=tol_gold * factor,
-                    year=all(p["year"] for p in parts))
+    dim, factor, offset = UNITS[unit] if unit in UNITS else (CURRENCY_SYMBOLS.get(unit), 1.0, 0.0)
+    return Quantity(min(p["value"] for p in parts), max(p["value"] for p in parts), unit, dim, factor, offset,
+                    min(p["tol_pred"] for p in parts), min(p["tol_gold"] for p in parts), all(p["year"] for p in parts))
 
 
 def numbers_match(p, g):
@@ -283,8 +191,8 @@ def numbers_match(p, g):
         return False
     both_units = bool(p.unit and g.unit)
     if both_units:  # compare in base units; otherwise in the unit the one side wrote
-        plo, phi, glo, ghi = p.lo_base, p.hi_base, g.lo_base, g.hi_base
-        slack = max(p.tol_pred_base, g.tol_gold_base)
+        plo, phi, glo, ghi = [(v + q.offset) * q.factor for q in (p, g) for v in (q.lo, q.hi)]
+        slack = max(p.tol_pred * p.factor, g.tol_gold * g.factor)
     else:
         plo, phi, glo, ghi = p.lo, p.hi, g.lo, g.hi
         slack = max(p.tol_pred, g.tol_gold)
@@ -299,31 +207,8 @@ def numbers_match(p, g):
         return plo - slack <= glo <= phi + slack and width_ok
     if glo - slack <= plo and phi <= ghi + slack:    # range inside the gold range
         return True
-    inter = max(0.0, min(phi, ghi) - max(plo, glo))
-    union = max(phi, ghi) - min(plo, glo)
+    inter, union = max(0.0, min(phi, ghi) - max(plo, glo)), max(phi, ghi) - min(plo, glo)
     return union > 0 and inter / union >= 0.5
-
-
-def rule_match(pred, answers):
-    """True when pred matches any gold alias by the rules (text or numbers)."""
-    if pred is None:
-        return False
-    if isinstance(answers, (str, int, float)):
-        answers = [answers]
-    pred_n = normalize_answer(pred)
-    if not pred_n:
-        return False
-    pred_q = parse_quantity(pred)
-    for gold in answers:
-        if gold is None:
-            continue
-        if _text_match(pred_n, normalize_answer(gold)):
-            return True
-        if pred_q is not None:
-            gold_q = parse_quantity(gold)
-            if gold_q is not None and numbers_match(pred_q, gold_q):
-                return True
-    return False
 
 
 def score(pred, answers, question=None, judge=None):
@@ -332,14 +217,15 @@ def score(pred, answers, question=None, judge=None):
     question, an answer the rules reject is judged by the LLM (its verdicts are cached)."""
     if pred is None or not str(pred).strip():
         return 0.0
-    if rule_match(pred, answers):
-        return 1.0
-    if judge is not None and question is not None:
-        return 1.0 if judge(question, pred, answers) else 0.0
-    return 0.0
+    pred_n, pred_q = normalize_answer(pred), parse_quantity(pred)
+    for gold in [answers] if isinstance(answers, (str, int, float)) else answers:
+        if pred_n and gold is not None and (_text_match(pred_n, normalize_answer(gold)) or (
+                pred_q is not None and (gold_q := parse_quantity(gold)) is not None and numbers_match(pred_q, gold_q))):
+            return 1.0
+    return float(bool(judge(question, pred, answers))) if judge is not None and question is not None else 0.0
 
 
-# ============================================================================ LLM judge
+# ----------------------------------------------------------------------------- LLM judge
 
 JUDGE_PROMPT = """You grade short answers to questions about images. Decide whether the prediction means \
 the same as one of the ground-truth answers.
@@ -365,16 +251,12 @@ def parse_verdict(reply):
     r = (reply or "").strip().lower()
     if re.search(r"\b(incorrect|not correct|wrong)\b", r):
         return False
-    if re.search(r"\bcorrect\b", r):
-        return True
-    return None
+    return True if re.search(r"\bcorrect\b", r) else None
 
 
 class Judge:
-    """An LLM judge behind any OpenAI-compatible /chat/completions endpoint (tools.ChatClient).
-    Verdicts are cached in SQLite by (model, prompt) through tools.SearchCache, so a re-run costs
-    nothing and is reproducible. The API key, if any, is read from the environment variable named by
-    api_key_env."""
+    """An LLM judge behind any OpenAI-compatible endpoint (tools.ChatClient; the key, if any, from the
+    environment variable api_key_env), its verdicts cached by (model, prompt) in tools.SearchCache."""
 
     def __init__(self, url, model, cache=None, api_key_env="OPENAI_API_KEY", timeout=60.0, retries=2):
         self.client = tools.ChatClient(url, model, name="judge", api_key_env=api_key_env, timeout=timeout,
@@ -382,20 +264,15 @@ class Judge:
         self.cache = tools.SearchCache(cache) if cache else None
         self.calls = self.hits = self.errors = 0
 
-    def prompt(self, question, pred, answers):
-        answers = [answers] if isinstance(answers, str) else answers
-        return JUDGE_PROMPT.format(question=str(question).strip(),
-                                   answers="; ".join(str(a) for a in answers), prediction=str(pred).strip())
-
     def __call__(self, question, pred, answers):
         """True / False, or None when the endpoint fails or its reply is not a verdict."""
-        text = self.prompt(question, pred, answers)
+        answers = [answers] if isinstance(answers, str) else answers
+        text = JUDGE_PROMPT.format(question=str(question).strip(), answers="; ".join(str(a) for a in answers),
+                                   prediction=str(pred).strip())
         name = f"judge {self.client.model}"
-        if self.cache is not None:
-            hit = self.cache.get(name, text, 0)
-            if hit is not None:
-                self.hits += 1
-                return hit["verdict"]
+        if (hit := self.cache.get(name, text, 0) if self.cache is not None else None) is not None:
+            self.hits += 1
+            return hit["verdict"]
         self.calls += 1
         try:
             reply, _, _ = self.client.chat([{"role": "user", "content": text}], max_tokens=8, temperature=0)
@@ -403,8 +280,7 @@ class Judge:
             self.errors += 1
             print(f"warning: judge: {e}; keeping the rule-based score", file=sys.stderr)
             return None
-        verdict = parse_verdict(reply)
-        if verdict is None:
+        if (verdict := parse_verdict(reply)) is None:
             self.errors += 1
             print(f"warning: judge reply is not a verdict: {reply[:80]!r}", file=sys.stderr)
         elif self.cache is not None:
@@ -412,17 +288,16 @@ class Judge:
         return verdict
 
 
-# ============================================================================ benchmark loaders
+# ----------------------------------------------------------------------------- benchmark files and images
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 
 
 def read_records(path):
     """Rows of a .jsonl, .json, .csv or .parquet file (parquet needs pyarrow)."""
-    path = Path(path)
+    path, suffix = Path(path), Path(path).suffix.lower()
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not found")
-    suffix = path.suffix.lower()
     if suffix == ".jsonl":
         return tools.read_jsonl(path)
     if suffix == ".json":
@@ -433,25 +308,23 @@ def read_records(path):
     if suffix == ".csv":
         with open(path, newline="", encoding="utf-8") as f:
             return list(csv.DictReader(f))
-    if suffix in (".parquet", ".pq"):  # MMSearch-R1 ships mini_data.pq
-        try:
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise ValueError(f"{path}: reading parquet needs pyarrow (pip install pyarrow), "
-                             "or export the rows to .jsonl first") from None
-        return pq.read_table(path).to_pylist()
-    raise ValueError(f"{path}: unknown file type {suffix!r} (expected .jsonl, .json, .csv or .parquet / .pq)")
+    if suffix not in (".parquet", ".pq"):  # MMSearch-R1 ships mini_data.pq
+        raise ValueError(f"{path}: unknown file type {suffix!r} (expected .jsonl, .json, .csv or .parquet / .pq)")
+    try:  # optional: only parquet sources need it
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ValueError(f"{path}: reading parquet needs pyarrow (pip install pyarrow), "
+                         "or export the rows to .jsonl first") from None
+    return pq.read_table(path).to_pylist()
 
 
-def _rows(obj, *keys):
-    """The list of rows in a loaded file: the file itself, or its first list under one of keys."""
-    if isinstance(obj, list):
-        return obj
+def _rows(obj):
+    """The list of rows in a loaded file: the file itself, or its first list under a usual key."""
     if isinstance(obj, dict):
-        for k in keys + ("data", "rows", "items", "questions", "annotations"):
-            if isinstance(obj.get(k), list):
-                return obj[k]
-    raise ValueError("expected a list of rows (or a JSON object holding one)")
+        obj = next((obj[k] for k in ("data", "rows", "items", "questions", "annotations") if isinstance(obj.get(k), list)), None)
+    if not isinstance(obj, list):
+        raise ValueError("expected a list of rows (or a JSON object holding one)")
+    return obj
 
 
 def _text(x):
@@ -461,106 +334,65 @@ def _text(x):
 
 
 def _listify(x):
-    """A gold field as a flat list of aliases: lists, numpy-ish arrays, '[...]' strings (JSON, or Python
-    literals), scalars. Nested lists are flattened: Dyn-VQA's 202410 release groups its aliases as
-    [["M3系列"], ["M3", "M3 pro"]]."""
+    """A gold field as a flat list of aliases: lists (nested ones flattened: Dyn-VQA 202410's alias groups
+    [["M3系列"], ["M3", "M3 pro"]]), numpy-ish arrays, '[...]' strings (JSON, or Python literals), scalars."""
     if x is None:
         return []
-    if isinstance(x, str):
-        s = x.strip()
-        if s.startswith("[") and s.endswith("]"):
-            for parse in (json.loads, ast.literal_eval):  # JSON first: it joins surrogate pairs
-                try:
-                    v = parse(s)
-                except (ValueError, SyntaxError):
-                    continue
-                if isinstance(v, (list, tuple)):
-                    return _listify(list(v))
-        return [s]
-    if isinstance(x, (list, tuple)):
-        out = []
-        for item in x:
-            out.extend(_listify(item) if isinstance(item, (list, tuple)) or hasattr(item, "tolist") else [item])
-        return out
     if hasattr(x, "tolist"):
         return _listify(x.tolist())
-    return [x]
-
-
-def _dedupe(answers):
-    out, seen = [], set()
-    for a in answers:
-        s = " ".join(_text(a).split()) if a is not None else ""
-        if s and s.lower() not in seen:
-            seen.add(s.lower())
-            out.append(s)
-    return out
+    if isinstance(x, (list, tuple)):
+        return [a for v in x for a in (_listify(v) if isinstance(v, (list, tuple)) or hasattr(v, "tolist") else [v])]
+    if isinstance(x, str) and x.strip()[:1] == "[" and x.strip()[-1:] == "]":
+        for parse in (json.loads, ast.literal_eval):  # JSON first: it joins surrogate pairs
+            try:
+                if isinstance(v := parse(x.strip()), (list, tuple)):
+                    return _listify(list(v))
+            except (ValueError, SyntaxError):
+                pass
+    return [x.strip() if isinstance(x, str) else x]
 
 
 def _by_count(answers):
-    """Annotator answers, most frequent first (VQA-style 10-answer lists)."""
+    """Annotator answers, most frequent first (VQA-style 10-answer lists), and their counts."""
     counts = Counter(" ".join(str(a).split()) for a in answers if str(a).strip())
     return [a for a, _ in counts.most_common()], dict(counts)
 
 
 class Images:
-    """Finds a benchmark's image files under a folder (by file name, relative path or bare id, in any
-    sub-folder), or writes images embedded in the rows (bytes, base64) to save_dir."""
+    """A benchmark's image files under root, found by file name, relative path or bare id in any sub-folder
+    (of files sharing a name, the one whose folders match most of the name's own, a relative path or a URL's:
+    Dyn-VQA has four image_1.jpeg, LiveVQA an x1.png per paper); images embedded in rows go to save_dir."""
 
     def __init__(self, root=None, save_dir=None):
-        self.root = Path(root) if root else None
-        self.save_dir = Path(save_dir) if save_dir else None
-        self._index = None
-
-    def _build(self):
-        # file name and stem -> every file so named: one benchmark can reuse a name in several folders
-        # (Dyn-VQA's four image_1.jpeg, LiveVQA Paper's x1.png per paper), which find tells apart
-        self._index = {}
-        if self.root is None:
-            return
-        if not self.root.is_dir():
-            raise FileNotFoundError(f"--images {self.root}: not a folder")
-        for dirpath, dirnames, files in os.walk(self.root):
-            dirnames.sort()  # the same first match on every machine
-            for f in sorted(files):
-                p = Path(dirpath) / f
-                if p.suffix.lower() in IMAGE_EXTS:
-                    for key in {f.lower(), p.stem.lower()}:
-                        self._index.setdefault(key, []).append(p)
-
-    def _best(self, name, paths):
-        """Of the files sharing name's file name, the one whose folders match most of name's own
-        (a relative path or a URL's path); the first one if none does."""
-        want = [part.lower() for part in Path(name).parts[:-1]]
-
-        def shared(p):
-            have = [part.lower() for part in p.relative_to(self.root).parts[:-1]]
-            n = 0
-            while n < min(len(want), len(have)) and want[-1 - n] == have[-1 - n]:
-                n += 1
-            return n
-        return max(paths, key=shared)  # max keeps the first of equals
+        self.root, self.save_dir = Path(root) if root else None, Path(save_dir) if save_dir else None
+        self.index = None  # file name and stem -> every file so named, built at the first find
 
     def find(self, *names):
         """The first name that resolves to an image file, or None."""
-        if self._index is None:
-            self._build()
+        if self.index is None:
+            self.index = {}
+            if self.root is not None and not self.root.is_dir():
+                raise FileNotFoundError(f"--images {self.root}: not a folder")
+            for dirpath, dirnames, files in os.walk(self.root) if self.root else ():
+                dirnames.sort()  # the same first match on every machine
+                for p in (Path(dirpath) / f for f in sorted(files)):
+                    if p.suffix.lower() in IMAGE_EXTS:
+                        for key in {p.name.lower(), p.stem.lower()}:
+                            self.index.setdefault(key, []).append(p)
         for n in names:
-            if n is None or str(n).strip() == "":
-                continue
-            n = str(n).strip()
+            n = "" if n is None else str(n).strip()
             if n.startswith(("http://", "https://")):
-                n = urlparse(n).path.lstrip("/")  # its folders tell same-named files apart
-            if self.root is not None and (self.root / n).is_file():
+                n = urlparse(n).path.lstrip("/")
+            if n and self.root is not None and (self.root / n).is_file():
                 return (self.root / n).resolve()
-            paths = self._index.get(Path(n).name.lower()) or self._index.get(Path(n).stem.lower())
-            if paths:
-                return self._best(n, paths).resolve()
+            if n and (paths := self.index.get(Path(n).name.lower()) or self.index.get(Path(n).stem.lower())):
+                want = [s.lower() for s in reversed(Path(n).parts[:-1])]
+                return max(paths, key=lambda p: len(os.path.commonprefix(  # max keeps the first of equals
+                    [want, [s.lower() for s in reversed(p.relative_to(self.root).parts[:-1])]]))).resolve()
         return None
 
     def save(self, key, data):
         """Write image bytes as save_dir/<key>.<format>; None if the bytes are not an image."""
-        from PIL import Image, UnidentifiedImageError
         try:
             fmt = (Image.open(io.BytesIO(data)).format or "png").lower()
         except (UnidentifiedImageError, OSError, ValueError):
@@ -580,18 +412,14 @@ class Images:
         if isinstance(value, (list, tuple)):
             return next((p for p in (self.resolve(key, v) for v in value) if p is not None), None)
         if isinstance(value, dict):
-            if value.get("bytes"):
-                return self.resolve(key, value["bytes"])
-            return self.find(value.get("path"))
+            return self.resolve(key, value["bytes"]) if value.get("bytes") else self.find(value.get("path"))
         if isinstance(value, (bytes, bytearray)):
             return self.save(key, bytes(value))
         s = str(value).strip()
-        if s.startswith("data:image/") and "," in s:
-            s = s.split(",", 1)[1]
+        s = s.split(",", 1)[1] if s.startswith("data:image/") and "," in s else s
         if len(s) >= 64 and re.fullmatch(r"[A-Za-z0-9+/=\s]+", s):  # base64 image bytes, or a long id
             try:
-                path = self.save(key, base64.b64decode(s))
-                if path is not None:
+                if (path := self.save(key, base64.b64decode(s))) is not None:
                     return path
             except ValueError:
                 pass
@@ -599,231 +427,154 @@ class Images:
 
 
 def make_row(bench, source_id, question, answers, image, missing=None, needs_search=True, **meta):
-    """One question row of the design's format; image is an absolute path or None (missing names it)."""
+    """One question row of the design's format (aliases as text, deduplicated in order ignoring case);
+    image is an absolute path or None (missing names it)."""
     meta = {"bench": bench, "source_id": str(source_id), **{k: v for k, v in meta.items() if v is not None}}
     if image is None and missing:
         meta["missing_image"] = str(missing)[:100]
+    aliases = {}
+    for s in (" ".join(_text(a).split()) for a in answers if a is not None):
+        if s:
+            aliases.setdefault(s.lower(), s)
     return {"id": f"{bench}-{source_id}", "image": image, "question": " ".join(_text(question).split()),
-            "answers": _dedupe(answers), "needs_search": bool(needs_search), "meta": meta}
+            "answers": list(aliases.values()), "needs_search": bool(needs_search), "meta": meta}
 
 
-def _each(items, fn, where):
-    """fn(i, item) for each item -> the rows it returns (a row or a list of rows). An item fn fails
-    on (a missing field, a wrong type) becomes a {"skipped": why} marker, which convert counts and
-    names: one bad record never ends a conversion."""
-    rows = []
-    for i, item in enumerate(items):
-        try:
-            got = fn(i, item)
-        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
-            rows.append({"skipped": f"{where}: record {i + 1}: {type(e).__name__}: {str(e)[:100]}"})
+# ----------------------------------------------------------------------------- the eight benchmarks
+# A row function per benchmark: (record, its number, source file, Images, a dict for this load) -> a row or a
+# list of rows; its docstring is the layout `convert --help` shows. A reader, where the sources need one.
+
+def infoseek_row(r, i, src, images, ctx):
+    """InfoSeek (Chen et al., 2023). --src: infoseek_{val,test,human}.jsonl, objects {"data_id", "image_id",
+    "question", "answer": [aliases], "answer_eval": [aliases, or for numbers {"wikidata": 1.0, "range": [0.9,
+    1.1]} in a list or alone: the alias "0.9 - 1.1", a number inside it matches], "data_split"}; the question
+    types, when infoseek_val_qtype.jsonl {"data_id", "question_type"} lies beside it. --images: the OVEN
+    images, <image_id>.jpg in any sub-folder."""
+    if src not in ctx:
+        qtypes = Path(src).with_name(f"{Path(src).stem}_qtype.jsonl")
+        ctx[src] = {q["data_id"]: q.get("question_type") for q in (read_records(qtypes) if qtypes.is_file() else [])
+                    if isinstance(q, dict) and "data_id" in q}
+    answers = _listify(r.get("answer"))
+    for a in _listify(r.get("answer_eval")):
+        if not isinstance(a, dict):
+            answers.append(a)
             continue
-        rows.extend(got if isinstance(got, list) else [got])
-    return rows
+        if isinstance(a.get("range"), (list, tuple)) and len(a["range"]) == 2:
+            answers.append(f"{a['range'][0]} - {a['range'][1]}")
+        answers += [a["wikidata"]] if a.get("wikidata") is not None else []
+    return make_row("infoseek", r["data_id"], r["question"], answers, images.find(r.get("image_id")),
+                    missing=r.get("image_id"), image_id=r.get("image_id"), data_split=r.get("data_split"),
+                    question_type=r.get("question_type") or ctx[src].get(r["data_id"]))
 
 
-def _each_record(srcs, fn):
-    """fn(src, i, record) over the records of every source file (see _each)."""
-    return [row for src in srcs for row in _each(_rows(read_records(src)), lambda i, r: fn(src, i, r), src)]
-
-
-def load_infoseek(srcs, images):
-    """InfoSeek (Chen et al., 2023). --src: infoseek_val.jsonl / infoseek_test.jsonl / infoseek_human.jsonl,
-    one object per line: {"data_id", "image_id", "question", "answer": [aliases], "answer_eval": [...],
-    "data_split"}; answer_eval holds alias strings, or for numerical questions
-    [{"wikidata": 1.0, "range": [0.9, 1.1]}] (or that dict alone, not in a list; kept as the alias
-    "0.9 - 1.1": a number inside it matches). The question types (entity, time, numerical) ship apart, in
-    infoseek_val_qtype.jsonl {"data_id", "question_type"}: read when it lies beside the --src file.
-    --images: the OVEN/InfoSeek images, files named <image_id>.jpg (any sub-folder)."""
-    qtypes = {}
-
-    def one(src, i, r):
-        if src not in qtypes:
-            qtypes[src] = _infoseek_qtypes(src)
-        answers = _listify(r.get("answer"))
-        for a in _listify(r.get("answer_eval")):
-            if isinstance(a, dict):
-                if isinstance(a.get("range"), (list, tuple)) and len(a["range"]) == 2:
-                    answers.append(f"{a['range'][0]} - {a['range'][1]}")
-                if a.get("wikidata") is not None:
-                    answers.append(a["wikidata"])
-            else:
-                answers.append(a)
-        return make_row("infoseek", r["data_id"], r["question"], answers,
-                        images.find(r.get("image_id")), missing=r.get("image_id"),
-                        image_id=r.get("image_id"), data_split=r.get("data_split"),
-                        question_type=r.get("question_type") or qtypes[src].get(r["data_id"]))
-
-    return _each_record(srcs, one)
-
-
-def _infoseek_qtypes(src):
-    """data_id -> question_type from <stem>_qtype.jsonl beside an InfoSeek file ({} when absent)."""
-    path = Path(src).with_name(f"{Path(src).stem}_qtype.jsonl")
-    if not path.is_file():
-        return {}
-    rows = [r for r in read_records(path) if isinstance(r, dict) and "data_id" in r]
-    return {r["data_id"]: r.get("question_type") for r in rows}
-
-
-def load_evqa(srcs, images):
-    """Encyclopedic-VQA (Mensink et al., 2023). --src: train.csv / val.csv / test.csv with columns
-    question, answer (annotator aliases separated by '|'; for multi_answer questions the parts of one
-    answer separated by '&&'), dataset_image_ids (up to 5 ids separated by '|'), dataset_name
-    (inaturalist / landmarks), question_type (templated, automatic, multi_answer, 2_hop),
-    wikipedia_url, encyclopedic_vqa_split. One question per row, with its first image found.
-    --images: the Google Landmarks v2 images (a/b/c/<image id>.jpg) and the iNaturalist 2021 images.
-    iNaturalist stores its images by UUID (val/<category>/<uuid>.jpg) while the csv names them by iNat's
-    numeric image id: give iNat 2021's val.json / train.json ({"images": [{"id", "file_name"}]}), or an
-    {id: file_name} JSON, as another --src to map them."""
-    questions = [s for s in srcs if Path(s).suffix.lower() != ".json"]
-    inat = _inat_files([s for s in srcs if Path(s).suffix.lower() == ".json"])
-
-    def one(src, i, r):
-        aliases = [a.strip() for a in str(r.get("answer", "")).split("|")]
-        parts = None
-        if r.get("question_type") == "multi_answer":
-            parts = [[p.strip() for p in a.split("&&") if p.strip()] for a in aliases]
-            aliases = [", ".join(p) for p in parts]
-        ids = [x.strip() for x in re.split(r"[|,;\s]+", str(r.get("dataset_image_ids", ""))) if x.strip()]
-        image = images.find(*(inat.get(x, x) for x in ids))
-        split = r.get("encyclopedic_vqa_split") or Path(src).stem
-        return make_row("evqa", f"{split}-{i}", r["question"], aliases, image,
-                        missing=ids[0] if ids else None, question_type=r.get("question_type"),
-                        dataset_name=r.get("dataset_name"), wikipedia_url=r.get("wikipedia_url"),
-                        image_ids=ids, answer_parts=parts)
-
-    return _each_record(questions, one)
-
-
-def _inat_files(paths):
-    """iNaturalist image id (as text) -> file name, from iNat 2021 annotation files or {id: name} maps."""
-    files = {}
-    for path in paths:
+def evqa_read(srcs, inat):
+    """The .csv sources' rows; into inat, iNaturalist image id -> file name from the .json sources."""
+    for path in [s for s in srcs if Path(s).suffix.lower() == ".json"]:
         data = read_records(path)
         if isinstance(data, dict) and isinstance(data.get("images"), list):
             data = {im["id"]: im["file_name"] for im in data["images"] if "id" in im and "file_name" in im}
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected iNaturalist's {{\"images\": [...]}} or {{id: file_name}}")
-        files.update({str(k): str(v) for k, v in data.items()})
-    return files
+        inat.update({str(k): str(v) for k, v in data.items()})
+    return ((s, _rows(read_records(s))) for s in srcs if Path(s).suffix.lower() != ".json")
 
 
-def load_simplevqa(srcs, images):
-    """SimpleVQA (Cheng et al., 2025). --src: the release's JSON / JSONL (or the Hugging Face parquet)
-    with fields data_id, image, question, answer, language, vqa_category, original_category, source,
-    atomic_question, atomic_fact; image is a file name / URL found under --images, or the image itself
-    (base64 or parquet bytes), which is written next to --out."""
-    def one(src, i, r):
-        qid = r.get("data_id", i)
-        image = images.resolve(f"simplevqa-{qid}", r.get("image") or r.get("image_path"))
-        return make_row("simplevqa", qid, r["question"], _listify(r.get("answer")), image,
-                        missing=r.get("image") if isinstance(r.get("image"), str) else None,
-                        language=r.get("language"), vqa_category=r.get("vqa_category"),
-                        original_category=r.get("original_category"), source=r.get("source"),
-                        atomic_question=r.get("atomic_question"))
-
-    return _each_record(srcs, one)
-
-
-def load_dynvqa(srcs, images):
-    """Dyn-VQA (Li et al., 2024; OmniSearch). --src: DynVQA_en.jsonl / DynVQA_zh.jsonl, or the dated
-    releases DynVQA_en.202406.jsonl ... (the same question_ids in each, so the date joins the id), one
-    object per line: {"image_url", "question", "question_id", "answer", "gloden_query" (sic; "golden_query"
-    from 202502)}. answer: aliases in both languages, may hold numbers, is null for some questions, and in
-    202410 is a list of alias groups [["M3系列"], ["M3", "M3 pro"]] (flattened; the groups kept in meta).
-    --images: the downloaded images, in the folders of their URLs' paths: the releases reuse a file name
-    in several folders (Timeqaextracted_images/image_1.jpeg, Freshqa_en_extracted_images/image_1.jpeg)."""
-    def one(src, i, r):
-        qid = r.get("question_id")
-        release = re.search(r"\.(\d{6})$", Path(src).stem)
-        url = r.get("image_url") or r.get("image")
-        answer = r.get("answer")
-        groups = [_listify(g) for g in answer if isinstance(g, list)] if isinstance(answer, list) else []
-        return make_row("dynvqa", f"{release[1]}-{qid}" if release else qid, r["question"], _listify(answer),
-                        images.find(url), missing=url, image_url=r.get("image_url"),
-                        golden_query=r.get("gloden_query") or r.get("golden_query"),
-                        language="zh" if str(qid).startswith("zh") else "en",
-                        release=release[1] if release else None, answer_groups=groups or None)
-
-    return _each_record(srcs, one)
+def evqa_row(r, i, src, images, inat):
+    """Encyclopedic-VQA (Mensink et al., 2023). --src: {train,val,test}.csv, columns question, answer (aliases
+    separated by '|'; a multi_answer's parts by '&&'), dataset_image_ids ('|'), dataset_name, question_type,
+    wikipedia_url, encyclopedic_vqa_split; the first image found. --images: Google Landmarks v2
+    (a/b/c/<id>.jpg) and iNaturalist 2021, which names files by UUID: give its val.json / train.json
+    ({"images": [{"id", "file_name"}]}) or an {id: file_name} JSON as another --src to map the csv's ids."""
+    aliases, parts = [a.strip() for a in str(r.get("answer", "")).split("|")], None
+    if r.get("question_type") == "multi_answer":
+        parts = [[p.strip() for p in a.split("&&") if p.strip()] for a in aliases]
+        aliases = [", ".join(p) for p in parts]
+    ids = [x.strip() for x in re.split(r"[|,;\s]+", str(r.get("dataset_image_ids", ""))) if x.strip()]
+    image = images.find(*(inat.get(x, x) for x in ids))
+    return make_row("evqa", f"{r.get('encyclopedic_vqa_split') or Path(src).stem}-{i}", r["question"], aliases,
+                    image, missing=ids[0] if ids else None, question_type=r.get("question_type"),
+                    dataset_name=r.get("dataset_name"), wikipedia_url=r.get("wikipedia_url"), image_ids=ids,
+                    answer_parts=parts)
 
 
-def load_okvqa(srcs, images):
-    """OK-VQA (Marino et al., 2019), VQA-v2 layout, two JSON files given together as --src (or the
-    questions file alone, with *annotations*.json beside it):
-    OpenEnded_mscoco_val2014_questions.json {"data_subtype": "val2014", "questions": [{"image_id",
-    "question", "question_id"}]} and mscoco_val2014_annotations.json {"annotations": [{"question_id",
-    "image_id", "answers": [{"answer", "raw_answer", "answer_confidence", "answer_id"}] x10,
-    "question_type", "answer_type"}]}. Aliases are the annotators' answers, most frequent first.
-    --images: COCO val2014, files named COCO_val2014_<image_id, 12 digits>.jpg."""
+def simplevqa_row(r, i, src, images, ctx):
+    """SimpleVQA (Cheng et al., 2025). --src: the release's JSON / JSONL / parquet, fields data_id, image (a
+    file name or URL under --images, or the image itself, base64 or bytes, written next to --out), question,
+    answer, language, vqa_category, original_category, source, atomic_question."""
+    qid = r.get("data_id", i)
+    image = images.resolve(f"simplevqa-{qid}", r.get("image") or r.get("image_path"))
+    return make_row("simplevqa", qid, r["question"], _listify(r.get("answer")), image,
+                    missing=r.get("image") if isinstance(r.get("image"), str) else None,
+                    **{k: r.get(k) for k in ("language", "vqa_category", "original_category", "source",
+                                             "atomic_question")})
+
+
+def dynvqa_row(r, i, src, images, ctx):
+    """Dyn-VQA (Li et al., 2024). --src: DynVQA_{en,zh}.jsonl or the dated DynVQA_en.202406.jsonl ... (their
+    date joins the id: the releases share question_ids), objects {"image_url", "question", "question_id",
+    "answer" (aliases, numbers, null, or in 202410 alias groups, flattened), "gloden_query" (sic)}.
+    --images: the images in the folders of their URLs' paths (the releases reuse file names)."""
+    qid, answer = r.get("question_id"), r.get("answer")
+    release = re.search(r"\.(\d{6})$", Path(src).stem)
+    url = r.get("image_url") or r.get("image")
+    groups = [_listify(g) for g in answer if isinstance(g, list)] if isinstance(answer, list) else []
+    return make_row("dynvqa", f"{release[1]}-{qid}" if release else qid, r["question"], _listify(answer),
+                    images.find(url), missing=url, image_url=r.get("image_url"),
+                    golden_query=r.get("gloden_query") or r.get("golden_query"),
+                    language="zh" if str(qid).startswith("zh") else "en",
+                    release=release[1] if release else None, answer_groups=groups or None)
+
+
+def okvqa_read(srcs, ctx):
+    """The questions, with their annotations in ctx: the given file, or the *annotations*.json of their split
+    beside them (the release ships train2014 and val2014 side by side)."""
     loaded = [read_records(s) for s in srcs]
     qfile = next((d for d in loaded if isinstance(d, dict) and "questions" in d), None)
     afile = next((d for d in loaded if isinstance(d, dict) and "annotations" in d), None)
     if len(loaded) == 1 and qfile is not None and afile is None:
-        sibling = _okvqa_annotations(Path(srcs[0]).parent, qfile.get("data_subtype"))
+        found, sub = sorted(Path(srcs[0]).parent.glob("*annotations*.json")), qfile.get("data_subtype")
+        sibling = next((f for f in found if sub and sub in f.name), found[0] if found else None)
         afile = read_records(sibling) if sibling else None
     if qfile is None or afile is None:
         raise ValueError("okvqa needs the questions JSON and the annotations JSON (give both as --src)")
-    subtype = qfile.get("data_subtype") or afile.get("data_subtype") or "val2014"
-    ann = {a["question_id"]: a for a in afile["annotations"]}
-    def one(i, q):
-        a = ann.get(q["question_id"], {})
-        answers, counts = _by_count(x.get("answer") for x in a.get("answers", []))
-        iid = int(q["image_id"])
-        return make_row("okvqa", q["question_id"], q["question"], answers,
-                        images.find(f"COCO_{subtype}_{iid:012d}", f"{iid:012d}", str(iid)),
-                        missing=f"COCO_{subtype}_{iid:012d}.jpg", image_id=iid,
-                        answer_counts=counts, question_type=a.get("question_type"),
-                        answer_type=a.get("answer_type"))
-
-    return _each(qfile["questions"], one, srcs[0])
+    ctx["subtype"] = qfile.get("data_subtype") or afile.get("data_subtype") or "val2014"
+    ctx["annotations"] = {a["question_id"]: a for a in afile["annotations"]}
+    return [(srcs[0], qfile["questions"])]
 
 
-def _okvqa_annotations(folder, subtype):
-    """The *annotations*.json in folder for the questions' split: the release ships train2014 and val2014
-    side by side, and the first by name (train) would leave every val question without answers."""
-    found = sorted(folder.glob("*annotations*.json"))
-    return next((f for f in found if subtype and subtype in f.name), found[0] if found else None)
+def okvqa_row(q, i, src, images, ctx):
+    """OK-VQA (Marino et al., 2019). --src: OpenEnded_mscoco_val2014_questions.json {"data_subtype",
+    "questions": [{"image_id", "question", "question_id"}]} and mscoco_val2014_annotations.json
+    {"annotations": [{"question_id", "answers": [{"answer", ...}] x10, "question_type", "answer_type"}]}
+    (or the questions alone, the annotations beside them); aliases most frequent first. --images: COCO
+    val2014, COCO_val2014_<image_id, 12 digits>.jpg."""
+    a = ctx["annotations"].get(q["question_id"], {})
+    answers, counts = _by_count(x.get("answer") for x in a.get("answers", []))
+    iid, sub = int(q["image_id"]), ctx["subtype"]
+    return make_row("okvqa", q["question_id"], q["question"], answers,
+                    images.find(f"COCO_{sub}_{iid:012d}", f"{iid:012d}", str(iid)), missing=f"COCO_{sub}_{iid:012d}.jpg",
+                    image_id=iid, answer_counts=counts, question_type=a.get("question_type"),
+                    answer_type=a.get("answer_type"))
 
 
-def load_aokvqa(srcs, images):
-    """A-OKVQA (Schwenk et al., 2022). --src: aokvqa_v1p0_val.json (the test split has no answers), a
-    JSON list of {"split", "image_id", "question_id", "question", "choices", "correct_choice_idx",
-    "direct_answers": [10 annotator answers], "difficult_direct_answer", "rationales"}. Aliases: the
-    direct answers, most frequent first, then the correct choice.
-    --images: COCO 2017 (val2017/), files named <image_id, 12 digits>.jpg."""
-    def one(src, i, r):
-        answers, counts = _by_count(r.get("direct_answers") or [])
-        choices, idx = r.get("choices") or [], r.get("correct_choice_idx")
-        if isinstance(idx, int) and 0 <= idx < len(choices) and answers:
-            answers.append(choices[idx])
-        iid = int(r["image_id"])
-        return make_row("aokvqa", r["question_id"], r["question"], answers,
-                        images.find(f"{iid:012d}", f"COCO_val2014_{iid:012d}", str(iid)),
-                        missing=f"{iid:012d}.jpg", image_id=iid, split=r.get("split"),
-                        answer_counts=counts, choices=choices or None, correct_choice_idx=idx,
-                        difficult_direct_answer=r.get("difficult_direct_answer"))
-
-    return _each_record(srcs, one)
+def aokvqa_row(r, i, src, images, ctx):
+    """A-OKVQA (Schwenk et al., 2022). --src: aokvqa_v1p0_val.json (test has no answers), a list of {"split",
+    "image_id", "question_id", "question", "choices", "correct_choice_idx", "direct_answers": [10 answers],
+    "difficult_direct_answer", "rationales"}; aliases: the direct answers, most frequent first, then the
+    correct choice. --images: COCO 2017, <image_id, 12 digits>.jpg."""
+    answers, counts = _by_count(r.get("direct_answers") or [])
+    choices, idx = r.get("choices") or [], r.get("correct_choice_idx")
+    if isinstance(idx, int) and 0 <= idx < len(choices) and answers:
+        answers.append(choices[idx])
+    iid = int(r["image_id"])
+    return make_row("aokvqa", r["question_id"], r["question"], answers,
+                    images.find(f"{iid:012d}", f"COCO_val2014_{iid:012d}", str(iid)), missing=f"{iid:012d}.jpg",
+                    image_id=iid, split=r.get("split"), answer_counts=counts, choices=choices or None,
+                    correct_choice_idx=idx, difficult_direct_answer=r.get("difficult_direct_answer"))
 
 
-def _user_text(prompt):
-    """The question inside an MMSearch-R1 prompt (a list of chat messages, or plain text)."""
-    if isinstance(prompt, str):
-        text = prompt
-    else:
-        msgs = _listify(prompt)
-        user = [m for m in msgs if isinstance(m, dict) and m.get("role") == "user"] or msgs
-        content = user[-1].get("content", "") if user and isinstance(user[-1], dict) else ""
-        if isinstance(content, list):  # OpenAI-style content parts
-            content = " ".join(p.get("text", "") for p in content if isinstance(p, dict))
-        text = str(content)
-    return re.sub(r"<image>", " ", text).strip()
-
-
-def _mmsearch_r1_row(bench, r, i, images):
-    """A row of MMSearch-R1's veRL parquet: data_id, prompt, images, reward_model, category, ..."""
+def mmsearch_r1_row(bench, r, qid, images):
+    """A row of MMSearch-R1's veRL parquet (see fvqa_row); qid when it has no data_id."""
     rm = r.get("reward_model") or {}
     if isinstance(rm, str):
         try:
@@ -831,67 +582,73 @@ def _mmsearch_r1_row(bench, r, i, images):
         except (ValueError, SyntaxError):
             rm = {"ground_truth": rm}
     answers = _listify(rm.get("ground_truth")) + _listify(rm.get("candidate_answers"))
-    qid = r["data_id"] if r.get("data_id") is not None else i
-    question = r.get("question") or _user_text(r.get("prompt", ""))
-    img_field = r.get("images") if r.get("images") is not None else r.get("image")
-    category = r.get("category")
-    return make_row(bench, qid, question, answers, images.resolve(f"{bench}-{qid}", img_field),
+    qid = r["data_id"] if r.get("data_id") is not None else qid
+    question = r.get("question")
+    if not question:  # the last user message of the prompt: text, chat messages, or OpenAI-style content parts
+        prompt = r.get("prompt", "")
+        if not isinstance(prompt, str):
+            msgs = _listify(prompt)
+            user = [m for m in msgs if isinstance(m, dict) and m.get("role") == "user"] or msgs
+            prompt = user[-1].get("content", "") if user and isinstance(user[-1], dict) else ""
+            prompt = " ".join(p.get("text", "") for p in prompt if isinstance(p, dict)) \
+                if isinstance(prompt, list) else str(prompt)
+        question = re.sub(r"<image>", " ", prompt).strip()
+    image = images.resolve(f"{bench}-{qid}", r.get("images") if r.get("images") is not None else r.get("image"))
+    return make_row(bench, qid, question, answers, image,
                     missing=r.get("image_urls") if isinstance(r.get("image_urls"), str) else None,
-                    needs_search=category != "search_free", category=category,
+                    needs_search=r.get("category") != "search_free", category=r.get("category"),
                     data_source=r.get("data_source"))
 
 
-def load_fvqa(srcs, images):
-    """FVQA (MMSearch-R1, Wu et al., 2025). --src: fvqa_test.parquet (pyarrow) or the same rows exported
-    to JSON / JSONL: {"data_id", "prompt": [{"role": "user", "content": "...question..."}],
-    "images": [{"bytes": ..., "path": None}], "reward_model": {"ground_truth", "candidate_answers": a JSON
-    list as text, "style"}, "category": "search_required" | "search_free", "data_source", "image_urls"
-    (null)}. MMSearch-R1's mini_data.pq has no data_id and no category: ids then come from the file name
-    and row number. Images are embedded (written next to --out); a path-only image is looked up under
-    --images."""
-    return _each_record(srcs, lambda src, i, r: _mmsearch_r1_row("fvqa", r, _row_id(src, i), images))
+def fvqa_row(r, i, src, images, ctx):
+    """FVQA (MMSearch-R1, Wu et al., 2025). --src: fvqa_test.parquet (pyarrow) or its rows as JSON / JSONL:
+    {"data_id", "prompt": [{"role": "user", "content"}], "images": [{"bytes", "path"}], "reward_model":
+    {"ground_truth", "candidate_answers" (a JSON list as text)}, "category": "search_required" | "search_free",
+    "data_source", "image_urls"}; without data_id (mini_data.pq) a row's id is <file name>_<row>. Images are
+    embedded (written next to --out); a path-only image is looked up under --images."""
+    return mmsearch_r1_row("fvqa", r, f"{Path(src).stem}_{i}", images)
 
 
-def _row_id(src, i):
-    """The id of a row with no id of its own: MMSearch-R1's mini_data.pq has no data_id column, and two
-    such files converted together must not share "0", "1", ..."""
-    return f"{Path(src).stem}_{i}"
+def livevqa_row(r, i, src, images, ctx):
+    """LiveVQA (Fu et al., 2025). --src: MMSearch-R1's rows (as fvqa), or LiveVQA's benchmark.json, a list of
+    {"id", "img_path", "level1_qa": {"question", "Ground_Truth_List", ...}, "level2_qa", "source", "time"}
+    (a question per level), or rows {"sample_id", "query", "gt_answer", "image"}. --images: the LiveVQA images
+    (News/News_imgs/, Video/Video_images/, Paper/Paper_images/<arxiv id>/x1.png: img_path's folder counts)."""
+    if "reward_model" in r or "prompt" in r:
+        return mmsearch_r1_row("livevqa", r, f"{Path(src).stem}_{i}", images)
+    if "level1_qa" in r:
+        return [make_row("livevqa", f"{r['id']}-{level[:6]}", qa["question"],
+                         _listify(qa.get("Ground_Truth_List") or qa.get("Ground_Truth")),
+                         images.find(img := qa.get("img_path") or r.get("img_path")), missing=img, level=level[:6],
+                         question_type=qa.get("question_type"), source=r.get("source"), time=r.get("time"))
+                for level in ("level1_qa", "level2_qa") if (qa := r.get(level))]
+    qid, img = r.get("sample_id", r.get("id", i)), r.get("image") or r.get("img_path") or r.get("image_path")
+    return make_row("livevqa", qid, r.get("query") or r["question"], _listify(r.get("gt_answer") or r.get("answer")),
+                    images.resolve(f"livevqa-{qid}", img), missing=img if isinstance(img, str) else None)
 
 
-def load_livevqa(srcs, images):
-    """LiveVQA (Fu et al., 2025) as MMSearch-R1 evaluates it. --src: MMSearch-R1's parquet / JSON rows
-    (the FVQA layout, see load_fvqa), or LiveVQA's own benchmark.json: a list of {"id", "img_path",
-    "level1_qa": {"question", "Ground_Truth_List", ...}, "level2_qa": {...}, "source", "time"} (one question
-    per level), or rows {"sample_id", "query", "gt_answer", "image"}. --images: the LiveVQA images
-    (News/News_imgs/, Video/Video_images/, Paper/Paper_images/<arxiv id>/x1.png: Paper reuses x1.png,
-    x2.png in each paper's folder, so img_path's folder picks the file)."""
-    def one(src, i, r):
-        if "reward_model" in r or "prompt" in r:
-            return _mmsearch_r1_row("livevqa", r, _row_id(src, i), images)
-        if "level1_qa" in r:  # one question per level
-            rows = []
-            for level in ("level1_qa", "level2_qa"):
-                qa = r.get(level)
-                if qa:
-                    img = qa.get("img_path") or r.get("img_path")
-                    rows.append(make_row("livevqa", f"{r['id']}-{level[:6]}", qa["question"],
-                                         _listify(qa.get("Ground_Truth_List") or qa.get("Ground_Truth")),
-                                         images.find(img), missing=img, level=level[:6],
-                                         question_type=qa.get("question_type"), source=r.get("source"),
-                                         time=r.get("time")))
-            return rows
-        qid = r.get("sample_id", r.get("id", i))
-        img = r.get("image") or r.get("img_path") or r.get("image_path")
-        return make_row("livevqa", qid, r.get("query") or r["question"],
-                        _listify(r.get("gt_answer") or r.get("answer")),
-                        images.resolve(f"livevqa-{qid}", img), missing=img if isinstance(img, str) else None)
-
-    return _each_record(srcs, one)
+LOADERS = {"infoseek": (infoseek_row, None), "evqa": (evqa_row, evqa_read), "simplevqa": (simplevqa_row, None),
+           "dynvqa": (dynvqa_row, None), "okvqa": (okvqa_row, okvqa_read), "aokvqa": (aokvqa_row, None),
+           "fvqa": (fvqa_row, None), "livevqa": (livevqa_row, None)}  # name -> (row function, reader)
 
 
-LOADERS = {"infoseek": load_infoseek, "evqa": load_evqa, "simplevqa": load_simplevqa,
-           "dynvqa": load_dynvqa, "okvqa": load_okvqa, "aokvqa": load_aokvqa,
-           "fvqa": load_fvqa, "livevqa": load_livevqa}
+def load(bench, srcs, images):
+    """Rows of bench's source files. A record its row function fails on (a missing field, a wrong type)
+    becomes a {"skipped": why} marker, which convert counts and names: one bad record never ends a conversion."""
+    row, read = LOADERS[bench]
+    ctx, rows = {}, []
+    for src, records in (read(srcs, ctx) if read else ((s, _rows(read_records(s))) for s in srcs)):
+        for i, r in enumerate(records):
+            try:
+                got = row(r, i, src, images, ctx)
+            except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+                got = {"skipped": f"{src}: record {i + 1}: {type(e).__name__}: {str(e)[:100]}"}
+            rows += got if isinstance(got, list) else [got]
+    return rows
+
+
+def load_infoseek(srcs, images):  # make_data.py reads InfoSeek sources with it
+    return load("infoseek", srcs, images)
 
 
 def convert(bench, srcs, images_dir, out, limit=0, log=print):
@@ -899,9 +656,8 @@ def convert(bench, srcs, images_dir, out, limit=0, log=print):
     written to <out folder>/images/<bench>/). Rows without an image file or without answers are skipped
     and counted. Returns the rows written."""
     out = Path(out)
-    rows = LOADERS[bench]([Path(s) for s in srcs], Images(images_dir, out.parent / "images" / bench))
     kept, no_image, no_answer, bad = [], [], 0, []
-    for r in rows:
+    for r in load(bench, [Path(s) for s in srcs], Images(images_dir, out.parent / "images" / bench)):
         if "skipped" in r:
             bad.append(r["skipped"])
         elif not r["answers"]:
@@ -909,37 +665,28 @@ def convert(bench, srcs, images_dir, out, limit=0, log=print):
         elif r["image"] is None:
             no_image.append(r["meta"].get("missing_image", r["id"]))
         else:
-            r["image"] = Path(os.path.relpath(r["image"], out.parent.resolve())).as_posix()
-            kept.append(r)
-    if limit:
-        kept = kept[:limit]
+            kept.append(dict(r, image=Path(os.path.relpath(r["image"], out.parent.resolve())).as_posix()))
+    kept = kept[:limit] if limit else kept
     out.parent.mkdir(parents=True, exist_ok=True)
     tools.write_jsonl(out, kept)
     log(f"{bench}: wrote {len(kept)} questions to {out}; skipped {len(no_image)} without an image file"
         + (f" (e.g. {', '.join(map(str, no_image[:3]))})" if no_image else "")
-        + f", {no_answer} without answers, {len(bad)} malformed"
-        + (f" ({'; '.join(bad[:3])})" if bad else ""))
+        + f", {no_answer} without answers, {len(bad)} malformed" + (f" ({'; '.join(bad[:3])})" if bad else ""))
     return kept
 
 
-# ============================================================================ inference modes
+# ----------------------------------------------------------------------------- inference modes
 
 # The paper's fixed RAG workflow as forced assistant turns (whole-image search, then the question as the
-# text query); rollout executes them with the real tools, then the model answers freely. rollout
-# replaces {question} with each question's text.
+# text query; rollout fills in {question}); rollout runs them with the real tools, then the model answers.
 RAG_TURNS = ("<reason>I will search the web with the whole image to identify what it shows.</reason>"
              "<img_search><img></img_search>",
              "<reason>I will search the web with the question.</reason><text_search>{question}</text_search>")
 
 
-def rag_actions(has_image):
-    """The forced turns: no image search for a question without an image."""
-    return list(RAG_TURNS) if has_image else list(RAG_TURNS[1:])
-
-
 def with_budget(tools_, max_calls):
-    """The same tools (backends, cache) with another call budget; a search past it is answered with an
-    <information> saying no calls are left and asking for the answer."""
+    """The same tools (backends, cache) with another call budget: a search past it gets an <information>
+    saying no calls are left."""
     t = copy.copy(tools_)
     t.max_calls = max_calls
     return t
@@ -947,10 +694,8 @@ def with_budget(tools_, max_calls):
 
 def run_mode(mode, model, processor, tools_, questions, max_turns=6, max_new_tokens=256, batch_size=64,
              seed=0, progress=False, dtype=None):
-    """Greedy rollouts of one mode over questions (rows from tools.load_questions); batch_size is the
-    number of trajectories rollout keeps in flight; progress: rollout's bar with ETA. Returns one
-    Trajectory per question, in order."""
-    import rollout
+    """Greedy rollouts of one mode over questions (tools.load_questions rows), batch_size trajectories in
+    flight. Returns one Trajectory per question, in order."""
     kw = dict(group_size=1, max_turns=max_turns, max_new_tokens=max_new_tokens, temperature=0.0, seed=seed,
               batch_size=batch_size, progress=progress, dtype=dtype)
     if mode == "agent":
@@ -960,10 +705,9 @@ def run_mode(mode, model, processor, tools_, questions, max_turns=6, max_new_tok
     if mode != "rag":
         raise ValueError(f"unknown mode {mode!r}: use one of {MODES}")
     out = [None] * len(questions)
-    for has_image in (True, False):  # forced turns are per call: one call per kind of question
-        idx = [i for i, q in enumerate(questions) if bool(q.get("image")) == has_image]
-        if idx:
-            forced = rag_actions(has_image)  # the workflow's searches are all it gets, then one answer turn
+    for forced in (list(RAG_TURNS), list(RAG_TURNS[1:])):  # with an image, then without (no image search)
+        idx = [i for i, q in enumerate(questions) if bool(q.get("image")) == (len(forced) == 2)]
+        if idx:  # the workflow's searches are all it gets, then one answer turn
             trajs = rollout.rollout(model, processor, with_budget(tools_, len(forced)), [questions[i] for i in idx],
                                     forced_actions=forced, **dict(kw, max_turns=len(forced) + 1))
             for i, tr in zip(idx, trajs):
@@ -971,58 +715,55 @@ def run_mode(mode, model, processor, tools_, questions, max_turns=6, max_new_tok
     return out
 
 
-# ============================================================================ records and metrics
-
-def _action_dict(a):
-    return {"kind": a.kind, "arg": a.arg, "box": list(a.box) if a.box else None, "whole": a.whole,
-            "reason": a.reason, "error": a.error}
-
-
-def _obs_dict(o):
-    if o is None:  # the last turn (an answer, or cut by the turn budget) has no observation
-        return None
-    keep = ("id", "title", "text", "url", "image", "score")
-    return {"text": o.text, "kind": o.kind, "error": bool(o.error), "box": list(o.box) if o.box else None,
-            "results": [{k: r[k] for k in keep if k in r} for r in o.results]}
-
+# ----------------------------------------------------------------------------- records and statistics
 
 def traj_record(traj, question, bench, mode, s, judged=False, index=None):
-    """A Trajectory -> a plain JSON-able record: what metrics, reports and all_gather_object need."""
-    obs = list(traj.observations) + [None] * max(0, len(traj.texts) - len(traj.observations))
-    steps = [{"text": t, "action": _action_dict(a), "obs": _obs_dict(o)}
-             for t, a, o in zip(traj.texts, traj.actions, obs)]
-    rec = {"bench": bench, "mode": mode, "index": index, "qid": question["id"],
-           "question": question["question"], "image": question.get("image"),
-           "answers": list(question.get("answers", [])), "meta": question.get("meta") or {},
-           "answer": traj.answer, "score": float(s), "judged": bool(judged), "finish": traj.finish,
-           "turns": int(traj.turns), "gen_tokens": int(traj.gen_tokens),
-           # searches by kind as tools.State counts them (n_img_search includes the crops)
-           "n_text": int(traj.n_text_search), "n_image": int(traj.n_img_search - traj.n_crop),
-           "n_crop": int(traj.n_crop), "n_errors": int(traj.n_tool_errors), "steps": steps}
-    return rec
+    """A Trajectory -> a plain JSON-able record: what metrics, reports and model.gather need."""
+    steps = [{"text": t, "action": {"kind": a.kind, "arg": a.arg, "box": list(a.box) if a.box else None,
+                                    "whole": a.whole, "reason": a.reason, "error": a.error},
+              "obs": None if o is None else {  # the last turn (an answer, or cut by a budget) has no observation
+                  "text": o.text, "kind": o.kind, "error": bool(o.error), "box": list(o.box) if o.box else None,
+                  "results": [{k: r[k] for k in ("id", "title", "text", "url", "image", "score") if k in r}
+                              for r in o.results]}}
+             for t, a, o in zip(traj.texts, traj.actions, list(traj.observations) + [None] * len(traj.texts))]
+    return {"bench": bench, "mode": mode, "index": index, "qid": question["id"], "question": question["question"],
+            "image": question.get("image"), "answers": list(question.get("answers", [])),
+            "meta": question.get("meta") or {}, "answer": traj.answer, "score": float(s), "judged": bool(judged),
+            "finish": traj.finish, "turns": int(traj.turns), "gen_tokens": int(traj.gen_tokens),
+            # searches by kind as tools.State counts them (n_img_search includes the crops)
+            "n_text": int(traj.n_text_search), "n_image": int(traj.n_img_search - traj.n_crop),
+            "n_crop": int(traj.n_crop), "n_errors": int(traj.n_tool_errors), "steps": steps}
+
+
+def _calls(r):
+    return r["n_text"] + r["n_image"] + r["n_crop"]
+
+
+# The paper's tool-usage analysis (its Fig. 4): which searches a trajectory made. The first five
+# are exclusive; the last (self-reflection: the query refined after a first text search) overlaps them.
+USAGE = {"no search": lambda r: _calls(r) == 0,
+         "text only": lambda r: r["n_text"] and not r["n_image"] and not r["n_crop"],
+         "image only": lambda r: r["n_image"] and not r["n_text"] and not r["n_crop"],
+         "image + text": lambda r: r["n_image"] and r["n_text"] and not r["n_crop"],
+         "crop": lambda r: r["n_crop"] > 0, "2+ text searches": lambda r: r["n_text"] >= 2}
 
 
 def metrics(records, wall_s=0.0):
-    """Aggregate records of one benchmark x mode (see the module docstring for what each means)."""
+    """The one aggregate of records (a benchmark x mode, or a kind group): accuracy, share of questions that
+    searched, searches per question by kind, turns, tokens generated, tool errors, share answered, judged,
+    wall time, the share in each USAGE class, and accuracy by question kind (the synthetic world's)."""
     n = len(records)
 
     def mean(f):
         return sum(f(r) for r in records) / n if n else 0.0
 
-    m = {"n": n,
-         "accuracy": mean(lambda r: r["score"]),
-         "searched": mean(lambda r: (r["n_text"] + r["n_image"] + r["n_crop"]) > 0),
-         "text_per_q": mean(lambda r: r["n_text"]),
-         "image_per_q": mean(lambda r: r["n_image"]),
-         "crop_per_q": mean(lambda r: r["n_crop"]),
-         "searches_per_q": mean(lambda r: r["n_text"] + r["n_image"] + r["n_crop"]),
-         "turns": mean(lambda r: r["turns"]),
-         "gen_tokens": mean(lambda r: r["gen_tokens"]),
-         "tool_errors": mean(lambda r: r["n_errors"]),
-         "answered": mean(lambda r: r["finish"] == "answer"),
-         "judged": sum(1 for r in records if r.get("judged")),
-         "wall_s": float(wall_s),
-         "s_per_q": float(wall_s) / n if n else 0.0}
+    m = {"n": n, "accuracy": mean(lambda r: r["score"]), "searched": mean(lambda r: _calls(r) > 0),
+         "text_per_q": mean(lambda r: r["n_text"]), "image_per_q": mean(lambda r: r["n_image"]),
+         "crop_per_q": mean(lambda r: r["n_crop"]), "searches_per_q": mean(_calls), "turns": mean(lambda r: r["turns"]),
+         "gen_tokens": mean(lambda r: r["gen_tokens"]), "tool_errors": mean(lambda r: r["n_errors"]),
+         "answered": mean(lambda r: r["finish"] == "answer"), "judged": sum(1 for r in records if r.get("judged")),
+         "wall_s": float(wall_s), "s_per_q": float(wall_s) / n if n else 0.0,
+         "usage": {k: mean(lambda r, f=f: bool(f(r))) for k, f in USAGE.items()}}
     kinds = defaultdict(list)
     for r in records:
         if r.get("meta", {}).get("kind"):
@@ -1036,10 +777,15 @@ def _pct(x):
     return f"{100 * x:.1f}"
 
 
+def _behaviour(m):
+    """A metrics dict's cells of the search-behaviour tables (Markdown and HTML)."""
+    return [m["n"], _pct(m["accuracy"]), _pct(m["searched"])] + [f"{m[k]:.2f}" for k in (
+        "text_per_q", "image_per_q", "crop_per_q", "turns")] + [f"{m['gen_tokens']:.1f}", f"{m['tool_errors']:.2f}"]
+
+
 def markdown_table(results):
-    """results: {bench: {mode: metrics}} -> Markdown: accuracy in the shape of the paper's Table 1
-    (a row per mode, a column per benchmark, then the average), the search behaviour, and accuracy by
-    question kind when the questions carry one (the synthetic world)."""
+    """results: {bench: {mode: metrics}} -> Markdown: accuracy in the shape of the paper's Table 1 (a row per
+    mode, a column per benchmark, then the average), the search behaviour, accuracy by question kind."""
     benches = list(results)
     modes = [m for m in MODES if any(m in results[b] for b in benches)]
     modes += [m for b in benches for m in results[b] if m not in modes]
@@ -1047,32 +793,90 @@ def markdown_table(results):
     for mode in modes:
         accs = [results[b][mode]["accuracy"] for b in benches if mode in results[b]]
         cells = [_pct(results[b][mode]["accuracy"]) if mode in results[b] else "-" for b in benches]
-        avg = _pct(sum(accs) / len(accs)) if accs else "-"
-        lines.append(f"| {MODE_TITLES.get(mode, mode)} | " + " | ".join(cells) + f" | {avg} |")
+        lines.append(f"| {MODE_TITLES.get(mode, mode)} | " + " | ".join(cells)
+                     + f" | {_pct(sum(accs) / len(accs)) if accs else '-'} |")
     lines += ["", "| Benchmark | Mode | N | Acc | Searched % | Text/q | Image/q | Crop/q | Turns | Tokens/q "
               "| Tool errors/q | Wall s |", "|---|---|" + "---:|" * 10]
+    lines += ["| " + " | ".join([b, mode, *map(str, _behaviour(m)), f"{m['wall_s']:.1f}"]) + " |"
+              for b in benches for mode in modes if (m := results[b].get(mode))]
     for b in benches:
-        for mode in modes:
-            if mode not in results[b]:
-                continue
-            m = results[b][mode]
-            lines.append(f"| {b} | {mode} | {m['n']} | {_pct(m['accuracy'])} | {_pct(m['searched'])} | "
-                         f"{m['text_per_q']:.2f} | {m['image_per_q']:.2f} | {m['crop_per_q']:.2f} | "
-                         f"{m['turns']:.2f} | {m['gen_tokens']:.1f} | {m['tool_errors']:.2f} | "
-                         f"{m['wall_s']:.1f} |")
-    for b in benches:
-        kinds = sorted({k for m in results[b].values() for k in m.get("by_kind", {})})
-        if not kinds:
-            continue
-        lines += ["", f"| {b}: accuracy by kind | " + " | ".join(kinds) + " |", "|---|" + "---:|" * len(kinds)]
-        for mode in modes:
-            bk = results[b].get(mode, {}).get("by_kind", {})
-            lines.append(f"| {mode} | " + " | ".join(
-                f"{_pct(bk[k]['accuracy'])} (n={bk[k]['n']})" if k in bk else "-" for k in kinds) + " |")
+        if kinds := sorted({k for m in results[b].values() for k in m.get("by_kind", {})}):
+            lines += ["", f"| {b}: accuracy by kind | " + " | ".join(kinds) + " |", "|---|" + "---:|" * len(kinds)]
+            for mode in modes:
+                bk = results[b].get(mode, {}).get("by_kind", {})
+                lines.append(f"| {mode} | " + " | ".join(f"{_pct(bk[k]['accuracy'])} (n={bk[k]['n']})" if k in bk
+                                                         else "-" for k in kinds) + " |")
     return "\n".join(lines) + "\n"
 
 
-# ============================================================================ HTML report
+# ----------------------------------------------------------------------------- the pipeline's table (--compare)
+
+KIND_GROUPS = {"search-free": ("search_free",), "image": ("image",), "image + text": ("image_text",),
+               "multi-hop": ("multihop",), "search-required": ("image", "image_text", "multihop"),
+               "crop-needed": ("crop",), "all": None}
+
+
+def paired_bootstrap(a, b, n=10_000, seed=0):
+    """Mean of b - a over paired per-question scores, and its 95% percentile interval from `n`
+    resamples of the questions (seeded: the same scores give the same interval)."""
+    d = np.asarray(b, dtype=float) - np.asarray(a, dtype=float)
+    lo, hi = np.percentile(d[np.random.default_rng(seed).integers(0, len(d), size=(n, len(d)))].mean(1), [2.5, 97.5])
+    return float(d.mean()), float(lo), float(hi)
+
+
+def _words(text):
+    return {w for w in tools.tokenize(text or "") if len(w) >= 3}
+
+
+def wasted_calls(r):
+    """(tool calls, wasted calls) of record r. A call is used when its result brought a word (3+
+    letters or digits, any case) that neither the question nor an earlier result held, and a later
+    action wrote it: a query, a crop's expression, the answer (reasoning does not count). A repeated
+    search brings no new word; a failed call none the agent can write; an ignored result is unused."""
+    known, used, steps = _words(r["question"]), 0, r["steps"]
+    for i, s in enumerate(steps):
+        if s["action"]["kind"] in ("text_search", "img_search") and (o := s.get("obs")) and not o["error"]:
+            new = _words(o["text"]) - known
+            known |= new
+            used += any(new & _words(t["action"]["arg"]) for t in steps[i + 1:])
+    return _calls(r), _calls(r) - used
+
+
+def compare_text(rows, records):
+    """rows: [(label, {kind group: metrics})] -> the pipeline's table in Markdown: accuracy % (searches per
+    question) by kind group; the two agent rows paired by question: RL - SFT, and wasted tool calls (the
+    second criterion for RL: as accurate with fewer calls whose results went unused), each with its 95%
+    paired-bootstrap interval; the share of questions in each tool-usage class."""
+    lines = ["| Method | " + " | ".join(f"{g} (n={rows[0][1][g]['n']})" for g in KIND_GROUPS) + " |",
+             "|---|" + "---:|" * len(KIND_GROUPS)]
+    lines += [f"| {label} | " + " | ".join(f"{_pct(gm[g]['accuracy'])} ({gm[g]['searches_per_q']:.2f})"
+                                           for g in KIND_GROUPS) + " |" for label, gm in rows]
+    text = "\n".join(lines) + "\n\nCells: accuracy % (searches per question), greedy decoding.\n"
+    agents = [{r["qid"]: (r["score"], *wasted_calls(r)) for r in records if r["method"].startswith(label + " (")}
+              for label in ("SFT agent", "SFT+RL agent")]  # qid -> (score, calls, wasted)
+    common = sorted(agents[0].keys() & agents[1].keys())
+    sft, rl = ([agent[q] for q in common] for agent in agents)
+    if common:
+        mean, lo, hi = paired_bootstrap([s[0] for s in sft], [s[0] for s in rl])
+        text += (f"\nRL - SFT agent, all {len(common)} questions: {100 * mean:+.1f} points, 95% paired-bootstrap "
+                 f"interval [{100 * lo:+.1f}, {100 * hi:+.1f}]\n")
+    parts = [f"{k} {sum(v[2] for v in a.values()) / len(a):.3f} of {sum(v[1] for v in a.values()) / len(a):.2f}"
+             for k, a in zip(("SFT agent", "SFT+RL agent"), agents) if a]
+    if any(s[2] for s in sft):
+        mean, lo, hi = paired_bootstrap([s[2] for s in sft], [s[2] for s in rl])
+        parts.append(f"RL - SFT {mean:+.3f} ({100 * mean / (sum(s[2] for s in sft) / len(sft)):+.0f}%), 95% "
+                     f"paired-bootstrap interval [{lo:+.3f}, {hi:+.3f}]")
+    if parts:
+        text += "\nWasted tool calls per question (results no later query or answer used), of all calls: " + \
+            ", ".join(parts) + "\n"
+    lines = ["| Method | " + " | ".join(USAGE) + " |", "|---|" + "---:|" * len(USAGE)]
+    lines += [f"| {label.split(' (')[0]} | " + " | ".join(_pct(gm["all"]["usage"][k]) for k in USAGE) + " |"
+              for label, gm in rows]
+    return text + "\n" + "\n".join(lines) + "\n\nTool usage: % of questions by the searches made (the first " \
+        "five classes are exclusive; 2+ text searches is a refined query, the paper's self-reflection).\n"
+
+
+# ----------------------------------------------------------------------------- HTML report
 
 REPORT_CSS = """
 body{font:14px/1.45 system-ui,sans-serif;margin:24px;color:#222;max-width:1200px}
@@ -1089,15 +893,16 @@ summary{cursor:pointer}.v{font-weight:bold}.ok .v{color:#2e7d32}.bad .v{color:#c
 pre{white-space:pre-wrap;word-break:break-word;background:#f4f4f4;padding:6px;margin:4px 0}
 ol.res li{margin-bottom:4px}.url{color:#666;font-size:12px;word-break:break-all}
 """
+TITLE = "DeepMMSearch-R1 evaluation"
 
 
 def _esc(x):
     return html.escape("" if x is None else str(x), quote=True)
 
 
-def _data_url(img, max_side=384, min_side=168):
-    """A PIL image as an inline JPEG data URL (no server, no files beside the report). Small images
-    (the synthetic world's 56 px icons) are enlarged by a whole factor so that they can be read."""
+def _figure(img, alt, caption, max_side=384, min_side=168):
+    """A PIL image inlined as a JPEG data URL (nothing beside the report to fetch), small ones (the synthetic
+    world's 56 px icons) enlarged by a whole factor so that they can be read."""
     img = img.convert("RGB")
     if max(img.size) < min_side:
         f = -(-min_side // max(img.size))
@@ -1105,83 +910,59 @@ def _data_url(img, max_side=384, min_side=168):
     img.thumbnail((max_side, max_side))
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=85)
-    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def _boxed(img, boxes):
-    """The image with each crop box drawn and numbered."""
-    from PIL import ImageDraw
-    img = img.convert("RGB").copy()
-    d = ImageDraw.Draw(img)
-    w = max(2, max(img.size) // 150)
-    for i, b in enumerate(boxes, 1):
-        d.rectangle(b, outline=(230, 20, 20), width=w)
-        d.text((b[0] + w + 1, b[1] + w), str(i), fill=(230, 20, 20))
-    return img
-
-
-def _load_image(path):
-    from PIL import Image
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except (OSError, ValueError, TypeError):
-        return None
+    return (f'<div class="imgs"><figure><img alt="{alt}" src="data:image/jpeg;base64,'
+            f'{base64.b64encode(buf.getvalue()).decode("ascii")}"><figcaption>{caption}</figcaption></figure></div>')
 
 
 def _step_box(step):
     """The crop box a step searched with (the tool's, else the model's), if its search ran."""
     a, o = step.get("action") or {}, step.get("obs")
-    if o is None or o.get("error"):
-        return None
-    box = o.get("box") or (a.get("box") if a.get("kind") == "img_search" else None)
+    box = None if o is None or o.get("error") else o.get("box") or (a.get("box") if a.get("kind") == "img_search" else None)
     return tuple(box) if box else None
 
 
 def _step_html(i, step, image):
-    a, o = step.get("action") or {}, step.get("obs")
-    kind = a.get("kind", "invalid")
-    parts = [f'<div class="step"><b>Turn {i}</b>']
-    if a.get("reason"):
-        parts.append(f'<div class="reason">{_esc(a["reason"])}</div>')
+    a, o, kind = step.get("action") or {}, step.get("obs"), (step.get("action") or {}).get("kind", "invalid")
+    parts = [f'<div class="step"><b>Turn {i}</b>'] + ([f'<div class="reason">{_esc(a["reason"])}</div>']
+                                                     if a.get("reason") else [])
     if kind == "invalid":
         parts.append(f'<div class="err">invalid action: {_esc(a.get("error"))}</div>')
     else:
         label = {"text_search": "text search", "answer": "answer"}.get(kind, "image search")
-        arg = "[whole image]" if a.get("whole") else a.get("arg")
-        parts.append(f'<div><span class="action">{_esc(label)}</span> {_esc(arg)}</div>')
+        parts.append(f'<div><span class="action">{_esc(label)}</span> '
+                     f'{_esc("[whole image]" if a.get("whole") else a.get("arg"))}</div>')
     if o is not None:
-        box = _step_box(step)
-        if box and image is not None:
-            crop = image.crop(tuple(box))
-            parts.append(f'<div class="imgs"><figure><img alt="crop" src="{_data_url(crop, 256)}">'
-                         f'<figcaption>crop {_esc(list(box))}</figcaption></figure></div>')
+        if (box := _step_box(step)) and image is not None:
+            parts.append(_figure(image.crop(box), "crop", f"crop {_esc(list(box))}", 256))
         if o.get("error"):
             parts.append(f'<div class="err">tool error:</div><pre class="err">{_esc(o.get("text"))}</pre>')
         else:
             items = "".join(f'<li><b>{_esc(r.get("title"))}</b> <span class="url">{_esc(r.get("url"))}'
                             f'</span><div>{_esc(r.get("text"))}</div></li>' for r in o.get("results", []))
-            parts.append(f'<div>search returned:</div><ol class="res">{items}</ol>'
-                         f'<details><summary>what the model read</summary><pre>{_esc(o.get("text"))}</pre>'
-                         '</details>')
-    parts.append(f'<details><summary>raw turn</summary><pre>{_esc(step.get("text"))}</pre></details></div>')
-    return "".join(parts)
+            parts.append(f'<div>search returned:</div><ol class="res">{items}</ol><details><summary>what the '
+                         f'model read</summary><pre>{_esc(o.get("text"))}</pre></details>')
+    return "".join(parts) + f'<details><summary>raw turn</summary><pre>{_esc(step.get("text"))}</pre></details></div>'
 
 
 def _record_html(r, open_=False):
-    ok = r["score"] >= 1.0
-    image = _load_image(r["image"]) if r.get("image") else None
-    boxes = [b for b in map(_step_box, r["steps"]) if b]
-    imgs = ""
-    if image is not None:
-        cap = f"image, {len(boxes)} crop box(es) drawn" if boxes else "image"
-        imgs = (f'<div class="imgs"><figure><img alt="question image" src="{_data_url(_boxed(image, boxes))}">'
-                f'<figcaption>{_esc(cap)}</figcaption></figure></div>')
-    elif r.get("image"):
-        imgs = f'<div class="err">image not found: {_esc(r["image"])}</div>'
-    verdict = ("correct" if ok else "incorrect") + (" (LLM judge)" if r.get("judged") else "")
+    ok, image = r["score"] >= 1.0, None
+    if r.get("image"):
+        try:
+            with Image.open(r["image"]) as im:
+                image = im.convert("RGB")
+        except (OSError, ValueError, TypeError):  # missing, or not an image: said on the page
+            pass
+    imgs = f'<div class="err">image not found: {_esc(r["image"])}</div>' if r.get("image") else ""
+    if image is not None:  # the question's image with each crop box drawn and numbered
+        boxes, shown = [b for b in map(_step_box, r["steps"]) if b], image.copy()
+        draw, w = ImageDraw.Draw(shown), max(2, max(image.size) // 150)
+        for k, b in enumerate(boxes, 1):
+            draw.rectangle(b, outline=(230, 20, 20), width=w)
+            draw.text((b[0] + w + 1, b[1] + w), str(k), fill=(230, 20, 20))
+        imgs = _figure(shown, "question image", _esc(f"image, {len(boxes)} crop box(es) drawn" if boxes else "image"))
     steps = "".join(_step_html(i, s, image) for i, s in enumerate(r["steps"], 1))
     answer = _esc(r["answer"]) if r.get("answer") is not None else "<i>(no answer)</i>"
+    verdict = ("correct" if ok else "incorrect") + (" (LLM judge)" if r.get("judged") else "")
     return (f'<details class="{"ok" if ok else "bad"}"{" open" if open_ else ""}><summary><span class="v">'
             f'{"✓" if ok else "✗"}</span> {_esc(r["qid"])}: {_esc(r["question"])} → <b>{answer}</b></summary>'
             f'{imgs}<div><b>Question:</b> {_esc(r["question"])}</div>'
@@ -1190,38 +971,35 @@ def _record_html(r, open_=False):
             f'{_esc(r["finish"])} · {r["turns"]} turns · {r["gen_tokens"]} tokens</div></details>')
 
 
-def report_html(records, results=None, title="DeepMMSearch-R1 evaluation", svg=None):
-    """One self-contained HTML page: the summary table, then every trajectory (image with crop boxes,
-    crops, each reasoning step, query and what came back, the answer and its verdict). All model and web
-    text is escaped; images are inlined as base64 data URLs. svg: a picture to show first (the
-    pipeline's training curves)."""
-    body = [f"<h1>{_esc(title)}</h1>"] + ([svg] if svg else [])
+def write_report(path, records, results=None, svg=None):
+    """One self-contained HTML page at path: svg first (the pipeline's training curves), the summary table,
+    then every trajectory (image with crop boxes, crops, each reasoning step, query and what came back, the
+    answer and its verdict). All model and web text is escaped; images are inlined."""
+    body = [f"<h1>{_esc(TITLE)}</h1>"] + ([svg] if svg else [])
     if results:
-        body.append("<table><tr><th>Benchmark</th><th>Mode</th><th>N</th><th>Acc %</th><th>Searched %</th>"
-                    "<th>Text/q</th><th>Image/q</th><th>Crop/q</th><th>Turns</th><th>Tokens/q</th>"
-                    "<th>Tool errors/q</th></tr>")
-        for b, by_mode in results.items():
-            for mode, m in by_mode.items():
-                body.append(f"<tr><td>{_esc(b)}</td><td>{_esc(mode)}</td><td>{m['n']}</td>"
-                            f"<td>{_pct(m['accuracy'])}</td><td>{_pct(m['searched'])}</td>"
-                            f"<td>{m['text_per_q']:.2f}</td><td>{m['image_per_q']:.2f}</td>"
-                            f"<td>{m['crop_per_q']:.2f}</td><td>{m['turns']:.2f}</td>"
-                            f"<td>{m['gen_tokens']:.1f}</td><td>{m['tool_errors']:.2f}</td></tr>")
+        body.append("<table><tr>" + "".join(f"<th>{h}</th>" for h in (
+            "Benchmark", "Mode", "N", "Acc %", "Searched %", "Text/q", "Image/q", "Crop/q", "Turns", "Tokens/q",
+            "Tool errors/q")) + "</tr>")
+        body += ["<tr>" + "".join(f"<td>{c}</td>" for c in [_esc(b), _esc(mode), *_behaviour(m)]) + "</tr>"
+                 for b, by_mode in results.items() for mode, m in by_mode.items()]
         body.append("</table>")
     groups = defaultdict(list)
     for r in records:
         groups[(r["bench"], r.get("method") or MODE_TITLES.get(r["mode"], r["mode"]))].append(r)
     for (b, method), rs in groups.items():
-        n_ok = sum(r["score"] >= 1.0 for r in rs)
-        body.append(f"<h2>{_esc(b)} · {_esc(method)} · {n_ok}/{len(rs)} correct</h2>")
-        body.extend(_record_html(r, open_=(i == 0)) for i, r in enumerate(rs))  # first one unfolded
-    return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>" + _esc(title)
-            + f"</title><style>{REPORT_CSS}</style></head><body>" + "\n".join(body) + "</body></html>\n")
+        body.append(f"<h2>{_esc(b)} · {_esc(method)} · {sum(r['score'] >= 1.0 for r in rs)}/{len(rs)} correct</h2>")
+        body += [_record_html(r, open_=(i == 0)) for i, r in enumerate(rs)]  # the first one unfolded
+    with tools.atomic_path(path) as tmp:
+        Path(tmp).write_text("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>" + _esc(TITLE)
+                             + f"</title><style>{REPORT_CSS}</style></head><body>" + "\n".join(body)
+                             + "</body></html>\n", encoding="utf-8")
+    return Path(path)
 
 
-# ============================================================================ training curves
+# ----------------------------------------------------------------------------- training curves
 
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:e[-+]?\d+)?")
+CURVE_COLOURS = ("#1f77b4", "#d62728", "#2ca02c")
 
 
 def log_series(path, prefix="step "):
@@ -1230,19 +1008,13 @@ def log_series(path, prefix="step "):
     "search/q text . img . crop ." the sum (searches per question)."""
     out = defaultdict(list)
     for line in Path(path).read_text().splitlines():
-        if not line.startswith(prefix):
-            continue
-        head, *fields = line.split(" | ")
-        step = int(head[len(prefix):].split("/")[0])
-        for f in fields:
-            name, _, rest = f.partition(" ")
-            nums = [float(x) for x in _NUMBER.findall(rest)]
-            if nums:
-                out[name].append((step, sum(nums) if name == "search/q" else nums[0]))
+        if line.startswith(prefix):
+            head, *fields = line.split(" | ")
+            step = int(head[len(prefix):].split("/")[0])
+            for name, _, rest in (f.partition(" ") for f in fields):
+                if nums := [float(x) for x in _NUMBER.findall(rest)]:
+                    out[name].append((step, sum(nums) if name == "search/q" else nums[0]))
     return out
-
-
-CURVE_COLOURS = ("#1f77b4", "#d62728", "#2ca02c")
 
 
 def curves_svg(panels, width=230, height=170):
@@ -1254,9 +1026,8 @@ def curves_svg(panels, width=230, height=170):
             series = [(label, [(x, math.log10(y)) for x, y in ps if y > 0]) for label, ps in series]
         x0, pts = i * width, [p for _, ps in series for p in ps]
         parts.append(f'<text x="{x0 + pad}" y="14" font-size="11" font-weight="bold">{_esc(title)}</text>')
-        for j, (label, _) in enumerate(series):
-            parts.append(f'<text x="{x0 + pad + 62 * j}" y="28" font-size="10" fill="{CURVE_COLOURS[j]}">'
-                         f'&#9632; {_esc(label)}</text>')
+        parts += [f'<text x="{x0 + pad + 62 * j}" y="28" font-size="10" fill="{CURVE_COLOURS[j]}">&#9632; '
+                  f'{_esc(label)}</text>' for j, (label, _) in enumerate(series)]
         if not pts:
             continue
         (xa, xb), (ya, yb) = [(min(v), max(v)) for v in zip(*pts)]
@@ -1266,20 +1037,17 @@ def curves_svg(panels, width=230, height=170):
             return (f"{x0 + pad + (x - xa) / (xb - xa) * (width - pad - 10):.1f},"
                     f"{height - 20 - (y - ya) / (yb - ya) * (height - 56):.1f}")
         parts.append(f'<polyline points="{at(xa, yb)} {at(xa, ya)} {at(xb, ya)}" fill="none" stroke="#888"/>')
-        for y, dy in ((yb, 4), (ya, 0)):
-            parts.append(f'<text x="{x0 + pad - 3}" y="{at(xa, y).split(",")[1]}" dy="{dy}" font-size="9" '
-                         f'text-anchor="end">{10 ** y if log_y else y:.3g}</text>')
-        parts.append(f'<text x="{x0 + width - 10}" y="{height - 6}" font-size="9" text-anchor="end">'
-                     f'step {xb:g}</text>')
+        parts += [f'<text x="{x0 + pad - 3}" y="{at(xa, y).split(",")[1]}" dy="{dy}" font-size="9" '
+                  f'text-anchor="end">{10 ** y if log_y else y:.3g}</text>' for y, dy in ((yb, 4), (ya, 0))]
+        parts.append(f'<text x="{x0 + width - 10}" y="{height - 6}" font-size="9" text-anchor="end">step {xb:g}</text>')
         for j, (_, ps) in enumerate(series):
-            c = CURVE_COLOURS[j]
+            c, line = CURVE_COLOURS[j], " ".join(at(x, y) for x, y in ps)
             if len(ps) > 12:
-                parts.append(f'<polyline points="{" ".join(at(x, y) for x, y in ps)}" fill="none" stroke="{c}" '
-                             'stroke-width="1.2"/>')
+                parts.append(f'<polyline points="{line}" fill="none" stroke="{c}" stroke-width="1.2"/>')
             else:  # a few evaluations: dots joined by a line
-                parts.append(f'<polyline points="{" ".join(at(x, y) for x, y in ps)}" fill="none" stroke="{c}"/>')
-                parts += [f'<circle cx="{at(x, y).split(",")[0]}" cy="{at(x, y).split(",")[1]}" r="2.5" '
-                          f'fill="{c}"/>' for x, y in ps]
+                parts.append(f'<polyline points="{line}" fill="none" stroke="{c}"/>')
+                parts += [f'<circle cx="{at(x, y).split(",")[0]}" cy="{at(x, y).split(",")[1]}" r="2.5" fill="{c}"/>'
+                          for x, y in ps]
     return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width * len(panels)}" height="{height}" '
             f'font-family="sans-serif">' + "".join(parts) + "</svg>\n")
 
@@ -1288,8 +1056,7 @@ def pipeline_curves(sft_dir, rl_dir):
     """The pipeline's picture: SFT loss and held-out agent accuracy, RL reward, accuracy and searches
     per question, per step, from the two runs' log.txt (a missing log leaves its panels empty)."""
     def read(d, prefix):
-        f = Path(d) / "log.txt"
-        return log_series(f, prefix) if f.is_file() else {}
+        return log_series(Path(d) / "log.txt", prefix) if (Path(d) / "log.txt").is_file() else {}
     sft, sft_eval, rl = read(sft_dir, "step "), read(sft_dir, "eval step "), read(rl_dir, "step ")
     return curves_svg([
         ("SFT loss (log scale)", [("train", sft.get("loss", [])), ("held-out", sft_eval.get("loss", []))], True),
@@ -1298,164 +1065,113 @@ def pipeline_curves(sft_dir, rl_dir):
         ("RL searches per question", [("searches", rl.get("search/q", []))], False)])
 
 
-def write_report(path, records, results=None, title="DeepMMSearch-R1 evaluation", svg=None):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(report_html(records, results, title, svg), encoding="utf-8")
-    tmp.replace(path)
-    return path
+# ----------------------------------------------------------------------------- running
+
+def get_args(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["convert"]:
+        p = argparse.ArgumentParser(
+            prog="eval.py convert", description="Convert a downloaded benchmark into the design's question JSONL.",
+            formatter_class=argparse.RawDescriptionHelpFormatter, epilog="Expected layouts:\n\n" + "\n\n".join(
+                f"{name}: {' '.join(row.__doc__.split())}" for name, (row, _) in LOADERS.items()))
+        p.add_argument("--bench", required=True, choices=sorted(LOADERS), help="which benchmark")
+        p.add_argument("--src", required=True, nargs="+", help="the benchmark's annotation file(s)")
+        p.add_argument("--images", help="folder holding the benchmark's images (searched recursively by file name)")
+        p.add_argument("--out", required=True, help="question JSONL to write")
+        p.add_argument("--limit", type=int, default=0, help="keep the first N questions (0: all)")
+        return p.parse_args(argv[1:])
+    p = argparse.ArgumentParser(prog="eval.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                description="Evaluate a checkpoint in direct / RAG / agent modes "
+                                "(`python eval.py convert --help` converts the paper's benchmarks).")
+    p.add_argument("--questions", nargs="+", default=[str(HERE / "data" / "questions_eval.jsonl")],
+                   help="question JSONL files, one benchmark each")
+    p.add_argument("--ckpt", help="checkpoint folder; none: out/rl, else out/sft, else {--data}/tiny")
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    p.add_argument("--limit", type=int, default=0, help="first N questions of each file (0: all)")
+    p.add_argument("--data", default=str(HERE / "data"), help="data folder of the local search index")
+    tools.add_search_args(p)
+    p.add_argument("--cache", help="SQLite search cache file")
+    p.add_argument("--cache_mode", default="rw", help="search cache mode (see tools.SearchCache)")
+    p.add_argument("--max_turns", type=int, default=6)
+    p.add_argument("--max_new_tokens", type=int, default=256, help="per assistant turn")
+    p.add_argument("--batch_size", type=int, default=64, help="questions per rollout batch")
+    p.add_argument("--max_pixels", type=int, help="image size cap (default: the checkpoint's, at most 1280x28x28 "
+                   "for real ones)")
+    p.add_argument("--judge_url", help="OpenAI-compatible endpoint of an LLM judge, e.g. http://127.0.0.1:8000/v1 "
+                   "(key from $OPENAI_API_KEY if set); verdicts cached in out/eval/judge_cache.sqlite")
+    p.add_argument("--judge_model", default="gpt-4o-mini", help="model name sent to the judge endpoint")
+    p.add_argument("--out", default=str(HERE / "out" / "eval"), help="folder for the outputs")
+    p.add_argument("--report", help="write a self-contained HTML report of every trajectory")
+    p.add_argument("--no_progress", action="store_true", help="no progress bar")
+    p.add_argument("--compare", nargs=2, metavar=("SFT", "RL"), help="the pipeline's table: direct and RAG with "
+                   "the SFT checkpoint, the agent with both, by question kind (first --questions file)")
+    return p.parse_args(argv)
 
 
-# ============================================================================ running
+def read_questions(path, limit=0):
+    """The first `limit` (0: all) rows of tools.load_questions (a bad line is skipped with a warning naming
+    path:line); a missing or unusable file exits with a clear message."""
+    if not Path(path).is_file():
+        sys.exit(f"{path}: not found (python make_data.py writes the synthetic questions)")
+    try:
+        qs = tools.load_questions(path)
+    except ValueError as e:
+        sys.exit(f"eval.py: {e}")
+    return qs[:limit] if limit else qs
+
 
 def bench_name(path, questions):
     """A benchmark's name: its rows' meta.bench (converted benchmarks), else from the file name:
     questions_eval.jsonl -> synthetic, questions_hard.jsonl -> synthetic-hard."""
-    b = (questions[0].get("meta") or {}).get("bench") if questions else None
-    stem = Path(path).stem
+    b, stem = (questions[0].get("meta") or {}).get("bench") if questions else None, Path(path).stem
     return b or ("synthetic" if stem == "questions_eval" else stem.replace("questions_", "synthetic-"))
-
-
-def shard(n, rank, world):
-    """Indices of the questions this rank runs: every world-th, from rank."""
-    return list(range(rank, n, world))
-
-
-def gather(obj, world):
-    """Every rank's obj, on every rank (torch.distributed.all_gather_object), in rank order."""
-    if world == 1:
-        return [obj]
-    import torch.distributed as dist
-    out = [None] * world
-    dist.all_gather_object(out, obj)
-    return out
 
 
 def evaluate(mode, model, processor, tools_, questions, bench, judge=None, rank=0, world=1,
              max_turns=6, max_new_tokens=256, batch_size=64, seed=0, progress=True, dtype=None):
-    """Run one mode on this rank's share of questions, score it, gather all ranks' records.
-    Returns (records in question order, wall seconds of the slowest rank)."""
-    idx = shard(len(questions), rank, world)
-    mine = [questions[i] for i in idx]
+    """Run one mode on this rank's share of questions (every world-th, from rank), score it, gather all
+    ranks' records. Returns (records in question order, wall seconds of the slowest rank)."""
+    mine = questions[rank::world]
     if rank == 0 and progress:
         print(f"{bench} / {mode}: {len(questions)} questions on {world} rank(s)", file=sys.stderr, flush=True)
     t0 = time.time()
     trajs = run_mode(mode, model, processor, tools_, mine, max_turns=max_turns, max_new_tokens=max_new_tokens,
                      batch_size=batch_size, seed=seed, progress=(rank == 0 and progress), dtype=dtype)
     records = []
-    for i, q, t in zip(idx, mine, trajs):
-        s = score(t.answer, q["answers"])
-        judged = False
+    for j, (q, t) in enumerate(zip(mine, trajs)):
+        s, judged = score(t.answer, q["answers"]), False
         if s < 1.0 and judge is not None and t.answer:
             s, judged = score(t.answer, q["answers"], question=q["question"], judge=judge), True
-        records.append(traj_record(t, q, bench, mode, s, judged=judged, index=i))
-    wall = time.time() - t0
-    parts = gather((records, wall), world)
-    merged = sorted((r for recs, _ in parts for r in recs), key=lambda r: r["index"])
-    return merged, max(w for _, w in parts)
-
-
-def _run_parser():
-    p = argparse.ArgumentParser(
-        prog="eval.py", description="Evaluate a checkpoint in direct / RAG / agent modes "
-        "(`python eval.py convert --help` converts the paper's benchmarks).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--questions", nargs="+", default=[str(HERE / "data" / "questions_eval.jsonl")],
-                   help="question JSONL files, one benchmark each")
-    p.add_argument("--ckpt", default=None, help="checkpoint folder; none: out/rl, else out/sft, else "
-                   "{--data}/tiny")
-    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
-    p.add_argument("--limit", type=int, default=0, help="first N questions of each file (0: all)")
-    p.add_argument("--data", default=str(HERE / "data"), help="data folder of the local search index")
-    tools.add_search_args(p)
-    p.add_argument("--cache", default=None, help="SQLite search cache file")
-    p.add_argument("--cache_mode", default="rw", help="search cache mode (see tools.SearchCache)")
-    p.add_argument("--max_turns", type=int, default=6)
-    p.add_argument("--max_new_tokens", type=int, default=256, help="per assistant turn")
-    p.add_argument("--batch_size", type=int, default=64, help="questions per rollout batch")
-    p.add_argument("--max_pixels", type=int, default=None, help="image size cap (default: the checkpoint's, "
-                   "at most 1280x28x28 for real ones)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--judge_url", default=None, help="OpenAI-compatible endpoint of an LLM judge, e.g. "
-                   "http://127.0.0.1:8000/v1 (key from $OPENAI_API_KEY if set)")
-    p.add_argument("--judge_model", default="gpt-4o-mini", help="model name sent to the judge endpoint")
-    p.add_argument("--judge_cache", default=str(HERE / "out" / "eval" / "judge_cache.sqlite"),
-                   help="SQLite cache of judge verdicts")
-    p.add_argument("--out", default=str(HERE / "out" / "eval"),
-                   help="folder for metrics.json, table.md, trajectories.jsonl")
-    p.add_argument("--report", default=None, help="write a self-contained HTML report of every trajectory")
-    p.add_argument("--no_progress", action="store_true", help="no progress bar")
-    p.add_argument("--compare", nargs=2, metavar=("SFT", "RL"), default=None,
-                   help="the pipeline's table: direct and RAG with the SFT checkpoint, the agent with both, "
-                   "by question kind (first --questions file)")
-    p.set_defaults(cmd="run")
-    return p
-
-
-def _convert_parser():
-    doc = "\n\n".join(f"{name}: {' '.join(f.__doc__.split())}" for name, f in LOADERS.items())
-    p = argparse.ArgumentParser(
-        prog="eval.py convert", description="Convert a downloaded benchmark into the design's question JSONL.",
-        epilog="Expected layouts:\n\n" + doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--bench", required=True, choices=sorted(LOADERS), help="which benchmark")
-    p.add_argument("--src", required=True, nargs="+", help="the benchmark's annotation file(s)")
-    p.add_argument("--images", default=None, help="folder holding the benchmark's images (searched "
-                   "recursively by file name)")
-    p.add_argument("--out", required=True, help="question JSONL to write")
-    p.add_argument("--limit", type=int, default=0, help="keep the first N questions (0: all)")
-    p.set_defaults(cmd="convert")
-    return p
-
-
-def get_args(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] == "convert":
-        return _convert_parser().parse_args(argv[1:])
-    return _run_parser().parse_args(argv)
-
-
-def read_questions(path):
-    """tools.load_questions, with a missing or unusable file as a clear exit (bad lines are skipped
-    with a warning naming path:line)."""
-    if not Path(path).is_file():
-        sys.exit(f"{path}: not found (python make_data.py writes the synthetic questions)")
-    try:
-        return tools.load_questions(path)
-    except ValueError as e:
-        sys.exit(f"eval.py: {e}")
+        records.append(traj_record(t, q, bench, mode, s, judged=judged, index=rank + j * world))
+    parts = M.gather((records, time.time() - t0))
+    return sorted((r for recs, _ in parts for r in recs), key=lambda r: r["index"]), max(w for _, w in parts)
 
 
 def run(args):
     """Evaluate args.ckpt on every questions file in every mode; rank 0 writes and prints the results."""
-    import model as M
     rank, world, device = M.setup_dist()
-    question_sets = {q: read_questions(q) for q in args.questions}  # bad input fails before any work
+    question_sets = {q: read_questions(q, args.limit) for q in args.questions}  # bad input fails before any work
     ckpt = Path(args.ckpt or M.default_checkpoint(args.data))
     mdl, proc = M.load(ckpt, device=device, log=M.print0, max_pixels=args.max_pixels)
     tl = tools.make_tools(args.data, cache=args.cache, cache_mode=args.cache_mode, **tools.search_options(args))
-    judge = Judge(args.judge_url, args.judge_model, cache=args.judge_cache) if args.judge_url else None
+    judge = None if not args.judge_url else \
+        Judge(args.judge_url, args.judge_model, cache=str(HERE / "out" / "eval" / "judge_cache.sqlite"))
     results, records = {}, []
-    for path in args.questions:
-        qs = question_sets[path]
-        qs = qs[:args.limit] if args.limit else qs
-        bench = bench_name(path, qs)
+    for path, qs in question_sets.items():
         for mode in args.modes:
-            recs, wall = evaluate(mode, mdl, proc, tl, qs, bench, judge=judge, rank=rank, world=world,
-                                  max_turns=args.max_turns, max_new_tokens=args.max_new_tokens,
-                                  batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress)
-            results.setdefault(bench, {})[mode] = metrics(recs, wall)
+            recs, wall = evaluate(mode, mdl, proc, tl, qs, bench_name(path, qs), judge=judge, rank=rank,
+                                  world=world, max_turns=args.max_turns, max_new_tokens=args.max_new_tokens,
+                                  batch_size=args.batch_size, progress=not args.no_progress)
+            results.setdefault(bench_name(path, qs), {})[mode] = metrics(recs, wall)
             records += recs
     if world > 1:
-        import torch.distributed as dist
         dist.destroy_process_group()
     if rank != 0:
         return results
-    out = Path(args.out)
+    out, table = Path(args.out), markdown_table(results)
     out.mkdir(parents=True, exist_ok=True)
-    table = markdown_table(results)
-    (out / "metrics.json").write_text(json.dumps({"checkpoint": str(ckpt), "world_size": world,
-                                                  "results": results, "args": vars(args)}, indent=1))
+    (out / "metrics.json").write_text(json.dumps({"checkpoint": str(ckpt), "world_size": world, "results": results,
+                                                  "args": vars(args)}, indent=1))
     (out / "table.md").write_text(table)
     tools.write_jsonl(out / "trajectories.jsonl", records)
     print(f"\ncheckpoint {ckpt}\n\n{table}")
@@ -1467,188 +1183,50 @@ def run(args):
     return results
 
 
-# ============================================================================ the pipeline's table
-
-KIND_GROUPS = {"search-free": ("search_free",), "image": ("image",), "image + text": ("image_text",),
-               "multi-hop": ("multihop",), "search-required": ("image", "image_text", "multihop"),
-               "crop-needed": ("crop",)}
-
-
-def group_metrics(records):
-    """Accuracy and searches per question for each kind group of the synthetic world, and overall."""
-    out = {}
-    for name, kinds in [*KIND_GROUPS.items(), ("all", None)]:
-        rs = [r for r in records if kinds is None or r["meta"].get("kind") in kinds]
-        n = max(len(rs), 1)
-        out[name] = {"n": len(rs), "accuracy": sum(r["score"] for r in rs) / n,
-                     "searches_per_q": sum(r["n_text"] + r["n_image"] + r["n_crop"] for r in rs) / n,
-                     "crop_per_q": sum(r["n_crop"] for r in rs) / n}
-    return out
-
-
-# The paper's tool-usage analysis (its Fig. 4): which searches a trajectory made. The first five
-# are exclusive; the last (self-reflection: the query refined after a first text search) overlaps them.
-USAGE = {"no search": lambda r: r["n_text"] + r["n_image"] + r["n_crop"] == 0,
-         "text only": lambda r: r["n_text"] and not r["n_image"] and not r["n_crop"],
-         "image only": lambda r: r["n_image"] and not r["n_text"] and not r["n_crop"],
-         "image + text": lambda r: r["n_image"] and r["n_text"] and not r["n_crop"],
-         "crop": lambda r: r["n_crop"] > 0,
-         "2+ text searches": lambda r: r["n_text"] >= 2}
-
-
-def tool_usage(records):
-    """Share of `records` in each USAGE class."""
-    return {k: sum(bool(f(r)) for r in records) / max(len(records), 1) for k, f in USAGE.items()}
-
-
-def tool_usage_table(rows):
-    """rows: [(label, tool_usage)] -> Markdown: % of questions in each class."""
-    lines = ["| Method | " + " | ".join(USAGE) + " |", "|---|" + "---:|" * len(USAGE)]
-    lines += [f"| {label} | " + " | ".join(_pct(u[k]) for k in USAGE) + " |" for label, u in rows]
-    return "\n".join(lines) + "\n\nTool usage: % of questions by the searches made (the first five classes " \
-        "are exclusive; 2+ text searches is a refined query, the paper's self-reflection).\n"
-
-
-def paired_bootstrap(a, b, n=10_000, seed=0):
-    """Mean of b - a over paired per-question scores, and its 95% percentile interval from `n`
-    resamples of the questions (seeded: the same scores give the same interval)."""
-    import numpy as np
-    d = np.asarray(b, dtype=float) - np.asarray(a, dtype=float)
-    idx = np.random.default_rng(seed).integers(0, len(d), size=(n, len(d)))
-    lo, hi = np.percentile(d[idx].mean(1), [2.5, 97.5])
-    return float(d.mean()), float(lo), float(hi)
-
-
-def agent_values(records, value):
-    """The pipeline's two agent rows as {"SFT agent": {qid: value(r)}, "SFT+RL agent": {...}}."""
-    return {label: {r["qid"]: value(r) for r in records if r["method"].startswith(label + " (")}
-            for label in ("SFT agent", "SFT+RL agent")}
-
-
-def rl_minus_sft(records):
-    """'RL - SFT' line of the pipeline's table: the two agent rows paired by question, or None."""
-    sft, rl = agent_values(records, lambda r: r["score"]).values()
-    common = sorted(sft.keys() & rl.keys())
-    if not common:
-        return None
-    mean, lo, hi = paired_bootstrap([sft[q] for q in common], [rl[q] for q in common])
-    return (f"RL - SFT agent, all {len(common)} questions: {100 * mean:+.1f} points, 95% paired-bootstrap "
-            f"interval [{100 * lo:+.1f}, {100 * hi:+.1f}]")
-
-
-def _words(text):
-    return {w for w in tools.tokenize(text or "") if len(w) >= 3}
-
-
-def wasted_calls(r):
-    """(tool calls, wasted calls) of record r. A call is used when its result brought a word (3+
-    letters or digits, any case) that neither the question nor an earlier result held, and a later
-    action wrote it: a query, a crop's expression, the answer (reasoning does not count). A repeated
-    search brings no new word; a failed call none the agent can write; an ignored result is unused."""
-    known, used = _words(r["question"]), 0
-    steps = r["steps"]
-    for i, s in enumerate(steps):
-        o = s.get("obs")
-        if s["action"]["kind"] not in ("text_search", "img_search") or not o or o["error"]:
-            continue
-        new = _words(o["text"]) - known
-        known |= new
-        used += any(new & _words(t["action"]["arg"]) for t in steps[i + 1:])
-    calls = r["n_text"] + r["n_image"] + r["n_crop"]
-    return calls, calls - used
-
-
-def wasted_line(records):
-    """'Wasted tool calls' line of the pipeline's table for the two agent rows, with RL - SFT over
-    the questions paired by id and its 95% interval (the issue's second criterion for RL: as accurate
-    with fewer calls whose results went unused), or None."""
-    per = agent_values(records, wasted_calls)
-    parts = [f"{k} {sum(w for _, w in v.values()) / len(v):.3f} of {sum(c for c, _ in v.values()) / len(v):.2f}"
-             for k, v in per.items() if v]
-    if not parts:
-        return None
-    sft, rl = per.values()
-    common = sorted(sft.keys() & rl.keys())
-    if common and any(sft[q][1] for q in common):
-        mean, lo, hi = paired_bootstrap([sft[q][1] for q in common], [rl[q][1] for q in common])
-        base = sum(sft[q][1] for q in common) / len(common)
-        parts.append(f"RL - SFT {mean:+.3f} ({100 * mean / base:+.0f}%), 95% paired-bootstrap interval "
-                     f"[{lo:+.3f}, {hi:+.3f}]")
-    return "Wasted tool calls per question (results no later query or answer used), of all calls: " + \
-        ", ".join(parts)
-
-
-def compare_table(rows):
-    """rows: [(label, group_metrics)] -> Markdown: accuracy % (searches per question) by kind group."""
-    groups = [*KIND_GROUPS, "all"]
-    lines = ["| Method | " + " | ".join(f"{g} (n={rows[0][1][g]['n']})" for g in groups) + " |",
-             "|---|" + "---:|" * len(groups)]
-    for label, gm in rows:
-        lines.append(f"| {label} | " + " | ".join(
-            f"{_pct(gm[g]['accuracy'])} ({gm[g]['searches_per_q']:.2f})" for g in groups) + " |")
-    return "\n".join(lines) + "\n\nCells: accuracy % (searches per question), greedy decoding.\n"
-
-
 def compare(args):
     """The pipeline's table on the held-out entities: direct answer and the RAG workflow with the SFT
     model, then the agent with the SFT model and with the SFT+RL model."""
-    import model as M
-    qs = read_questions(args.questions[0])
-    qs = qs[:args.limit] if args.limit else qs
+    qs = read_questions(args.questions[0], args.limit)
     tl = tools.make_tools(args.data, cache=args.cache, cache_mode=args.cache_mode, **tools.search_options(args))
-    sft_ckpt, rl_ckpt = args.compare
-    plan = [("Direct answer (SFT model, no search)", sft_ckpt, "direct"),
-            ("RAG workflow (SFT model: whole-image search, then text search)", sft_ckpt, "rag"),
-            ("SFT agent (on-demand search)", sft_ckpt, "agent"),
-            ("SFT+RL agent (on-demand search)", rl_ckpt, "agent")]
-    rows, usage, loaded, all_records = [], [], {}, []
-    for label, ckpt, mode in plan:
+    (sft, rl), rows, loaded, records = args.compare, [], {}, []
+    for label, ckpt, mode in [("Direct answer (SFT model, no search)", sft, "direct"),
+                              ("RAG workflow (SFT model: whole-image search, then text search)", sft, "rag"),
+                              ("SFT agent (on-demand search)", sft, "agent"), ("SFT+RL agent (on-demand search)", rl, "agent")]:
         if not (Path(ckpt) / "config.json").is_file():
             print(f"skipping {label}: no checkpoint at {ckpt}", file=sys.stderr)
             continue
-        if ckpt not in loaded:
-            loaded = {ckpt: M.load(ckpt, log=None)}
-        mdl, proc = loaded[ckpt]
-        recs, wall = evaluate(mode, mdl, proc, tl, qs, bench_name(args.questions[0], qs),
-                              max_turns=args.max_turns, max_new_tokens=args.max_new_tokens,
-                              batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress)
-        for r in recs:
-            r["method"] = label
-        rows.append((label, group_metrics(recs)))
-        usage.append((label.split(" (")[0], tool_usage(recs)))
-        all_records += recs
+        loaded = loaded if ckpt in loaded else {ckpt: M.load(ckpt, log=None)}  # one model in memory at a time
+        recs, wall = evaluate(mode, *loaded[ckpt], tl, qs, bench_name(args.questions[0], qs), max_turns=args.max_turns,
+                              max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, progress=not args.no_progress)
+        records += [dict(r, method=label) for r in recs]
+        rows.append((label, {g: metrics([r for r in recs if kinds is None or r["meta"].get("kind") in kinds])
+                             for g, kinds in KIND_GROUPS.items()}))
         print(f"{label}: {_pct(rows[-1][1]['all']['accuracy'])}% in {wall:.0f} s", file=sys.stderr)
-    table = compare_table(rows)
-    for line in (rl_minus_sft(all_records), wasted_line(all_records)):
-        if line:
-            table += "\n" + line + "\n"
-    table += "\n" + tool_usage_table(usage)
-    out = Path(args.out)
+    out, table, svg = Path(args.out), compare_text(rows, records), pipeline_curves(sft, rl)
     out.mkdir(parents=True, exist_ok=True)
     (out / "compare.md").write_text(table)
-    (out / "compare.json").write_text(json.dumps({"questions": args.questions[0], "sft": sft_ckpt, "rl": rl_ckpt,
-                                                  "rows": rows, "tool_usage": usage}, indent=1))
-    tools.write_jsonl(out / "compare_trajectories.jsonl", all_records)
-    svg = pipeline_curves(sft_ckpt, rl_ckpt)
+    (out / "compare.json").write_text(json.dumps({"questions": args.questions[0], "sft": sft, "rl": rl, "rows": rows,
+                                                  "tool_usage": [(label.split(" (")[0], gm["all"]["usage"])
+                                                                 for label, gm in rows]}, indent=1))
+    tools.write_jsonl(out / "compare_trajectories.jsonl", records)
     (out / "curves.svg").write_text(svg)
     if args.report:
-        write_report(args.report, all_records, {}, svg=svg)
+        write_report(args.report, records, {}, svg=svg)
     print("\n" + table + f"\nwrote {out / 'compare.md'}, {out / 'curves.svg'} (training curves)")
     return rows
 
 
 def main(argv=None):
     args = get_args(argv)
-    if getattr(args, "compare", None):
-        compare(args)
-        return
-    if args.cmd == "convert":
+    if "bench" in args:
         try:
             convert(args.bench, args.src, args.images, args.out, limit=args.limit)
         except (FileNotFoundError, ValueError, KeyError) as e:
             sys.exit(f"convert {args.bench}: {type(e).__name__}: {e}")
-        return
-    run(args)
+    elif args.compare:
+        compare(args)
+    else:
+        run(args)
 
 
 if __name__ == "__main__":

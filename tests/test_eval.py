@@ -1,6 +1,6 @@
 """eval.py: the scorer, the LLM judge (against a fake local endpoint), every benchmark loader on a small
 hand-written sample of its format, metrics and the table, the HTML report (escaping, inlined images,
-headless Chromium), sharding over ranks, and the three modes on a tiny model.
+headless Chromium), the three modes on a tiny model, and an evaluation sharded over two ranks.
 
     python -m pytest -q tests/test_eval.py
 """
@@ -359,7 +359,7 @@ def test_load_fvqa(tmp_path):
     # rows as pyarrow's to_pylist gives them: raw bytes, lists, dicts
     raw = dict(mmsearch_row(2), images=[{"bytes": png_bytes(), "path": "x.png"}],
                reward_model={"ground_truth": "Golden Gate Bridge", "candidate_answers": ["Golden Gate"]})
-    row = E._mmsearch_r1_row("fvqa", raw, 0, E.Images(None, tmp_path / "saved"))
+    row = E.mmsearch_r1_row("fvqa", raw, 0, E.Images(None, tmp_path / "saved"))
     assert row["answers"] == ["Golden Gate Bridge", "Golden Gate"] and Path(row["image"]).is_file()
 
 
@@ -510,29 +510,6 @@ def test_report_renders_in_headless_chromium(tmp_path):
     assert sum(n for n, (r, g, b) in colours if b > 180 and r < 80 and g < 80) > 100
 
 
-# ============================================================================ sharding, checkpoints
-
-def test_shard_covers_every_question_once():
-    for n, world in ((10, 3), (2, 4), (0, 2)):
-        parts = [E.shard(n, r, world) for r in range(world)]
-        assert sorted(i for p in parts for i in p) == list(range(n))
-
-
-def _gather_worker(rank, world, init):
-    import torch.distributed as dist
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    try:
-        got = E.gather(([{"index": rank, "rank": rank}], float(rank)), world)
-        assert [g[0][0]["rank"] for g in got] == list(range(world)) and got[1][1] == 1.0
-    finally:
-        dist.destroy_process_group()
-
-
-def test_gather_over_two_gloo_ranks(tmp_path):
-    import torch.multiprocessing as mp
-    mp.spawn(_gather_worker, args=(2, (tmp_path / "init").as_uri()), nprocs=2, join=True)
-
-
 # ============================================================================ the three modes on a tiny model
 
 @pytest.fixture(scope="module")
@@ -578,7 +555,7 @@ def test_rag_mode_runs_the_fixed_workflow(tiny, world):
     trajs = E.run_mode("rag", model, proc, T.make_tools(world), qs, **KW)
     assert [t.qid for t in trajs] == [q["id"] for q in qs]         # back in question order
     for q, t in zip(qs, trajs):
-        forced = E.rag_actions(q["image"] is not None)
+        forced = E.RAG_TURNS if q["image"] is not None else E.RAG_TURNS[1:]
         assert t.texts[:len(forced)] == [f.replace("{question}", q["question"]) for f in forced]
         assert [o.kind for o in t.observations[:len(forced)]] == ["img_search", "text_search"][-len(forced):]
         assert t.n_text_search == 1 and t.n_img_search == (1 if q["image"] else 0)
@@ -599,6 +576,25 @@ def test_agent_mode_and_records(tiny, world):
         assert r["score"] == E.score(r["answer"], q["answers"])
     json.dumps(recs)                                                # records are plain JSON
     assert E.metrics(recs)["n"] == len(qs)
+
+
+def _evaluate_worker(rank, world, init, ckpt, data):
+    import torch.distributed as dist
+    import model as M
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        model, proc = M.load(ckpt, log=None)
+        qs = T.load_questions(data / "questions_eval.jsonl")
+        recs, _ = E.evaluate("direct", model, proc, T.make_tools(data), qs, "synthetic", rank=rank, world=world,
+                             max_new_tokens=4, progress=False)
+        assert [(r["index"], r["qid"]) for r in recs] == [(i, q["id"]) for i, q in enumerate(qs)]
+    finally:
+        dist.destroy_process_group()
+
+
+def test_evaluate_over_two_gloo_ranks_gathers_every_question_in_order(tiny_dir, world, tmp_path):
+    import torch.multiprocessing as mp
+    mp.spawn(_evaluate_worker, args=(2, (tmp_path / "init").as_uri(), tiny_dir, world), nprocs=2, join=True)
 
 
 def test_cli_runs_all_modes_and_writes_outputs(tiny_dir, world, tmp_path, capsys):
@@ -639,9 +635,9 @@ def test_compare_builds_the_pipeline_table(tiny_dir, world, tmp_path, capsys):
 
 
 def test_tool_usage_classes():
-    recs = [{"n_text": t, "n_image": i, "n_crop": c} for t, i, c in
-            [(0, 0, 0), (2, 1, 0), (1, 0, 1), (0, 1, 0), (1, 0, 0), (3, 0, 0), (0, 0, 0), (0, 0, 2)]]
-    assert E.tool_usage(recs) == {"no search": 2 / 8, "text only": 2 / 8, "image only": 1 / 8, "image + text": 1 / 8,
+    recs = [record(f"q{k}", "agent", 0.0, n_text=t, n_image=i, n_crop=c) for k, (t, i, c) in
+            enumerate([(0, 0, 0), (2, 1, 0), (1, 0, 1), (0, 1, 0), (1, 0, 0), (3, 0, 0), (0, 0, 0), (0, 0, 2)])]
+    assert E.metrics(recs)["usage"] == {"no search": 2 / 8, "text only": 2 / 8, "image only": 1 / 8, "image + text": 1 / 8,
                                   "crop": 2 / 8, "2+ text searches": 2 / 8}
 
 
