@@ -147,12 +147,12 @@ RETRY_PROMPT = "Fix this. Reply <reason>...</reason> then one action."  # after 
 
 def initial_prompt(question, has_image=True):
     """The first user turn; the "<image>" placeholder and the image-search actions only with an image."""
-    image_actions = ("<img_search><img></img_search> (whole image)\n<img_search>[x1, y1, x2, y2]</img_search> "
-                     "or <img_search>object</img_search> (a crop)\n")
-    return (("<image>\n" if has_image else "") + "Reply <reason>...</reason> then one action (image search at "
-            "most once):\n<answer>short answer</answer>\n<text_search>query</text_search>\n"
-            + (image_actions if has_image else "")
-            + f"Stuck: <answer>{GIVE_UP}</answer>\nQuestion: {neutralize(question)}")
+    lines = ["Reply <reason>...</reason> then one action (image search at most once):",
+             "<answer>short answer</answer>", "<text_search>query</text_search>"]
+    if has_image:
+        lines = ["<image>", *lines, "<img_search><img></img_search> (whole image)",
+                 "<img_search>[x1, y1, x2, y2]</img_search> or <img_search>object</img_search> (a crop)"]
+    return "\n".join(lines + [f"Stuck: <answer>{GIVE_UP}</answer>", f"Question: {neutralize(question)}"])
 
 
 # ----------------------------------------------------------------------------- actions and their parser

@@ -1,11 +1,18 @@
 """Dense retrieval (tools.py index, Encoder, DenseIndex) with tiny CLIP / SigLIP / BERT folders
-built in the test (tests/encoders.py)."""
+built in the test (tests/encoders.py).
+
+    python -m pytest -q tests/test_dense.py
+"""
+import os
+import signal
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import tools as T
@@ -106,7 +113,6 @@ def test_another_input_into_a_built_index_folder_is_refused(tmp_path, encoders):
 
 
 def test_text_encoders_pool_as_their_folder_declares(tmp_path, encoders):
-    import torch
     texts = ["the red tower", "a photo of a cat on the bridge"]
     for name, pooling in (("bge", "cls"), ("e5", "mean")):
         encoder = T.Encoder(encoders[name])
@@ -157,9 +163,6 @@ def test_index_command_line(tmp_path, encoders):
 
 
 def test_index_command_resumes_after_kill_9(tmp_path, encoders):
-    import os
-    import signal
-    import time
     folder = photos(tmp_path / "photos", n=160)
     cmd = [sys.executable, str(ROOT / "tools.py"), "index", str(folder), "--encoder", encoders["clip"],
            "--out", str(tmp_path / "idx"), "--batch_size", "2", "--part_size", "2"]
