@@ -868,19 +868,20 @@ class HttpTextSearch:
     def __init__(self, url, timeout=10.0, retries=2, backoff=0.5):
         self.url, self.timeout, self.retries, self.backoff = url.rstrip("/"), timeout, retries, backoff
 
-    def _post(self, path, payload):
-        return _request_json("POST", self.url + path, payload=payload, timeout=self.timeout, retries=self.retries,
+    def _post(self, url, payload):
+        return _request_json("POST", url, payload=payload, timeout=self.timeout, retries=self.retries,
                              backoff=self.backoff)
 
     def search(self, query, k=3):
-        return _results_of(self._post("/text", {"query": query, "k": k}))
+        return _results_of(self._post(self.url + "/text", {"query": query, "k": k}))
 
 
 class HttpImageSearch(HttpTextSearch):
     """POST {url}/image {"image": base64 PNG, "k"} -> {"results": [...]}."""
 
     def search(self, image, k=3):
-        return _results_of(self._post("/image", {"image": base64.b64encode(_png_bytes(image)).decode("ascii"), "k": k}))
+        encoded = base64.b64encode(_png_bytes(image)).decode("ascii")
+        return _results_of(self._post(self.url + "/image", {"image": encoded, "k": k}))
 
 
 def _results_of(reply):
@@ -898,7 +899,7 @@ class SearchR1TextSearch(HttpTextSearch):
     name = "searchr1"
 
     def search(self, query, k=3):
-        reply = self._post("", {"queries": [query], "topk": k, "return_scores": True})
+        reply = self._post(self.url, {"queries": [query], "topk": k, "return_scores": True})
         result = reply.get("result") if isinstance(reply, dict) else None
         if not isinstance(result, list) or len(result) != 1 or not isinstance(result[0], list):
             raise SearchError('/retrieve: expected {"result": [[...]]} with one list for the one query')
@@ -1303,10 +1304,12 @@ class Tools:
         return observation
 
     def _execute(self, action, image, state):
+        if action.kind == "answer":
+            return _failure("answer", "An answer ends the episode: there is nothing to run.")
+        if action.kind == "invalid":
+            return _failure("invalid", action.error or "Invalid action.")
         if action.kind not in ("text_search", "img_search"):
-            return _failure(action.kind, {"answer": "An answer ends the episode: there is nothing to run.",
-                                          "invalid": action.error or "Invalid action."}.get(
-                                              action.kind, f"Unknown action {action.kind!r}."))
+            return _failure(action.kind, f"Unknown action {action.kind!r}.")
         if not self.budget_left(state):
             return _failure(action.kind, f"No tool calls left (at most {self.max_calls}). Answer now.")
         if action.kind == "text_search":
