@@ -2,6 +2,7 @@
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -12,22 +13,19 @@ import model as M
 import rl
 import rollout as R
 import tools as T
-from tests.conftest import write_world
+from tests.conftest import write_bad_questions, write_world
 from tests.dist_entry import token_reward
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.parametrize("scale", ["none", "std"])
-def test_equal_rewards_give_exactly_zero_advantage_for_any_value(scale):
+def test_equal_rewards_give_exactly_zero_advantage_for_any_value():
     values = [0.0, 0.1, 0.9, 1.0, 1 / 3, 0.1 + 0.2, 0.9 * 0.7 + 0.1, 1e-7, 123.456]
     for g in (2, 3, 5, 8, 16):
-        adv = rl.group_advantages([v for v in values for _ in range(g)], g, scale)
+        adv = rl.group_advantages([v for v in values for _ in range(g)], g)
         assert torch.equal(adv, torch.zeros(len(values) * g)), (g, adv.abs().max())
-    adv = rl.group_advantages([0.1, 0.1, 1.0, 0.1], 4, scale)
-    assert adv[2] > 0 and (adv[[0, 1, 3]] < 0).all()
-    if scale == "none":  # the paper's R - mean(R)
-        assert torch.allclose(adv, torch.tensor([-0.225, -0.225, 0.675, -0.225]))
+    adv = rl.group_advantages([0.1, 0.1, 1.0, 0.1], 4)  # the paper's R - mean(R)
+    assert torch.allclose(adv, torch.tensor([-0.225, -0.225, 0.675, -0.225]))
 
 
 def test_equal_rewards_give_zero_gradient(tiny_dir):
@@ -97,7 +95,6 @@ def _traj(finish, answer, kinds, n_search=0, answers=("Paris",)):
 def test_rewards_of_malformed_empty_and_over_budget():
     ok = _traj("answer", "paris", ["text_search", "answer"], n_search=1)
     assert rl.reward(ok) == 1.0
-    assert abs(rl.reward(ok, search_penalty=0.5) - (0.9 * 0.5 + 0.1)) < 1e-9
     assert abs(rl.reward(_traj("answer", "paris", ["invalid", "answer"])) - 0.9) < 1e-9  # a malformed turn
     assert rl.reward(_traj("answer", "", ["answer"])) == 0.1  # empty answer: no correctness
     assert rl.reward(_traj("answer", "Lyon", ["answer"])) == 0.1
@@ -214,8 +211,6 @@ def test_two_ranks_bf16_run_and_resume_exactly(tiny_dir, tmp_path, mode):
 def test_bad_prompts_cost_their_samples_not_the_run(tiny_dir, tmp_path, monkeypatch):
     """Unreadable or refused images end their samples as errors (no tokens, no gradient); rows with
     wrong fields are skipped at load; the step runs, logs the count and saves."""
-    import warnings
-    from conftest import write_bad_questions
     d = write_world(tmp_path)
     path, kept, _ = write_bad_questions(d, T.read_jsonl(d / "rl.jsonl"))
     monkeypatch.setattr(rl, "reward", token_reward)

@@ -123,13 +123,13 @@ def test_masked_tokens_get_zero_gradient(tiny):
 
 def test_epoch_plan_is_a_deterministic_partition():
     lengths = [5, 80, 12, 40, 33, 7, 61, 19, 24, 50, 3]
-    a = sft.epoch_batches(lengths, 4, epoch=0, seed=1)
-    assert a == sft.epoch_batches(lengths, 4, epoch=0, seed=1)
-    assert a != sft.epoch_batches(lengths, 4, epoch=1, seed=1)
+    a = sft.epoch_batches(len(lengths), 4, epoch=0, seed=1)
+    assert a == sft.epoch_batches(len(lengths), 4, epoch=0, seed=1)
+    assert a != sft.epoch_batches(len(lengths), 4, epoch=1, seed=1)
     flat = [j for b in a for j in b]
     assert len(a) == 2 and len(flat) == len(set(flat)) == 8  # 11 // 4 full batches, no repeats
     for b in a:  # the ranks' micro-batches partition the global batch
-        parts = [sft.rank_micro_batches(b, lengths, 1, r, 2) for r in range(2)]
+        parts = [sft.micro_batches(b, lengths, 1, r, 2) for r in range(2)]
         assert sorted(j for p in parts for mb in p for j in mb) == sorted(b)
         assert all(len(p) == 2 for p in parts)
 
