@@ -8,24 +8,20 @@
     torchrun --standalone --nproc_per_node=4 eval.py --questions bench/infoseek.jsonl     # shards questions
     python eval.py convert --bench infoseek --src infoseek_val.jsonl --images oven_images/ --out bench/infoseek.jsonl
 
-Scoring. `score(pred, answers)` is the one scorer (rl.py's rewards call it too): 1.0 when the prediction
-matches a gold alias after normalisation (case, accents, punctuation, articles), or is the gold phrase with at
-most two extra words and no hedge ("or", "not", ...), or both are numbers that agree (reasonable rounding, a
-gold range containing the prediction, a narrow predicted range containing the gold (years: at most 5 wide),
-simple unit conversions); empty answers score 0. With a `Judge` (any OpenAI-compatible endpoint, verdicts
-cached in SQLite) an LLM judges the answers the rules reject, as the paper's evaluation does.
+Scoring: `score` is the one scorer (rl.py's rewards call it too). 1.0 when the prediction matches a gold alias
+after normalisation (case, accents, punctuation, articles), or is the gold with at most two extra words and no
+hedge ("or", "not", ...), or both are numbers that agree (rounding, a gold range containing the prediction, a
+narrow predicted range containing the gold (years: at most 5 wide), unit conversions); empty answers score 0.
+A `Judge` (any OpenAI-compatible endpoint, verdicts cached) decides what the rules reject, as the paper does.
 
-Modes. All run through `rollout.rollout` (the conversation format the model was trained on, token ids never
-re-tokenized); decoding is greedy. direct: the paper's direct answer, one turn, no tools. rag: the paper's
-fixed workflow, a forced whole-image search and a forced text search with the question (`RAG_TURNS`), then
-one answer turn. agent: on-demand multi-turn search. A last turn that is not an answer scores 0.
+Modes, all through `rollout.rollout` (the trained conversation format, token ids never re-tokenized), greedy:
+direct (the paper's direct answer: one turn, no tools), rag (its fixed workflow: a forced whole-image search
+and a forced text search with the question, `RAG_TURNS`, then one answer turn), agent (on-demand search).
 
-Benchmarks (`convert --bench NAME`, layouts in `python eval.py convert --help`): infoseek, evqa, simplevqa,
-dynvqa, okvqa, aokvqa, fvqa and livevqa -> the design's question JSONL, image paths relative to it; a record
-that cannot be read is skipped, counted and named. Outputs (--out, default out/eval): metrics.json (see
-`metrics`), table.md (the paper's Table 1 shape, then the search behaviour), trajectories.jsonl, and with
---report one self-contained HTML page of every trajectory; --compare writes compare.md, compare.json,
-compare_trajectories.jsonl and curves.svg (the training curves from the runs' logs).
+`convert` turns the eight benchmarks' files into the design's question JSONL (layouts: `convert --help`); a
+record that cannot be read is skipped, counted and named. Outputs (--out): metrics.json, table.md (the paper's
+Table 1 shape, then the search behaviour), trajectories.jsonl and with --report one self-contained HTML page of
+every trajectory; --compare: compare.md, compare.json, compare_trajectories.jsonl, curves.svg (training curves).
 """
 import argparse
 import ast
@@ -121,8 +117,9 @@ UNITS = {name: (dim, factor, *(offset or [0.0])) for dim, factor, names, *offset
 CURRENCY_SYMBOLS = {"$": "currency:usd", "€": "currency:eur", "£": "currency:gbp", "¥": "currency:jpy"}
 SCALES = {"hundred": 1e2, "thousand": 1e3, "k": 1e3, "million": 1e6, "mn": 1e6, "mln": 1e6, "billion": 1e9,
           "bn": 1e9, "trillion": 1e12}
-NUMBER_WORDS = {w: i for i, w in enumerate("zero one two three four five six seven eight nine ten eleven twelve "
-                                           "thirteen fourteen fifteen sixteen seventeen eighteen nineteen twenty".split())}
+NUMBER_WORDS = {w: i for i, w in enumerate(
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen seventeen "
+    "eighteen nineteen twenty".split())}
 NUMBER_WORDS.update(thirty=30, forty=40, fifty=50, sixty=60, seventy=70, eighty=80, ninety=90, dozen=12)
 # Words that may surround a number without making the answer something other than a number.
 NUMBER_FILLER = set("about approximately approx around roughly circa ca c nearly almost some estimated an a the ~ ≈ "
@@ -321,7 +318,8 @@ def read_records(path):
 def _rows(obj):
     """The list of rows in a loaded file: the file itself, or its first list under a usual key."""
     if isinstance(obj, dict):
-        obj = next((obj[k] for k in ("data", "rows", "items", "questions", "annotations") if isinstance(obj.get(k), list)), None)
+        obj = next((obj[k] for k in ("data", "rows", "items", "questions", "annotations")
+                    if isinstance(obj.get(k), list)), None)
     if not isinstance(obj, list):
         raise ValueError("expected a list of rows (or a JSON object holding one)")
     return obj
@@ -335,13 +333,11 @@ def _text(x):
 
 def _listify(x):
     """A gold field as a flat list of aliases: lists (nested ones flattened: Dyn-VQA 202410's alias groups
-    [["M3系列"], ["M3", "M3 pro"]]), numpy-ish arrays, '[...]' strings (JSON, or Python literals), scalars."""
+    [["M3系列"], ["M3", "M3 pro"]]), '[...]' strings (JSON, or Python literals), scalars."""
     if x is None:
         return []
-    if hasattr(x, "tolist"):
-        return _listify(x.tolist())
     if isinstance(x, (list, tuple)):
-        return [a for v in x for a in (_listify(v) if isinstance(v, (list, tuple)) or hasattr(v, "tolist") else [v])]
+        return [a for v in x for a in (_listify(v) if isinstance(v, (list, tuple)) else [v])]
     if isinstance(x, str) and x.strip()[:1] == "[" and x.strip()[-1:] == "]":
         for parse in (json.loads, ast.literal_eval):  # JSON first: it joins surrogate pairs
             try:
@@ -445,11 +441,10 @@ def make_row(bench, source_id, question, answers, image, missing=None, needs_sea
 # list of rows; its docstring is the layout `convert --help` shows. A reader, where the sources need one.
 
 def infoseek_row(r, i, src, images, ctx):
-    """InfoSeek (Chen et al., 2023). --src: infoseek_{val,test,human}.jsonl, objects {"data_id", "image_id",
-    "question", "answer": [aliases], "answer_eval": [aliases, or for numbers {"wikidata": 1.0, "range": [0.9,
-    1.1]} in a list or alone: the alias "0.9 - 1.1", a number inside it matches], "data_split"}; the question
-    types, when infoseek_val_qtype.jsonl {"data_id", "question_type"} lies beside it. --images: the OVEN
-    images, <image_id>.jpg in any sub-folder."""
+    """InfoSeek (Chen et al., 2023). --src: infoseek_{val,test,human}.jsonl, {"data_id", "image_id", "question",
+    "answer": [aliases], "answer_eval": [aliases, or {"wikidata": 1.0, "range": [0.9, 1.1]}, alone or in a list:
+    the alias "0.9 - 1.1"], "data_split"}; question types from infoseek_val_qtype.jsonl {"data_id",
+    "question_type"} beside it. --images: the OVEN images, <image_id>.jpg in any sub-folder."""
     if src not in ctx:
         qtypes = Path(src).with_name(f"{Path(src).stem}_qtype.jsonl")
         ctx[src] = {q["data_id"]: q.get("question_type") for q in (read_records(qtypes) if qtypes.is_file() else [])
@@ -480,11 +475,11 @@ def evqa_read(srcs, inat):
 
 
 def evqa_row(r, i, src, images, inat):
-    """Encyclopedic-VQA (Mensink et al., 2023). --src: {train,val,test}.csv, columns question, answer (aliases
-    separated by '|'; a multi_answer's parts by '&&'), dataset_image_ids ('|'), dataset_name, question_type,
-    wikipedia_url, encyclopedic_vqa_split; the first image found. --images: Google Landmarks v2
-    (a/b/c/<id>.jpg) and iNaturalist 2021, which names files by UUID: give its val.json / train.json
-    ({"images": [{"id", "file_name"}]}) or an {id: file_name} JSON as another --src to map the csv's ids."""
+    """Encyclopedic-VQA (Mensink et al., 2023). --src: {train,val,test}.csv: question, answer ('|' between aliases,
+    '&&' between a multi_answer's parts), dataset_image_ids ('|'), dataset_name, question_type, wikipedia_url,
+    encyclopedic_vqa_split; and iNaturalist 2021's val.json / train.json {"images": [{"id", "file_name"}]} (or an
+    {id: file_name} JSON) to map the csv's ids to iNat's UUID file names. --images: Google Landmarks v2
+    (a/b/c/<id>.jpg) and iNaturalist 2021; a question gets its first image found."""
     aliases, parts = [a.strip() for a in str(r.get("answer", "")).split("|")], None
     if r.get("question_type") == "multi_answer":
         parts = [[p.strip() for p in a.split("&&") if p.strip()] for a in aliases]
@@ -510,10 +505,9 @@ def simplevqa_row(r, i, src, images, ctx):
 
 
 def dynvqa_row(r, i, src, images, ctx):
-    """Dyn-VQA (Li et al., 2024). --src: DynVQA_{en,zh}.jsonl or the dated DynVQA_en.202406.jsonl ... (their
-    date joins the id: the releases share question_ids), objects {"image_url", "question", "question_id",
-    "answer" (aliases, numbers, null, or in 202410 alias groups, flattened), "gloden_query" (sic)}.
-    --images: the images in the folders of their URLs' paths (the releases reuse file names)."""
+    """Dyn-VQA (Li et al., 2024). --src: DynVQA_{en,zh}.jsonl or dated releases DynVQA_en.202406.jsonl ... (the
+    date joins the id), {"image_url", "question", "question_id", "answer" (aliases, numbers, null, or 202410's alias
+    groups, flattened), "gloden_query" (sic)}. --images: in the folders of the URLs' paths (names repeat)."""
     qid, answer = r.get("question_id"), r.get("answer")
     release = re.search(r"\.(\d{6})$", Path(src).stem)
     url = r.get("image_url") or r.get("image")
@@ -543,25 +537,23 @@ def okvqa_read(srcs, ctx):
 
 
 def okvqa_row(q, i, src, images, ctx):
-    """OK-VQA (Marino et al., 2019). --src: OpenEnded_mscoco_val2014_questions.json {"data_subtype",
-    "questions": [{"image_id", "question", "question_id"}]} and mscoco_val2014_annotations.json
-    {"annotations": [{"question_id", "answers": [{"answer", ...}] x10, "question_type", "answer_type"}]}
-    (or the questions alone, the annotations beside them); aliases most frequent first. --images: COCO
-    val2014, COCO_val2014_<image_id, 12 digits>.jpg."""
+    """OK-VQA (Marino et al., 2019). --src: OpenEnded_mscoco_val2014_questions.json {"data_subtype", "questions":
+    [{"image_id", "question", "question_id"}]} and mscoco_val2014_annotations.json {"annotations": [{"question_id",
+    "answers": [{"answer"}] x10, "question_type", "answer_type"}]} (or the questions alone, the annotations beside
+    them); aliases most frequent first. --images: COCO val2014, COCO_val2014_<image_id, 12 digits>.jpg."""
     a = ctx["annotations"].get(q["question_id"], {})
     answers, counts = _by_count(x.get("answer") for x in a.get("answers", []))
     iid, sub = int(q["image_id"]), ctx["subtype"]
     return make_row("okvqa", q["question_id"], q["question"], answers,
-                    images.find(f"COCO_{sub}_{iid:012d}", f"{iid:012d}", str(iid)), missing=f"COCO_{sub}_{iid:012d}.jpg",
-                    image_id=iid, answer_counts=counts, question_type=a.get("question_type"),
-                    answer_type=a.get("answer_type"))
+                    images.find(f"COCO_{sub}_{iid:012d}", f"{iid:012d}", str(iid)),
+                    missing=f"COCO_{sub}_{iid:012d}.jpg", image_id=iid, answer_counts=counts,
+                    question_type=a.get("question_type"), answer_type=a.get("answer_type"))
 
 
 def aokvqa_row(r, i, src, images, ctx):
-    """A-OKVQA (Schwenk et al., 2022). --src: aokvqa_v1p0_val.json (test has no answers), a list of {"split",
-    "image_id", "question_id", "question", "choices", "correct_choice_idx", "direct_answers": [10 answers],
-    "difficult_direct_answer", "rationales"}; aliases: the direct answers, most frequent first, then the
-    correct choice. --images: COCO 2017, <image_id, 12 digits>.jpg."""
+    """A-OKVQA (Schwenk et al., 2022). --src: aokvqa_v1p0_val.json, a list of {"split", "image_id", "question_id",
+    "question", "choices", "correct_choice_idx", "direct_answers": [10], ...}; aliases: the direct answers, most
+    frequent first, then the correct choice. --images: COCO 2017, <image_id, 12 digits>.jpg."""
     answers, counts = _by_count(r.get("direct_answers") or [])
     choices, idx = r.get("choices") or [], r.get("correct_choice_idx")
     if isinstance(idx, int) and 0 <= idx < len(choices) and answers:
@@ -601,11 +593,10 @@ def mmsearch_r1_row(bench, r, qid, images):
 
 
 def fvqa_row(r, i, src, images, ctx):
-    """FVQA (MMSearch-R1, Wu et al., 2025). --src: fvqa_test.parquet (pyarrow) or its rows as JSON / JSONL:
+    """FVQA (MMSearch-R1, Wu et al., 2025). --src: fvqa_test.parquet (needs pyarrow) or its rows as JSON / JSONL,
     {"data_id", "prompt": [{"role": "user", "content"}], "images": [{"bytes", "path"}], "reward_model":
-    {"ground_truth", "candidate_answers" (a JSON list as text)}, "category": "search_required" | "search_free",
-    "data_source", "image_urls"}; without data_id (mini_data.pq) a row's id is <file name>_<row>. Images are
-    embedded (written next to --out); a path-only image is looked up under --images."""
+    {"ground_truth", "candidate_answers"}, "category", "data_source"}; without data_id (mini_data.pq) the id is
+    <file name>_<row>. Embedded images are written next to --out, path-only ones looked up under --images."""
     return mmsearch_r1_row("fvqa", r, f"{Path(src).stem}_{i}", images)
 
 
@@ -917,7 +908,9 @@ def _figure(img, alt, caption, max_side=384, min_side=168):
 def _step_box(step):
     """The crop box a step searched with (the tool's, else the model's), if its search ran."""
     a, o = step.get("action") or {}, step.get("obs")
-    box = None if o is None or o.get("error") else o.get("box") or (a.get("box") if a.get("kind") == "img_search" else None)
+    if o is None or o.get("error"):
+        return None
+    box = o.get("box") or (a.get("box") if a.get("kind") == "img_search" else None)
     return tuple(box) if box else None
 
 
@@ -1191,13 +1184,15 @@ def compare(args):
     (sft, rl), rows, loaded, records = args.compare, [], {}, []
     for label, ckpt, mode in [("Direct answer (SFT model, no search)", sft, "direct"),
                               ("RAG workflow (SFT model: whole-image search, then text search)", sft, "rag"),
-                              ("SFT agent (on-demand search)", sft, "agent"), ("SFT+RL agent (on-demand search)", rl, "agent")]:
+                              ("SFT agent (on-demand search)", sft, "agent"),
+                              ("SFT+RL agent (on-demand search)", rl, "agent")]:
         if not (Path(ckpt) / "config.json").is_file():
             print(f"skipping {label}: no checkpoint at {ckpt}", file=sys.stderr)
             continue
         loaded = loaded if ckpt in loaded else {ckpt: M.load(ckpt, log=None)}  # one model in memory at a time
-        recs, wall = evaluate(mode, *loaded[ckpt], tl, qs, bench_name(args.questions[0], qs), max_turns=args.max_turns,
-                              max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, progress=not args.no_progress)
+        recs, wall = evaluate(mode, *loaded[ckpt], tl, qs, bench_name(args.questions[0], qs),
+                              max_turns=args.max_turns, max_new_tokens=args.max_new_tokens,
+                              batch_size=args.batch_size, progress=not args.no_progress)
         records += [dict(r, method=label) for r in recs]
         rows.append((label, {g: metrics([r for r in recs if kinds is None or r["meta"].get("kind") in kinds])
                              for g, kinds in KIND_GROUPS.items()}))
