@@ -1,43 +1,49 @@
 """model.py: one way to load a Qwen2.5-VL model and one way to turn a conversation into tokens.
 
-Everything that must agree between rollout, SFT, RL and eval lives here: loading (a real
-Qwen2.5-VL-3B/7B-Instruct folder or our tiny random checkpoint, through the same code path),
-rendering a multi-turn, multi-image conversation to token ids + loss mask, the multimodal
-rotary positions (M-RoPE) of any chunk of a sequence, per-token log-probs, batching (and the
-shared-prompt layout that forwards a GRPO group's prompt once), LoRA, atomic checkpoints, torchrun
-setup and run logs.
+What must agree between rollout, SFT, RL and eval lives here: loading (a real Qwen2.5-VL folder or
+our tiny random checkpoint, through the same code path), `render` (a conversation to token ids and
+loss mask: the only place that builds them), M-RoPE positions of any chunk of a sequence, per-token
+log-probs, batching (and the layout that forwards a GRPO group's prompt once), LoRA, atomic
+checkpoints, torchrun helpers and run logs.
 
-    python model.py --tiny out/tiny_demo      # build a tiny checkpoint and generate from it
-    python model.py --check /path/to/Qwen2.5-VL-3B-Instruct   # load a real folder, render, generate
-
-Rendering rule (the one the loss depends on): the text is exactly what Qwen2.5-VL's chat template
-produces; each `<|image_pad|>` is expanded to (t*h*w)/merge^2 copies as the processor does; a token
-is trained (loss_mask=1) iff it starts inside an assistant message's content or is the `<|im_end|>`
-that closes an assistant message. System and user text, `<information>` tool results (they live in
-user turns), image tokens and `<|im_start|>assistant\\n` headers are never trained on.
+Rendering rule: the text is exactly Qwen2.5-VL's chat template; each `<|image_pad|>` becomes
+(t*h*w)/merge^2 copies, as the processor does; a token is trained (loss_mask=1) iff it starts inside
+an assistant message's content or is the `<|im_end|>` that closes it. System and user text,
+`<information>` tool results (user turns), image tokens and assistant headers never are.
 """
-import argparse
 import contextlib
 import datetime
 import json
 import os
 import platform
+import random
 import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+import transformers
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
+from transformers import (AttentionInterface, AutoTokenizer, PreTrainedTokenizerFast, Qwen2_5_VLConfig,
+                          Qwen2_5_VLForConditionalGeneration)
+from transformers.image_utils import SizeDict
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 HERE = Path(__file__).resolve().parent
 IMAGE = "<image>"  # placeholder for an image inside string message content (design card)
@@ -50,50 +56,38 @@ SPECIAL_TOKENS = [
 # The tiny BPE's split: Qwen2's, except that a capitalised word or a number stands alone (no space
 # or bracket joined to its front) and a number of up to 4 digits is one piece. A name or a year is
 # then the same tokens on a result page (" by Vukuk Brillan") as in an action ("<answer>Vukuk
-# Brillan"). A pretrained model knows that " Vukuk" and ">Vukuk" are one word; a random one cannot
-# learn it for a word it never saw in that place (measured: it copied the first word of a name wrong
-# in most wrong answers). 11% more tokens than Qwen's split on sft.jsonl.
+# Brillan"), which a random model cannot learn for a word it never saw in that place (measured: it
+# copied the first word of a name wrong in most wrong answers). 11% more tokens than Qwen's split.
 TINY_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}>]?\p{Ll}+|\p{Lu}\p{L}*|\p{N}{1,4}"
               r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s")
 CHAT_TEMPLATE_FILE = "qwen2_5_vl_chat_template.jinja"
 VISION_BLOCK = "<|vision_start|><|image_pad|><|vision_end|>"
 CAPTION_PROMPT = "Describe the image."
+SHARED_ATTN, CPU_ATTN = "shared_prompt", "sdpa_cpu_decode"  # our attention functions' names in transformers
 
 
-# ----------------------------------------------------------------------------- processor
+# ----------------------------------------------------------------------------- loading
 
 class Processor:
-    """Tokenizer + image processor. transformers' Qwen2_5_VLProcessor also wants a video
-    processor, which imports torchvision; we need images only, so this small class holds the
-    two parts and reads/writes the same files as the real processor."""
+    """Tokenizer + image processor, reading and writing the real processor's files (transformers'
+    Qwen2_5_VLProcessor also wants a video processor, which imports torchvision)."""
 
     MAX_PIXELS = 1280 * 28 * 28  # Qwen's recommended cap: at most 1280 image tokens per image
 
     def __init__(self, tokenizer, image_processor):
-        self.tokenizer = tokenizer
-        self.image_processor = image_processor
-        self.merge = image_processor.merge_size
+        self.tokenizer, self.image_processor, self.merge = tokenizer, image_processor, image_processor.merge_size
         ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-        self.image_token_id = ids["<|image_pad|>"]
-        self.im_start_id = ids["<|im_start|>"]
-        self.im_end_id = ids["<|im_end|>"]
-        self.vision_start_id = ids["<|vision_start|>"]
-        self.vision_end_id = ids["<|vision_end|>"]
-        self.pad_id = ids["<|endoftext|>"]
+        self.image_token_id, self.pad_id = ids["<|image_pad|>"], ids["<|endoftext|>"]
+        self.im_start_id, self.im_end_id = ids["<|im_start|>"], ids["<|im_end|>"]
+        self.vision_start_id, self.vision_end_id = ids["<|vision_start|>"], ids["<|vision_end|>"]
 
     @classmethod
     def from_pretrained(cls, path, max_pixels=None):
-        """max_pixels: the most pixels an image is resized to (so at most max_pixels / 28^2 image
-        tokens). None: the folder's value, capped at Qwen's recommended 1280*28*28; the hub's own
-        12,845,056 would turn one photo into up to 16,384 tokens."""
-        from transformers import AutoTokenizer
-        from transformers.image_utils import SizeDict
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-        tok = AutoTokenizer.from_pretrained(path)
-        ip = Qwen2VLImageProcessorPil.from_pretrained(path)
-        # this processor keeps min/max pixels as size.shortest_edge / size.longest_edge
-        lo, hi = ip.size.shortest_edge, ip.size.longest_edge
-        hi = max_pixels if max_pixels is not None else min(hi, cls.MAX_PIXELS)
+        """max_pixels: the most pixels an image is resized to. None: the folder's value, capped at
+        MAX_PIXELS (the hub's own 12,845,056 would turn one photo into up to 16,384 tokens)."""
+        tok, ip = AutoTokenizer.from_pretrained(path), Qwen2VLImageProcessorPil.from_pretrained(path)
+        lo = ip.size.shortest_edge  # this processor keeps min/max pixels as shortest/longest_edge
+        hi = max_pixels if max_pixels is not None else min(ip.size.longest_edge, cls.MAX_PIXELS)
         if hi < lo:
             raise ValueError(f"max_pixels={hi} is below min_pixels={lo} of {path}/preprocessor_config.json")
         ip.size = SizeDict(shortest_edge=lo, longest_edge=hi)  # a new object: never mutate a shared default
@@ -123,92 +117,69 @@ class Processor:
         return self.tokenizer.decode(ids, skip_special_tokens=False)
 
 
-# ----------------------------------------------------------------------------- loading
-
-CPU_ATTN = "sdpa_cpu_decode"
+def gqa_decode(query, key, value, mask, scale):
+    """One-token attention, grouped-query, as two matmuls: the H / KV query heads that share a KV head
+    are the rows of one product with its keys, so each key is read once, never repeated (SDPA with a
+    mask copies every head). query (b, H, 1, d), key/value (b, KV, T, d), mask (b, 1, 1, T) bool
+    (True: attend) -> (b, 1, H, d). Softmax in fp32."""
+    b, H, _, d = query.shape
+    kv = key.shape[1]
+    s = torch.matmul(query.reshape(b, kv, H // kv, d), key.transpose(-1, -2)).float() * scale  # (b, KV, rep, T)
+    p = torch.softmax(s.masked_fill(~mask, float("-inf")), -1).to(value.dtype)
+    return torch.matmul(p, value).reshape(b, 1, H, d)  # head h = kv_head * rep + r
 
 
 def _sdpa_cpu_decode(module, query, key, value, attention_mask, **kwargs):
-    """SDPA, except for one-token decoding steps: there, grouped-query attention as two matmuls.
-    transformers' SDPA path copies every key/value head `n_rep` times when a mask is given (as it is
-    for batched rows of different lengths), which dominates a CPU decode step; this reads them once.
-    query (b, H, 1, d), key/value (b, KV, T, d), attention_mask (b, 1, 1, T) bool (True: attend)."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    b, H, q, d = query.shape
-    kv = key.shape[1]
-    if q != 1 or module.training or attention_mask is None or attention_mask.dtype != torch.bool:
+    """transformers' SDPA on CPU, with decoding steps (model.generate) through gqa_decode."""
+    if query.shape[2] != 1 or module.training or attention_mask is None or attention_mask.dtype != torch.bool:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    s = torch.matmul(query.view(b, kv, H // kv, d), key.transpose(-1, -2))  # (b, KV, rep, T)
-    s = (s * kwargs.get("scaling", d ** -0.5)).masked_fill(~attention_mask, float("-inf"))
-    out = torch.matmul(torch.softmax(s, -1), value)  # (b, KV, rep, d)
-    return out.view(b, H, 1, d).transpose(1, 2), None  # (b, 1, H, d) like SDPA's output
+    return gqa_decode(query, key, value, attention_mask, kwargs.get("scaling", query.shape[-1] ** -0.5)), None
 
 
-def _register_cpu_attention():
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
-    AttentionInterface.register(CPU_ATTN, _sdpa_cpu_decode)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(CPU_ATTN, sdpa_mask)
-
-
-def attn_implementation(device):
-    """flash_attention_2 when flash-attn imports and we are on CUDA, else PyTorch SDPA (on CPU with
-    the grouped decode step above)."""
-    if torch.device(device).type == "cuda":
-        try:
-            import flash_attn  # noqa: F401
-            return "flash_attention_2"
-        except ImportError:
-            return "sdpa"
-    _register_cpu_attention()
-    return CPU_ATTN
+def register_attention(name, fn):
+    """Make `fn` an attention function that transformers finds by `name` (masks built as for SDPA)."""
+    AttentionInterface.register(name, fn)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(name, sdpa_mask)
 
 
 def _check_folder(path):
     """Name the missing or corrupt file instead of letting transformers fail deep inside."""
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"checkpoint folder not found: {path}")
-    for name in ("config.json", "preprocessor_config.json"):
-        f = path / name
+    path, index = Path(path), Path(path) / "model.safetensors.index.json"
+    for f in (path / "config.json", path / "preprocessor_config.json") + ((index,) if index.is_file() else ()):
         if not f.is_file():
             raise FileNotFoundError(f"{f}: missing (a Qwen2.5-VL checkpoint folder needs it)")
         try:
-            json.loads(f.read_text())
+            info = json.loads(f.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{f}: not valid JSON ({e})") from None
     if not ((path / "tokenizer.json").is_file() or (path / "vocab.json").is_file()):
         raise FileNotFoundError(f"{path / 'tokenizer.json'}: missing (no tokenizer files)")
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
+    for s in sorted(set(info.get("weight_map", {}).values())) if index.is_file() else ["model.safetensors"]:
+        if not (path / s).is_file():
+            raise FileNotFoundError(f"{path / s}: missing (the weights of {path})")
         try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError) as e:
-            raise ValueError(f"{index}: corrupt index ({e})") from None
-    elif (path / "model.safetensors").is_file():
-        shards = ["model.safetensors"]
-    else:
-        raise FileNotFoundError(f"{path / 'model.safetensors'}: missing (no weights in {path})")
-    for s in shards:
-        f = path / s
-        if not f.is_file():
-            raise FileNotFoundError(f"{f}: missing weight shard")
-        try:
-            with safe_open(str(f), framework="pt") as sf:
+            with safe_open(str(path / s), framework="pt") as sf:
                 sf.keys()
         except Exception as e:  # safetensors raises several types for a truncated/garbled file
-            raise ValueError(f"{f}: corrupt safetensors file ({e})") from None
+            raise ValueError(f"{path / s}: corrupt safetensors file ({e})") from None
 
 
 def load(path, device=None, dtype=None, log=print, max_pixels=None):
-    """Load any local Qwen2.5-VL checkpoint folder (HF layout) -> (model, processor).
-    device: default cuda if available else cpu; dtype: default bf16 on CUDA, fp32 on CPU;
-    max_pixels: see Processor.from_pretrained."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
+    """Any local Qwen2.5-VL checkpoint folder (HF layout) -> (model, processor). Defaults: cuda if
+    available, bf16 there and fp32 on CPU; max_pixels: see Processor.from_pretrained. Attention:
+    flash-attn on CUDA when it imports, else SDPA (on CPU with gqa_decode's decode step)."""
     _check_folder(path)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or (torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32)
-    attn = attn_implementation(device)
+    attn = CPU_ATTN
+    if torch.device(device).type == "cuda":
+        try:
+            import flash_attn  # noqa: F401  (optional: a CUDA build that many machines lack)
+            attn = "flash_attention_2"
+        except ImportError:
+            attn = "sdpa"
+    else:
+        register_attention(CPU_ATTN, _sdpa_cpu_decode)
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype, attn_implementation=attn)
     model.to(device).eval()
     processor = Processor.from_pretrained(path, max_pixels=max_pixels)
@@ -219,8 +190,7 @@ def load(path, device=None, dtype=None, log=print, max_pixels=None):
 
 
 def default_checkpoint(data="data"):
-    """The checkpoint a command uses when none is named: out/rl, else out/sft, else {data}/tiny
-    (the pipeline's outputs, relative to the working directory, newest stage first)."""
+    """The checkpoint a command uses when none is named: out/rl, else out/sft, else {data}/tiny."""
     for c in ("out/rl", "out/sft", f"{data}/tiny"):
         if os.path.isfile(os.path.join(c, "config.json")):
             return c
@@ -229,24 +199,22 @@ def default_checkpoint(data="data"):
 
 
 def chat_template_text():
-    """The real Qwen2.5-VL chat template (as shipped with Qwen2.5-VL-7B-Instruct), which we carry
-    next to this file so that tiny checkpoints render conversations exactly like real ones."""
+    """Qwen2.5-VL's chat template (Qwen2.5-VL-7B-Instruct's), carried so that tiny checkpoints render like real ones."""
     return (HERE / CHAT_TEMPLATE_FILE).read_text()
 
 
+# ----------------------------------------------------------------------------- the tiny checkpoint
+
 def train_tokenizer(texts, vocab_size=4096, split=TINY_SPLIT):
     """A byte-level BPE with Qwen2's special tokens and the pre-tokenizer `split`, trained on `texts`."""
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
     tok = Tokenizer(models.BPE())
     tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(split), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(texts, trainer)
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                                       show_progress=False,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None,
         additional_special_tokens=SPECIAL_TOKENS[1:], chat_template=chat_template_text(),
@@ -257,7 +225,6 @@ def tiny_config(vocab_size, token_ids, hidden=128, layers=4, heads=4, kv_heads=2
                 vision_hidden=64, vision_depth=2, vision_heads=2):
     """A Qwen2.5-VL config of the real architecture at toy size: patch 14, merge 2, temporal 2,
     windowed vision attention with full-attention blocks, M-RoPE sections scaled to the head size."""
-    from transformers import Qwen2_5_VLConfig
     half = hidden // heads // 2
     sec = [half // 4, (half - half // 4) // 2]
     sec.append(half - sum(sec))  # real 7B: [16, 24, 24] for head_dim 128
@@ -288,25 +255,20 @@ def _warmup(model, next_batch, steps, lr, log, name, every):
         opt.step()
         if log and (step + 1) % every == 0:
             log(f"{name} warm-up step {step + 1}/{steps}: loss {loss.item():.3f}")
-    model.eval()
-    return model
+    return model.eval()
 
 
 def copy_warmup(model, token_ids, steps, seed=0, batch=16, lr=1e-3, log=None):
-    """Give a freshly initialised model the in-context copying every pretrained LM has (induction
-    heads): next-token training on `x1..xn SEP x1..xn` with random tokens and n varying per batch.
-    Measured on the tiny model: with n fixed it learns a positional shortcut in 200 steps; with n
-    varying, true copying appears between steps 600 and 1600 (loss 7.4 -> 0.03 by 2000). Without
-    it, SFT on the synthetic world never learns to read a name off the search results."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.as_tensor(token_ids)
+    """Give a fresh model the in-context copying every pretrained LM has (induction heads): next-token
+    training on `x1..xn SEP x1..xn`, random tokens, n varying per batch (fixed, it learns a positional
+    shortcut). Without it SFT on the synthetic world never learns to read a name off the results."""
+    g, ids = torch.Generator().manual_seed(seed), torch.as_tensor(token_ids)
 
     def next_batch():
         n = int(torch.randint(4, 13, (1,), generator=g))
         seq = ids[torch.randint(len(ids), (batch, n), generator=g)]  # (B, n)
         x = torch.cat([seq, seq[:, :1] * 0 + ids[0], seq], 1)  # (B, 2n+1): the separator is ids[0]
-        T = x.shape[1]
-        mask = torch.zeros_like(x)
+        mask, T = torch.zeros_like(x), x.shape[1]
         mask[:, n + 1:] = 1
         return {"input_ids": x, "position_ids": torch.arange(T).view(1, 1, T).expand(3, batch, T),
                 "attention_mask": torch.ones_like(x), "loss_mask": mask}
@@ -314,10 +276,9 @@ def copy_warmup(model, token_ids, steps, seed=0, batch=16, lr=1e-3, log=None):
 
 
 def caption_warmup(model, processor, pairs, steps, seed=0, batch=16, lr=1e-3, log=None):
-    """Give a freshly initialised model the sight a pretrained VLM has: next-token training on
-    `pairs` of (PIL image, what it shows), as one user turn with the image and one assistant turn.
-    Without it the tiny vision tower stays near chance on colours and shapes through SFT, where
-    the answer to a look question is one token in a trajectory of hundreds."""
+    """Give a fresh model the sight a pretrained VLM has: next-token training on `pairs` of (PIL image,
+    what it shows) as a user turn with the image and an assistant turn (without it the tiny vision
+    tower stays near chance on colours and shapes through SFT)."""
     items = [render(processor, [{"role": "user", "content": IMAGE + CAPTION_PROMPT},
                                 {"role": "assistant", "content": text}], [im]) for im, text in pairs]
     g = torch.Generator().manual_seed(seed)
@@ -329,14 +290,10 @@ def caption_warmup(model, processor, pairs, steps, seed=0, batch=16, lr=1e-3, lo
 
 def build_tiny(out_dir, texts, seed=0, vocab_size=4096, min_pixels=28 * 28, max_pixels=224 * 224,
                copy_steps=0, captions=(), caption_steps=0, log=None, **size):
-    """Write a randomly initialised Qwen2.5-VL checkpoint + processor to `out_dir`, loadable by
-    `load()` exactly like a real one. `size`: hidden, layers, heads, kv_heads, ffn, vision_* (tiny_config).
-    Two skills of pretraining the synthetic world's tasks cannot do without come first:
-    copy_steps > 0 teaches it to copy (`copy_warmup`), caption_steps > 0 to see (`caption_warmup`
-    on `captions`, (PIL image, text) pairs)."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-    # The chat template's own words, so that they merge like any frequent text (a real vocabulary has them).
+    """Write a random Qwen2.5-VL checkpoint + processor to `out_dir`, loaded by `load()` like a real one
+    (`size`: tiny_config's), after copy_steps of copy_warmup and caption_steps of caption_warmup on
+    `captions` ((PIL image, text) pairs): two skills of pretraining the synthetic world needs."""
+    # the chat template's own words, so that they merge like any frequent text (a real vocabulary has them)
     template = conversation_text([{"role": "user", "content": "?"}, {"role": "assistant", "content": "."}])[0]
     tok = train_tokenizer(list(texts) + [template.replace("<|im_start|>", "").replace("<|im_end|>", "")] * 200,
                           vocab_size)
@@ -353,27 +310,12 @@ def build_tiny(out_dir, texts, seed=0, vocab_size=4096, min_pixels=28 * 28, max_
     return out_dir
 
 
-# ----------------------------------------------------------------------------- rendering
-
-def to_template_messages(messages):
-    """Design-format messages (string content with `<image>` placeholders) -> the list-of-parts
-    form the chat template understands."""
-    out = []
-    for m in messages:
-        parts = []
-        for i, piece in enumerate(m["content"].split(IMAGE)):
-            if i:
-                parts.append({"type": "image"})
-            if piece:
-                parts.append({"type": "text", "text": piece})
-        out.append({"role": m["role"], "content": parts})
-    return out
-
+# ----------------------------------------------------------------------------- rendering and positions
 
 def conversation_text(messages, add_generation_prompt=False):
     """The chat template's text, built piece by piece so we know where each message's content lies.
-    Returns (text, spans) with spans = [(start, end)] of assistant contents. tests/test_model.py
-    checks that the text equals the real template's output."""
+    Returns (text, spans): [(start, end)] of assistant contents, each with its closing `<|im_end|>`.
+    tests/test_model.py checks the text against the real template's."""
     text, spans = "", []
     if not messages or messages[0]["role"] != "system":
         text = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
@@ -384,108 +326,68 @@ def conversation_text(messages, add_generation_prompt=False):
         start = len(text)
         text += m["content"].replace(IMAGE, VISION_BLOCK)
         if m["role"] == "assistant":
-            spans.append((start, len(text) + len("<|im_end|>")))  # the closing <|im_end|> is trained
+            spans.append((start, len(text) + len("<|im_end|>")))
         text += "<|im_end|>\n"
-    if add_generation_prompt:
-        text += "<|im_start|>assistant\n"
-    return text, spans
-
-
-def expand_image_pads(text, grid_thw, processor):
-    """Replace the i-th `<|image_pad|>` by n_i copies (n_i = t*h*w / merge^2), as the processor does."""
-    pieces = text.split("<|image_pad|>")
-    n = 0 if grid_thw is None else len(grid_thw)
-    if len(pieces) - 1 != n:
-        raise ValueError(f"{len(pieces) - 1} image placeholders but {n} images")
-    out = pieces[0]
-    for i, piece in enumerate(pieces[1:]):
-        out += "<|image_pad|>" * processor.n_image_tokens(grid_thw[i]) + piece
-    return out
+    return text + ("<|im_start|>assistant\n" if add_generation_prompt else ""), spans
 
 
 def render(processor, messages, images=(), add_generation_prompt=False):
-    """Conversation -> dict(input_ids (T,), loss_mask (T,), pixel_values, image_grid_thw).
-    `images` are PIL images, one per `<image>` placeholder, in order."""
+    """Conversation -> dict(input_ids (T,), loss_mask (T,), pixel_values, image_grid_thw); `images`:
+    PIL images, one per `<image>` placeholder, in order. The rollout renders its chunks with it."""
     text, spans = conversation_text(messages, add_generation_prompt)
-    pixel_values, grid_thw = processor.images(list(images))
-    text, spans = _expand_with_spans(text, spans, grid_thw, processor)
+    pixel_values, grid = processor.images(list(images))
     enc = processor.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = torch.tensor(enc["input_ids"], dtype=torch.long)
     starts = torch.tensor([s for s, _ in enc["offset_mapping"]], dtype=torch.long)
     mask = torch.zeros(len(ids), dtype=torch.long)
     for s, e in spans:
         mask |= ((starts >= s) & (starts < e)).long()
-    mask[ids == processor.image_token_id] = 0  # an assistant turn never holds images, but be sure
-    return {"input_ids": ids, "loss_mask": mask, "pixel_values": pixel_values, "image_grid_thw": grid_thw}
+    is_img, n = ids == processor.image_token_id, 0 if grid is None else len(grid)
+    if int(is_img.sum()) != n:
+        raise ValueError(f"{int(is_img.sum())} image placeholders but {n} images")
+    reps = torch.ones_like(ids)  # each image's one <|image_pad|> becomes its t*h*w/merge^2 tokens
+    if n:
+        reps[is_img] = grid.prod(-1) // processor.merge ** 2
+    return {"input_ids": ids.repeat_interleave(reps), "loss_mask": (mask * ~is_img).repeat_interleave(reps),
+            "pixel_values": pixel_values, "image_grid_thw": grid}
 
 
-def _expand_with_spans(text, spans, grid_thw, processor):
-    """expand_image_pads, shifting the assistant spans by the characters inserted before them."""
-    expanded = expand_image_pads(text, grid_thw, processor)
-    if grid_thw is None:
-        return expanded, spans
-    pad, shifted = "<|image_pad|>", []
-    for s, e in spans:
-        before = text[:s].count(pad)
-        extra = sum(processor.n_image_tokens(grid_thw[i]) - 1 for i in range(before)) * len(pad)
-        shifted.append((s + extra, e + extra))
-    return expanded, shifted
-
-
-# ----------------------------------------------------------------------------- positions
-
-def mrope_positions(input_ids, image_grid_thw, processor_or_merge, image_token_id=None, start=0):
-    """3-D rotary positions (3, T) of one sequence chunk that starts at position `start`, as
-    Qwen2.5-VL computes them for the whole sequence: text tokens advance all three axes together;
-    an image's tokens get (start, start+row, start+col) and the text after it resumes at
-    start + max(rows, cols). `image_grid_thw` holds the grids of the images in this chunk, in order.
-    Returns (positions, next_start). Chunks computed with the returned next_start concatenate to
-    exactly the positions of one full forward, which is what lets rollout append to a KV cache."""
-    if isinstance(processor_or_merge, Processor):
-        merge, image_token_id = processor_or_merge.merge, processor_or_merge.image_token_id
-    else:
-        merge = processor_or_merge
+def mrope_positions(input_ids, image_grid_thw, processor, start=0):
+    """3-D rotary positions (3, T) of a sequence chunk that starts at position `start`, as Qwen2.5-VL
+    computes them: text advances all three axes together; an image's tokens get (start, start+row,
+    start+col) and the text after it resumes at start + max(rows, cols). `image_grid_thw`: the grids of
+    this chunk's images. Returns (positions, next_start): chunks computed with the returned next_start
+    concatenate to the positions of one full forward, which lets the rollout append to a KV cache."""
     ids = torch.as_tensor(input_ids)
-    T = ids.shape[0]
-    pos = torch.empty(3, T, dtype=torch.long)
-    is_img = (ids == image_token_id).tolist()
-    i, k, cur = 0, 0, start
+    T, merge, is_img = len(ids), processor.merge, (ids == processor.image_token_id).tolist()
+    pos, i, k, cur = torch.empty(3, T, dtype=torch.long), 0, 0, start
     while i < T:
-        if not is_img[i]:
-            j = i
-            while j < T and not is_img[j]:
-                j += 1
-            pos[:, i:j] = torch.arange(cur, cur + j - i)
-            cur += j - i
-        else:
+        if is_img[i]:
             t, h, w = (int(x) for x in image_grid_thw[k])
-            h, w, n = h // merge, w // merge, t * (h // merge) * (w // merge)
+            h, w = h // merge, w // merge
+            n = t * h * w
             if i + n > T or not all(is_img[i:i + n]):
                 raise ValueError(f"image {k}: expected {n} consecutive image tokens at {i}")
-            tt, hh, ww = torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij")
-            pos[0, i:i + n] = cur + tt.flatten()
-            pos[1, i:i + n] = cur + hh.flatten()
-            pos[2, i:i + n] = cur + ww.flatten()
-            cur += max(h, w)
-            k, j = k + 1, i + n
-        i = j
+            grid = torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij")
+            pos[:, i:i + n] = cur + torch.stack([g.flatten() for g in grid])
+            i, k, cur = i + n, k + 1, cur + max(h, w)
+        else:
+            j = next((j for j in range(i, T) if is_img[j]), T)
+            pos[:, i:j] = torch.arange(cur, cur + j - i)
+            i, cur = j, cur + j - i
     return pos, cur
 
 
 # ----------------------------------------------------------------------------- batching
 
 def collate(items, processor, extra_keys=()):
-    """List of rendered dicts -> a right-padded training batch:
-    input_ids (B, T), loss_mask (B, T), attention_mask (B, T), position_ids (3, B, T),
-    pixel_values (P, D) | None, image_grid_thw (N, 3) | None, plus per-token `extra_keys` (B, T)."""
+    """Rendered dicts -> a right-padded batch: input_ids, loss_mask, attention_mask (B, T), position_ids
+    (3, B, T), pixel_values (P, D) | None, image_grid_thw (N, 3) | None, per-token `extra_keys` (B, T)."""
     B, T = len(items), max(len(x["input_ids"]) for x in items)
     batch = {"input_ids": torch.full((B, T), processor.pad_id, dtype=torch.long),
-             "loss_mask": torch.zeros(B, T, dtype=torch.long),
-             "attention_mask": torch.zeros(B, T, dtype=torch.long),
-             "position_ids": torch.zeros(3, B, T, dtype=torch.long)}
-    for k in extra_keys:
-        batch[k] = torch.zeros(B, T, dtype=torch.float32)
-    pvs, grids = [], []
+             "loss_mask": torch.zeros(B, T, dtype=torch.long), "attention_mask": torch.zeros(B, T, dtype=torch.long),
+             "position_ids": torch.zeros(3, B, T, dtype=torch.long),
+             **{k: torch.zeros(B, T, dtype=torch.float32) for k in extra_keys}}
     for b, x in enumerate(items):
         n = len(x["input_ids"])
         batch["input_ids"][b, :n] = torch.as_tensor(x["input_ids"])
@@ -494,11 +396,9 @@ def collate(items, processor, extra_keys=()):
         batch["position_ids"][:, b, :n] = mrope_positions(x["input_ids"], x["image_grid_thw"], processor)[0]
         for k in extra_keys:
             batch[k][b, :n] = torch.as_tensor(x[k], dtype=torch.float32)
-        if x["image_grid_thw"] is not None:
-            pvs.append(x["pixel_values"])
-            grids.append(x["image_grid_thw"])
-    batch["pixel_values"] = torch.cat(pvs) if pvs else None
-    batch["image_grid_thw"] = torch.cat(grids) if grids else None
+    imgs = [x for x in items if x["image_grid_thw"] is not None]
+    batch["pixel_values"] = torch.cat([x["pixel_values"] for x in imgs]) if imgs else None
+    batch["image_grid_thw"] = torch.cat([x["image_grid_thw"] for x in imgs]) if imgs else None
     return batch
 
 
@@ -507,24 +407,16 @@ def to_device(batch, device):
             for k, v in batch.items()}
 
 
-# ----------------------------------------------------------------------------- shared-prompt forward
-
-SHARED_ATTN = "shared_prompt"
-
-
 class SharedPrompt:
-    """What the text decoder gets for its mask in a `collate_shared` forward. Rows [0, n) hold the
-    distinct prompts; rows [n, n + m) hold continuations packed end to end, all right-padded to T.
-    seg (m, T): the prompt row that each position continues (-1: padding); start (m, T): where its
-    continuation begins in the row. A continuation token attends to the first plen[j] keys of its
-    prompt row j, then causally within its own continuation; a prompt row attends causally (its
-    padding comes after every real key). The masks are built on the batch's device when the first
-    layer asks, and shared by every layer of the forward."""
+    """The decoder's mask in a `collate_shared` forward. Rows [0, n) hold the distinct prompts, rows
+    [n, n + m) continuations packed end to end. seg (m, T): the prompt row each position continues (-1:
+    padding); start (m, T): where its continuation begins. A continuation token attends to the first
+    plen[j] keys of its prompt row j, then causally within its continuation; a prompt row, causally.
+    The masks are built on the batch's device when the first layer asks, then shared by every layer."""
 
     def __init__(self, n, plen, seg, start):
         self.n, (self.m, self.T) = n, seg.shape
-        self.plen, self.seg, self.start = plen, seg, start
-        self._masks = None
+        self.plen, self.seg, self.start, self._masks = plen, seg, start, None
 
     def to(self, device):
         return SharedPrompt(self.n, self.plen.to(device), self.seg.to(device), self.start.to(device))
@@ -543,11 +435,10 @@ class SharedPrompt:
 
 
 def shared_prompt_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """The text decoder's attention once `use_shared_prompt_attention` is on. With a SharedPrompt
-    layout: query (n + m, H, T, d), key/value (n + m, KV, T, d); a continuation row's keys are every
-    prompt row's followed by its own, masked to its own prompt, so a prompt is computed once for its
-    group and gradients from every continuation flow back into it. Any other mask: transformers' SDPA."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    """The decoder's attention after `use_shared_prompt_attention`. With a SharedPrompt: query (n + m, H,
+    T, d), key/value (n + m, KV, T, d); a continuation row's keys are every prompt row's then its own,
+    masked to its prompt, so a prompt is computed once and every continuation's gradient flows into it.
+    Any other mask: transformers' SDPA."""
     lay = attention_mask
     if not isinstance(lay, SharedPrompt):
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
@@ -555,149 +446,125 @@ def shared_prompt_attention(module, query, key, value, attention_mask, scaling=N
     n, rep = lay.n, query.shape[1] // key.shape[1]
     if rep > 1:  # as transformers' SDPA path does with a mask: enable_gqa takes the slow kernel there
         key, value = key.repeat_interleave(rep, 1), value.repeat_interleave(rep, 1)
-
-    def attend(q, k, v, mask):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)
-
     prompt_mask, cont_mask = lay.masks()
-    out = attend(query[:n], key[:n], value[:n], prompt_mask)
+    out = F.scaled_dot_product_attention(query[:n], key[:n], value[:n], attn_mask=prompt_mask, scale=scaling)
     if lay.m:
         def with_prompts(x):  # (n + m, H, T, d) -> (m, H, n T + T, d): every prompt's keys, then the row's own
             _, H, T, d = x.shape
             return torch.cat([x[:n].transpose(0, 1).reshape(1, H, n * T, d).expand(lay.m, -1, -1, -1), x[n:]], 2)
-        out = torch.cat([out, attend(query[n:], with_prompts(key), with_prompts(value), cont_mask)])
+        out = torch.cat([out, F.scaled_dot_product_attention(query[n:], with_prompts(key), with_prompts(value),
+                                                             attn_mask=cont_mask, scale=scaling)])
     return out.transpose(1, 2), None  # (n + m, T, H, d)
 
 
 def use_shared_prompt_attention(model):
-    """Switch the text decoder to shared_prompt_attention, for good: a layer that gradient
-    checkpointing recomputes in the backward looks its attention up again, after any forward-time
-    context would have ended. The vision tower keeps its own (flash-attn or SDPA); with flash-attn
-    the decoder's training forwards run SDPA with masks instead (the memory-efficient kernel)."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
-    AttentionInterface.register(SHARED_ATTN, shared_prompt_attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(SHARED_ATTN, sdpa_mask)
+    """The text decoder on shared_prompt_attention for good (gradient checkpointing's recompute looks it
+    up again after any forward-time context ended); the vision tower keeps its own."""
+    register_attention(SHARED_ATTN, shared_prompt_attention)
     model.model.language_model.config._attn_implementation = SHARED_ATTN
     return model
 
 
-def _prompt_images(grid, n_tokens, merge):
-    """(images, pixel rows) of the first images in `grid` (N, 3) that hold n_tokens image tokens."""
-    k = rows = tokens = 0
-    while tokens < n_tokens:
+def _same_pixels(a, b):
+    return (a is None and b is None) or (a is not None and b is not None and a.shape == b.shape and torch.equal(a, b))
+
+
+def _image_cut(ids, L, grid, processor):
+    """(images, pixel rows) among a sequence's first L tokens; `grid` (N, 3): its images."""
+    n, k, rows, tokens = int((ids[:L] == processor.image_token_id).sum()), 0, 0, 0
+    while tokens < n:
         t, h, w = (int(v) for v in grid[k])
-        k, rows, tokens = k + 1, rows + t * h * w, tokens + t * h * w // merge ** 2
-    if tokens != n_tokens:
-        raise ValueError(f"prompt_len ends inside an image ({tokens} image tokens, not {n_tokens})")
+        k, rows, tokens = k + 1, rows + t * h * w, tokens + t * h * w // processor.merge ** 2
+    if tokens != n:
+        raise ValueError(f"prompt_len ends inside an image ({tokens} image tokens, not {n})")
     return k, rows
 
 
-def _shared_prefix(group, img, merge):
-    """(L, [(images, pixel rows) per item]): how many first tokens the items of a group (the same
-    prompt, tokens and pixels) share, and how many of each item's images and pixel rows lie in them.
-    The longest common prefix of their tokens, cut back so as not to end inside an image, and back to
-    the prompt if the images in it differ (a crop of the same size)."""
-    ids, P = [e[1] for e in group], group[0][5]
-    L = min(len(t) for t in ids)
-    for t in ids[1:]:
-        d = (t[:L] != ids[0][:L]).nonzero()
+def _shared_prefix(group, P, processor):
+    """(L, [(images, pixel rows) in it per item]) of a group of (ids, grid, pixel values) that share their
+    first P tokens and pixels: their longest common prefix, cut back so as not to end inside an image,
+    and back to P if the images in it differ (crops of the same size)."""
+    ids0, grid0, pv0 = group[0]
+    L = min(len(ids) for ids, _, _ in group)
+    for ids, _, _ in group[1:]:
+        d = (ids[:L] != ids0[:L]).nonzero()
         L = int(d[0]) if len(d) else L
-    while L > P and ids[0][L - 1] == img:
+    while L > P and ids0[L - 1] == processor.image_token_id:
         L -= 1
-
-    def cuts(L):
-        n = int((ids[0][:L] == img).sum())
-        return [_prompt_images(e[2], n, merge) if e[2] is not None else (0, 0) for e in group]
-    c = cuts(L)
-    grid0, pv0 = group[0][2], group[0][3]
-    if any(k and not (torch.equal(e[2][:k], grid0[:k]) and _same_pixels(e[3][:rows], pv0[:rows]))
-           for e, (k, rows) in zip(group, c)):
-        L, c = P, cuts(P)
-    return L, c
+    cuts = [_image_cut(ids0, L, grid, processor) for _, grid, _ in group]
+    if any(k and not (torch.equal(grid[:k], grid0[:k]) and _same_pixels(pv[:rows], pv0[:rows]))
+           for (_, grid, pv), (k, rows) in zip(group, cuts)):
+        L, cuts = P, [_image_cut(ids0, P, grid, processor) for _, grid, _ in group]
+    return L, cuts
 
 
 def collate_shared(items, processor, extra_keys=()):
-    """collate(items)'s tokens, loss masks and extra keys, plus "shared": the forward's inputs laid out
-    so that items with the same prompt (the first `prompt_len` tokens and the images among them: a GRPO
-    group) forward it once, with everything else its items have in common. Each group is one row: the
-    prefix its items share (the prompt, and on up to where they part). The items' distinct
-    continuations are packed end to end into rows of the same length (first fit, longest first),
-    positioned after their prefix: P + G x R tokens and one vision pass per prompt image for a group,
-    instead of G x (P + R) and G, and less when the samples agree. token_logprobs reads "shared" when
-    it is there and gives the same log-probs (tests/test_rollout.py). An item without `prompt_len` is
-    a prompt of its own. Needs use_shared_prompt_attention(model)."""
+    """collate(items)'s tokens, loss masks and extra keys, plus "shared": the forward's inputs laid out so
+    that items with the same prompt (first `prompt_len` tokens and their images: a GRPO group; without
+    prompt_len an item is a prompt of its own) forward once what they share: one row per group holds
+    the prompt and on to where its items part; the distinct continuations are packed end to end into
+    rows of the same length (first fit, longest first), positioned after their prefix. token_logprobs
+    gives the same log-probs from it (tests/test_rollout.py). Needs use_shared_prompt_attention(model)."""
     batch = collate(items, processor, extra_keys)
     for k in ("pixel_values", "image_grid_thw", "position_ids", "attention_mask"):
         del batch[k]  # the forward reads them from "shared": no second copy of the pixels to the device
-    merge, img = processor.merge, processor.image_token_id
-    # groups: items with the same prompt (tokens and pixels); a confident policy's samples often part
-    # only at the answer. prompts: a group's row (ids, grid, pixels); conts: (item, row, ids, grid,
-    # pixels); starts: item -> (row, length of the shared prefix)
-    groups, index = [], {}
+    groups = []  # (prompt ids, prompt pixels, [(item, ids, grid, pixels)]), in order of first appearance
     for b, x in enumerate(items):
         ids, grid, pv = torch.as_tensor(x["input_ids"]), x["image_grid_thw"], x["pixel_values"]
         P = min(int(x.get("prompt_len") or len(ids)), len(ids))
-        k, rows = _prompt_images(grid, int((ids[:P] == img).sum()), merge) if grid is not None else (0, 0)
-        head_pv = pv[:rows] if k else None
-        same = index.setdefault(tuple(ids[:P].tolist()), [])
-        g = next((g for g in same if _same_pixels(groups[g][0][4], head_pv)), None)
+        k, rows = _image_cut(ids, P, grid, processor)
+        head = pv[:rows] if k else None
+        g = next((g for g in groups if torch.equal(g[0], ids[:P]) and _same_pixels(g[1], head)), None)
         if g is None:
-            g = len(groups)
-            same.append(g)
-            groups.append([])
-        groups[g].append((b, ids, grid, pv, head_pv, P))
-    prompts, conts, starts, copies = [], [], {}, []  # copies: (item, the identical item it reads)
-    for j, group in enumerate(groups):
-        L, cuts = _shared_prefix(group, img, merge)
-        _, ids, grid, pv = group[0][:4]
-        k, rows = cuts[0]
-        prompts.append((ids[:L], grid[:k] if k else None, pv[:rows] if k else None))
-        seen = {}
-        for (b, ids, grid, pv, _, _), (k, rows) in zip(group, cuts):
+            groups.append(g := (ids[:P], head, []))
+        g[2].append((b, ids, grid, pv))
+    # rows: [(item, prompt row j, ids, grid, pixels)] per row, prompts first; starts: item -> (its
+    # prompt row, shared length); copies: (item, the identical item whose continuation it reads)
+    rows, conts, starts, copies = [], [], {}, []
+    for j, (head_ids, _, members) in enumerate(groups):
+        L, cuts = _shared_prefix([m[1:] for m in members], len(head_ids), processor)
+        (k, n_pv), (b, ids, grid, pv) = cuts[0], members[0]
+        rows.append([(b, j, ids[:L], grid[:k] if k else None, pv[:n_pv] if k else None)])
+        seen = []
+        for (b, ids, grid, pv), (k, n_pv) in zip(members, cuts):
             starts[b] = (j, L)
             if L < len(ids):
                 rest = grid is not None and k < len(grid)
-                cont = (b, j, ids[L:], grid[k:] if rest else None, pv[rows:] if rest else None)
-                twins = seen.setdefault(tuple(cont[2].tolist()), [])
-                c0 = next((c for c in twins if _same_pixels(c[4], cont[4])), None)
-                if c0 is None:
-                    twins.append(cont)
+                cont = (b, j, ids[L:], grid[k:] if rest else None, pv[n_pv:] if rest else None)
+                twin = next((c for c in seen if torch.equal(c[2], cont[2]) and _same_pixels(c[4], cont[4])), None)
+                if twin is None:
+                    seen.append(cont)
                     conts.append(cont)
                 else:  # the same sample twice: forwarded once, read by both
-                    copies.append((b, c0[0]))
+                    copies.append((b, twin[0]))
     # rows a multiple of 16 long: CUDA's memory-efficient SDPA kernel wants masks aligned to 16 keys
-    T = -(-max(len(r[0]) for r in prompts + [c[2:] for c in conts]) // 16) * 16
-    bins = []  # [free, [conts]]: first fit, longest first
-    for c in sorted(conts, key=lambda c: -len(c[2])):
-        fit = next((bn for bn in bins if bn[0] >= len(c[2])), None)
-        if fit is None:
-            fit = [T, []]
-            bins.append(fit)
-        fit[0] -= len(c[2])
-        fit[1].append(c)
-    n, m = len(prompts), len(bins)
+    T = -(-max(len(c[2]) for c in [r[0] for r in rows] + conts) // 16) * 16
+    n, free = len(rows), []
+    for c in sorted(conts, key=lambda c: -len(c[2])):  # first fit, longest first
+        r = next((r for r, f in enumerate(free) if f >= len(c[2])), None)
+        if r is None:
+            r = len(free)
+            free.append(T)
+            rows.append([])
+        free[r] -= len(c[2])
+        rows[n + r].append(c)
+    m = len(free)
     ids = torch.full((n + m, T), processor.pad_id, dtype=torch.long)
     pos = torch.zeros(3, n + m, T, dtype=torch.long)
     seg, start = torch.full((m, T), -1, dtype=torch.long), torch.arange(T).repeat(m, 1)
     src = torch.zeros(batch["input_ids"].shape, dtype=torch.long)  # src[b, t]: flat row * T + column of b's t
-    nxt, pvs, grids = [], [], []
-    for j, (row_ids, grid, pv) in enumerate(prompts):
-        ids[j, :len(row_ids)] = row_ids
-        p, end = mrope_positions(row_ids, grid, processor)
-        pos[:, j, :len(row_ids)] = p
-        nxt.append(end)
-        if grid is not None:
-            pvs.append(pv)
-            grids.append(grid)
-    for r, (_, part) in enumerate(bins):
+    nxt, pvs, grids = [], [], []  # nxt[j]: the position after prompt row j
+    for r, segments in enumerate(rows):
         o = 0
-        for b, j, row_ids, grid, pv in part:
-            L, P = len(row_ids), starts[b][1]
-            ids[n + r, o:o + L] = row_ids
-            pos[:, n + r, o:o + L] = mrope_positions(row_ids, grid, processor, start=nxt[j])[0]
-            seg[r, o:o + L], start[r, o:o + L] = j, o
-            src[b, P:P + L] = (n + r) * T + o + torch.arange(L)
+        for b, j, row_ids, grid, pv in segments:
+            L = len(row_ids)
+            ids[r, o:o + L] = row_ids
+            pos[:, r, o:o + L], end = mrope_positions(row_ids, grid, processor, start=nxt[j] if r >= n else 0)
+            if r < n:
+                nxt.append(end)
+            else:
+                seg[r - n, o:o + L], start[r - n, o:o + L] = j, o
+                src[b, starts[b][1]:starts[b][1] + L] = r * T + o + torch.arange(L)
             if grid is not None:
                 pvs.append(pv)
                 grids.append(grid)
@@ -709,40 +576,30 @@ def collate_shared(items, processor, extra_keys=()):
     batch["shared"] = {"input_ids": ids, "position_ids": pos, "src": src,
                        "pixel_values": torch.cat(pvs) if pvs else None,
                        "image_grid_thw": torch.cat(grids) if grids else None,
-                       "attention_mask": SharedPrompt(n, torch.tensor([len(p[0]) for p in prompts]), seg, start)}
+                       "attention_mask": SharedPrompt(n, torch.tensor([len(r[0][2]) for r in rows[:n]]), seg, start)}
     return batch
-
-
-def _same_pixels(a, b):
-    return (a is None and b is None) or (a is not None and b is not None and a.shape == b.shape and torch.equal(a, b))
 
 
 # ----------------------------------------------------------------------------- log-probs
 
-def forward_hidden(model, batch, past_key_values=None, use_cache=False):
-    """Run the vision tower + decoder with our own positions; returns the model output whose
-    last_hidden_state is (B, T, D). lm_head is applied by the caller, where it is needed only."""
-    pv = batch.get("pixel_values")
-    dtype = next(model.parameters()).dtype
-    mask = batch.get("attention_mask")
+def forward_hidden(model, batch):
+    """The vision tower + decoder with our positions -> output whose last_hidden_state is (B, T, D)."""
+    pv, mask = batch.get("pixel_values"), batch.get("attention_mask")
     if isinstance(mask, SharedPrompt):
         if model.model.language_model.config._attn_implementation != SHARED_ATTN:
             raise ValueError("a collate_shared batch needs model.use_shared_prompt_attention(model) first")
         mask = {"full_attention": mask}  # a mapping: the decoder passes it through instead of building one
-    return model.model(input_ids=batch["input_ids"], attention_mask=mask,
-                       position_ids=batch["position_ids"],
-                       pixel_values=None if pv is None else pv.to(dtype),
-                       image_grid_thw=batch.get("image_grid_thw"),
-                       past_key_values=past_key_values, use_cache=use_cache)
+    return model.model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"],
+                       pixel_values=None if pv is None else pv.to(next(model.parameters()).dtype),
+                       image_grid_thw=batch.get("image_grid_thw"))
 
 
 def policy_logits(lm_head, h, config):
-    """fp32 next-token logits of hidden states h (N, D) -> (N, V), with the image and video
-    placeholder tokens made impossible: they stand for pixels and must never be sampled. Rollout
-    samples from these logits and training scores with them, so both see one distribution."""
+    """fp32 next-token logits (N, V) of hidden states h (N, D), image and video placeholders made
+    impossible (they stand for pixels). Rollout samples from these and training scores with them."""
     if h.device.type == "cpu" and (h.dtype != torch.float32 or torch.is_autocast_enabled("cpu")):
-        # On CPU (the tests' twin of a bf16 GPU run) the head runs in fp32: a bf16 GEMM with a
-        # 151k-long inner dimension, the head's backward, takes 4.3 s there against 0.05 s in fp32.
+        # the head in fp32 on CPU (the tests' twin of a bf16 GPU run): a bf16 GEMM with a 151k-long
+        # inner dimension, the head's backward, takes 4.3 s there against 0.05 s in fp32
         with torch.autocast("cpu", enabled=False):
             logits = F.linear(h.float(), lm_head.weight.float())
     else:
@@ -762,19 +619,16 @@ def _chunk_logprobs(lm_head, h, targets, temperature, config):
 
 
 def token_logprobs(model, batch, temperature=1.0, chunk=None, return_entropy=False):
-    """log p(token_t | tokens_<t) for each position t of batch["input_ids"] (B, T); 0 at t=0.
-    Only positions with loss_mask=1 are computed when the batch has a loss_mask (the rest are 0):
-    lm_head runs over those tokens only, `chunk` at a time (default: 2^26 logits, 256 MB in fp32,
-    441 tokens of Qwen's 151k vocabulary), with activation checkpointing under autograd, so fp32
-    logits of the whole batch (B*T*V) never exist at once."""
+    """log p(token_t | tokens_<t) (B, T) for batch["input_ids"], 0 at t=0 and where loss_mask is 0:
+    lm_head runs over the masked tokens only, `chunk` at a time (default 2^26 fp32 logits), under
+    activation checkpointing with autograd, so the whole batch's logits never exist at once."""
     ids = batch["input_ids"]
     want = batch.get("loss_mask", torch.ones_like(ids)).bool().clone()
     want[:, 0] = False
     idx = want.nonzero(as_tuple=True)
     shared, targets, inv = batch.get("shared"), ids[idx], None  # targets (N,)
     if shared is None:
-        h = forward_hidden(model, batch).last_hidden_state  # (B, T, D)
-        hs = h[idx[0], idx[1] - 1]  # (N, D) the state that predicts token t
+        hs = forward_hidden(model, batch).last_hidden_state[idx[0], idx[1] - 1]  # (N, D): what predicts t
     else:  # a (state, target) pair that several items share (copies of a sample) goes through lm_head once
         h = forward_hidden(model, shared).last_hidden_state  # (n + m, T', D)
         V = model.lm_head.out_features
@@ -784,10 +638,8 @@ def token_logprobs(model, batch, temperature=1.0, chunk=None, return_entropy=Fal
     lps, ents = [], []
     for s in range(0, len(targets), chunk):
         args = (model.lm_head, hs[s:s + chunk], targets[s:s + chunk], temperature, model.config)
-        if torch.is_grad_enabled():
-            lp, ent = torch.utils.checkpoint.checkpoint(_chunk_logprobs, *args, use_reentrant=False)
-        else:
-            lp, ent = _chunk_logprobs(*args)
+        lp, ent = (torch.utils.checkpoint.checkpoint(_chunk_logprobs, *args, use_reentrant=False)
+                   if torch.is_grad_enabled() else _chunk_logprobs(*args))
         lps.append(lp)
         ents.append(ent)
     out = torch.zeros(ids.shape, dtype=torch.float32, device=ids.device)
@@ -796,16 +648,15 @@ def token_logprobs(model, batch, temperature=1.0, chunk=None, return_entropy=Fal
         lp, ent = torch.cat(lps), torch.cat(ents).detach()
         if inv is not None:
             lp, ent = lp[inv], ent[inv]
-        out = out.index_put(idx, lp)
-        ent_out = ent_out.index_put(idx, ent)
+        out, ent_out = out.index_put(idx, lp), ent_out.index_put(idx, ent)
     return (out, ent_out) if return_entropy else out
 
 
 # ----------------------------------------------------------------------------- LoRA
 
 class LoRALinear(nn.Module):
-    """y = W x + (alpha/r) B A x, with B = 0 at start so the model is unchanged at initialisation.
-    `enabled = False` gives the base layer alone: the LoRA run's KL reference is the policy itself."""
+    """y = W x + (alpha/r) B A x, B = 0 at start (the model unchanged). `enabled = False`: the base
+    layer alone, so a LoRA run's KL reference is the policy itself."""
 
     def __init__(self, base: nn.Linear, rank, alpha):
         super().__init__()
@@ -825,28 +676,27 @@ class LoRALinear(nn.Module):
         return y + F.linear(F.linear(x, a), b) * self.scale
 
 
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def add_lora(model, rank=8, alpha=16, targets=LORA_TARGETS):
+def add_lora(model, rank=8, alpha=16, targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                               "down_proj")):
     """Wrap the language model's linear layers named in `targets`; freeze everything else."""
-    for p in model.parameters():
-        p.requires_grad_(False)
-    lm = model.model.language_model
-    for name, mod in list(lm.named_modules()):
-        for child_name, child in list(mod.named_children()):
-            if child_name in targets and isinstance(child, nn.Linear):
-                setattr(mod, child_name, LoRALinear(child, rank, alpha))
-    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    if n == 0:
+    model.requires_grad_(False)
+    for mod in list(model.model.language_model.modules()):
+        for name, child in list(mod.named_children()):
+            if name in targets and isinstance(child, nn.Linear):
+                setattr(mod, name, LoRALinear(child, rank, alpha))
+    if not any(p.requires_grad for p in model.parameters()):
         raise ValueError(f"no linear layer named one of {targets} in the language model")
     return model
+
+
+def _lora_layers(model):
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
 
 
 @contextlib.contextmanager
 def lora_disabled(model):
     """The base model, adapters off (the reference policy of a LoRA run, at no memory cost)."""
-    mods = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    mods = [m for _, m in _lora_layers(model)]
     for m in mods:
         m.enabled = False
     try:
@@ -857,32 +707,29 @@ def lora_disabled(model):
 
 
 def _full(t):
-    """A parameter as a plain tensor; under FSDP2 an all-gather (every rank must call it, in the same order)."""
+    """A parameter as a plain tensor; under FSDP2 an all-gather (every rank calls it, in the same order)."""
     return (t.full_tensor() if isinstance(t, DTensor) else t).detach()
 
 
 def merged_state_dict(model):
-    """The model's state dict in the original layout, LoRA folded into the base weights, every tensor
-    fp32 (a bf16 W + dW would round most of a small LoRA delta away). A collective under FSDP2: each
-    sharded tensor is gathered in turn; rank 0 returns the dict, other ranks None."""
+    """The state dict in the original layout, LoRA folded in, every tensor fp32 (bf16 W + dW would round
+    most of a small LoRA delta away). A collective under FSDP2; rank 0 gets the dict, others None."""
     sd, first, main = {}, {}, _rank() == 0
     for k, v in model.state_dict(keep_vars=True).items():
         if id(v) in first:  # a tied weight (lm_head = embed_tokens): one tensor under both names, so
             if main:        # that save_pretrained stores it once
                 sd[k] = sd[first[id(v)]]
             continue
-        first[id(v)] = k
-        v = _full(v)
+        first[id(v)], v = k, _full(v)
         if main:
             sd[k] = v.cpu().float() if v.is_floating_point() else v.cpu()
     if not main:
         return None
-    for name, mod in model.named_modules():
-        if isinstance(mod, LoRALinear):
-            a, b = sd.pop(f"{name}.lora_A"), sd.pop(f"{name}.lora_B")
-            sd[f"{name}.weight"] = sd.pop(f"{name}.base.weight") + (b @ a) * mod.scale
-            if f"{name}.base.bias" in sd:
-                sd[f"{name}.bias"] = sd.pop(f"{name}.base.bias")
+    for name, mod in _lora_layers(model):
+        a, b = sd.pop(f"{name}.lora_A"), sd.pop(f"{name}.lora_B")
+        sd[f"{name}.weight"] = sd.pop(f"{name}.base.weight") + (b @ a) * mod.scale
+        if f"{name}.base.bias" in sd:
+            sd[f"{name}.bias"] = sd.pop(f"{name}.base.bias")
     return sd
 
 
@@ -892,33 +739,27 @@ ADAPTER_DIR, ADAPTER_FILE, ADAPTER_CONFIG = "adapter", "adapter_model.safetensor
 
 
 def lora_adapter(model, base=None):
-    """(tensors, config) of the LoRA factors in PEFT's layout (fp32), or None without LoRA; the
-    exact form of a LoRA run's result (merged weights are its approximation in one file). A
-    collective under FSDP2; rank 0 gets the tensors."""
-    mods = [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+    """(tensors, config) of the LoRA factors in PEFT's layout (fp32), or None without LoRA: a LoRA run's
+    exact result. A collective under FSDP2; rank 0 gets the tensors."""
+    mods = _lora_layers(model)
     if not mods:
         return None
-    tensors = {}
-    for name, m in mods:
-        for k in ("lora_A", "lora_B"):
-            tensors[f"base_model.model.{name}.{k}.weight"] = _full(getattr(m, k)).float().cpu().contiguous()
+    tensors = {f"base_model.model.{name}.{k}.weight": _full(getattr(m, k)).float().cpu().contiguous()
+               for name, m in mods for k in ("lora_A", "lora_B")}
     targets = sorted({n.rsplit(".", 1)[1] for n, _ in mods})
-    config = {"peft_type": "LORA", "task_type": None, "r": mods[0][1].rank, "lora_alpha": mods[0][1].alpha,
-              "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
-              "base_model_name_or_path": str(base) if base else None,
-              # a regex: the vision tower has gate/up/down_proj too, which our LoRA leaves alone
-              "target_modules": rf".*language_model.*\.({'|'.join(targets)})"}
-    return tensors, config
+    return tensors, {"peft_type": "LORA", "task_type": None, "r": mods[0][1].rank, "lora_alpha": mods[0][1].alpha,
+                     "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
+                     "base_model_name_or_path": str(base) if base else None,
+                     # a regex: the vision tower has gate/up/down_proj too, which our LoRA leaves alone
+                     "target_modules": rf".*language_model.*\.({'|'.join(targets)})"}
 
 
 def load_adapter(model, path):
-    """Load the PEFT-layout adapter of a checkpoint written by `save_checkpoint` (path/adapter/)
-    into the LoRALinear layers of `model`."""
+    """Load the adapter that `save_checkpoint` wrote (path/adapter/, PEFT layout) into model's LoRA layers."""
     f = Path(path) / ADAPTER_DIR / ADAPTER_FILE
     if not f.is_file():
         raise FileNotFoundError(f"{f}: missing (the LoRA factors of the run)")
-    tensors = load_file(str(f))
-    mods = {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+    tensors, mods = load_file(str(f)), dict(_lora_layers(model))
     for key, t in tensors.items():
         name, k = key.removeprefix("base_model.model.").removesuffix(".weight").rsplit(".", 1)
         if name not in mods or k not in ("lora_A", "lora_B"):
@@ -936,11 +777,10 @@ SIDE_FILES = ("log.txt",)  # a run's files in its checkpoint folder that are not
 
 
 def save(model, processor, out_dir, meta, state_dict=None, train_state=None, adapter=None):
-    """Atomic checkpoint: safetensors (fp32) + processor files + meta.json, and for a training run its
-    train state and LoRA adapter, all written to a temporary folder beside `out_dir` and swapped in,
-    so that weights, adapter and train state are one unit. A kill -9 at any moment leaves the old unit
-    or the new one (`recover` finishes an interrupted swap). Files of out_dir that are not part of the
-    unit (log.txt) are carried over. `state_dict`: a gathered full state dict (FSDP)."""
+    """Atomic checkpoint: fp32 safetensors, processor files, meta.json, and a training run's train state
+    and LoRA adapter, written to a temporary folder beside `out_dir` and swapped in as one unit: a kill
+    -9 at any moment leaves the old unit or the new one (`recover`). out_dir's SIDE_FILES are kept.
+    `state_dict`: a gathered full state dict (FSDP)."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
@@ -959,44 +799,35 @@ def save(model, processor, out_dir, meta, state_dict=None, train_state=None, ada
         if train_state is not None:
             torch.save(train_state, tmp / TRAIN_STATE)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
-        _fsync_dir(tmp)
-        _swap(tmp, out_dir)
+        for f in tmp.rglob("*"):  # data on disk before the rename makes it visible
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        # side files -> .keep, out_dir -> .old, tmp -> out_dir, side files back: each step one rename,
+        # and `recover` finishes from between any two
+        keep, old = _side(out_dir, "keep"), _side(out_dir, "old")
+        if out_dir.exists():
+            keep.mkdir(exist_ok=True)
+            for name in SIDE_FILES:
+                if (out_dir / name).exists():
+                    os.replace(out_dir / name, keep / name)
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        recover(out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
 
 
-def _fsync_dir(d):
-    for f in Path(d).rglob("*"):  # data on disk before the rename makes it visible
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-
-
 def _side(out_dir, what):
     return out_dir.with_name(f".{out_dir.name}.{what}")
 
 
-def _swap(tmp, out_dir):
-    """out_dir's side files (the log) -> .keep; out_dir -> .old; tmp -> out_dir; side files back.
-    Every step is one rename, and `recover` knows how to finish from between any two."""
-    keep, old = _side(out_dir, "keep"), _side(out_dir, "old")
-    if out_dir.exists():
-        keep.mkdir(exist_ok=True)
-        for name in SIDE_FILES:
-            if (out_dir / name).exists():
-                os.replace(out_dir / name, keep / name)
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    recover(out_dir)
-
-
 def recover(out_dir):
-    """Finish a swap that a kill interrupted (run by rank 0 before anything reads out_dir): bring
-    back the previous unit if the new one never arrived, drop the old one and unfinished temporary
-    folders, and put the side files back."""
+    """Finish a swap that a kill interrupted (rank 0, before anything reads out_dir): the previous unit
+    back if the new one never arrived, old and unfinished temporary folders gone, side files back."""
     out_dir = Path(out_dir)
     keep, old = _side(out_dir, "keep"), _side(out_dir, "old")
     if not out_dir.exists() and old.is_dir():
@@ -1011,26 +842,77 @@ def recover(out_dir):
         keep.rmdir()
 
 
-# ----------------------------------------------------------------------------- distributed, logs
+def rng_states():
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_states(s):
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    torch.set_rng_state(s["torch"])
+    if s.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def save_checkpoint(wrapped, processor, out_dir, meta, optimizer=None, scheduler=None, step=0, extra=None):
+    """A training run's checkpoint from any wrapping, one atomic unit (`save`): weights (FSDP2 shards
+    gathered, LoRA folded in), the PEFT adapter of a LoRA run, and the train state: optimizer (FSDP2
+    shards gathered to rank 0), scheduler, every rank's RNG states, `step` (the data position) and
+    `extra` (a picklable dict). A collective: every rank calls it; rank 0 writes."""
+    model = unwrap(wrapped)
+    sd, adapter, state = merged_state_dict(model), lora_adapter(model, meta.get("base")), None
+    if optimizer is not None:
+        opt = get_optimizer_state_dict(wrapped, optimizer, options=StateDictOptions(
+            full_state_dict=True, cpu_offload=True)) if is_sharded(model) else optimizer.state_dict()
+        state = {"step": step, "optimizer": opt, "scheduler": scheduler.state_dict() if scheduler else None,
+                 "rng": gather(rng_states()), "extra": extra or {}}
+    if _rank() == 0:
+        save(model, processor, out_dir, dict(meta, step=step), state_dict=sd, train_state=state, adapter=adapter)
+    barrier()
+    return Path(out_dir)
+
+
+def load_train_state(out_dir, optimizer, scheduler, model=None):
+    """Restore what save_checkpoint wrote into `optimizer` and `scheduler` (built as for a fresh run) and
+    this rank's RNG states -> (step, extra). Memory-mapped: under FSDP2 rank 0 reads the optimizer and
+    sends each rank its shard. Another world size keeps all but RNG, which restarts from rank 0's."""
+    path = Path(out_dir) / TRAIN_STATE
+    s = torch.load(path, map_location="cpu", weights_only=False, mmap=True)  # ours: numpy RNG state inside
+    if model is not None and is_sharded(unwrap(model)):
+        set_optimizer_state_dict(model, optimizer, s["optimizer"] if _rank() == 0 else {},
+                                 options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    else:
+        optimizer.load_state_dict(s["optimizer"])
+    if scheduler is not None and s["scheduler"] is not None:
+        scheduler.load_state_dict(s["scheduler"])
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if len(s["rng"]) != world:
+        print0(f"warning: {path} was saved by {len(s['rng'])} ranks, now {world}: RNG streams restart from rank 0's")
+    set_rng_states(s["rng"][_rank()] if len(s["rng"]) == world else s["rng"][0])
+    return s["step"], s["extra"]
+
+
+# ----------------------------------------------------------------------------- torchrun, precision, logs
 
 def setup_dist():
-    """From torchrun's environment (NCCL on CUDA, gloo on CPU), or one process.
-    Returns (rank, world_size, device)."""
+    """From torchrun's environment (NCCL on CUDA, gloo on CPU), or one process -> (rank, world, device)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local)
+    device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
         torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(minutes=30))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=30))
     return rank, world, device
 
 
+def _rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
 def is_main():
-    return not dist.is_initialized() or dist.get_rank() == 0
+    return _rank() == 0
 
 
 def print0(*a, **kw):
@@ -1038,179 +920,14 @@ def print0(*a, **kw):
         print(*a, **kw, flush=True)
 
 
-def git_hash():
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True,
-                              text=True, timeout=5).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def run_header(args):
-    """What every run writes first: its config, the versions it ran with and the git hash."""
-    import transformers
-    return {"argv": sys.argv, "config": vars(args) if hasattr(args, "__dict__") else args,
-            "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "git": git_hash(),
-            "time": datetime.datetime.now().isoformat(timespec="seconds")}
-
-
-class RunLog:
-    """Append-only log file + stdout on rank 0. The first line is the run header (JSON)."""
-
-    def __init__(self, path, args):
-        self.path = Path(path)
-        if is_main():
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.f = open(self.path, "a")
-            self("# " + json.dumps(run_header(args), default=str))
-        else:
-            self.f = None
-
-    def __call__(self, line):
-        if self.f:
-            print(line, flush=True)
-            self.f.write(line + "\n")
-            self.f.flush()
-
-
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def compute_dtype(precision, device):
-    """--precision -> torch dtype; None: bf16 on CUDA, fp32 on CPU."""
-    return PRECISIONS[precision or ("bf16" if torch.device(device).type == "cuda" else "fp32")]
-
-
-def autocast(device, dtype):
-    """Matmuls in `dtype` over fp32 master weights (CPU too: the tests run the GPU's dtype path)."""
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(torch.device(device).type, dtype=dtype)
-
-
-# ----------------------------------------------------------------------------- distributed training
-
-class LogProbs(nn.Module):
-    """token_logprobs as a module's forward. DDP synchronises gradients, and FSDP2 gathers the
-    root's parameters, only for work done inside the wrapped module's forward; token_logprobs calls
-    model.model and model.lm_head directly, so the wrappers go around this module instead."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, batch, temperature=1.0, return_entropy=False):
-        out = token_logprobs(self.model, batch, temperature, return_entropy=return_entropy)
-        if not torch.is_grad_enabled():
-            return out
-        # A text-only micro-batch leaves a trainable vision tower without gradients, and one with no
-        # token to score (an empty trajectory) leaves every parameter without, while another rank's
-        # micro-batch may use them: DDP and FSDP2 would then reduce different sets of gradients on
-        # different ranks, and backward() of a loss with no graph fails. A zero-valued term gives
-        # every parameter left out a (zero) gradient.
-        lp = out[0] if return_entropy else out
-        if not lp.requires_grad:
-            idle = self.model
-        elif batch.get("shared", batch).get("pixel_values") is None:
-            idle = self.model.model.visual
-        else:
-            return out
-        zero = sum((p.sum() for p in idle.parameters() if p.requires_grad), lp.new_zeros(())) * 0.0
-        return (lp + zero, out[1]) if return_entropy else lp + zero
-
-
-def wrap(model, mode="ddp", device=None, dtype=torch.float32):
-    """-> a module w with w(batch, temperature=1.0, return_entropy=False) == token_logprobs(model, ...)
-    whose gradients are averaged over ranks.
-      ddp:  DistributedDataParallel, every rank holds the whole model.
-      fsdp: FSDP2, `fully_shard` on each decoder block, then on the root (which keeps embeddings,
-            lm_head, norms and the vision tower, so tied weights share a group); parameters are
-            gathered in `dtype` (the compute precision), gradients reduced in fp32 into fp32 shards.
-      none: no wrapper. Without an initialised process group every mode is "none".
-    `unwrap(w)` gives back `model` (FSDP2 shards it in place: its parameters become DTensors)."""
-    root = LogProbs(model)
-    if mode == "none" or not dist.is_initialized():
-        return root
-    device = torch.device(device or next(model.parameters()).device)
-    if mode == "ddp":
-        # Every trainable parameter gets a gradient on every micro-batch (LogProbs gives a text-only
-        # one's vision tower zero ones), so DDP needs no search for unused parameters, and forwards
-        # need no buffer broadcast (the rotary tables are constants): the only collectives are the
-        # backward's gradient all-reduces, which every rank runs in the same order.
-        return DistributedDataParallel(root, device_ids=[device.index] if device.type == "cuda" else None,
-                                       find_unused_parameters=False, broadcast_buffers=False)
-    if mode == "fsdp":
-        mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-        mp = MixedPrecisionPolicy(param_dtype=None if dtype == torch.float32 else dtype, reduce_dtype=torch.float32)
-        # Decoder blocks only: the vision tower stays in the root unit, gathered on every forward.
-        # A vision block of its own would be gathered only by ranks whose micro-batch has images,
-        # and a text-only micro-batch on another rank would then mismatch the collectives.
-        for block in model.model.language_model.layers:
-            fully_shard(block, mesh=mesh, mp_policy=mp)
-        fully_shard(root, mesh=mesh, mp_policy=mp)
-        # FSDP2 decides which unit is the root at the first forward through it. The rollout calls
-        # the decoder blocks directly (see `unsharded`), which would make a block a root of its own.
-        root._get_fsdp_state()._lazy_init()
-        return root
-    raise ValueError(f"unknown wrap mode {mode!r} (ddp | fsdp | none)")
-
-
-def unwrap(wrapped):
-    """The Hugging Face model inside a `wrap` result (or the model itself)."""
-    m = getattr(wrapped, "module", wrapped)  # DDP keeps it as .module
-    return m.model if isinstance(m, LogProbs) else m
-
-
-def is_sharded(model):
-    return any(isinstance(p, DTensor) for p in model.parameters())
-
-
-@contextlib.contextmanager
-def unsharded(wrapped):
-    """Whole parameters on every rank, no collectives, for generation: ranks then decode different
-    numbers of steps without deadlocking. Under FSDP2 every unit is all-gathered once (in the compute
-    dtype) and kept gathered through its forwards (no reshard after forward), then resharded on exit.
-    A no-op for DDP and single processes. Costs one full copy of the weights per rank while inside."""
-    units = [m for m in wrapped.modules() if isinstance(m, FSDPModule)]
-    for m in units:
-        if m is not wrapped:  # the root's forward is never called by the rollout
-            m.set_reshard_after_forward(False, recurse=False)
-        m.unshard()
-    try:
-        yield unwrap(wrapped)
-    finally:
-        for m in units:
-            m.reshard()
-            if m is not wrapped:
-                m.set_reshard_after_forward(True, recurse=False)
-
-
-def grad_sync(wrapped, enabled):
-    """Context for one micro-batch's backward: DDP skips its all-reduce while accumulating
-    (enabled=False). FSDP2 reduce-scatters every micro-batch anyway: its gradients stay sharded,
-    so accumulation costs no full-size gradient memory."""
-    if not enabled and hasattr(wrapped, "no_sync"):
-        return wrapped.no_sync()
-    return contextlib.nullcontext()
-
-
-def clip_grad_norm(params, max_norm):
-    """Clip to `max_norm` (<= 0: no clipping) and return the global gradient norm as a float;
-    under FSDP2 the norm of the sharded gradients is reduced over ranks."""
-    params = [p for p in params if p.grad is not None]
-    if not params:
-        return 0.0
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-    if isinstance(norm, DTensor):
-        norm = norm.full_tensor()
-    return norm.item()
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def reduce(values, op="sum"):
-    """Floats summed (op "sum") or maxed ("max") over ranks in one all-reduce; unchanged in one
-    process. The one place that reduces across ranks: the tensor lives on the process group's
-    device (NCCL serves CUDA tensors only, gloo CPU ones)."""
+    """Floats summed ("sum") or maxed ("max") over ranks in one all-reduce, on the process group's device
+    (NCCL serves CUDA tensors only, gloo CPU ones); unchanged in one process."""
     values = [float(v) for v in values]
     if not dist.is_initialized():
         return values
@@ -1229,115 +946,141 @@ def gather(obj):
     return out
 
 
-def _rank():
-    return dist.get_rank() if dist.is_initialized() else 0
+class RunLog:
+    """Append-only log file + stdout on rank 0. The first line (JSON): the run's argv and config, the
+    versions it ran with and the git hash."""
+
+    def __init__(self, path, args):
+        self.path, self.f = Path(path), None
+        if not is_main():
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.f = open(self.path, "a")
+        try:
+            git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True,
+                                 text=True, timeout=5).stdout.strip() or "unknown"
+        except (OSError, subprocess.SubprocessError):
+            git = "unknown"
+        self("# " + json.dumps({"argv": sys.argv, "config": vars(args) if hasattr(args, "__dict__") else args,
+                                "python": platform.python_version(), "torch": torch.__version__,
+                                "transformers": transformers.__version__, "git": git,
+                                "time": datetime.datetime.now().isoformat(timespec="seconds")}, default=str))
+
+    def __call__(self, line):
+        if self.f:
+            print(line, flush=True)
+            self.f.write(line + "\n")
+            self.f.flush()
 
 
-def barrier():
-    if dist.is_initialized():
-        dist.barrier()
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-# ----------------------------------------------------------------------------- training checkpoints
-
-def rng_states():
-    import random
-    import numpy as np
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+def compute_dtype(precision, device):
+    """--precision -> torch dtype; None: bf16 on CUDA, fp32 on CPU."""
+    return PRECISIONS[precision or ("bf16" if torch.device(device).type == "cuda" else "fp32")]
 
 
-def set_rng_states(s):
-    import random
-    import numpy as np
-    random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
-    torch.set_rng_state(s["torch"])
-    if s.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
+def autocast(device, dtype):
+    """Matmuls in `dtype` over fp32 master weights (CPU too: the tests run the GPU's dtype path)."""
+    return contextlib.nullcontext() if dtype == torch.float32 else torch.autocast(torch.device(device).type, dtype=dtype)
 
 
-def save_checkpoint(wrapped, processor, out_dir, meta, optimizer=None, scheduler=None, step=0, extra=None):
-    """A training run's checkpoint, from any wrapping, as one atomic unit (`save`): the weights (FSDP2
-    shards gathered, LoRA folded in), the PEFT adapter of a LoRA run, and the train state: optimizer
-    (gathered from FSDP2 shards to rank 0), scheduler, every rank's RNG states, `step` (the data
-    position) and `extra` (any picklable dict). A collective: every rank calls it; rank 0 writes."""
-    model = unwrap(wrapped)
-    sd = merged_state_dict(model)
-    adapter = lora_adapter(model, meta.get("base"))
-    state = None
-    if optimizer is not None:
-        if is_sharded(model):
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-            opt = get_optimizer_state_dict(wrapped, optimizer,
-                                           options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+# ----------------------------------------------------------------------------- distributed training
+
+class LogProbs(nn.Module):
+    """token_logprobs as a module's forward: DDP synchronises gradients, and FSDP2 gathers the root's
+    parameters, only for work inside the wrapped module's forward, so the wrappers go around this."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch, temperature=1.0, return_entropy=False):
+        out = token_logprobs(self.model, batch, temperature, return_entropy=return_entropy)
+        if not torch.is_grad_enabled():
+            return out
+        # A text-only micro-batch leaves a trainable vision tower without gradients, one with no token
+        # to score (an empty trajectory) every parameter, while another rank's may use them: DDP and
+        # FSDP2 would reduce different gradients on different ranks, and backward() of a loss with no
+        # graph fails. A zero-valued term gives every parameter left out a (zero) gradient.
+        lp = out[0] if return_entropy else out
+        if not lp.requires_grad:
+            idle = self.model
+        elif batch.get("shared", batch).get("pixel_values") is None:
+            idle = self.model.model.visual
         else:
-            opt = optimizer.state_dict()
-        rngs = [rng_states()]
-        if dist.is_initialized():
-            rngs = [None] * dist.get_world_size()
-            dist.all_gather_object(rngs, rng_states())
-        state = {"step": step, "optimizer": opt, "scheduler": scheduler.state_dict() if scheduler else None,
-                 "rng": rngs, "extra": extra or {}}
-    if _rank() == 0:
-        save(model, processor, out_dir, dict(meta, step=step), state_dict=sd, train_state=state, adapter=adapter)
-    barrier()
-    return Path(out_dir)
+            return out
+        zero = sum((p.sum() for p in idle.parameters() if p.requires_grad), lp.new_zeros(())) * 0.0
+        return (lp + zero, out[1]) if return_entropy else lp + zero
 
 
-def load_train_state(out_dir, optimizer, scheduler, model=None):
-    """Restore what save_checkpoint wrote into `optimizer` and `scheduler` (built as for a fresh
-    run, over the same parameters) and this rank's RNG states. Returns (step, extra). The file is
-    memory-mapped: under FSDP2 only rank 0 reads the optimizer tensors and sends each rank its
-    shard, so no rank holds a second full copy. A different world size keeps everything but RNG,
-    which falls back to rank 0's, with a warning."""
-    path = Path(out_dir) / TRAIN_STATE
-    s = torch.load(path, map_location="cpu", weights_only=False, mmap=True)  # ours: numpy RNG state inside
-    if model is not None and is_sharded(unwrap(model)):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-        set_optimizer_state_dict(model, optimizer, s["optimizer"] if _rank() == 0 else {},
-                                 options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    else:
-        optimizer.load_state_dict(s["optimizer"])
-    if scheduler is not None and s["scheduler"] is not None:
-        scheduler.load_state_dict(s["scheduler"])
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    if len(s["rng"]) != world:
-        print0(f"warning: {path} was saved by {len(s['rng'])} ranks, now {world}: RNG streams restart from rank 0's")
-    set_rng_states(s["rng"][_rank()] if len(s["rng"]) == world else s["rng"][0])
-    return s["step"], s["extra"]
+def wrap(model, mode="ddp", device=None, dtype=torch.float32):
+    """-> w with w(batch, temperature=1.0, return_entropy=False) == token_logprobs(model, ...), gradients
+    averaged over ranks. ddp: every rank holds the whole model. fsdp: FSDP2 `fully_shard` on each
+    decoder block, then on the root (embeddings, lm_head, norms, vision tower: tied weights share a
+    unit), parameters gathered in `dtype`, gradients reduced in fp32 into fp32 shards. none, or no
+    process group: no wrapper. `unwrap(w)` is `model` (FSDP2 shards it in place)."""
+    root = LogProbs(model)
+    if mode == "none" or not dist.is_initialized():
+        return root
+    device = torch.device(device or next(model.parameters()).device)
+    if mode == "ddp":  # every trainable parameter gets a gradient (LogProbs); rotary tables are constants
+        return DistributedDataParallel(root, device_ids=[device.index] if device.type == "cuda" else None,
+                                       find_unused_parameters=False, broadcast_buffers=False)
+    if mode != "fsdp":
+        raise ValueError(f"unknown wrap mode {mode!r} (ddp | fsdp | none)")
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    mp = MixedPrecisionPolicy(param_dtype=None if dtype == torch.float32 else dtype, reduce_dtype=torch.float32)
+    # decoder blocks only: a vision unit would be gathered only by ranks whose micro-batch has images
+    for block in model.model.language_model.layers:
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(root, mesh=mesh, mp_policy=mp)
+    # FSDP2 picks its root unit at the first forward; the rollout's call into the decoder blocks
+    # (`unsharded`) would make a block a root of its own
+    root._get_fsdp_state()._lazy_init()
+    return root
 
 
-# ----------------------------------------------------------------------------- CLI
-
-def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--tiny", help="build a tiny checkpoint in this folder and generate from it")
-    g.add_argument("--check", help="load this checkpoint folder, render a conversation, generate")
-    p.add_argument("--max_new_tokens", type=int, default=24)
-    return p.parse_args(argv)
+def unwrap(wrapped):
+    """The Hugging Face model inside a `wrap` result (or the model itself)."""
+    m = getattr(wrapped, "module", wrapped)  # DDP keeps it as .module
+    return m.model if isinstance(m, LogProbs) else m
 
 
-def main(argv=None):
-    args = get_args(argv)
-    path = args.check
-    if args.tiny:
-        texts = ["<reason>I need to search.</reason><text_search>a query</text_search>",
-                 "<information>Some result text.</information>", "<answer>Paris</answer>"] * 50
-        path = build_tiny(args.tiny, texts)
-    model, processor = load(path)
-    from PIL import Image
-    msgs = [{"role": "user", "content": "<image>\nWhat is shown?"}]
-    r = render(processor, msgs, [Image.new("RGB", (56, 56), "red")], add_generation_prompt=True)
-    b = to_device(collate([r], processor), model.device)
-    out = model.generate(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                         pixel_values=b["pixel_values"], image_grid_thw=b["image_grid_thw"],
-                         mm_token_type_ids=(b["input_ids"] == processor.image_token_id).int(),
-                         max_new_tokens=args.max_new_tokens, do_sample=False)
-    print(f"prompt tokens {b['input_ids'].shape[1]}, generated: "
-          f"{processor.decode(out[0, b['input_ids'].shape[1]:].tolist())!r}")
+def is_sharded(model):
+    return any(isinstance(p, DTensor) for p in model.parameters())
 
 
-if __name__ == "__main__":
-    main()
+@contextlib.contextmanager
+def unsharded(wrapped):
+    """Whole parameters on every rank and no collectives, for generation (ranks decode different numbers
+    of steps): every FSDP2 unit gathered once in the compute dtype and kept through its forwards, then
+    resharded on exit. A no-op for DDP and one process."""
+    units = [m for m in wrapped.modules() if isinstance(m, FSDPModule)]
+    for m in units:
+        if m is not wrapped:  # the root's forward is never called by the rollout
+            m.set_reshard_after_forward(False, recurse=False)
+        m.unshard()
+    try:
+        yield unwrap(wrapped)
+    finally:
+        for m in units:
+            m.reshard()
+            if m is not wrapped:
+                m.set_reshard_after_forward(True, recurse=False)
+
+
+def grad_sync(wrapped, enabled):
+    """One micro-batch's backward: DDP skips its all-reduce while accumulating (enabled=False); FSDP2
+    reduce-scatters every micro-batch anyway (its gradients stay sharded)."""
+    return wrapped.no_sync() if not enabled and hasattr(wrapped, "no_sync") else contextlib.nullcontext()
+
+
+def clip_grad_norm(params, max_norm):
+    """Clip to `max_norm` (<= 0: no clipping) -> the global gradient norm (FSDP2: reduced over ranks)."""
+    params = [p for p in params if p.grad is not None]
+    if not params:
+        return 0.0
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    return (norm.full_tensor() if isinstance(norm, DTensor) else norm).item()

@@ -1,36 +1,32 @@
 """rollout.py: batched multi-turn generation that keeps each trajectory's KV cache across tool turns.
 
+    python rollout.py --ckpt out/sft --show 2     # print two trajectories
     python rollout.py --bench --ckpt out/sft --split questions_hard.jsonl --questions 16 --group 4 \
         --max_turns 6 --max_new_tokens 48        # this engine vs the model.generate re-prefill baseline
-    python rollout.py --ckpt out/sft --show 2     # print two trajectories
 
-How it works. The cache has a fixed number of slots; each slot holds one trajectory's keys and values
-contiguously from position 0 (`SlotCache`). Every loop iteration feeds each live row the tokens it
-has not fed yet: a whole chunk (the prompt, or `<|im_end|>` + a user turn with `<information>` and
-images + `<|im_start|>assistant\\n`) for a row whose tool just returned, then one sampled token for
-every decoding row. Rows therefore sit at different turns and never re-prefill their conversation.
-A row stops at the end of an action tag or at `<|im_end|>`; its tool runs in a thread while the
-others decode. Multimodal rotary positions of each chunk continue from the row's last position
-(model.mrope_positions), so the cache equals that of one full forward (tests/test_rollout.py checks
-tokens and log-probs).
+Each trajectory is a row of the batch, in one of three phases (nanochat's engine, with tool turns):
+  FEED  its `pending` tokens go into its slot of the KV cache, then it samples one token. A chunk (the
+        prompt, or the end of a turn + a user turn with a tool's observation and its images + the next
+        assistant header: both rendered by model.render) is prefilled with rows of similar length; a
+        single token is decoded with every other decoding row in one forward.
+  TOOL  its turn ended with an action; the tool runs (in a thread for network backends) while the
+        others decode, and its observation becomes the next chunk.
+  DONE  an answer, a budget, or an error.
+A forced turn (the RAG workflow's scripted actions) is appended with mask 0, then acts like a sampled
+one. Rows never re-prefill their conversation; a group's prompt is prefilled once and its cache copied
+to the group's rows; M-RoPE positions of each chunk continue from the row's last (model.mrope_positions),
+so the cache equals that of one full forward. Live rows hold the lowest slots (a finished row's slot
+gets the highest live row), so a decode step is one forward over a contiguous run of slots, read in
+place; rows in it that wait on a tool ride along as masked dummies. The text decoder runs our
+`slot_attention`, the vision tower its own. `dtype` is the compute dtype of the cache and of forwards
+(model.autocast, as in training); sampling is fp32.
 
-Memory traffic. Live rows are kept in the lowest slots (`live[i]` holds slot i): when one finishes,
-the highest live row moves into its slot, one copy per finished trajectory. A decode step is then one
-forward over a contiguous range of slots, whose keys and values the attention reads in place (no
-gather, no copy per step); rows in that range that are not decoding (waiting on a tool) ride along
-as masked dummies. The text decoder runs with our own attention (`slot_attention`) whatever the model
-was loaded with (flash-attn reads our 4-D mask as a padding mask); the vision tower keeps its own.
-`dtype` is the compute dtype: the KV cache holds it, and forwards run under model.autocast(device,
-dtype), the training forward's rule, so fp32 master weights or fp32 LoRA factors over a bf16 base
-compute in bf16. Sampling is fp32.
-
-Exactness contract: `Trajectory.token_ids` is the sequence exactly as the model saw it (image tokens
-expanded), `loss_mask` is 1 on sampled tokens only, `logprobs` holds log softmax(logits / T) of each
-sampled token (the full tempered distribution, which is what training recomputes; top-p only
-restricts where samples land). Greedy (temperature 0) records T = 1 log-probs. A question whose image
-cannot be used (missing, corrupt, refused by the processor) gets trajectories with no tokens,
-finish "error" and an observation that says why; a tool's image the processor refuses is left out of
-the observation, which says so.
+Exactness: `Trajectory.token_ids` is the sequence as the model saw it (image tokens expanded), the
+same as model.render of the conversation; `loss_mask` is 1 on sampled tokens only; `logprobs` holds
+log softmax(logits / T) of each sampled token (what training recomputes; top-p only restricts where
+samples land; greedy records T = 1). A question whose image cannot be used gets trajectories with no
+tokens, finish "error" and an observation that says why; a tool's image the processor refuses is left
+out of the observation, which says so. tests/test_rollout.py checks all of it.
 """
 import argparse
 import contextlib
@@ -38,18 +34,20 @@ import dataclasses
 import os
 import time
 from collections import Counter, deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
 from transformers import GenerationConfig
 
 import model as M
 import tools as T
 
+FEED, TOOL, DONE = "feed", "tool", "done"  # a row's phase
 
-# ----------------------------------------------------------------------------- trajectory
 
 @dataclass
 class Trajectory:
@@ -73,14 +71,13 @@ class Trajectory:
     finish: str = ""
     gen_tokens: int = 0
     prompt_len: int = 0
-    sample_index: int = 0  # index within its GRPO group
 
     @property
     def image_grid_thw(self):
         return torch.cat(self.grids) if self.grids else None
 
     def item(self):
-        """The dict model.collate takes (the same keys as model.render), plus sampling log-probs."""
+        """The dict model.collate takes (model.render's keys), plus sampling log-probs and prompt_len."""
         return {"input_ids": torch.tensor(self.token_ids), "loss_mask": torch.tensor(self.loss_mask),
                 "logprobs": torch.tensor(self.logprobs), "image_grid_thw": self.image_grid_thw,
                 "pixel_values": torch.cat(self.pixel_values) if self.pixel_values else None,
@@ -90,161 +87,127 @@ class Trajectory:
 # ----------------------------------------------------------------------------- KV cache and attention
 
 class SlotCache:
-    """Keys/values of `slots` trajectories, (slots, kv_heads, capacity, head_dim) per layer.
-    `begin(rows, q)` says which slots the next forward feeds and where each one's q new tokens go;
-    the attention layers then call `update`, which writes them and returns the slots' keys/values up
-    to the longest row. The attention mask built by `mask()` hides what a row must not see (other
-    rows' lengths, padding), so rows of any length share one forward. `stats` counts forwards by kind
-    (decode / prefill, `_gather` when the slots were not contiguous), dummy rows and slot moves."""
+    """Keys/values of `slots` trajectories, (slots, KV heads, capacity, head dim) per layer, each slot
+    from position 0. A forward starts with `begin(rows, q)`: which slots it feeds, q new tokens each
+    written at the slot's length; it returns the attention mask. Each attention layer then calls
+    `update` (transformers' Cache interface), which writes its keys/values and returns the slots' up to
+    the longest row. stats: forwards by kind (decode / prefill, `_gather` when the slots were not a
+    contiguous run), dummy rows and slot moves."""
 
     def __init__(self, n_layers, slots, kv_heads, head_dim, dtype, device, capacity=256, max_capacity=1 << 15):
-        self.n_layers, self.max_capacity = n_layers, max_capacity
-        shape = (slots, kv_heads, capacity, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.k = [torch.zeros(slots, kv_heads, capacity, head_dim, dtype=dtype, device=device)
+                  for _ in range(n_layers)]
+        self.v = [torch.zeros_like(k) for k in self.k]
         self.lengths = torch.zeros(slots, dtype=torch.long)  # tokens held per slot (host side)
-        self.stats = Counter()
-
-    @property
-    def capacity(self):
-        return self.k[0].shape[2]
-
-    def _grow(self, need):
-        cap = self.capacity
-        while cap < need:
-            cap *= 2
-        if cap > self.max_capacity:
-            raise ValueError(f"KV cache would need {need} positions (max {self.max_capacity})")
-        for store in (self.k, self.v):
-            for i, t in enumerate(store):
-                new = t.new_zeros(t.shape[0], t.shape[1], cap, t.shape[3])
-                new[:, :, :t.shape[2]] = t
-                store[i] = new
+        self.max_capacity, self.stats = max_capacity, Counter()
 
     def begin(self, rows, q, dummies=0):
-        """Prepare a forward that appends q (padded) tokens to each slot in `rows` (a list)."""
-        dev = self.k[0].device
-        self.starts = self.lengths[rows].to(dev)  # (b,)
+        """-> mask (b, 1, q, used) bool: query i of a row sees key j iff j <= the row's length + i."""
+        dev, (_, kv, cap, _) = self.k[0].device, self.k[0].shape
         self.used = int(self.lengths[rows].max()) + q
-        if self.used > self.capacity:
-            self._grow(self.used)
-        # A run of slots is a view of the cache. Any other set is a gather: a copy of those rows'
-        # keys and values in every layer. Decode steps never need one (see `_compact`); prefill
-        # chunks may, where the copy costs about what the chunk's own attention does.
+        if self.used > cap:
+            while cap < self.used:
+                cap *= 2
+            if cap > self.max_capacity:
+                raise ValueError(f"KV cache would need {self.used} positions (max {self.max_capacity})")
+            for store in (self.k, self.v):
+                store[:] = [torch.cat([t, t.new_zeros(*t.shape[:2], cap - t.shape[2], t.shape[3])], 2) for t in store]
+        # A run of slots is a view of the cache; any other set is a gather (a copy of those rows in every
+        # layer). Decode steps never need one (see `compact`); a prefill chunk may, at about its own cost.
         contiguous = rows == list(range(rows[0], rows[0] + len(rows)))
         self.rows = slice(rows[0], rows[0] + len(rows)) if contiguous else torch.tensor(rows, device=dev)
         self.stats[("decode" if q == 1 else "prefill") + ("" if contiguous else "_gather")] += 1
         self.stats["dummies"] += dummies
-        self.write_idx = self.starts[:, None] + torch.arange(q, device=dev)  # (b, q)
-        # Flat row numbers of the new keys in a (slots * kv_heads * capacity, head_dim) view of a
-        # layer's cache: one index_copy_ per layer writes them all (advanced indexing is far slower).
-        slot = torch.tensor(rows, device=dev)[:, None, None]
-        kv = self.k[0].shape[1]
-        head = torch.arange(kv, device=dev)[None, :, None]
-        self.flat_idx = ((slot * kv + head) * self.capacity + self.write_idx[:, None, :]).flatten()  # (b*kv*q,)
-
-    def mask(self):
-        """(b, 1, q, used) bool: query i of a row sees key j iff j <= start + i."""
-        dev = self.starts.device
-        keys = torch.arange(self.used, device=dev)
-        return (keys[None, None, :] <= self.write_idx[:, :, None])[:, None]
+        write = self.lengths[rows].to(dev)[:, None] + torch.arange(q, device=dev)  # (b, q)
+        # the new keys' rows in a (slots * KV * capacity, head dim) view of a layer: one index_copy_ each
+        slot, head = torch.tensor(rows, device=dev)[:, None, None], torch.arange(kv, device=dev)[None, :, None]
+        self.flat_idx = ((slot * kv + head) * cap + write[:, None, :]).flatten()  # (b * KV * q,)
+        return (torch.arange(self.used, device=dev)[None, None, :] <= write[:, :, None])[:, None]
 
     def update(self, k, v, layer_idx, *args, **kwargs):
-        # k, v: (b, kv_heads, q, head_dim); under autocast over fp32 weights they come out of RoPE in
-        # fp32 (cos/sin follow the fp32 residual stream), so they are cast to the cache's dtype
+        # k, v (b, KV, q, d); under autocast over fp32 weights they leave RoPE in fp32: cast to the cache's dtype
         d, dtype = k.shape[-1], self.k[layer_idx].dtype
         self.k[layer_idx].view(-1, d).index_copy_(0, self.flat_idx, k.reshape(-1, d).to(dtype))
         self.v[layer_idx].view(-1, d).index_copy_(0, self.flat_idx, v.reshape(-1, d).to(dtype))
-        sel = self.rows
-        return self.k[layer_idx][sel, :, :self.used], self.v[layer_idx][sel, :, :self.used]
+        return self.k[layer_idx][self.rows, :, :self.used], self.v[layer_idx][self.rows, :, :self.used]
 
     def copy_slot(self, src, dst):
         n = int(self.lengths[src])
-        for store in (self.k, self.v):
-            for t in store:
-                t[dst, :, :n] = t[src, :, :n]
+        for t in self.k + self.v:
+            t[dst, :, :n] = t[src, :, :n]
         self.lengths[dst] = n
 
     def get_seq_length(self, layer_idx=0):
-        return 0  # positions are always passed explicitly; nothing should ask
+        return 0  # positions are always passed explicitly
 
 
 ROLLOUT_ATTN = "rollout_slots"  # no "flash" in the name: transformers gives such names flash-attn semantics
 
 
 def slot_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
-    """The text decoder's attention during a rollout. query (b, H, q, d); key/value (b, KV, T, d) from
-    SlotCache.update (a strided view of the cache, or a gathered copy for a prefill chunk);
-    attention_mask (b, 1, q, T) bool from SlotCache.mask(), True: attend (every query sees key 0, so
-    no row is fully masked). Returns ((b, q, H, d), None) in the query's dtype.
-    Decode (q = 1): grouped-query attention as two matmuls. The H / KV query heads that share a KV head
-    are the rows of one product with that head's keys, so each key is read once, in place (batch and
-    KV dims fold into one strided batch: no copy), never repeated. Scores come out of the matmul in
-    the cache dtype (as in eager attention), softmax runs in fp32. Chunks: SDPA with the bool mask and
-    enable_gqa (CUDA picks a kernel that takes a mask, else the math one: both exact)."""
-    b, H, q, d = query.shape
-    kv, out_dtype = key.shape[1], query.dtype
+    """The text decoder's attention in a rollout: query (b, H, q, d); key/value (b, KV, T, d) from
+    SlotCache.update; attention_mask (b, 1, q, T) bool from SlotCache.begin (every query sees key 0, so
+    no row is fully masked) -> ((b, q, H, d), None) in the query's dtype. Decode: model.gqa_decode (each
+    cached key read once, in place). Chunks: SDPA with the mask and enable_gqa (exact either kernel)."""
+    out_dtype, scale = query.dtype, scaling or query.shape[-1] ** -0.5
     query = query.to(key.dtype)  # fp32 out of RoPE under autocast; the cache holds the compute dtype
-    scale = scaling or d ** -0.5
-    if q == 1:
-        s = torch.matmul(query.reshape(b, kv, H // kv, d), key.transpose(-1, -2)).float() * scale  # (b, KV, rep, T)
-        p = torch.softmax(s.masked_fill(~attention_mask, float("-inf")), -1).to(value.dtype)
-        out = torch.matmul(p, value).reshape(b, 1, H, d)  # (b, KV, rep, d): head h = kv_head * rep + r
+    if query.shape[2] == 1:
+        out = M.gqa_decode(query, key, value, attention_mask, scale)
     else:
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scale,
-                                             enable_gqa=kv != H).transpose(1, 2)
+                                             enable_gqa=key.shape[1] != query.shape[1]).transpose(1, 2)
     return out.to(out_dtype), None
 
 
 @contextlib.contextmanager
 def rollout_attention(model):
-    """The text decoder runs with slot_attention inside, and gets back what it had on the way out
-    (exceptions too). Only the text config changes: it has no sub-configs, and the vision tower's
-    blocks read the vision config, so they keep flash-attn or SDPA. No mask is ever built under this
-    name: Engine.feed passes the mask mapping itself, and Qwen2_5_VLTextModel builds masks only when
-    attention_mask is not a dict."""
-    from transformers import AttentionInterface
-    AttentionInterface.register(ROLLOUT_ATTN, slot_attention)
+    """The text decoder on slot_attention inside, its own back on the way out (exceptions too). Only the
+    text config changes, so the vision tower keeps flash-attn or SDPA; no mask is built under this name:
+    Engine.feed passes the mask mapping itself."""
+    M.register_attention(ROLLOUT_ATTN, slot_attention)
     cfg = model.model.language_model.config
-    old = cfg._attn_implementation
-    cfg._attn_implementation = ROLLOUT_ATTN
+    old, cfg._attn_implementation = cfg._attn_implementation, ROLLOUT_ATTN
     try:
         yield
     finally:
         cfg._attn_implementation = old
 
 
-# ----------------------------------------------------------------------------- chunks
+# ----------------------------------------------------------------------------- chunks, stops, sampling
 
 class ImageError(ValueError):
     """An image file that cannot be read, or an image the processor refuses (size, aspect ratio)."""
 
 
 def prompt_chunk(processor, question, image):
-    """Token ids, images, pixel values and grids of the first user turn + `<|im_start|>assistant\\n`."""
+    """The first user turn (the question, its image) and the assistant header, as model.render gives them."""
     msgs = [{"role": "user", "content": T.initial_prompt(question["question"], has_image=image is not None)}]
-    text, _ = M.conversation_text(msgs, add_generation_prompt=True)
-    return encode_chunk(processor, text, [image] if image is not None else [])
+    return _render_chunk(processor, msgs, [image] if image is not None else [])
 
 
 def tool_chunk(processor, obs, closed):
-    """The user turn that carries an observation. `closed`: the model already sampled `<|im_end|>`."""
-    text = ("" if closed else "<|im_end|>") + "\n<|im_start|>user\n" + \
-        obs.text.replace(M.IMAGE, M.VISION_BLOCK) + "<|im_end|>\n<|im_start|>assistant\n"
-    return encode_chunk(processor, text, list(obs.images))
+    """What follows an assistant turn's content once its tool returned: model.render of that turn (its
+    content left out) and a user turn with the observation, from the token that closes the turn (the
+    first one render trains) on, or after it when the model sampled it (`closed`)."""
+    msgs = [{"role": "assistant", "content": ""}, {"role": "user", "content": obs.text}]
+    return _render_chunk(processor, msgs, list(obs.images), after_turn=closed)
 
 
-def encode_chunk(processor, text, images):
+def _render_chunk(processor, messages, images, after_turn=None):
+    """model.render(messages, images) with the assistant header to follow -> a chunk dict; after_turn:
+    start at the closing token of the conversation's first assistant turn (True: after it)."""
     try:
-        pv, grid = processor.images(images)
+        r = M.render(processor, messages, images, add_generation_prompt=True)
     except Exception as e:  # whatever the image processor objects to, the image is at fault, not the run
+        if not images:
+            raise
         raise ImageError(f"{type(e).__name__}: {str(e)[:200]}") from e
-    ids = processor.encode(M.expand_image_pads(text, grid, processor))
-    return {"ids": ids, "images": images, "pixel_values": pv, "grid": grid}
+    start = 0 if after_turn is None else int(r["loss_mask"].argmax()) + after_turn
+    return {"ids": r["input_ids"][start:].tolist(), "images": images, "pixel_values": r["pixel_values"],
+            "grid": r["image_grid_thw"]}
 
 
 def load_image(question):
-    from PIL import Image
     img = question.get("image")
     if not img:
         return None
@@ -258,8 +221,7 @@ def load_image(question):
 
 
 def without_images(obs, why):
-    """The observation with its images left out and a line that says so: the model is not told of an
-    image it does not get."""
+    """The observation without its images, and a line that says so (never an image the model does not get)."""
     text = obs.text.replace(M.IMAGE + "\n", "").replace(M.IMAGE, "")
     note = f"The image could not be used ({why}); no image attached.\n"
     return dataclasses.replace(obs, text=text.replace("<information>", "<information>" + note, 1), images=[])
@@ -267,20 +229,17 @@ def without_images(obs, why):
 
 def stop_reason(processor, turn_ids):
     """'tag' if the turn's text ends with an action's closing tag, 'eos' at <|im_end|>, else None."""
-    last = turn_ids[-1]
-    if last in (processor.im_end_id, processor.pad_id):
+    if turn_ids[-1] in (processor.im_end_id, processor.pad_id):
         return "eos"
-    tail = processor.decode(turn_ids[-8:]).rstrip()
-    return "tag" if tail.endswith(T.ACTION_END_TAGS) else None
+    return "tag" if processor.decode(turn_ids[-8:]).rstrip().endswith(T.ACTION_END_TAGS) else None
 
 
 class StopCheck:
-    """stop_reason(processor, turn_ids), decoding only when the last token could end a tag: its own
-    text, stripped of trailing whitespace, ends with ">" or is empty, or it is not whole UTF-8 alone.
-    Any other last token cannot: byte-level decoding resynchronises at a token that starts a
-    character, so the turn's text ends with that token's text, whose last non-space is not ">"
-    (every closing tag, and the <|im_end|> / <|endoftext|> tokens, end with ">").
-    tests/test_rollout.py checks it against stop_reason on random sequences."""
+    """stop_reason(processor, turn_ids), decoding only when the last token could end a tag: its own text,
+    stripped of trailing whitespace, ends with ">" or is empty, or it is not whole UTF-8 alone. Any other
+    cannot: byte-level decoding resynchronises at a token that starts a character, so the turn's text
+    ends with that token's text, whose last non-space is not ">" (as every closing tag's and <|im_end|>'s
+    is). tests/test_rollout.py checks it against stop_reason on random sequences."""
 
     def __init__(self, processor):
         self.proc, self.can_end = processor, {}  # token id -> bool, filled as tokens are sampled
@@ -293,11 +252,9 @@ class StopCheck:
         return stop_reason(self.proc, turn_ids) if self.can_end[last] else None
 
 
-# ----------------------------------------------------------------------------- sampling
-
 def sample(logits, temperature, top_p, gens):
-    """logits (b, V) fp32 -> (tokens (b,), logprobs (b,)). One generator per row, so a row's
-    samples do not depend on which other rows share the batch."""
+    """logits (b, V) fp32 -> (tokens (b,), logprobs (b,)). One generator per row, so a row's samples do
+    not depend on which other rows share the batch."""
     if temperature <= 0:
         tok = logits.argmax(-1)
         return tok, torch.log_softmax(logits, -1).gather(-1, tok[:, None])[:, 0]
@@ -313,117 +270,87 @@ def sample(logits, temperature, top_p, gens):
     return tok, logp.gather(-1, tok[:, None])[:, 0]
 
 
-# ----------------------------------------------------------------------------- the engine
+# ----------------------------------------------------------------------------- the rows' state machine
 
 @dataclass(eq=False)  # rows compare by identity
 class Row:
     traj: Trajectory
-    image: object
-    state: object  # tools.State
-    gen: torch.Generator
+    image: object  # the question's image (PIL) or None
+    tools_state: T.State
+    gen: torch.Generator | None
+    forced: deque  # assistant turns still to force (the RAG workflow)
     slot: int = -1
+    phase: str = FEED
     pending: list = field(default_factory=list)  # token ids not yet in the cache
-    pending_pv: list = field(default_factory=list)  # pixel values of the images among them
+    pending_pv: list = field(default_factory=list)  # pixel values and grids of the images among them
     pending_grids: list = field(default_factory=list)
     next_pos: int = 0  # M-RoPE position of the next token
-    turn_ids: list = field(default_factory=list)
-    future: object = None
-    forced: deque = field(default_factory=deque)
-    closed: bool = False  # the last turn ended with a sampled <|im_end|>
-    finished: bool = False
+    turn_ids: list = field(default_factory=list)  # sampled in this assistant turn
+    future: Future | None = None  # the tool's observation
+    closed: bool = False  # the turn ended with a sampled <|im_end|>
+
+
+def _inline(fn):
+    """fn() run now, as a finished future (tool_threads=0)."""
+    f = Future()
+    f.set_result(fn())
+    return f
 
 
 class Engine:
-    """Holds the model, processor, tools and settings of one `rollout` call."""
+    """The model, processor, tools and settings of one `rollout` call, and the phase transitions of a row."""
 
     def __init__(self, model, processor, tools, max_turns, max_new_tokens, max_total_tokens,
                  temperature, top_p, forced_actions, tool_threads, dtype):
         self.model, self.proc, self.tools = model, processor, tools
         self.max_turns, self.max_new, self.max_total = max_turns, max_new_tokens, max_total_tokens
-        self.temperature, self.top_p = temperature, top_p
-        self.forced = list(forced_actions or [])
+        self.temperature, self.top_p, self.forced = temperature, top_p, list(forced_actions or [])
         self.pool = ThreadPoolExecutor(tool_threads) if tool_threads > 0 else None
-        self.device, self.dtype = next(model.parameters()).device, dtype
-        self.stop = StopCheck(processor)
+        self.device, self.dtype, self.stop = next(model.parameters()).device, dtype, StopCheck(processor)
 
-    def prompt(self, q):
-        """(image, prompt chunk, None), or (None, None, why) when the question's image cannot be used."""
+    def new_rows(self, q, qi, gens):
+        """Rows for question q, one per generator, its prompt appended; DONE with an error when its image
+        cannot be used."""
         try:
             image = load_image(q)
-            return image, prompt_chunk(self.proc, q, image), None
+            chunk, why = prompt_chunk(self.proc, q, image), None
         except ImageError as e:
             name = q["image"] if isinstance(q["image"], (str, os.PathLike)) else "the question's image"
-            return None, None, f"<information>error: image {name} could not be used: {e}</information>"
+            image, chunk, why = None, None, f"<information>error: image {name} could not be used: {e}</information>"
+        rows = [Row(Trajectory(qid=str(q.get("id", qi)), question=q), image, T.State(), g, deque(self.forced))
+                for g in gens]
+        for row in rows:
+            if chunk is None:
+                self.fail(row, why)
+            else:
+                self.append(row, chunk)
+                row.traj.prompt_len = len(chunk["ids"])
+        return rows
 
-    # -- bookkeeping shared by every way a turn can end
-    def add_chunk(self, row, chunk):
-        t = row.traj
+    def append(self, row, chunk):
+        """Tokens the model does not sample (mask 0), to be fed: a prompt, an observation, a forced turn."""
+        t, n = row.traj, len(chunk["ids"])
         t.token_ids += chunk["ids"]
-        t.loss_mask += [0] * len(chunk["ids"])
-        t.logprobs += [0.0] * len(chunk["ids"])
+        t.loss_mask += [0] * n
+        t.logprobs += [0.0] * n
+        row.pending += chunk["ids"]
         if chunk["grid"] is not None:
             t.images += chunk["images"]
             t.pixel_values.append(chunk["pixel_values"])
             t.grids.append(chunk["grid"])
-        row.pending += chunk["ids"]
-        if chunk["grid"] is not None:
             row.pending_pv.append(chunk["pixel_values"])
             row.pending_grids.append(chunk["grid"])
 
     def start_turn(self, row):
-        """A new assistant turn: forced text (RAG workflow) is fed as a chunk; else the model samples."""
-        row.turn_ids = []
+        """A new assistant turn: the next forced text if any (then it acts at once), else the model samples."""
+        row.turn_ids, row.phase = [], FEED
         if row.forced:
             text = row.forced.popleft().replace("{question}", row.traj.question["question"])
-            ids = self.proc.encode(text)
-            self.add_chunk(row, {"ids": ids, "images": [], "pixel_values": None, "grid": None})
-            return self.end_turn(row, text, closed=False)
-        return None
-
-    def end_turn(self, row, text, closed):
-        """Parse the turn and act: finish, or run the tool (in a thread). Returns 'done' or None."""
-        t = row.traj
-        t.turns += 1
-        t.texts.append(text)
-        action = T.parse_action(text)
-        t.actions.append(action)
-        if action.kind == "answer":
-            t.answer, t.finish = action.arg, "answer"
-            return "done"
-        if t.turns >= self.max_turns:
-            t.finish = "budget"
-            return "done"
-        run = lambda: self.tools.execute(action, row.image, row.state)  # noqa: E731
-        row.future = self.pool.submit(run) if self.pool else _Done(run)
-        row.closed = closed
-        return None
-
-    def observe(self, row):
-        """The tool returned: record the observation and queue its chunk."""
-        t = row.traj
-        try:
-            obs = row.future.result()
-            row.future = None
-            try:
-                chunk = tool_chunk(self.proc, obs, row.closed)
-            except ImageError as e:  # the processor refuses the tool's image (a sliver of a crop): go on without it
-                obs = without_images(obs, str(e))
-                chunk = tool_chunk(self.proc, obs, row.closed)
-        except Exception as e:  # a tool that raised, or text that cannot be encoded, ends this trajectory
-            _fail(t, f"<information>error: {type(e).__name__}: {e}</information>")
-            return "done"
-        t.observations.append(obs)
-        st = row.state
-        t.n_text_search, t.n_img_search, t.n_crop, t.n_tool_errors = \
-            st.n_text_search, st.n_img_search, st.n_crop, st.n_errors
-        if len(t.token_ids) + len(chunk["ids"]) >= self.max_total:
-            t.finish = "length"
-            return "done"
-        self.add_chunk(row, chunk)
-        return self.start_turn(row)
+            self.append(row, {"ids": self.proc.encode(text), "images": [], "pixel_values": None, "grid": None})
+            self.end_turn(row, text, closed=False)
 
     def on_token(self, row, tok, lp):
-        """Record one sampled token; returns 'done' when the trajectory ended."""
+        """A sampled token: FEED on, or the turn ends (a stop, max_new_tokens), or the row (token budget)."""
         t = row.traj
         t.token_ids.append(tok)
         t.loss_mask.append(1)
@@ -432,61 +359,99 @@ class Engine:
         row.turn_ids.append(tok)
         row.pending = [tok]
         why = self.stop(row.turn_ids)
-        if why is None and len(row.turn_ids) < self.max_new:
-            if len(t.token_ids) >= self.max_total:
-                t.finish = "length"
-                return "done"
-            return None
-        ids = row.turn_ids[:-1] if why == "eos" else row.turn_ids
-        return self.end_turn(row, self.proc.decode(ids), closed=why == "eos")
+        if why is not None or len(row.turn_ids) >= self.max_new:
+            ids = row.turn_ids[:-1] if why == "eos" else row.turn_ids
+            self.end_turn(row, self.proc.decode(ids), closed=why == "eos")
+        elif len(t.token_ids) >= self.max_total:
+            self.finish(row, "length")
+
+    def end_turn(self, row, text, closed):
+        """Parse the turn's action: an answer or the turn budget ends the row (DONE), else its tool runs (TOOL)."""
+        t = row.traj
+        t.turns += 1
+        t.texts.append(text)
+        action = T.parse_action(text)
+        t.actions.append(action)
+        if action.kind == "answer":
+            t.answer = action.arg
+            self.finish(row, "answer")
+        elif t.turns >= self.max_turns:
+            self.finish(row, "budget")
+        else:
+            run = lambda: self.tools.execute(action, row.image, row.tools_state)  # noqa: E731
+            row.future = self.pool.submit(run) if self.pool else _inline(run)
+            row.phase, row.closed = TOOL, closed
+
+    def observe(self, row):
+        """The tool returned: its observation's chunk is appended and a new turn starts, or the row ends."""
+        t, st = row.traj, row.tools_state
+        try:
+            obs, row.future = row.future.result(), None
+            try:
+                chunk = tool_chunk(self.proc, obs, row.closed)
+            except ImageError as e:  # the processor refuses the tool's image (a sliver of a crop): go on without it
+                obs = without_images(obs, str(e))
+                chunk = tool_chunk(self.proc, obs, row.closed)
+        except Exception as e:  # a tool that raised, or text that cannot be encoded, ends this trajectory
+            return self.fail(row, f"<information>error: {type(e).__name__}: {e}</information>")
+        t.observations.append(obs)
+        t.n_text_search, t.n_img_search, t.n_crop, t.n_tool_errors = \
+            st.n_text_search, st.n_img_search, st.n_crop, st.n_errors
+        if len(t.token_ids) + len(chunk["ids"]) >= self.max_total:
+            return self.finish(row, "length")
+        self.append(row, chunk)
+        self.start_turn(row)
+
+    def finish(self, row, why):
+        row.traj.finish, row.phase = why, DONE
+
+    def fail(self, row, text):
+        """End with finish "error" and an observation that says why (never a raise)."""
+        row.traj.observations.append(T.Observation(text=text, images=[], error=True, kind="error", box=None,
+                                                   results=[]))
+        self.finish(row, "error")
 
     # -- the model
     def step(self, cache, rows, live=None):
-        """Feed `rows`, sample each one's next token, record it (see feed for `live`)."""
-        logits = self.feed(cache, rows, live)
-        toks, lps = sample(logits, self.temperature, self.top_p, [r.gen for r in rows])
+        """Feed `rows` (see feed for `live`), sample each one's next token, record it."""
+        toks, lps = sample(self.feed(cache, rows, live), self.temperature, self.top_p, [r.gen for r in rows])
         for r, tok, lp in zip(rows, toks.tolist(), lps.tolist()):
-            r.finished = self.on_token(r, tok, lp) == "done"
+            self.on_token(r, tok, lp)
 
     def feed(self, cache, rows, live=None):
-        """One forward that appends each row's pending tokens to its slot; returns next-token logits
-        (len(rows), V) fp32 at each row's last real position.
-        Decode step (`live` given, one pending token per row): the forward covers the slot range
-        live[lo:hi] that spans `rows`. The other rows in it (waiting on a tool) are dummies: a pad
-        token written at their length, where their next real feed writes, and an output nobody reads.
-        A prefill feeds exactly `rows`, padded to the longest."""
-        dev = self.device
-        pvs, grids = [], []
+        """One forward appending each row's pending tokens to its slot -> next-token logits (len(rows), V)
+        fp32 at each row's last position. Decode (`live` given, one token per row): the forward covers the
+        run of slots live[lo:hi] spanning `rows`; the others in it (waiting on a tool) are dummies: a pad
+        written at their length, where their next real token goes, and an output nobody reads. Prefill:
+        exactly `rows`, right-padded to the longest."""
+        dev, pvs, grids = self.device, [], []
         if live is not None:
-            fed = set(rows)
-            lo, hi = min(r.slot for r in rows), max(r.slot for r in rows) + 1
+            fed, lo, hi = set(rows), min(r.slot for r in rows), max(r.slot for r in rows) + 1
             batch = live[lo:hi]
-            cache.begin(list(range(lo, hi)), 1, dummies=len(batch) - len(rows))
+            mask = cache.begin(list(range(lo, hi)), 1, dummies=len(batch) - len(rows))
             ids = torch.tensor([[r.pending[0] if r in fed else self.proc.pad_id] for r in batch])  # (b, 1)
-            # a text token sits at the row's next position on all three axes
-            pos = torch.tensor([r.next_pos for r in batch]).view(1, -1, 1).expand(3, -1, 1)
+            pos = torch.tensor([r.next_pos for r in batch]).view(1, -1, 1).expand(3, -1, 1)  # text: all 3 axes
             pick = (torch.tensor([b for b, r in enumerate(batch) if r in fed], device=dev), 0)
             for r in rows:
                 r.next_pos += 1
         else:
             q = max(len(r.pending) for r in rows)
-            cache.begin([r.slot for r in rows], q)
+            mask = cache.begin([r.slot for r in rows], q)
             ids = torch.full((len(rows), q), self.proc.pad_id, dtype=torch.long)
             pos = torch.zeros(3, len(rows), q, dtype=torch.long)
             for b, r in enumerate(rows):
                 n = len(r.pending)
                 ids[b, :n] = torch.tensor(r.pending)
-                grid = torch.cat(r.pending_grids) if r.pending_grids else None
-                p, r.next_pos = M.mrope_positions(r.pending, grid, self.proc, start=r.next_pos)
-                pos[:, b, :n] = p
-                pos[:, b, n:] = p[:, -1:]  # padding: any position, it is masked
+                p, r.next_pos = M.mrope_positions(r.pending, torch.cat(r.pending_grids) if r.pending_grids else None,
+                                                  self.proc, start=r.next_pos)
+                pos[:, b, :n], pos[:, b, n:] = p, p[:, -1:]  # padding: any position, it is masked
                 pvs += r.pending_pv
                 grids += r.pending_grids
             pick = (torch.arange(len(rows), device=dev), torch.tensor([len(r.pending) - 1 for r in rows], device=dev))
         with M.autocast(dev, self.dtype):
             out = self.model.model(
                 input_ids=ids.to(dev), position_ids=pos.to(dev), past_key_values=cache, use_cache=True,
-                attention_mask={"full_attention": cache.mask()},
+                attention_mask={"full_attention": mask},
                 pixel_values=torch.cat(pvs).to(dev) if pvs else None,  # the patch embedding casts them
                 image_grid_thw=torch.cat(grids).to(dev) if grids else None)
             logits = M.policy_logits(self.model.lm_head, out.last_hidden_state[pick], self.model.config)
@@ -495,81 +460,106 @@ class Engine:
             r.pending, r.pending_pv, r.pending_grids = [], [], []
         return logits
 
+    def admit(self, cache, q, qi, group_size, first, base_seed, share_prefix):
+        """A question's group into slots first, first + 1, ...: its prompt prefilled once into the first
+        row's slot and the cache copied to the others, each sampling its own first token from the shared
+        logits. Rows that end at once (a bad image, a prompt over the token budget) come back DONE."""
+        rows = self.new_rows(q, qi, [torch.Generator().manual_seed(base_seed * 1_000_003 + qi * 1009 + g)
+                                     for g in range(group_size)])
+        for g, row in enumerate(rows):
+            row.slot, cache.lengths[first + g] = first + g, 0
+            if row.phase != DONE and row.traj.prompt_len >= self.max_total:
+                self.finish(row, "length")  # the prompt alone is over the token budget
+        if rows[0].phase == DONE:
+            return rows
+        if share_prefix and group_size > 1 and not self.forced:
+            logits = self.feed(cache, rows[:1])
+            for r in rows[1:]:
+                cache.copy_slot(rows[0].slot, r.slot)
+                r.pending, r.pending_pv, r.pending_grids, r.next_pos = [], [], [], rows[0].next_pos
+            toks, lps = sample(logits.expand(len(rows), -1), self.temperature, self.top_p, [r.gen for r in rows])
+            for r, tok, lp in zip(rows, toks.tolist(), lps.tolist()):
+                self.on_token(r, tok, lp)
+        else:
+            for r in rows:
+                self.start_turn(r)
+        return rows
 
-def _fail(traj, text):
-    """End a trajectory with finish "error" and an observation that says why (never a raise)."""
-    traj.finish = "error"
-    traj.observations.append(T.Observation(text=text, images=[], error=True, kind="error", box=None, results=[]))
+
+# ----------------------------------------------------------------------------- the loop
+
+def compact(live, cache, bar=None):
+    """Drop DONE rows from `live` and move the highest live rows into their slots, so that live[i] holds
+    slot i again and a decode step is one contiguous run of slots: one copy of a row's cache per finished
+    trajectory, instead of a gather of every row in every decode step."""
+    keep = [r for r in live if r.phase != DONE]
+    holes = [r.slot for r in live[:len(keep)] if r.phase == DONE]
+    for slot, r in zip(holes, [r for r in live[len(keep):] if r.phase != DONE]):  # as many movers as holes
+        cache.copy_slot(r.slot, slot)
+        r.slot = slot
+        cache.stats["moves"] += 1
+    if bar:
+        bar.update(len(live) - len(keep))
+    live[:] = sorted(keep, key=lambda r: r.slot)
 
 
-class _Done:
-    """A finished 'future' for running tools inline (tool_threads=0)."""
-
-    def __init__(self, fn):
-        self.value = fn()
-
-    def done(self):
-        return True
-
-    def result(self):
-        return self.value
+def buckets(rows, max_pad_waste=0.5):
+    """Split rows sorted by pending length so that padding wastes at most about half a forward."""
+    parts = []
+    for r in rows:
+        if not parts or (len(r.pending) > 1 and len(parts[-1][0].pending) < max_pad_waste * len(r.pending)):
+            parts.append([])
+        parts[-1].append(r)
+    return parts
 
 
 @torch.no_grad()
 def rollout(model, processor, tools, questions, group_size=1, max_turns=6, max_new_tokens=256,
             temperature=1.0, top_p=1.0, seed=None, forced_actions=None, batch_size=64,
             max_total_tokens=4096, share_prefix=True, tool_threads=None, progress=False, dtype=None):
-    """Run every question `group_size` times to the end; returns trajectories, question-major.
-    `forced_actions`: assistant turn texts fed (not sampled) before the model takes over, with
-    `{question}` replaced (the RAG workflow). `share_prefix`: prefill a group's prompt once and copy.
-    `tool_threads`: tools run in that many threads while other rows decode (default: inline for
-    the local in-memory indexes, which answer in microseconds; 8 threads for network backends).
-    `dtype`: the compute dtype (default: the embeddings', i.e. the base model's); the KV cache holds
-    it and forwards run under model.autocast(device, dtype), as the training forward does."""
+    """Run every question `group_size` times to the end -> trajectories, question-major.
+    forced_actions: assistant turns fed (not sampled) before the model takes over, `{question}` replaced
+    (the RAG workflow). share_prefix: prefill a group's prompt once and copy it. tool_threads: tools run
+    in that many threads while other rows decode (default: inline for the local in-memory indexes, which
+    answer in microseconds; 8 for network backends). dtype: the compute dtype (default: the embeddings')."""
     if tool_threads is None:
         local = (T.BM25Index, T.LocalImageIndex, type(None))
         tool_threads = 0 if (isinstance(getattr(tools, "text_backend", None), local)
                              and isinstance(getattr(tools, "image_backend", None), local)) else 8
     if batch_size < group_size:
         raise ValueError(f"batch_size {batch_size} < group_size {group_size}: a group must fit")
-    was_training = model.training
+    was_training, cfg = model.training, model.config.text_config
     model.eval()
-    cfg = model.config.text_config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     dtype = dtype or model.get_input_embeddings().weight.dtype
-    cache = SlotCache(cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, head_dim, dtype,
+    cache = SlotCache(cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads,
+                      getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads, dtype,
                       next(model.parameters()).device, max_capacity=2 * max_total_tokens + 1024)  # padding may overshoot
     eng = Engine(model, processor, tools, max_turns, max_new_tokens, max_total_tokens, temperature, top_p,
                  forced_actions, tool_threads, dtype)
     base_seed = seed if seed is not None else int(torch.randint(0, 2 ** 31, ()).item())
-    todo = deque(enumerate(questions))
-    out = [None] * (len(questions) * group_size)
-    live = []  # rows holding a slot; live[i] holds slot i (see _compact)
-    bar = _bar(len(out), progress)
+    todo, out, live = deque(enumerate(questions)), [], []  # live[i] holds slot i (see compact)
+    bar = tqdm(total=len(questions) * group_size, desc="rollout", unit="traj") if progress else None
     try:
         with rollout_attention(model):
             while todo or live:
-                # 1. admit whole groups while slots are free: they take the slots after the live rows
-                while todo and len(live) + group_size <= batch_size:
+                while todo and len(live) + group_size <= batch_size:  # whole groups into the free slots
                     qi, q = todo.popleft()
-                    live += admit(eng, cache, q, qi, group_size, len(live), base_seed, out, share_prefix)
-                    _compact(live, cache, bar)
-                # 2. rows whose tool returned get their observation chunk queued
-                for r in live:
-                    if r.future is not None and r.future.done():
-                        r.finished = eng.observe(r) == "done"
-                _compact(live, cache, bar)
-                # 3. prefill: chunks, in buckets of similar length
-                chunks = sorted([r for r in live if len(r.pending) > 1 and r.future is None],
-                                key=lambda r: len(r.pending))
-                for part in _buckets(chunks):
+                    rows = eng.admit(cache, q, qi, group_size, len(live), base_seed, share_prefix)
+                    out += [r.traj for r in rows]
+                    live += rows
+                    compact(live, cache, bar)
+                for r in live:  # TOOL -> FEED (the observation's chunk) or DONE
+                    if r.phase == TOOL and r.future.done():
+                        eng.observe(r)
+                compact(live, cache, bar)
+                chunks = sorted((r for r in live if r.phase == FEED and len(r.pending) > 1), key=lambda r: len(r.pending))
+                for part in buckets(chunks):  # prefill: chunks, in buckets of similar length
                     eng.step(cache, part)
-                    _compact(live, cache, bar)
-                # 4. decode: one token for every row that has one, in one forward over a run of slots
-                ready = [r for r in live if len(r.pending) == 1 and r.future is None]
-                if ready:
+                    compact(live, cache, bar)
+                ready = [r for r in live if r.phase == FEED and len(r.pending) == 1]
+                if ready:  # decode: one token for each, one forward over a run of slots
                     eng.step(cache, ready, live)
-                    _compact(live, cache, bar)
+                    compact(live, cache, bar)
                 elif live and not chunks:
                     time.sleep(0.001)  # every live row waits on a network tool
     finally:
@@ -581,211 +571,77 @@ def rollout(model, processor, tools, questions, group_size=1, max_turns=6, max_n
     return out
 
 
-def admit(eng, cache, q, qi, group_size, first, base_seed, out, share_prefix):
-    """Start a question's group in slots first, first + 1, ...: prefill its prompt once into the
-    leader's slot, then copy the leader's cache to the other rows (each samples its own first token
-    from the shared logits). Rows that end at once (a bad image, a prompt over the token budget)
-    come back finished."""
-    image, chunk, why = eng.prompt(q)
-    rows = []
-    for g in range(group_size):
-        traj = Trajectory(qid=str(q.get("id", qi)), question=q, sample_index=g,
-                          prompt_len=len(chunk["ids"]) if chunk else 0)
-        gen = torch.Generator().manual_seed(base_seed * 1_000_003 + qi * 1009 + g)
-        row = Row(traj=traj, image=image, state=T.State(), gen=gen, slot=first + g, forced=deque(eng.forced))
-        cache.lengths[row.slot] = 0
-        out[qi * group_size + g] = traj
-        rows.append(row)
-        if chunk is None:
-            _fail(traj, why)
-            row.finished = True
-        else:
-            eng.add_chunk(row, chunk)
-    if chunk is None:
-        return rows
-    if len(chunk["ids"]) >= eng.max_total:  # the prompt alone is over the token budget
-        for r in rows:
-            r.traj.finish, r.finished = "length", True
-        return rows
-    if share_prefix and group_size > 1 and not eng.forced:
-        leader, followers = rows[0], rows[1:]
-        logits = eng.feed(cache, [leader])
-        for r in followers:
-            cache.copy_slot(leader.slot, r.slot)
-            r.pending, r.pending_pv, r.pending_grids, r.next_pos = [], [], [], leader.next_pos
-        toks, lps = sample(logits.expand(len(rows), -1), eng.temperature, eng.top_p, [r.gen for r in rows])
-        for r, tok, lp in zip(rows, toks.tolist(), lps.tolist()):
-            r.finished = eng.on_token(r, tok, lp) == "done"
-    else:
-        for r in rows:
-            r.finished = eng.start_turn(r) == "done"
-    return rows
-
-
-def _compact(live, cache, bar):
-    """Drop finished rows from `live` and move the highest live rows into their slots, so that
-    live[i] holds slot i again and a decode step is one contiguous run of slots: one copy of a row's
-    cache per finished trajectory, instead of a gather of every row in every decode step."""
-    keep = [r for r in live if not r.finished]
-    if len(keep) == len(live):
-        return
-    holes = [r.slot for r in live[:len(keep)] if r.finished]
-    movers = [r for r in live[len(keep):] if not r.finished]  # as many as there are holes
-    for slot, r in zip(holes, movers):
-        cache.copy_slot(r.slot, slot)
-        r.slot = slot
-        cache.stats["moves"] += 1
-    for r in live:
-        if r.finished:
-            r.slot = -1
-    if bar:
-        bar.update(len(live) - len(keep))
-    live[:] = sorted(keep, key=lambda r: r.slot)
-
-
-def _buckets(rows, max_pad_waste=0.5):
-    """Split rows sorted by pending length so that padding wastes at most about half a forward."""
-    if not rows:
-        return []
-    parts, cur = [], [rows[0]]
-    for r in rows[1:]:
-        if len(r.pending) > 1 and len(cur[0].pending) < max_pad_waste * len(r.pending):
-            parts.append(cur)
-            cur = []
-        cur.append(r)
-    return parts + [cur]
-
-
-def _bar(total, progress):
-    if not progress:
-        return None
-    from tqdm import tqdm
-    return tqdm(total=total, desc="rollout", unit="traj")
-
-
-# ----------------------------------------------------------------------------- baseline
+# ----------------------------------------------------------------------------- baseline and bench
 
 @torch.no_grad()
 def rollout_baseline(model, processor, tools, questions, max_turns=6, max_new_tokens=256,
                      max_total_tokens=4096, forced_actions=None, dtype=None):
-    """What open peers do, for the benchmark and the parity test: greedy, each turn runs
-    `model.generate` over the still-active conversations, re-prefilled from scratch (left-padded),
-    with the model's own attention. `dtype` as in rollout."""
+    """What open peers do, for the bench and the parity test: greedy, each turn a `model.generate` over
+    the still-active conversations, re-prefilled from scratch (left-padded), the model's own attention."""
     dtype = dtype or model.get_input_embeddings().weight.dtype
     eng = Engine(model, processor, tools, max_turns, max_new_tokens, max_total_tokens, 0.0, 1.0,
                  forced_actions, 0, dtype)
-    rows, active = [], []
-    for qi, q in enumerate(questions):
-        image, chunk, why = eng.prompt(q)
-        traj = Trajectory(qid=str(q.get("id", qi)), question=q)
-        row = Row(traj=traj, image=image, state=T.State(), gen=None, forced=deque(eng.forced))
-        rows.append(row)
-        if chunk is None:
-            _fail(traj, why)
-            continue
-        eng.add_chunk(row, chunk)
-        traj.prompt_len = len(traj.token_ids)
-        if eng.start_turn(row) != "done":
-            active.append(row)
+    rows = [r for qi, q in enumerate(questions) for r in eng.new_rows(q, qi, [None])]
+    active = [r for r in rows if r.phase != DONE]
+    for r in active:
+        eng.start_turn(r)
     while active:
-        for r in list(active):  # tools ran inline; a forced turn may queue another tool at once
-            while r.future is not None:
-                if eng.observe(r) == "done":
-                    active.remove(r)
-                    break
+        for r in active:  # tools ran inline; a forced turn may act again at once
+            while r.phase == TOOL:
+                eng.observe(r)
+        active = [r for r in active if r.phase != DONE]
         if not active:
             break
-        new = _generate_turn(model, processor, [r.traj for r in active], max_new_tokens, dtype)
-        still = []
-        for r, ids in zip(active, new):
-            res = None
-            for tok, lp in ids:
-                res = eng.on_token(r, tok, lp)
-                if res == "done" or r.future is not None:
+        for r, new in zip(active, _generate_turn(model, processor, [r.traj for r in active], max_new_tokens, dtype)):
+            for tok, lp in new:
+                eng.on_token(r, tok, lp)
+                if r.phase != FEED:
                     break
-            if res != "done":
-                still.append(r)
-        active = still
+        active = [r for r in active if r.phase != DONE]
     return [r.traj for r in rows]
 
 
 def _generate_turn(model, processor, trajs, max_new_tokens, dtype):
-    """One batched model.generate over whole conversations; returns per row [(token, logprob)]."""
-    L = max(len(t.token_ids) for t in trajs)
+    """One batched model.generate over whole conversations -> per row [(token, logprob)]."""
+    L, dev = max(len(t.token_ids) for t in trajs), next(model.parameters()).device
     ids = torch.full((len(trajs), L), processor.pad_id, dtype=torch.long)
     att = torch.zeros_like(ids)
     for b, t in enumerate(trajs):
-        ids[b, L - len(t.token_ids):] = torch.tensor(t.token_ids)
-        att[b, L - len(t.token_ids):] = 1
-    pvs = [p for t in trajs for p in t.pixel_values]
-    grids = [g for t in trajs for g in t.grids]
-    dev = next(model.parameters()).device
-    # A fresh config: a real checkpoint's generation_config.json (repetition penalty, top-k) must
-    # not change what greedy means here.
+        ids[b, L - len(t.token_ids):], att[b, L - len(t.token_ids):] = torch.tensor(t.token_ids), 1
+    pvs, grids = [p for t in trajs for p in t.pixel_values], [g for t in trajs for g in t.grids]
+    forbid = [model.config.image_token_id, model.config.video_token_id]
+    # a fresh config: a checkpoint's generation_config.json (repetition penalty, top-k) must not change greedy
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=processor.pad_id,
-                           suppress_tokens=[model.config.image_token_id, model.config.video_token_id],
-                           eos_token_id=[processor.im_end_id, processor.pad_id],
+                           suppress_tokens=forbid, eos_token_id=[processor.im_end_id, processor.pad_id],
                            output_logits=True, return_dict_in_generate=True)
+
+    def stop_at_action(input_ids, scores, **kw):  # a row is done once its new text ends with an action's tag
+        return torch.tensor([len(row) > L and stop_reason(processor, row[L:].tolist()) is not None
+                             for row in input_ids.cpu()], device=input_ids.device)
     with M.autocast(dev, dtype):
         out = model.generate(input_ids=ids.to(dev), attention_mask=att.to(dev),
                              pixel_values=torch.cat(pvs).to(dev) if pvs else None,
                              image_grid_thw=torch.cat(grids).to(dev) if grids else None,
                              mm_token_type_ids=(ids == processor.image_token_id).int().to(dev),
-                             generation_config=cfg, stopping_criteria=[StopAtAction(processor, L)])
+                             generation_config=cfg, stopping_criteria=[stop_at_action])
     seq = out.sequences[:, L:].cpu()
-    forbid = [model.config.image_token_id, model.config.video_token_id]
     lps = torch.stack([torch.log_softmax(s.float().index_fill(-1, torch.tensor(forbid, device=s.device),
                                                                float("-inf")), -1) for s in out.logits], 1).cpu()
     res = []
     for b in range(len(trajs)):
-        row = []
+        res.append([])
         for i, tok in enumerate(seq[b].tolist()):
-            row.append((tok, lps[b, i, tok].item()))
+            res[-1].append((tok, lps[b, i, tok].item()))
             if tok in (processor.im_end_id, processor.pad_id) or stop_reason(processor, seq[b, :i + 1].tolist()):
                 break
-        res.append(row)
     return res
 
 
-class StopAtAction:
-    """generate() stopping criterion: a row is done once its new text ends with an action's closing tag."""
-
-    def __init__(self, processor, prompt_len):
-        self.proc, self.L = processor, prompt_len
-
-    def __call__(self, input_ids, scores, **kw):
-        return torch.tensor([stop_reason(self.proc, row[self.L:].tolist()) is not None
-                             if row.shape[0] > self.L else False for row in input_ids.cpu()],
-                            device=input_ids.device)
-
-
-# ----------------------------------------------------------------------------- CLI
-
-def get_args(argv=None):
-    p = argparse.ArgumentParser(description="Batched multi-turn rollout with a KV cache kept across tool turns.")
-    p.add_argument("--ckpt", default=None, help="checkpoint folder (default: out/sft, else data/tiny)")
-    p.add_argument("--data", default="data", help="synthetic world folder (questions, search indexes)")
-    p.add_argument("--split", default="questions_eval.jsonl")
-    p.add_argument("--questions", type=int, default=16, help="number of questions")
-    p.add_argument("--group", type=int, default=1, help="samples per question (GRPO group size)")
-    p.add_argument("--max_turns", type=int, default=5)
-    p.add_argument("--max_new_tokens", type=int, default=48, help="per assistant turn")
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--batch_size", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--show", type=int, default=0, help="print this many trajectories")
-    p.add_argument("--bench", action="store_true", help="time this engine against the re-prefill baseline")
-    p.add_argument("--runs", type=int, default=3, help="--bench: runs of each, the best time counts")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (one is fastest for the tiny "
-                   "model: its decode steps are too small to split, and a busy second core stalls both)")
-    return p.parse_args(argv)
-
-
 def bench(model, processor, tools, questions, args):
-    """The same workload through both engines, greedy, `--runs` times each in turn, the best time of
-    each (these machines are noisy); tokens/s and a token-by-token comparison of the last run.
-    The engine runs GRPO groups of --group samples (a group's prompt prefilled once, as in rl.py);
-    the baseline has no groups: it runs each question --group times."""
+    """The same workload through both engines, greedy, `--runs` times each in turn, the best time of each
+    (these machines are noisy); tokens/s and a token-by-token comparison of the last run. The engine runs
+    GRPO groups of --group samples (the prompt prefilled once, as in rl.py); the baseline runs each
+    question --group times."""
     kw = dict(max_turns=args.max_turns, max_new_tokens=args.max_new_tokens)
     qs = [q for q in questions for _ in range(args.group)]
     rollout(model, processor, tools, questions[:2], temperature=0.0, **kw)  # warm-up
@@ -810,26 +666,44 @@ def bench(model, processor, tools, questions, args):
     return same == len(qs)
 
 
+# ----------------------------------------------------------------------------- CLI
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description="Batched multi-turn rollout with a KV cache kept across tool turns.")
+    p.add_argument("--ckpt", default=None, help="checkpoint folder (default: out/rl, else out/sft, else data/tiny)")
+    p.add_argument("--data", default="data", help="synthetic world folder (questions, search indexes)")
+    p.add_argument("--split", default="questions_eval.jsonl")
+    p.add_argument("--questions", type=int, default=16, help="number of questions")
+    p.add_argument("--group", type=int, default=1, help="samples per question (GRPO group size)")
+    p.add_argument("--max_turns", type=int, default=5)
+    p.add_argument("--max_new_tokens", type=int, default=48, help="per assistant turn")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--show", type=int, default=0, help="print this many trajectories")
+    p.add_argument("--bench", action="store_true", help="time this engine against the re-prefill baseline")
+    p.add_argument("--runs", type=int, default=3, help="--bench: runs of each, the best time counts")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (one is fastest for the tiny "
+                   "model: its decode steps are too small to split, and a busy second core stalls both)")
+    return p.parse_args(argv)
+
+
 def main(argv=None):
     args = get_args(argv)
     torch.set_num_threads(args.threads)
-    ckpt = args.ckpt or M.default_checkpoint(args.data)
-    model, processor = M.load(ckpt)
+    model, processor = M.load(args.ckpt or M.default_checkpoint(args.data))
     tools = T.make_tools(args.data)
     questions = T.load_questions(f"{args.data}/{args.split}")[:args.questions]
     if args.bench:
-        ok = bench(model, processor, tools, questions, args)
-        raise SystemExit(0 if ok else 1)
+        raise SystemExit(0 if bench(model, processor, tools, questions, args) else 1)
     trajs = rollout(model, processor, tools, questions, group_size=args.group, max_turns=args.max_turns,
                     max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
                     batch_size=args.batch_size, progress=True)
     for t in trajs[:args.show]:
         print(f"--- {t.qid} finish={t.finish} answer={t.answer!r} gold={t.question.get('answers')}")
         print(processor.decode(t.token_ids[t.prompt_len:]))
-    fin = {}
-    for t in trajs:
-        fin[t.finish] = fin.get(t.finish, 0) + 1
-    print(f"{len(trajs)} trajectories, finish: {fin}, mean turns {sum(t.turns for t in trajs) / len(trajs):.2f}")
+    print(f"{len(trajs)} trajectories, finish: {dict(Counter(t.finish for t in trajs))}, "
+          f"mean turns {sum(t.turns for t in trajs) / len(trajs):.2f}")
 
 
 if __name__ == "__main__":

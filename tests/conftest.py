@@ -16,6 +16,18 @@ TINY_TEXTS = [
 ] * 20
 
 
+def template_messages(messages):
+    """Design-format messages (string content, `<image>` placeholders) -> the list-of-parts form that
+    the real chat template (tokenizer.apply_chat_template) takes: what model.render is checked against."""
+    out = []
+    for m in messages:
+        parts = []
+        for i, piece in enumerate(m["content"].split("<image>")):
+            parts += ([{"type": "image"}] if i else []) + ([{"type": "text", "text": piece}] if piece else [])
+        out.append({"role": m["role"], "content": parts})
+    return out
+
+
 def icon(colour):
     """A 56 x 56 test icon: a coloured disc on white (one vision patch after merging is 28 px)."""
     from PIL import Image, ImageDraw

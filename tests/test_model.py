@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 import model as M
+from tests.conftest import TINY_TEXTS, template_messages
 
 RED, BLUE = Image.new("RGB", (56, 56), "red"), Image.new("RGB", (84, 112), "blue")
 ASSISTANT = [
@@ -27,9 +28,9 @@ CONV = [
 def test_text_equals_chat_template(tiny):
     _, proc = tiny
     text, _ = M.conversation_text(CONV)
-    assert text == proc.tokenizer.apply_chat_template(M.to_template_messages(CONV), tokenize=False)
+    assert text == proc.tokenizer.apply_chat_template(template_messages(CONV), tokenize=False)
     text, _ = M.conversation_text(CONV[:1], add_generation_prompt=True)
-    ref = proc.tokenizer.apply_chat_template(M.to_template_messages(CONV[:1]), tokenize=False,
+    ref = proc.tokenizer.apply_chat_template(template_messages(CONV[:1]), tokenize=False,
                                              add_generation_prompt=True)
     assert text == ref
 
@@ -38,7 +39,7 @@ def test_tokens_equal_template_and_processor(tiny):
     _, proc = tiny
     r = M.render(proc, CONV, [RED, BLUE])
     # The processor's rule, written independently: each image's single pad becomes t*h*w/4 pads.
-    text = proc.tokenizer.apply_chat_template(M.to_template_messages(CONV), tokenize=False)
+    text = proc.tokenizer.apply_chat_template(template_messages(CONV), tokenize=False)
     grids = proc.image_processor(images=[RED, BLUE], return_tensors="pt")["image_grid_thw"]
     head, mid, tail = text.split("<|image_pad|>")
     n = [int(g.prod()) // 4 for g in grids]
@@ -196,7 +197,6 @@ def test_tiny_generates_with_model_generate(tiny):
 
 
 def test_build_tiny_deterministic(tmp_path):
-    from tests.conftest import TINY_TEXTS
     a = M.build_tiny(tmp_path / "a", TINY_TEXTS, seed=1, vocab_size=400)
     b = M.build_tiny(tmp_path / "b", TINY_TEXTS, seed=1, vocab_size=400)
     for f in ("model.safetensors", "tokenizer.json"):
@@ -230,7 +230,6 @@ def test_copy_warmup_trains_copying(tiny_dir):
 
 
 def test_tiny_tokens_of_a_name_are_the_same_on_a_page_and_in_an_action():
-    from tests.conftest import TINY_TEXTS
     texts = TINY_TEXTS + ["Bunork Bubus is made by Vukuk Brillan.", "<answer>Vukuk Brillan</answer>",
                           "It was founded in 1894.", "<answer>1894</answer>"] * 20
     tok = M.train_tokenizer(texts, 400)

@@ -18,7 +18,7 @@ import rl
 import rollout as R
 import sft
 import tools as T
-from tests.conftest import write_world
+from tests.conftest import template_messages, write_world
 from tests.dist_entry import token_reward
 from tests.test_sft import write_sft
 
@@ -76,7 +76,7 @@ def test_render_equals_official_template_with_real_ids(hub):
     # token per 2x2 patches. 1024x768 -> 1036x756 (74x54 patches, 999 tokens); 20x30 is scaled up to
     # at least 3136 pixels -> 56x84 (4x6 patches, 6 tokens).
     assert r["image_grid_thw"].tolist() == [[1, 54, 74], [1, 6, 4]]
-    text = proc.tokenizer.apply_chat_template(M.to_template_messages(CONV), tokenize=False)
+    text = proc.tokenizer.apply_chat_template(template_messages(CONV), tokenize=False)
     head, mid, tail = text.split("<|image_pad|>")
     ref = proc.tokenizer(head + "<|image_pad|>" * 999 + mid + "<|image_pad|>" * 6 + tail,
                          add_special_tokens=False)["input_ids"]

@@ -3,7 +3,9 @@ compaction, the rollout's own attention, bf16 compute, bad images, stop detectio
 
     python3 -m pytest -q tests/test_rollout.py
 """
+import itertools
 import time
+import types
 
 import pytest
 import torch
@@ -61,6 +63,29 @@ def test_greedy_parity_with_generate_baseline(tiny, world):
         assert a.loss_mask == b.loss_mask
         assert a.finish == b.finish
         assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4)
+
+
+def test_rollout_tokens_are_model_render_of_the_conversation(tiny, world):
+    """The rollout's chunks come from model.render: a trajectory's token ids (the question's image, forced
+    turns, tools' observations and a crop's image) are model.render of the same conversation, up to the
+    last turn's `<|im_end|>\\n`, which the rollout stops before; a turn the model closed itself gets the
+    same chunk without its `<|im_end|>`."""
+    model, proc = tiny
+    forced = FORCED + ["<reason>Done.</reason><answer>Entity red</answer>"]
+    trajs = R.rollout(model, proc, make_tools(world), world[2], temperature=0.0, forced_actions=forced, **KW)
+    for t in trajs:
+        assert t.finish == "answer" and t.turns == 3
+        msgs = [{"role": "user", "content": T.initial_prompt(t.question["question"],
+                                                             has_image=t.question["image"] is not None)}]
+        for text, obs in itertools.zip_longest(t.texts, t.observations):
+            msgs += [{"role": "assistant", "content": text}] + ([{"role": "user", "content": obs.text}] if obs else [])
+        r = M.render(proc, msgs, t.images)
+        ids = r["input_ids"].tolist()
+        assert ids[:len(t.token_ids)] == t.token_ids and proc.decode(ids[len(t.token_ids):]) == "<|im_end|>\n"
+        assert r["pixel_values"] is None if not t.images else torch.equal(r["pixel_values"], torch.cat(t.pixel_values))
+        obs = t.observations[0]
+        assert R.tool_chunk(proc, obs, False)["ids"] == [proc.im_end_id] + R.tool_chunk(proc, obs, True)["ids"]
+    assert any(len(t.images) == 2 for t in trajs) and any(not t.images for t in trajs)
 
 
 def test_greedy_groups_equal_the_baseline_on_repeated_questions(tiny, world):
@@ -142,23 +167,21 @@ def test_shared_prompt_forward_equals_separate_forwards(tiny, world):
 def test_shared_prefix_stops_before_an_image_it_cannot_share():
     """A group's shared row ends where its samples part, never inside an image, and at the prompt when
     an image after it differs in pixels (two crops of the same size)."""
-    img, merge, P = 9, 2, 3
+    img, P = 9, 3
+    proc = types.SimpleNamespace(image_token_id=img, merge=2)
     grid = torch.tensor([[1, 4, 4], [1, 4, 4]])  # two images of 4 tokens, 16 pixel rows each
     ids = torch.tensor([1, 2, 3, 5, img, img, img, img, 6, 7, 5, img, img, img, img, 6, 8])
     pv = torch.arange(32 * 3, dtype=torch.float32).view(32, 3)
-
-    def entry(ids, pv, grid=grid):
-        return (0, ids, grid, pv, None, P)
     other = ids.clone()
     other[16] = 4
-    assert M._shared_prefix([entry(ids, pv), entry(other, pv)], img, merge) == (16, [(2, 32)] * 2)
+    assert M._shared_prefix([(ids, grid, pv), (other, grid, pv)], P, proc) == (16, [(2, 32)] * 2)
     bigger = torch.cat([ids[:15], torch.tensor([img, img, img, img, 6, 8])])  # its second image is larger
     big_grid = torch.tensor([[1, 4, 4], [1, 4, 8]])
-    L, cuts = M._shared_prefix([entry(ids, pv), entry(bigger, torch.cat([pv, pv[:16]]), big_grid)], img, merge)
+    L, cuts = M._shared_prefix([(ids, grid, pv), (bigger, big_grid, torch.cat([pv, pv[:16]]))], P, proc)
     assert (L, cuts) == (11, [(1, 16)] * 2)  # back to just before the image whose tokens part
     moved = pv.clone()
     moved[20] += 1  # a pixel of the second image
-    assert M._shared_prefix([entry(ids, pv), entry(ids, moved)], img, merge) == (P, [(0, 0)] * 2)
+    assert M._shared_prefix([(ids, grid, pv), (ids, grid, moved)], P, proc) == (P, [(0, 0)] * 2)
 
 
 def test_temperature_scales_recorded_logprobs(tiny, world):
