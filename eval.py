@@ -54,6 +54,48 @@ MODES = ("direct", "rag", "agent")
 MODE_TITLES = {"direct": "Direct answer (no search)", "rag": "RAG workflow (image search, then text search)",
                "agent": "Agent (on-demand search)"}
 
+
+def get_args(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["convert"]:
+        p = argparse.ArgumentParser(
+            prog="eval.py convert", description="Convert a downloaded benchmark into the design's question JSONL.",
+            formatter_class=argparse.RawDescriptionHelpFormatter, epilog="Expected layouts:\n\n" + "\n\n".join(
+                f"{name}: {' '.join(row.__doc__.split())}" for name, (row, _) in LOADERS.items()))
+        p.add_argument("--bench", required=True, choices=sorted(LOADERS), help="which benchmark")
+        p.add_argument("--src", required=True, nargs="+", help="the benchmark's annotation file(s)")
+        p.add_argument("--images", help="folder holding the benchmark's images (searched recursively by file name)")
+        p.add_argument("--out", required=True, help="question JSONL to write")
+        p.add_argument("--limit", type=int, default=0, help="keep the first N questions (0: all)")
+        return p.parse_args(argv[1:])
+    p = argparse.ArgumentParser(prog="eval.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                description="Evaluate a checkpoint in direct / RAG / agent modes "
+                                "(`python eval.py convert --help` converts the paper's benchmarks).")
+    p.add_argument("--questions", nargs="+", default=[str(HERE / "data" / "questions_eval.jsonl")],
+                   help="question JSONL files, one benchmark each")
+    p.add_argument("--ckpt", help="checkpoint folder; none: out/rl, else out/sft, else {--data}/tiny")
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    p.add_argument("--limit", type=int, default=0, help="first N questions of each file (0: all)")
+    p.add_argument("--data", default=str(HERE / "data"), help="data folder of the local search index")
+    tools.add_search_args(p)
+    p.add_argument("--cache", help="SQLite search cache file")
+    p.add_argument("--cache_mode", default="rw", help="search cache mode (see tools.SearchCache)")
+    p.add_argument("--max_turns", type=int, default=6)
+    p.add_argument("--max_new_tokens", type=int, default=256, help="per assistant turn")
+    p.add_argument("--batch_size", type=int, default=64, help="questions per rollout batch")
+    p.add_argument("--max_pixels", type=int, help="image size cap (default: the checkpoint's, at most 1280x28x28 "
+                   "for real ones)")
+    p.add_argument("--judge_url", help="OpenAI-compatible endpoint of an LLM judge, e.g. http://127.0.0.1:8000/v1 "
+                   "(key from $OPENAI_API_KEY if set); verdicts cached in out/eval/judge_cache.sqlite")
+    p.add_argument("--judge_model", default="gpt-4o-mini", help="model name sent to the judge endpoint")
+    p.add_argument("--out", default=str(HERE / "out" / "eval"), help="folder for the outputs")
+    p.add_argument("--report", help="write a self-contained HTML report of every trajectory")
+    p.add_argument("--no_progress", action="store_true", help="no progress bar")
+    p.add_argument("--compare", nargs=2, metavar=("SFT", "RL"), help="the pipeline's table: direct and RAG with "
+                   "the SFT checkpoint, the agent with both, by question kind (first --questions file)")
+    return p.parse_args(argv)
+
+
 # ----------------------------------------------------------------------------- scorer
 
 MAX_EXTRA_WORDS = 2  # "the answer is Paris" / "Eiffel Tower, Paris" pass; long answers go to the judge
@@ -112,8 +154,10 @@ _UNIT_TABLE = [  # (dimension, factor to its base unit, written names ("x(s)": x
     ("temperature", 1.0, "kelvin(s)"), ("percent", 1.0, "%|percent|per cent|pct"), ("angle", 1.0, "°|degree(s)"),
     ("currency:usd", 1.0, "usd|us dollars|dollar(s)"), ("currency:eur", 1.0, "eur|euro(s)"),
     ("currency:gbp", 1.0, "gbp"), ("currency:jpy", 1.0, "jpy|yen"), ("currency:cny", 1.0, "cny|rmb|yuan")]
-UNITS = {name: (dim, factor, *(offset or [0.0])) for dim, factor, names, *offset in _UNIT_TABLE
-         for n in names.split("|") for name in dict.fromkeys((n.replace("(s)", ""), n.replace("(s)", "s")))}
+UNITS = {}  # written unit -> (dimension, factor to its base unit, offset added first)
+for _dim, _factor, _names, *_offset in _UNIT_TABLE:
+    for _n in _names.split("|"):
+        UNITS[_n.replace("(s)", "")] = UNITS[_n.replace("(s)", "s")] = (_dim, _factor, *(_offset or [0.0]))
 CURRENCY_SYMBOLS = {"$": "currency:usd", "€": "currency:eur", "£": "currency:gbp", "¥": "currency:jpy"}
 SCALES = {"hundred": 1e2, "thousand": 1e3, "k": 1e3, "million": 1e6, "mn": 1e6, "mln": 1e6, "billion": 1e9,
           "bn": 1e9, "trillion": 1e12}
@@ -142,12 +186,17 @@ def _parse_one(m):
     intpart, _, frac = num.lstrip("+-").replace(",", "").partition(".")
     sig_str = (intpart + frac).lstrip("0")
     sig = len(sig_str) if frac else len(sig_str.rstrip("0"))   # significant digits
+    trailing = len(sig_str) - sig                              # zeros ending an integer
     scale = SCALES[m.group("scale")] if m.group("scale") else (1e3 if m.group("k") else 1.0)
     unit = m.group("unit") or m.group("cur")
     year = scale == 1.0 and unit is None and num.isdigit() and 1000 <= int(num) <= 2100
-    # a year is exact; 1,200 stands for "1,200 to the nearest hundred"
-    res = scale * (1.0 if year else 10.0 ** -len(frac) if frac else
-                   10.0 ** (len(sig_str) - sig) if len(sig_str) > sig and sig >= 2 else 1.0)
+    if year:  # the resolution the number stands for
+        res = 1.0
+    elif frac:
+        res = 10.0 ** -len(frac)
+    else:  # 1,200 stands for "1,200 to the nearest hundred"
+        res = 10.0 ** trailing if trailing and sig >= 2 else 1.0
+    res *= scale
     # One significant digit is too coarse to call a rounding: "2 million" is not 1.6 million, "2000"
     # is not 1990, "3" is not 3.4; "3.4" is 3.42, "12" is 12.3, "1,200" is 1,234.
     return {"value": float(num.replace(",", "")) * scale, "unit": unit, "scale": scale, "year": year,
@@ -216,8 +265,12 @@ def score(pred, answers, question=None, judge=None):
         return 0.0
     pred_n, pred_q = normalize_answer(pred), parse_quantity(pred)
     for gold in [answers] if isinstance(answers, (str, int, float)) else answers:
-        if pred_n and gold is not None and (_text_match(pred_n, normalize_answer(gold)) or (
-                pred_q is not None and (gold_q := parse_quantity(gold)) is not None and numbers_match(pred_q, gold_q))):
+        if not pred_n or gold is None:
+            continue
+        if _text_match(pred_n, normalize_answer(gold)):
+            return 1.0
+        gold_q = parse_quantity(gold) if pred_q is not None else None
+        if gold_q is not None and numbers_match(pred_q, gold_q):
             return 1.0
     return float(bool(judge(question, pred, answers))) if judge is not None and question is not None else 0.0
 
@@ -915,7 +968,8 @@ def _step_box(step):
 
 
 def _step_html(i, step, image):
-    a, o, kind = step.get("action") or {}, step.get("obs"), (step.get("action") or {}).get("kind", "invalid")
+    a, o = step.get("action") or {}, step.get("obs")
+    kind = a.get("kind", "invalid")
     parts = [f'<div class="step"><b>Turn {i}</b>'] + ([f'<div class="reason">{_esc(a["reason"])}</div>']
                                                      if a.get("reason") else [])
     if kind == "invalid":
@@ -1059,47 +1113,6 @@ def pipeline_curves(sft_dir, rl_dir):
 
 
 # ----------------------------------------------------------------------------- running
-
-def get_args(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["convert"]:
-        p = argparse.ArgumentParser(
-            prog="eval.py convert", description="Convert a downloaded benchmark into the design's question JSONL.",
-            formatter_class=argparse.RawDescriptionHelpFormatter, epilog="Expected layouts:\n\n" + "\n\n".join(
-                f"{name}: {' '.join(row.__doc__.split())}" for name, (row, _) in LOADERS.items()))
-        p.add_argument("--bench", required=True, choices=sorted(LOADERS), help="which benchmark")
-        p.add_argument("--src", required=True, nargs="+", help="the benchmark's annotation file(s)")
-        p.add_argument("--images", help="folder holding the benchmark's images (searched recursively by file name)")
-        p.add_argument("--out", required=True, help="question JSONL to write")
-        p.add_argument("--limit", type=int, default=0, help="keep the first N questions (0: all)")
-        return p.parse_args(argv[1:])
-    p = argparse.ArgumentParser(prog="eval.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                description="Evaluate a checkpoint in direct / RAG / agent modes "
-                                "(`python eval.py convert --help` converts the paper's benchmarks).")
-    p.add_argument("--questions", nargs="+", default=[str(HERE / "data" / "questions_eval.jsonl")],
-                   help="question JSONL files, one benchmark each")
-    p.add_argument("--ckpt", help="checkpoint folder; none: out/rl, else out/sft, else {--data}/tiny")
-    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
-    p.add_argument("--limit", type=int, default=0, help="first N questions of each file (0: all)")
-    p.add_argument("--data", default=str(HERE / "data"), help="data folder of the local search index")
-    tools.add_search_args(p)
-    p.add_argument("--cache", help="SQLite search cache file")
-    p.add_argument("--cache_mode", default="rw", help="search cache mode (see tools.SearchCache)")
-    p.add_argument("--max_turns", type=int, default=6)
-    p.add_argument("--max_new_tokens", type=int, default=256, help="per assistant turn")
-    p.add_argument("--batch_size", type=int, default=64, help="questions per rollout batch")
-    p.add_argument("--max_pixels", type=int, help="image size cap (default: the checkpoint's, at most 1280x28x28 "
-                   "for real ones)")
-    p.add_argument("--judge_url", help="OpenAI-compatible endpoint of an LLM judge, e.g. http://127.0.0.1:8000/v1 "
-                   "(key from $OPENAI_API_KEY if set); verdicts cached in out/eval/judge_cache.sqlite")
-    p.add_argument("--judge_model", default="gpt-4o-mini", help="model name sent to the judge endpoint")
-    p.add_argument("--out", default=str(HERE / "out" / "eval"), help="folder for the outputs")
-    p.add_argument("--report", help="write a self-contained HTML report of every trajectory")
-    p.add_argument("--no_progress", action="store_true", help="no progress bar")
-    p.add_argument("--compare", nargs=2, metavar=("SFT", "RL"), help="the pipeline's table: direct and RAG with "
-                   "the SFT checkpoint, the agent with both, by question kind (first --questions file)")
-    return p.parse_args(argv)
-
 
 def read_questions(path, limit=0):
     """The first `limit` (0: all) rows of tools.load_questions (a bad line is skipped with a warning naming
