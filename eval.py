@@ -272,7 +272,9 @@ def score(pred, answers, question=None, judge=None):
         gold_q = parse_quantity(gold) if pred_q is not None else None
         if gold_q is not None and numbers_match(pred_q, gold_q):
             return 1.0
-    return float(bool(judge(question, pred, answers))) if judge is not None and question is not None else 0.0
+    if judge is None or question is None:
+        return 0.0
+    return 1.0 if judge(question, pred, answers) else 0.0
 
 
 # ----------------------------------------------------------------------------- LLM judge
@@ -320,7 +322,8 @@ class Judge:
         text = JUDGE_PROMPT.format(question=str(question).strip(), answers="; ".join(str(a) for a in answers),
                                    prediction=str(pred).strip())
         name = f"judge {self.client.model}"
-        if (hit := self.cache.get(name, text, 0) if self.cache is not None else None) is not None:
+        hit = self.cache.get(name, text, 0) if self.cache is not None else None
+        if hit is not None:
             self.hits += 1
             return hit["verdict"]
         self.calls += 1
