@@ -365,9 +365,8 @@ def main(argv=None):
         t3 = time.perf_counter()
 
         # statistics: sums over ranks; times, lp_gap and grad norm: the slowest / largest rank's
-        s = summarize(trajs, rewards, adv, args.group)
-        keys = sorted(s) + ["clip_frac", "kl", "ratio", "tokens", "entropy"]
-        tot = dict(zip(keys, M.reduce([s[k] for k in sorted(s)] + [st[k] for k in keys[len(s):]])))
+        s = dict(summarize(trajs, rewards, adv, args.group), **{k: st[k] for k in ("clip_frac", "kl", "tokens", "entropy")})
+        tot = dict(zip(s, M.reduce(s.values())))
         mx = dict(zip(("t_roll", "t_score", "t_upd", "gap", "gnorm"),
                       M.reduce([t1 - t0, t2 - t1, t3 - t2, gap, st["grad_norm"] / max(1, st["updates"])], op="max")))
         n, tok, obs = tot["n"], max(tot["tokens"], 1.0), max(tot["obs"], 1.0)

@@ -11,22 +11,20 @@
         --epochs 3 --batch_size 64 --micro_batch 2    # the paper's recipe: LoRA r=8, LR 1e-4, cosine,
                                                       # warmup ratio 0.1, 3 epochs, vision frozen
 
-The algorithm: next-token negative log-likelihood on what the assistant writes (its reasoning, its
-action and the closing <|im_end|>; never <information> tool results, user text or image tokens: the
-loss mask of model.render), averaged over every trained token of the global batch, however the batch
-is split into micro-batches and ranks (1 process and N give the same numbers). AdamW on fp32 masters
-(bf16 compute with --precision bf16, the default on CUDA), linear warmup then cosine, gradient norm
-clipped at 1. Data are scanned once at start (each rank its share of the lines, for lengths and
-trained-token counts) and each micro-batch is rendered when it is needed, so no pixels are held.
-Simplified from the paper: no weight decay, batches mixed across question kinds (never grouped by
-length: a batch of one kind hides the contrast that decides search vs answer), and full fine-tuning
-of the language model by default for the tiny model (the paper trains LoRA adapters).
-
-Outputs in --out: the checkpoint (Hugging Face layout, fp32, LoRA folded in, and a LoRA run's adapter
-in PEFT's layout in adapter/), log.txt (the run header, one line per step, eval lines) and
-train_state.pt (optimizer, scheduler, RNG and data position, for --resume).
+The loss: negative log-likelihood of what the assistant writes (its reasoning, its action and the closing
+<|im_end|>; never <information> tool results, user text or image tokens: model.render's loss mask), a
+mean over every trained token of the global batch however it is split into micro-batches and ranks (1
+process and N give the same numbers). AdamW on fp32 masters (bf16 compute with --precision bf16, the
+default on CUDA), linear warmup then cosine, gradient norm clipped at 1, a non-finite step skipped.
+The data are scanned once (each rank its share of the lines, for lengths and trained-token counts) and
+each micro-batch is rendered when it is needed, so no pixels are held. Simplified from the paper: no
+weight decay; batches mixed over question kinds, never grouped by length (a batch of one kind hides the
+contrast that decides search vs answer); the tiny model is fully fine-tuned by default.
+Outputs in --out: the checkpoint (Hugging Face layout, fp32, LoRA folded in; a LoRA run's adapter in
+PEFT's layout in adapter/), log.txt (run header, one line per step, eval lines), train_state.pt.
 """
 import argparse
+import contextlib
 import copy
 import hashlib
 import io
@@ -55,63 +53,50 @@ def get_args(argv=None):
     p.add_argument("--model", default="data/tiny", help="checkpoint folder to start from (tiny or real Qwen2.5-VL)")
     p.add_argument("--data", default="data/sft.jsonl", help="SFT trajectories JSONL")
     p.add_argument("--out", default="out/sft", help="output folder: checkpoint, log.txt, train_state.pt")
-    p.add_argument("--eval_n", type=int, default=64, help="trajectories held out for the held-out loss "
-                   "(at most a tenth of the data; 0: none)")
+    p.add_argument("--eval_n", type=int, default=64, help="trajectories held out (at most a tenth; 0: none)")
     p.add_argument("--strict", action="store_true", help="a bad JSONL line is fatal instead of skipped")
     p.add_argument("--max_len", type=int, default=4096, help="skip (and count) trajectories longer than this")
     p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--max_steps", type=int, default=0, help="cap on optimizer steps (0: epochs decide); "
-                   "sets the length of the LR schedule")
+    p.add_argument("--max_steps", type=int, default=0, help="cap on optimizer steps and the LR schedule (0: none)")
     p.add_argument("--batch_size", type=int, default=16, help="global batch in trajectories")
     p.add_argument("--micro_batch", type=int, default=8, help="trajectories per forward per rank")
-    p.add_argument("--lr", type=float, default=None, help="peak LR; default 1e-4 with LoRA (the paper), "
-                   "2e-3 for full fine-tuning of a tiny model, 1e-5 for full fine-tuning of a real one")
+    p.add_argument("--lr", type=float, default=None, help="peak LR; default 1e-4 with LoRA (the paper), else "
+                   "2e-3 for a tiny model, 1e-5 for a real one")
     p.add_argument("--warmup_ratio", type=float, default=0.1)
     p.add_argument("--min_lr_ratio", type=float, default=0.0, help="cosine decays to lr x this")
-    p.add_argument("--max_bad_steps", type=int, default=5,
-                   help="abort after this many non-finite steps in a row (each one is skipped)")
+    p.add_argument("--max_bad_steps", type=int, default=5, help="abort after this many non-finite steps in a row")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
-    p.add_argument("--lora_rank", type=int, default=0, help="LoRA rank (alpha 16) on the language model "
-                   "(0: full fine-tuning)")
-    p.add_argument("--freeze_vision", action=argparse.BooleanOptionalAction, default=True,
-                   help="freeze the vision tower and projector, as the paper does; the tiny model's sight comes "
-                   "from make_data's caption warm-up, which unfrozen SFT mostly forgets")
+    p.add_argument("--lora_rank", type=int, default=0, help="LoRA rank (alpha 16; 0: full fine-tuning)")
+    p.add_argument("--freeze_vision", action=argparse.BooleanOptionalAction, default=True, help="as the paper "
+                   "does; the tiny model's sight comes from make_data's caption warm-up, which SFT would forget")
     p.add_argument("--grad_ckpt", action="store_true", help="gradient checkpointing in the decoder and vision blocks")
     p.add_argument("--fsdp", action="store_true", help="FSDP2 sharding per block instead of DDP (for 7B)")
-    p.add_argument("--precision", choices=sorted(M.PRECISIONS), default=None, help="compute precision "
-                   "(default bf16 on CUDA, fp32 on CPU); a LoRA run's frozen base is kept in it")
+    p.add_argument("--precision", choices=sorted(M.PRECISIONS), default=None, help="default: bf16 on CUDA, else fp32")
     p.add_argument("--max_pixels", type=int, default=None, help="image size cap (default: the checkpoint's)")
-    p.add_argument("--eval_every", type=int, default=250, help="held-out loss every N steps and at the end (0: end only)")
-    p.add_argument("--agent_eval_n", type=int, default=16, help="questions of questions_eval.jsonl beside --data "
-                   "for agent accuracy through eval.py at each evaluation (0: off)")
-    p.add_argument("--save_every", type=int, default=250, help="checkpoint every N steps and at the end (0: end only)")
+    p.add_argument("--eval_every", type=int, default=250, help="held-out loss every N steps and at the end")
+    p.add_argument("--agent_eval_n", type=int, default=16, help="questions (questions_eval.jsonl beside --data) "
+                   "for agent accuracy at each evaluation (0: off)")
+    p.add_argument("--save_every", type=int, default=250, help="checkpoint every N steps and at the end")
     p.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
-    p.add_argument("--stop_after_steps", type=int, default=0,
-                   help="stop cleanly after N steps of this invocation, as if preempted (the schedule is unchanged)")
+    p.add_argument("--stop_after_steps", type=int, default=0, help="stop cleanly after N steps, as if preempted")
     return p.parse_args(argv)
 
 
 # ----------------------------------------------------------------------------- data
 
-class BadLine(ValueError):
-    pass
-
-
 def need(ok, why):
     if not ok:
-        raise BadLine(why)
+        raise ValueError(why)
 
 
 def read_line(line, base_dir):
-    """One JSONL line (bytes) -> (row, [(decoded RGB image, the file's bytes)]), or BadLine saying what
-    is wrong. Images are decoded fully, so a truncated file whose header is fine fails here."""
+    """One JSONL line (bytes) -> (row, [(RGB image, the file's bytes)]), or a ValueError saying what is
+    wrong. Images are decoded fully, so a truncated file whose header is fine fails here."""
     try:
         row = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise BadLine(f"not valid JSON ({e.msg})") from None
-    except UnicodeDecodeError:
-        raise BadLine("not valid UTF-8") from None
+    except ValueError as e:  # JSONDecodeError or UnicodeDecodeError
+        raise ValueError("not valid UTF-8" if isinstance(e, UnicodeDecodeError) else f"not valid JSON ({e.msg})") from None
     need(isinstance(row, dict), "not a JSON object")
     for k in ("id", "images", "messages"):
         need(k in row, f"missing field {k!r}")
@@ -127,14 +112,13 @@ def read_line(line, base_dir):
     need(n_ph == len(paths), f"{n_ph} {M.IMAGE} placeholders but {len(paths)} images")
     images = []
     for f in (Path(base_dir) / rel for rel in paths):
+        need(f.exists(), f"image not found: {f}")
         try:
             data = f.read_bytes()
             with Image.open(io.BytesIO(data)) as im:
                 images.append((im.convert("RGB"), data))
-        except FileNotFoundError:
-            raise BadLine(f"image not found: {f}") from None
         except (OSError, ValueError, Image.DecompressionBombError) as e:
-            raise BadLine(f"corrupt image {f} ({e})") from None
+            raise ValueError(f"corrupt image {f} ({e})") from None
     return row, images
 
 
@@ -146,31 +130,28 @@ def digest(line, images):
 
 
 def scan_line(line, base_dir, processor):
-    """One JSONL line (bytes) -> {id, length, n_trained, digest} (of the line and its images' bytes), or
-    BadLine. model.render tokenises it with each image's patch grid computed from its size alone (the
-    processor's own smart_resize rule), so no pixels are resized or kept."""
+    """One JSONL line (bytes) -> {id, length, n_trained, digest of the line and its images}, or ValueError.
+    model.render tokenises it with the images' patch grids computed from their sizes alone (the image
+    processor's own smart_resize), so no pixels are resized or normalised."""
     row, images = read_line(line, base_dir)
     ip = processor.image_processor
     try:
-        grids = []
-        for im, _ in images:
-            h, w = smart_resize(im.height, im.width, factor=ip.patch_size * ip.merge_size,
-                                min_pixels=ip.size.shortest_edge, max_pixels=ip.size.longest_edge)
-            grids.append([1, h // ip.patch_size, w // ip.patch_size])
+        grids = [[1, h // ip.patch_size, w // ip.patch_size] for h, w in (
+            smart_resize(im.height, im.width, factor=ip.patch_size * ip.merge_size,
+                         min_pixels=ip.size.shortest_edge, max_pixels=ip.size.longest_edge) for im, _ in images)]
         sized = copy.copy(processor)
         sized.images = lambda ims: (None, torch.tensor(grids) if grids else None)
         r = M.render(sized, row["messages"], [im for im, _ in images])
     except ValueError as e:
-        raise BadLine(f"cannot render ({e})") from None
+        raise ValueError(f"cannot render ({e})") from None
     return {"id": str(row["id"]), "length": len(r["input_ids"]), "n_trained": int(r["loss_mask"].sum()),
             "digest": digest(line, images)}
 
 
 def load_sft(path, processor, strict=False, max_len=None, log=print, rank=0, world=1):
     """Scan a JSONL file of trajectories -> small records {id, where (path:lineno), file, offset, length,
-    n_trained, digest}, the same list on every rank (rank r scans lines r::world; a collective when
-    world > 1). A bad line is logged as path:lineno and skipped (strict: a ValueError naming it, on every
-    rank alike); trajectories over max_len tokens are skipped and counted."""
+    n_trained, digest}, the same on every rank (rank r scans lines r::world; a collective). A bad line is
+    logged as path:lineno and skipped (strict: a ValueError naming it); longer than max_len: counted."""
     path = Path(path)
     with open(path, "rb") as f:
         lines = f.readlines()  # split at b"\n" only, JSONL's rule, so byte offsets and line numbers hold
@@ -179,15 +160,15 @@ def load_sft(path, processor, strict=False, max_len=None, log=print, rank=0, wor
     for i in tqdm(range(rank, len(lines), world), desc=f"scan {path.name}", leave=False, disable=world > 1):
         try:
             mine.append(scan_line(lines[i], path.parent, processor) if lines[i].strip() else None)
-        except BadLine as e:
+        except ValueError as e:
             mine.append(str(e))
     shards = M.gather(mine)
     items, n_bad, n_long = [], 0, 0
     for i in range(len(lines)):
         r, where = shards[i % world][i // world], f"{path}:{i + 1}"
+        if isinstance(r, str) and strict:
+            raise ValueError(f"{where}: {r}")
         if isinstance(r, str):
-            if strict:
-                raise ValueError(f"{where}: {r}")
             log(f"{where}: skipped: {r}")
             n_bad += 1
         elif r and max_len and r["length"] > max_len:
@@ -200,14 +181,14 @@ def load_sft(path, processor, strict=False, max_len=None, log=print, rank=0, wor
 
 
 def render_item(x, processor):
-    """A record of load_sft -> model.render's dict, rendered now. A line or image that changed since the
-    scan is an error: the batches and token counts every rank planned with would no longer hold."""
+    """A record of load_sft -> model.render's dict. A line or image changed since the scan is an error:
+    the batches and token counts that every rank planned with would no longer hold."""
     with open(x["file"], "rb") as f:
         f.seek(x["offset"])
         line = f.readline()
     try:
         row, images = read_line(line, Path(x["file"]).parent)
-    except BadLine as e:
+    except ValueError as e:
         raise ValueError(f"{x['where']}: {e} (it was fine when the run started)") from None
     if digest(line, images) != x["digest"]:
         raise ValueError(f"{x['where']}: the line or its images changed since the run started; restart it")
@@ -215,12 +196,9 @@ def render_item(x, processor):
 
 
 def data_fingerprint(items):
-    """Changes when the training data change (any byte of a kept line or its images, or how it
-    tokenises): a resume must see the same data."""
-    h = hashlib.sha1()
-    for x in items:
-        h.update(f"{x['id']}:{x['length']}:{x['n_trained']}:{x['digest']};".encode())
-    return h.hexdigest()[:16]
+    """Changes with any byte of a kept line or its images, or how it tokenises: a resume needs the same."""
+    return hashlib.sha1("".join(f"{x['id']}:{x['length']}:{x['n_trained']}:{x['digest']};"
+                                for x in items).encode()).hexdigest()[:16]
 
 
 def hold_out(items, n, seed):
@@ -232,8 +210,8 @@ def hold_out(items, n, seed):
 
 
 def epoch_batches(n, global_batch, epoch, seed):
-    """The global batches of one epoch over n items: lists of indices, a pure function of (seed, epoch),
-    so every rank and a resumed run see the same order. The last partial batch is dropped."""
+    """One epoch's global batches of item indices, a pure function of (seed, epoch), so every rank and a
+    resumed run see the same; the last partial batch is dropped."""
     rng = random.Random(seed * 1_000_003 + epoch)
     order = list(range(n))
     rng.shuffle(order)
@@ -243,8 +221,7 @@ def epoch_batches(n, global_batch, epoch, seed):
 
 
 def micro_batches(batch, lengths, micro, rank=0, world=1):
-    """This rank's micro-batches of a batch: sorted by length, cut into micro-batches, dealt
-    round-robin, so the ranks' k-th micro-batches have similar lengths."""
+    """This rank's micro-batches of a batch: sorted by length, cut, dealt round-robin to the ranks."""
     order = sorted(batch, key=lambda j: lengths[j])
     return [order[s:s + micro] for s in range(0, len(order), micro)][rank::world]
 
@@ -252,28 +229,25 @@ def micro_batches(batch, lengths, micro, rank=0, world=1):
 # ----------------------------------------------------------------------------- loss, schedule, evaluation
 
 def micro_loss(logp, mask, n_tokens, world):
-    """logp, mask: (B, T). Returns (loss to backpropagate, summed NLL for the log). Dividing by the
-    global batch's trained-token count (not this micro-batch's) weighs every token the same however
-    the batch is split; the factor `world` undoes DDP's and FSDP's averaging of gradients over ranks."""
+    """logp, mask: (B, T) -> (loss to backpropagate, summed NLL). Dividing by the global batch's trained
+    tokens weighs every token the same however the batch is split; `world` undoes DDP / FSDP's mean."""
     nll = -(logp * mask).sum()
     return nll * (world / n_tokens), nll.detach()
 
 
-def lr_lambda(total, warmup, min_ratio=0.0):
+def lr_factor(step, total, warmup, min_ratio):
     """Linear warmup over `warmup` steps, then cosine from 1 to min_ratio at step `total`."""
-    def f(step):
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    return f
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 @torch.no_grad()
 def evaluate(wrapped, held, processor, agent, micro, device, dtype, rank, world, seed):
-    """-> (held-out loss: mean NLL per trained token over all ranks, log line). Every rank runs the same
-    number of forwards (FSDP2 gathers in lockstep): a rank short of work repeats a micro-batch and
-    ignores it. agent: (questions, tools) for greedy agent accuracy through eval.py, or None."""
+    """-> (held-out loss: NLL per trained token over all ranks, log line with agent accuracy). Every rank
+    runs as many forwards (FSDP2 gathers in lockstep): one short of work repeats a micro-batch, unused.
+    agent: (questions, tools) for greedy agent accuracy through eval.py, or None."""
     wrapped.eval()
     chunks = micro_batches(range(len(held)), [x["length"] for x in held], micro)
     nll, n = 0.0, 0.0
@@ -287,8 +261,7 @@ def evaluate(wrapped, held, processor, agent, micro, device, dtype, rank, world,
             nll -= (logp * batch["loss_mask"]).sum().item()
             n += batch["loss_mask"].sum().item()
     nll, n = M.reduce([nll, n])
-    loss = nll / max(n, 1)
-    line = f"loss {loss:.6f} | trajectories {len(held)}"
+    line = f"loss {nll / max(n, 1):.6f} | trajectories {len(held)}"
     if agent:
         rng = M.rng_states()  # generation must not shift the training run's random streams
         with M.unsharded(wrapped) as model:  # ranks decode independently on whole weights
@@ -297,13 +270,7 @@ def evaluate(wrapped, held, processor, agent, micro, device, dtype, rank, world,
         M.set_rng_states(rng)
         line += f" | agent_acc {E.metrics(records)['accuracy']:.4f} (n={len(agent[0])})"
     wrapped.train()
-    return loss, line
-
-
-def memory_gb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # Linux reports KiB
+    return nll / max(n, 1), line
 
 
 # ----------------------------------------------------------------------------- main
@@ -313,14 +280,6 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     rank, world, device = M.setup_dist()
-    try:
-        return train(args, rank, world, device)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def train(args, rank, world, device):
     out = Path(args.out)
     if rank == 0:
         M.recover(out)  # finish a checkpoint swap that a kill interrupted
@@ -348,13 +307,13 @@ def train(args, rank, world, device):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
 
+    # The data and the plan: every rank knows every batch; a resumed run must find the same plan.
     try:
-        items, held = hold_out(load_sft(args.data, processor, args.strict, args.max_len, log, rank, world),
-                               args.eval_n, args.seed)
+        items = load_sft(args.data, processor, args.strict, args.max_len, log, rank, world)
     except ValueError as e:
         raise SystemExit(f"sft.py: {e}") from None
-    lengths = [x["length"] for x in items]
-    G, micro = args.batch_size, args.micro_batch
+    items, held = hold_out(items, args.eval_n, args.seed)
+    lengths, G, micro = [x["length"] for x in items], args.batch_size, args.micro_batch
     if G % (micro * world):
         raise SystemExit(f"sft.py: --batch_size {G} is not a multiple of micro_batch x world = {micro} x {world}")
     per_epoch = len(items) // G
@@ -363,14 +322,12 @@ def train(args, rank, world, device):
     total = min(args.epochs * per_epoch, args.max_steps or math.inf)
     warmup = math.ceil(args.warmup_ratio * total)
     lr = args.lr if args.lr is not None else 1e-4 if args.lora_rank else 2e-3 if tiny else 1e-5
-
     mode = "fsdp" if args.fsdp else "ddp"
     wrapped = M.wrap(model, mode, device, dtype)
     params = [p for p in wrapped.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, warmup, args.min_lr_ratio))
-    plan = {"data": data_fingerprint(items), "batch_size": G, "seed": args.seed, "total": total,
-            "per_epoch": per_epoch}
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warmup, args.min_lr_ratio))
+    plan = {"data": data_fingerprint(items), "batch_size": G, "seed": args.seed, "total": total, "per_epoch": per_epoch}
     start, skipped, consecutive = 0, 0, 0
     if resume:
         start, extra = M.load_train_state(out, opt, sched, model=wrapped)
@@ -385,26 +342,24 @@ def train(args, rank, world, device):
         f"global batch {G} = micro {micro} x accum {G // (micro * world)} x world {world}, {per_epoch} steps/epoch, "
         f"{total} steps, warmup {warmup}, lr {lr:g}, trainable {sum(p.numel() for p in params) / 1e6:.2f}M"
         f"{f' (LoRA r={args.lora_rank})' if args.lora_rank else ''}, {'resuming at step %d' % start if resume else 'fresh'}")
-
-    agent, qfile = None, Path(args.data).parent / "questions_eval.jsonl"
-    if args.agent_eval_n:  # a fixed sample, the same at every evaluation, so accuracies are comparable
-        try:
-            qs = T.load_questions(qfile) if qfile.is_file() else []
-        except ValueError:  # no usable question in it
-            qs = []
-        if qs:
-            agent = random.Random(args.seed).sample(qs, min(args.agent_eval_n, len(qs))), T.make_tools(str(qfile.parent))
-        else:
-            log(f"agent accuracy unavailable: no questions in {qfile}")
+    qfile, qs = Path(args.data).parent / "questions_eval.jsonl", []
+    if args.agent_eval_n and qfile.is_file():
+        with contextlib.suppress(ValueError):  # no usable question in it
+            qs = T.load_questions(qfile)
+    if args.agent_eval_n and not qs:
+        log(f"agent accuracy unavailable: no questions in {qfile}")
+    # a fixed sample of questions, the same at every evaluation, so accuracies compare over the run
+    agent = qs and (random.Random(args.seed).sample(qs, min(args.agent_eval_n, len(qs))), T.make_tools(str(qfile.parent)))
 
     meta = {"stage": "sft", "base": str(args.model), "tiny": tiny, "lora_rank": args.lora_rank, "config": vars(args)}
-    t_run, step, losses, last_eval, batches = time.time(), start, [], None, {}
-    while step < total:
-        epoch, i = divmod(step, per_epoch)
-        if epoch not in batches:
-            batches = {epoch: epoch_batches(len(items), G, epoch, args.seed)}
-        gb = batches[epoch][i]
-        n_tok = sum(items[j]["n_trained"] for j in gb)  # trained tokens of the whole global batch: all ranks know it
+    end = min(total, start + args.stop_after_steps) if args.stop_after_steps else total  # a clean stop, resumable
+    t_run, step, losses, last_eval = time.time(), start, [], None
+    for step in range(start + 1, end + 1):
+        epoch, i = divmod(step - 1, per_epoch)
+        if step == start + 1 or i == 0:
+            batches = epoch_batches(len(items), G, epoch, args.seed)
+        gb = batches[i]
+        n_tok = sum(items[j]["n_trained"] for j in gb)  # of the whole global batch: every rank knows it
         t0, nll = time.time(), 0.0
         mbs = micro_batches(gb, lengths, micro, rank, world)
         for k, mb in enumerate(mbs):
@@ -416,8 +371,7 @@ def train(args, rank, world, device):
                 loss.backward()
             nll += part.item()
         (nll,) = M.reduce([nll])
-        loss_val = nll / n_tok
-        gnorm = M.clip_grad_norm(params, 1.0)
+        loss_val, gnorm = nll / n_tok, M.clip_grad_norm(params, 1.0)
         good = math.isfinite(loss_val) and math.isfinite(gnorm)
         if good:  # else the update is skipped; the batch is consumed and the LR schedule moves on
             opt.step()
@@ -425,34 +379,34 @@ def train(args, rank, world, device):
         opt.zero_grad(set_to_none=True)
         cur_lr = sched.get_last_lr()[0]
         sched.step()
-        step += 1
         losses.append(loss_val)
+        mem = (torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda"
+               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20)  # Linux reports KiB
         log(f"step {step}/{total} | epoch {step / per_epoch:.2f} | loss {loss_val:.6f} | lr {cur_lr:.3e} | "
             f"tok/s {sum(lengths[j] for j in gb) / (time.time() - t0):.0f} | gnorm {gnorm:.4f} | "
-            f"mem {memory_gb(device):.2f}GB | skipped {skipped}")
+            f"mem {mem:.2f}GB | skipped {skipped}")
         if consecutive >= args.max_bad_steps:
             last = json.loads((out / "meta.json").read_text())["step"] if (out / "meta.json").is_file() else None
             msg = (f"sft.py: {consecutive} non-finite steps in a row (loss {loss_val}, grad norm {gnorm}) at step "
                    f"{step}: aborting. Last good checkpoint: "
                    f"{f'{out} (step {last}), untouched' if last is not None else 'none written yet'}. "
-                   f"Lower --lr or check the data.")
+                   "Lower --lr or check the data.")
             log(msg)
             raise SystemExit(msg)
-
         if held and (step == total or (args.eval_every and step % args.eval_every == 0)):
             last_eval, line = evaluate(wrapped, held, processor, agent, micro, device, dtype, rank, world, args.seed)
             log(f"eval step {step} | {line}")
-        stop = step < total and args.stop_after_steps and step - start >= args.stop_after_steps
-        if step == total or stop or (args.save_every and step % args.save_every == 0 and consecutive == 0):
+        if step == end or (args.save_every and step % args.save_every == 0 and consecutive == 0):
             M.save_checkpoint(wrapped, processor, out, dict(meta, eval_loss=last_eval), opt, sched, step,
                               {"plan": plan, "skipped": skipped, "consecutive": consecutive})
             log(f"saved {out} at step {step}")
-        if stop:
-            log(f"stopped at step {step}/{total}; continue with --resume")
-            break
-    if step == total:
+    if step < total:
+        log(f"stopped at step {step}/{total}; continue with --resume")
+    else:
         log(f"done: {total} steps in {(time.time() - t_run) / 60:.1f} min, {skipped} skipped, "
             f"last loss {losses[-1] if losses else float('nan'):.4f}, held-out loss {last_eval}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
     return {"step": step, "losses": losses, "eval_loss": last_eval, "skipped": skipped}
 
 
