@@ -53,10 +53,9 @@ SPECIAL_TOKENS = [
     "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
     "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
 ]
-# The tiny BPE's split: Qwen2's, except that a capitalised word or a number stands alone (no space
-# or bracket joined to its front) and a number of up to 4 digits is one piece. A name or a year is
-# then the same tokens on a result page (" by Vukuk Brillan") as in an action ("<answer>Vukuk
-# Brillan"), which a random model cannot learn for a word it never saw in that place (measured: it
+# The tiny BPE's split: Qwen2's, but a capitalised word or a number of up to 4 digits is one piece with
+# nothing joined to its front, so that a name is the same tokens on a result page (" by Vukuk Brillan")
+# as in an action ("<answer>Vukuk Brillan"): a random model cannot learn that they match (measured: it
 # copied the first word of a name wrong in most wrong answers). 11% more tokens than Qwen's split.
 TINY_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}>]?\p{Ll}+|\p{Lu}\p{L}*|\p{N}{1,4}"
               r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s")
@@ -79,7 +78,7 @@ class Processor:
         ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
         self.image_token_id, self.pad_id = ids["<|image_pad|>"], ids["<|endoftext|>"]
         self.im_start_id, self.im_end_id = ids["<|im_start|>"], ids["<|im_end|>"]
-        self.vision_start_id, self.vision_end_id = ids["<|vision_start|>"], ids["<|vision_end|>"]
+        self.vision_start_id = ids["<|vision_start|>"]
 
     @classmethod
     def from_pretrained(cls, path, max_pixels=None):

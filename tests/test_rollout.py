@@ -101,17 +101,20 @@ def test_greedy_groups_equal_the_baseline_on_repeated_questions(tiny, world):
         assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4)
 
 
-def test_sampled_logprobs_equal_full_forward(tiny, world):
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.9)])
+def test_sampled_logprobs_equal_full_forward(tiny, world, temperature, top_p):
+    """The recorded log-probs are a fresh full forward's at the sampling temperature (top-p only restricts
+    where samples land); sampled tokens only are trained on, forced and tool tokens never."""
     model, proc = tiny
-    trajs = R.rollout(model, proc, make_tools(world), world[2], group_size=2, temperature=1.0, seed=3,
-                      forced_actions=FORCED[:1], **KW)
+    trajs = R.rollout(model, proc, make_tools(world), world[2], group_size=2, temperature=temperature, top_p=top_p,
+                      seed=3, forced_actions=FORCED[:1], **KW)
     batch = M.collate([t.item() for t in trajs], proc, extra_keys=("logprobs",))
     with torch.no_grad():
-        lp = M.token_logprobs(model, batch, temperature=1.0)
+        lp = M.token_logprobs(model, batch, temperature=temperature)
     m = batch["loss_mask"].bool()
     assert m.sum() > 20
     assert torch.allclose(lp[m], batch["logprobs"][m], atol=1e-4), (lp[m] - batch["logprobs"][m]).abs().max()
-    for t in trajs:  # sampled tokens only are trained on; forced and tool tokens never
+    for t in trajs:
         assert sum(t.loss_mask) == t.gen_tokens
         n_img = sum(t.token_ids[i] == proc.image_token_id for i in range(len(t.token_ids)))
         assert n_img == sum(proc.n_image_tokens(g) for g in t.image_grid_thw) if t.images else n_img == 0
@@ -182,16 +185,6 @@ def test_shared_prefix_stops_before_an_image_it_cannot_share():
     moved = pv.clone()
     moved[20] += 1  # a pixel of the second image
     assert M._shared_prefix([(ids, grid, pv), (ids, grid, moved)], P, proc) == (P, [(0, 0)] * 2)
-
-
-def test_temperature_scales_recorded_logprobs(tiny, world):
-    model, proc = tiny
-    trajs = R.rollout(model, proc, make_tools(world), world[2][:2], temperature=0.7, top_p=0.9, seed=1, **KW)
-    batch = M.collate([t.item() for t in trajs], proc, extra_keys=("logprobs",))
-    with torch.no_grad():
-        lp = M.token_logprobs(model, batch, temperature=0.7)
-    m = batch["loss_mask"].bool()
-    assert torch.allclose(lp[m], batch["logprobs"][m], atol=1e-4)
 
 
 def test_group_prefix_sharing_same_as_no_sharing(tiny, world):
