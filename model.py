@@ -511,8 +511,8 @@ def collate_shared(items, processor, extra_keys=()):
     for b, x in enumerate(items):
         ids, grid, pv = torch.as_tensor(x["input_ids"]), x["image_grid_thw"], x["pixel_values"]
         P = min(int(x.get("prompt_len") or len(ids)), len(ids))
-        k, rows = _image_cut(ids, P, grid, processor)
-        head = pv[:rows] if k else None
+        k, n_pv = _image_cut(ids, P, grid, processor)
+        head = pv[:n_pv] if k else None
         g = next((g for g in groups if torch.equal(g[0], ids[:P]) and _same_pixels(g[1], head)), None)
         if g is None:
             groups.append(g := (ids[:P], head, []))
