@@ -7,22 +7,17 @@
     torchrun --standalone --nproc_per_node=8 rl.py --preset paper --ckpt /models/qwen2.5-vl-7b-sft \\
         --fsdp --grad_ckpt --micro_batch 2 --backend http --server_url http://127.0.0.1:8765
 
-A step: rollout (--batch prompts over the ranks, G = --group samples each at temperature 1, tools
-called for real) -> reward 0.9 x correctness (eval.score) + 0.1 x format -> advantage R - mean(R) in
-each group -> old and reference log-probs of the sampled tokens -> PPO-clipped surrogate + beta x k3
-KL to the frozen start, on sampled tokens only (prompt, tool output and image tokens are masked), one
-AdamW step per mini-batch -> one log line. Training scores the exact ids that were sampled, and
-forwards each group's prompt once (model.collate_shared; --separate_forwards: a row per trajectory).
-Trainable weights and AdamW state are fp32 masters; --precision bf16 (the default on CUDA) runs the
-matmuls in bf16, where the cached rollout and a full forward round differently: the old log-probs are
-then recomputed by the training forward (the first ratio is exactly 1) and `lp_gap` logs the gap.
-In the log, `tok/s roll` counts sampled tokens per second of rollout, `upd` every token per second of
-update (as sft.py counts), `trained` the sampled ones.
-
+A step: sample G = --group trajectories for each of --batch prompts, tools called for real; reward each
+0.9 x correctness (eval.score) + 0.1 x format; advantage R - mean(R) within its group; then one AdamW
+step per mini-batch on the PPO-clipped surrogate + beta x k3 KL to the frozen start, over the sampled
+tokens only (prompt, tool output and image tokens are masked), each weighted 1 / (sampled tokens of the
+global mini-batch). Training scores the exact ids that were sampled; trainable weights and AdamW state
+are fp32 masters (--precision bf16, the CUDA default, computes in bf16). In the log, `tok/s roll` counts
+sampled tokens per second of rollout, `upd` every token per second of update (as sft.py counts).
 Simplified from the paper: no dynamic sampling or filtering of prompts (a group of equal rewards gets
 exactly zero advantage and no gradient; its share is logged as zero_adv), no std normalisation, one PPO
 epoch, a fixed LR after warmup, the vision tower frozen; tool budgets are tools.Tools' (the paper's).
-`--preset paper` sets the paper's RL settings (LR 2e-6, warmup 45, G = 8, clip 0.2, KL 0.001, 11 turns,
+`--preset paper` sets the paper's settings (LR 2e-6, warmup 45, G = 8, clip 0.2, KL 0.001, 11 turns,
 8,192 tokens); the defaults make the tiny offline model learn in minutes.
 """
 import argparse

@@ -3,23 +3,18 @@
     python sft.py                                     # tiny model (data/tiny) on data/sft.jsonl, CPU, minutes
     python sft.py --resume                            # continue out/sft exactly where it stopped
     torchrun --standalone --nproc_per_node=2 sft.py   # DDP (gloo on CPU, NCCL on GPUs)
-    torchrun --standalone --nproc_per_node=8 sft.py --fsdp --grad_ckpt \\
-        --model /path/to/Qwen2.5-VL-7B-Instruct --data /path/to/sft.jsonl --out out/sft_7b \\
-        --epochs 3 --batch_size 64 --micro_batch 1 --max_len 8192      # full fine-tuning, FSDP2
     torchrun --standalone --nproc_per_node=8 sft.py --lora_rank 8 --grad_ckpt \\
         --model /path/to/Qwen2.5-VL-7B-Instruct --data /path/to/sft.jsonl --out out/sft_7b_lora \\
-        --epochs 3 --batch_size 64 --micro_batch 2    # the paper's recipe: LoRA r=8, LR 1e-4, cosine,
-                                                      # warmup ratio 0.1, 3 epochs, vision frozen
+        --batch_size 64 --micro_batch 2   # the paper's recipe: LoRA r=8, LR 1e-4, cosine, warmup ratio 0.1,
+                                          # 3 epochs, vision frozen (full fine-tuning of 7B: --fsdp, no LoRA)
 
-The loss: negative log-likelihood of what the assistant writes (its reasoning, its action and the closing
-<|im_end|>; never <information> tool results, user text or image tokens: model.render's loss mask), a
-mean over every trained token of the global batch however it is split into micro-batches and ranks (1
-process and N give the same numbers). AdamW on fp32 masters (bf16 compute with --precision bf16, the
-default on CUDA), linear warmup then cosine, gradient norm clipped at 1, a non-finite step skipped.
-The data are scanned once (each rank its share of the lines, for lengths and trained-token counts) and
-each micro-batch is rendered when it is needed, so no pixels are held. Simplified from the paper: no
-weight decay; batches mixed over question kinds, never grouped by length (a batch of one kind hides the
-contrast that decides search vs answer); the tiny model is fully fine-tuned by default.
+The loss is the negative log-likelihood of what the assistant writes (model.render's loss mask: its
+reasoning, action and closing <|im_end|>; never tool results, user text or image tokens), a mean over
+the trained tokens of the global batch, so 1 process and N give the same numbers. AdamW on fp32 masters
+(--precision bf16, the CUDA default, computes in bf16), linear warmup then cosine, gradient norm clipped
+at 1. The data are scanned once for lengths and each micro-batch is rendered when needed.
+Simplified from the paper: no weight decay; batches mix question kinds, never grouped by length (a batch
+of one kind hides the contrast that decides search vs answer); the tiny model is fully fine-tuned.
 Outputs in --out: the checkpoint (Hugging Face layout, fp32, LoRA folded in; a LoRA run's adapter in
 PEFT's layout in adapter/), log.txt (run header, one line per step, eval lines), train_state.pt.
 """

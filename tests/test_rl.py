@@ -1,4 +1,7 @@
-"""rl.py: advantages, the clipped surrogate and its masks, KL at the start, rewards, a real step."""
+"""rl.py: advantages, the clipped surrogate and its masks, KL at the start, rewards, real steps and resumes.
+
+    timeout 900 python3 -m pytest -q tests/test_rl.py
+"""
 import os
 import subprocess
 import sys
@@ -17,6 +20,11 @@ from tests.conftest import write_bad_questions, write_world
 from tests.dist_entry import token_reward
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def step_lines(out):
+    """The step lines of a run's log.txt up to their timings."""
+    return [line.split("| tok/s")[0] for line in (out / "log.txt").read_text().splitlines() if line.startswith("step")]
 
 
 def test_equal_rewards_give_exactly_zero_advantage_for_any_value():
@@ -84,17 +92,15 @@ def test_first_minibatch_ratio_is_one_and_kl_zero(tiny_dir, tmp_path):
     assert abs(st["kl"]) < 1e-8 and st["clip_frac"] == 0
 
 
-def _traj(finish, answer, kinds, n_search=0, answers=("Paris",)):
-    t = R.Trajectory(qid="q", question={"question": "Capital?", "answers": list(answers)})
+def _traj(finish, answer, kinds):
+    t = R.Trajectory(qid="q", question={"question": "Capital?", "answers": ["Paris"]})
     t.finish, t.answer = finish, answer
     t.actions = [T.Action(kind=k, arg="") for k in kinds]
-    t.n_text_search = n_search
     return t
 
 
 def test_rewards_of_malformed_empty_and_over_budget():
-    ok = _traj("answer", "paris", ["text_search", "answer"], n_search=1)
-    assert rl.reward(ok) == 1.0
+    assert rl.reward(_traj("answer", "paris", ["text_search", "answer"])) == 1.0
     assert abs(rl.reward(_traj("answer", "paris", ["invalid", "answer"])) - 0.9) < 1e-9  # a malformed turn
     assert rl.reward(_traj("answer", "", ["answer"])) == 0.1  # empty answer: no correctness
     assert rl.reward(_traj("answer", "Lyon", ["answer"])) == 0.1
@@ -122,11 +128,7 @@ def test_rl_runs_and_resumes_exactly(tiny_dir, tmp_path, monkeypatch):
     rl.main(base + ["--out", str(tmp_path / "a"), "--steps", "2"])
     rl.main(base + ["--out", str(tmp_path / "b"), "--steps", "1"])
     rl.main(base + ["--out", str(tmp_path / "b"), "--steps", "2", "--resume"])
-
-    def steps(p):
-        return [line.split("| tok/s")[0] for line in (p / "log.txt").read_text().splitlines()
-                if line.startswith("step")]
-    a, b = steps(tmp_path / "a"), steps(tmp_path / "b")
+    a, b = step_lines(tmp_path / "a"), step_lines(tmp_path / "b")
     assert a == b and len(a) == 2  # same rewards, KL, entropy, grad norms
     assert "gnorm 0.00" not in a[0] and "kl 0.0000" not in a[1]  # the updates were real
     ma, _ = M.load(tmp_path / "a", log=None)
@@ -145,8 +147,8 @@ def test_shared_prompts_and_separate_forwards_give_the_same_step(tiny_dir, tmp_p
         logs[name] = (tmp_path / name / "log.txt").read_text()
     assert f"(text decoder {M.SHARED_ATTN})" in logs["shared"]
     assert "(text decoder sdpa_cpu_decode)" in logs["separate"]
-    steps = {k: [line.split("| tok/s")[0] for line in v.splitlines() if line.startswith("step")] for k, v in logs.items()}
-    assert steps["shared"] == steps["separate"] and len(steps["shared"]) == 1  # the same statistics, to print precision
+    steps = [step_lines(tmp_path / name) for name in logs]
+    assert steps[0] == steps[1] and len(steps[0]) == 1  # the same statistics, to print precision
 
 
 def test_bench_runs_both_layouts_from_the_same_start(tiny_dir, tmp_path, monkeypatch):
@@ -197,11 +199,7 @@ def test_two_ranks_bf16_run_and_resume_exactly(tiny_dir, tmp_path, mode):
     _torchrun_rl(*base, "--out", str(tmp_path / "a"), "--steps", "2")
     _torchrun_rl(*base, "--out", str(tmp_path / "b"), "--steps", "1")
     _torchrun_rl(*base, "--out", str(tmp_path / "b"), "--steps", "2", "--resume")
-
-    def steps(p):
-        return [line.split("| tok/s")[0] for line in (p / "log.txt").read_text().splitlines()
-                if line.startswith("step")]
-    a, b = steps(tmp_path / "a"), steps(tmp_path / "b")
+    a, b = step_lines(tmp_path / "a"), step_lines(tmp_path / "b")
     assert a == b and len(a) == 2 and "gnorm 0.00" not in a[0]
     assert f"on 2 rank(s) ({mode})" in (tmp_path / "a" / "log.txt").read_text()
     wa, wb = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")

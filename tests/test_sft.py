@@ -1,4 +1,7 @@
-"""sft.py: loss masking, overfitting, DDP == one process, exact resume, bad lines, lazy rendering, non-finite steps."""
+"""sft.py: loss masking, overfitting, DDP == one process, exact resume, bad lines, lazy rendering, non-finite steps.
+
+    timeout 900 python3 -m pytest -q tests/test_sft.py
+"""
 import json
 import os
 import re
