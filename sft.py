@@ -344,7 +344,8 @@ def main(argv=None):
     if args.agent_eval_n and not qs:
         log(f"agent accuracy unavailable: no questions in {qfile}")
     # a fixed sample of questions, the same at every evaluation, so accuracies compare over the run
-    agent = qs and (random.Random(args.seed).sample(qs, min(args.agent_eval_n, len(qs))), T.make_tools(str(qfile.parent)))
+    agent = (random.Random(args.seed).sample(qs, min(args.agent_eval_n, len(qs))), T.make_tools(str(qfile.parent))
+             ) if qs else None
 
     meta = {"stage": "sft", "base": str(args.model), "tiny": tiny, "lora_rank": args.lora_rank, "config": vars(args)}
     end = min(total, start + args.stop_after_steps) if args.stop_after_steps else total  # a clean stop, resumable
