@@ -86,7 +86,7 @@ def get_args(argv=None):
     p.add_argument("--max_pixels", type=int, help="image size cap (default: the checkpoint's, at most 1280x28x28 "
                    "for real ones)")
     p.add_argument("--judge_url", help="OpenAI-compatible endpoint of an LLM judge, e.g. http://127.0.0.1:8000/v1 "
-                   "(key from $OPENAI_API_KEY if set); verdicts cached in out/eval/judge_cache.sqlite")
+                   "(key from $OPENAI_API_KEY if set); verdicts cached in --out/judge_cache.sqlite")
     p.add_argument("--judge_model", default="gpt-4o-mini", help="model name sent to the judge endpoint")
     p.add_argument("--out", default=str(HERE / "out" / "eval"), help="folder for the outputs")
     p.add_argument("--report", help="write a self-contained HTML report of every trajectory")
@@ -1164,7 +1164,7 @@ def run(args):
     mdl, proc = M.load(ckpt, device=device, log=M.print0, max_pixels=args.max_pixels)
     tl = tools.make_tools(args.data, cache=args.cache, cache_mode=args.cache_mode, **tools.search_options(args))
     judge = None if not args.judge_url else \
-        Judge(args.judge_url, args.judge_model, cache=str(HERE / "out" / "eval" / "judge_cache.sqlite"))
+        Judge(args.judge_url, args.judge_model, cache=str(Path(args.out) / "judge_cache.sqlite"))
     results, records = {}, []
     for path, qs in question_sets.items():
         for mode in args.modes:
