@@ -761,6 +761,43 @@ CLASSIFY_PROMPT = ("Which category of knowledge does this question ask about?\nQ
                    "Categories: {categories}.\nReply with one category, nothing else.")
 
 
+def get_real_args(argv=None):
+    p = argparse.ArgumentParser(
+        prog="make_data.py --world real",
+        description="DeepMMSearchVQA: a teacher MLLM (OpenAI-compatible API) plays source questions with our "
+                    "search tools; correct conversations are kept and sampled into sft.jsonl.")
+    p.add_argument("--world", choices=("synthetic", "real"), default="real")
+    p.add_argument("--source", help="InfoSeek file or question JSONL (the design's format); a category if given")
+    p.add_argument("--images", help="InfoSeek/OVEN image folder (files <image_id>.jpg, any sub-folder)")
+    p.add_argument("--n_source", type=int, default=0, help="a random (seeded) subset of the source; 0: all")
+    p.add_argument("--out", default="data_real")
+    p.add_argument("--teacher_url", default="http://127.0.0.1:8000/v1", help="OpenAI-compatible base URL")
+    p.add_argument("--teacher_model", help="model name the endpoint serves")
+    p.add_argument("--api_key_env", default="OPENAI_API_KEY", help="variable holding the API key (vLLM needs none)")
+    p.add_argument("--max_tokens", type=int, default=1024, help="per teacher reply")
+    p.add_argument("--no_stop", action="store_true", help="send no stop sequences (for APIs that refuse `stop`)")
+    p.add_argument("--teacher_max_side", type=int, default=0, help="downscale what the teacher sees (0: never)")
+    p.add_argument("--workers", type=int, default=8, help="items played at once (threads)")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds per API request")
+    p.add_argument("--retries", type=int, default=6, help="retries per API request (timeouts, 429, 5xx)")
+    p.add_argument("--backoff", type=float, default=2.0, help="first retry delay in seconds, doubled each time")
+    tools.add_search_args(p)
+    p.add_argument("--data", default="data", help="local backend: folder with corpus.jsonl and image_index.jsonl")
+    p.add_argument("--grounder", help="local GroundingDINO folder, for <img_search>object description</img_search>")
+    p.add_argument("--summarizer_url", help="OpenAI-compatible endpoint that summarizes search results")
+    p.add_argument("--summarizer_model")
+    p.add_argument("--judge_url", help="LLM judge for answers the rules reject (eval.Judge)")
+    p.add_argument("--judge_model")
+    p.add_argument("--n_sft", type=int, default=10_000, help="size of the sampled SFT set")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sample_only", action="store_true", help="no teacher calls: resample sft.jsonl from the log")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    if not args.sample_only and not (args.source and args.teacher_model):
+        p.error("--source and --teacher_model are required (or --sample_only)")
+    return args
+
+
 def teacher_system(size, grounder=False):
     """The teacher's system prompt (the student never sees it): the protocol, and the image's size in
     the pixels the teacher sees (its crop boxes are in them); size None: no image."""
@@ -830,21 +867,26 @@ def load_source(path, images=None, n_source=0, seed=0):
     """Source questions -> (rows in the design's question format, with meta["category"] when the source
     has a "category", stats). InfoSeek (eval.load_infoseek; `images` holds <image_id>.jpg) when its rows
     have data_id and image_id, else a question JSONL (tools.load_questions). Rows without answers, an
-    InfoSeek row without its image file and a repeated id are skipped; n_source > 0 keeps a random
-    (seeded) subset of that many, in source order."""
+    InfoSeek record that is malformed or without its image file, and a repeated id are skipped;
+    n_source > 0 keeps a random (seeded) subset of that many, in source order."""
     path = Path(path)
     raw = [r for r in read_records(path) if isinstance(r, dict)]
     fmt = "infoseek" if raw and {"data_id", "image_id"} <= set(raw[0]) else "questions"
-    if fmt == "infoseek":
+    if fmt == "infoseek":  # a category, if any, is only in the raw record
         rows = load_infoseek([path], Images(images))
-        by_id = {str(r.get("data_id")): r for r in raw}
-        categories = [by_id.get(r["meta"]["source_id"], {}).get("category") for r in rows]
+        category_of = {str(r.get("data_id")): r.get("category") for r in raw}
     else:
         rows = tools.load_questions(path)
-        categories = [r["meta"].get("category", r.get("category")) for r in rows]
     skipped, kept, seen = Counter(), [], set()
-    for row, category in zip(rows, categories):
+    for row in rows:
+        if "skipped" in row:  # a record the InfoSeek loader could not read (a missing field, a wrong type)
+            skipped["malformed"] += 1
+            continue
         row["id"] = str(row["id"])
+        if fmt == "infoseek":
+            category = category_of.get(row["meta"]["source_id"])
+        else:
+            category = row["meta"].get("category", row.get("category"))
         if category not in (None, ""):
             row["meta"]["category"] = str(category)
         if not row.get("answers"):
@@ -861,7 +903,7 @@ def load_source(path, images=None, n_source=0, seed=0):
         chosen = set(random.Random(f"{seed}-source").sample(range(len(kept)), n_source))
         kept = [r for i, r in enumerate(kept) if i in chosen]
     return kept, {"path": str(path), "format": fmt, "rows": len(rows), "usable": usable, "selected": len(kept),
-                  "skipped": {k: skipped[k] for k in ("no_answers", "no_image", "duplicate_id")}}
+                  "skipped": {k: skipped[k] for k in ("no_answers", "no_image", "duplicate_id", "malformed")}}
 
 
 def read_attempts(path):
@@ -880,16 +922,11 @@ def read_attempts(path):
     return tools.read_jsonl(path, required=("id", "status"))
 
 
-class AttemptLog:
-    """Append-only JSONL: each record is one line, written with a single write and flushed before the
-    next item is taken as done."""
-
-    def __init__(self, path):
-        self.file = open(path, "a", encoding="utf-8")
-
-    def append(self, record):
-        self.file.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self.file.flush()
+def append_record(log, record):
+    """One line of the attempts log (an open file), in a single write, flushed before the item is taken
+    as done: a kill leaves at most a partial last line, which read_attempts cuts."""
+    log.write(json.dumps(record, ensure_ascii=False) + "\n")
+    log.flush()
 
 
 # ----------------------------------------------------------------------------- one item
@@ -899,7 +936,8 @@ class AttemptLog:
 class RealContext:
     """What every worker shares."""
 
-    teacher: tools.ChatClient  # its meter counts this run's calls, tokens and tool actions
+    meter: tools.Meter  # this run's calls, tokens and tool actions, of every client and tool
+    teacher: tools.ChatClient
     classifier: tools.ChatClient  # asks a kept question's category when the source has none
     tools: tools.Tools
     out: Path
@@ -966,7 +1004,7 @@ def play_item(q, ctx):
         fields = {"calls": 1, "refused": int(refused)}  # calls include the search cache's hits
         if group == "image_search" and not action.whole:
             fields["crops"] = 1
-        ctx.teacher.meter.add(group, **fields)
+        ctx.meter.add(group, **fields)
         usage.add("tools", **{f"{group}_{k}": v for k, v in fields.items()})
         if obs.error and not refused and obs.text.startswith("<information>Search failed"):
             raise tools.TransientError("search_failed", obs.text[:200])
@@ -1047,8 +1085,7 @@ def sample_sft(kept, n, seed=0):
         sides[bool(r["needs_search"])].append(r)
     total = min(n, 2 * len(sides[True]), 2 * len(sides[False]))
     want = {True: round(total * 0.5), False: total - round(total * 0.5)}
-    chosen, info = [], {"requested": n, "n": 0, "search_required": 0, "search_free": 0, "by_category": {},
-                        "shortfall": n - total, "seed": seed, "search_share": 0.5}
+    chosen, by_category = [], {}
     for side, name in ((True, "search_required"), (False, "search_free")):
         groups = {}
         for r in sides[side]:
@@ -1058,12 +1095,11 @@ def sample_sft(kept, n, seed=0):
             random.Random(f"{seed}-sft-{side}-{c}").shuffle(groups[c])
             chosen += groups[c][:quota[c]]
             if quota[c]:
-                info["by_category"].setdefault(c, {"search_required": 0, "search_free": 0})[name] += quota[c]
-        info[name] = sum(quota.values())
+                by_category.setdefault(c, {"search_required": 0, "search_free": 0})[name] = quota[c]
     random.Random(f"{seed}-sft-order").shuffle(chosen)
-    info["n"] = len(chosen)
-    info["by_category"] = dict(sorted(info["by_category"].items()))
-    return chosen, info
+    return chosen, {"requested": n, "n": len(chosen), "search_required": want[True], "search_free": want[False],
+                    "by_category": dict(sorted(by_category.items())), "shortfall": n - total, "seed": seed,
+                    "search_share": 0.5}
 
 
 def write_sft(out, records, n, seed):
@@ -1082,45 +1118,6 @@ def write_sft(out, records, n, seed):
 
 
 # ----------------------------------------------------------------------------- the run
-
-
-def get_real_args(argv=None):
-    p = argparse.ArgumentParser(
-        prog="make_data.py --world real",
-        description="DeepMMSearchVQA: a teacher MLLM (OpenAI-compatible API) plays source questions with our "
-                    "search tools; correct conversations are kept and sampled into sft.jsonl.")
-    p.add_argument("--world", choices=("synthetic", "real"), default="real")
-    p.add_argument("--source", help="InfoSeek file or question JSONL (the design's format); a category if given")
-    p.add_argument("--images", help="InfoSeek/OVEN image folder (files <image_id>.jpg, any sub-folder)")
-    p.add_argument("--n_source", type=int, default=0, help="a random (seeded) subset of the source; 0: all")
-    p.add_argument("--out", default="data_real")
-    p.add_argument("--teacher_url", default="http://127.0.0.1:8000/v1", help="OpenAI-compatible base URL")
-    p.add_argument("--teacher_model", help="model name the endpoint serves")
-    p.add_argument("--api_key_env", default="OPENAI_API_KEY", help="variable holding the API key (vLLM needs none)")
-    p.add_argument("--max_tokens", type=int, default=1024, help="per teacher reply")
-    p.add_argument("--no_stop", action="store_true", help="send no stop sequences (for APIs that refuse `stop`)")
-    p.add_argument("--teacher_max_side", type=int, default=0, help="downscale what the teacher sees (0: never)")
-    p.add_argument("--classify_url", help="endpoint for the category requests (default: the teacher's)")
-    p.add_argument("--classify_model", help="model for the category requests (default: the teacher's)")
-    p.add_argument("--workers", type=int, default=8, help="items played at once (threads)")
-    p.add_argument("--timeout", type=float, default=300.0, help="seconds per API request")
-    p.add_argument("--retries", type=int, default=6, help="retries per API request (timeouts, 429, 5xx)")
-    p.add_argument("--backoff", type=float, default=2.0, help="first retry delay in seconds, doubled each time")
-    tools.add_search_args(p)
-    p.add_argument("--data", default="data", help="local backend: folder with corpus.jsonl and image_index.jsonl")
-    p.add_argument("--grounder", help="local GroundingDINO folder, for <img_search>object description</img_search>")
-    p.add_argument("--summarizer_url", help="OpenAI-compatible endpoint that summarizes search results")
-    p.add_argument("--summarizer_model")
-    p.add_argument("--judge_url", help="LLM judge for answers the rules reject (eval.Judge)")
-    p.add_argument("--judge_model")
-    p.add_argument("--n_sft", type=int, default=10_000, help="size of the sampled SFT set")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sample_only", action="store_true", help="no teacher calls: resample sft.jsonl from the log")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    args = p.parse_args(argv)
-    if not args.sample_only and not (args.source and args.teacher_model):
-        p.error("--source and --teacher_model are required (or --sample_only)")
-    return args
 
 
 def build_real_context(args, out, meter):
@@ -1146,16 +1143,15 @@ def build_real_context(args, out, meter):
         judge = metered(Judge(args.judge_url, args.judge_model or args.teacher_model,
                               cache=out / "judge_cache.sqlite", api_key_env=args.api_key_env), meter, "judge")
     return RealContext(
-        teacher=tools.ChatClient(args.teacher_url, args.teacher_model, name="teacher", **client),
-        classifier=tools.ChatClient(args.classify_url or args.teacher_url, args.classify_model or args.teacher_model,
-                                    name="classify", **client),
+        meter=meter, teacher=tools.ChatClient(args.teacher_url, args.teacher_model, name="teacher", **client),
+        classifier=tools.ChatClient(args.teacher_url, args.teacher_model, name="classify", **client),
         tools=tk, out=out, max_tokens=args.max_tokens, stop=not args.no_stop,
         teacher_max_side=args.teacher_max_side, judge=judge)
 
 
 def play_all(todo, ctx, log, workers, quiet=False):
-    """Play `todo` on a bounded thread pool; the main thread appends each finished record to `log`
-    (one writer: lines never interleave). Returns this run's counts."""
+    """Play `todo` on a bounded thread pool; the main thread appends each finished record to `log`, the
+    attempts file (one writer: lines never interleave). Returns this run's counts."""
     run = {"attempted": 0, "kept": 0, "discarded": 0, "errors": Counter(), "seconds": 0.0}
     t0 = time.time()
     bar = tqdm(total=len(todo), desc="teacher", unit="item", disable=quiet, dynamic_ncols=True)
@@ -1182,11 +1178,11 @@ def play_all(todo, ctx, log, workers, quiet=False):
                         shown_bug = True
                         traceback.print_exception(e)
                 else:
-                    log.append(record)
+                    append_record(log, record)
                     run["attempted"] += 1
                     run["kept" if record["status"] == "kept" else "discarded"] += 1
                 bar.update(1)
-                tokens = ctx.teacher.meter.snapshot().get("teacher", {}).get("total_tokens", 0)
+                tokens = ctx.meter.snapshot().get("teacher", {}).get("total_tokens", 0)
                 bar.set_postfix(kept=run["kept"], discarded=run["discarded"], errors=sum(run["errors"].values()),
                                 tokens=tokens, refresh=False)
     except KeyboardInterrupt:
@@ -1272,11 +1268,8 @@ def real_main(argv=None):
         print(f"make_data --world real: {len(todo)} items to play ({source['done_before']} already done) with "
               f"{args.teacher_model} at {tools.public_url(ctx.teacher.endpoint)}, {args.workers} workers, "
               f"{args.backend} search", flush=True)
-        log = AttemptLog(out / ATTEMPTS)
-        try:
+        with open(out / ATTEMPTS, "a", encoding="utf-8") as log:
             run = play_all(todo, ctx, log, args.workers, args.quiet)
-        finally:
-            log.file.close()
         records = read_attempts(out / ATTEMPTS)
     summary = real_summary(records, source, write_sft(out, records, args.n_sft, args.seed), run, meter, args)
     with tools.atomic_path(out / "summary.json") as tmp:

@@ -150,6 +150,7 @@ def world(tmp_path_factory):
         rows.append(row)
     rows.append(dict(rows[0]))  # a repeated id: played once
     rows.append({"data_id": "q99", "image_id": "no_such_image", "question": "?", "answer": ["x"]})
+    rows.append({"data_id": "q98", "image_id": "img_a", "answer": ["x"]})  # no question: malformed
     tools.write_jsonl(src / "infoseek.jsonl", rows)
     return root
 
@@ -318,7 +319,7 @@ def test_kept_and_discarded_counts_and_reasons(reference):
     assert summary["discard_reasons"] == {"api_rejected": 1, "bad_image": 0, "gave_up": 1, "invalid_action": 1,
                                           "tool_refused": 1, "truncated": 0, "turn_limit": 1, "wrong_answer": 1}
     assert summary["this_run"]["errors"] == {"api_error": 1}  # q14 always times out: no line, retried next run
-    assert summary["source"]["skipped"] == {"no_answers": 0, "no_image": 1, "duplicate_id": 1}
+    assert summary["source"]["skipped"] == {"no_answers": 0, "no_image": 1, "duplicate_id": 1, "malformed": 1}
     assert summary["kept_search_required"] == 3 and summary["kept_search_free"] == 4
     assert summary["category_source"] == {"meta": 5, "teacher": 2}
     assert json.loads((out / "summary.json").read_text()) == summary
@@ -443,20 +444,20 @@ def same_outcome(out, reference_out):
 def test_crash_midway_then_resume(world, reference, tmp_path, monkeypatch):
     out = tmp_path / "data_real"
     teacher = FakeTeacher()
-    original, written = make_data.AttemptLog.append, []
+    original, written = make_data.append_record, []
 
-    def crashing(self, record):
+    def crashing(log, record):
         if len(written) == 5:
             raise RuntimeError("injected crash after 5 items")
-        original(self, record)
+        original(log, record)
         written.append(record["id"])
 
-    monkeypatch.setattr(make_data.AttemptLog, "append", crashing)
+    monkeypatch.setattr(make_data, "append_record", crashing)
     with serve(teacher) as url, contextlib.redirect_stdout(io.StringIO()):
         with pytest.raises(RuntimeError, match="injected crash"):
             make_data.main(argv(world, out, url))
         assert [r["id"] for r in lines_of(out / make_data.ATTEMPTS)] == written
-        monkeypatch.setattr(make_data.AttemptLog, "append", original)
+        monkeypatch.setattr(make_data, "append_record", original)
         n_before = len(teacher.log)
         make_data.main(argv(world, out, url))
     asked_again = {r["question"] for r in teacher.log[n_before:]}
@@ -546,9 +547,8 @@ def test_read_attempts_cuts_a_partial_last_line(tmp_path):
         rows = make_data.read_attempts(path)
     assert [r["id"] for r in rows] == ["x", "y"]
     assert path.read_bytes().endswith(b'"discarded"}\n')
-    log = make_data.AttemptLog(path)
-    log.append({"id": "z", "status": "kept"})
-    log.file.close()
+    with open(path, "a", encoding="utf-8") as log:
+        make_data.append_record(log, {"id": "z", "status": "kept"})
     with pytest.warns(UserWarning, match="bad JSONL line"):
         assert [r["id"] for r in make_data.read_attempts(path)] == ["x", "y", "z"]
 
