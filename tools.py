@@ -317,26 +317,26 @@ class SceneGrounder:
     """The offline world's GroundingDINO, from the pixels of separate objects on a plain background.
     Objects are the runs of foreground columns. "the third object from the left" (or "right") picks
     by position; "the square" picks the one object whose silhouette is nearest (cosine) to the mean
-    silhouette of the `examples` ({name: [PIL images]}) of that name. Returns its box padded by
-    `pad` pixels, or None when the expression names nothing there."""
+    silhouette of the `examples` ({name: [PIL images]}) of that name. Returns its box padded by 2
+    pixels, or None when the expression names nothing there."""
 
-    def __init__(self, examples, pad=2):
+    def __init__(self, examples):
         if not examples:
             raise ValueError("SceneGrounder needs labelled example images of at least one shape")
-        self.names, self.pad = sorted(examples), pad
+        self.names = sorted(examples)
         means = [np.mean([_outline(_foreground(np.asarray(_rgb(im)))) for im in examples[n]], axis=0)
                  for n in self.names]
         self.prototypes = np.stack([m / np.linalg.norm(m) for m in means])  # (names, SHAPE_GRID**2)
 
     @classmethod
-    def from_entities(cls, path, label="category", split="train"):
-        """From make_data.py's entities.jsonl: the icons of the `split` entities (training ones by
-        default: the grounder learns nothing about held-out ones), labelled by `label`."""
+    def from_entities(cls, path):
+        """From make_data.py's entities.jsonl: the icons of the training entities, labelled by their
+        category (the grounder learns nothing about held-out ones)."""
         examples, base = {}, os.path.dirname(os.path.abspath(path))
-        for row in read_jsonl(path, required=("image", label)):
-            if split is None or row.get("split") == split:
+        for row in read_jsonl(path, required=("image", "category")):
+            if row.get("split") == "train":
                 with Image.open(os.path.join(base, row["image"])) as im:
-                    examples.setdefault(str(row[label]), []).append(im.convert("RGB"))
+                    examples.setdefault(str(row["category"]), []).append(im.convert("RGB"))
         return cls(examples)
 
     def objects(self, image):
@@ -368,8 +368,8 @@ class SceneGrounder:
             pick = hits[0] if len(hits) == 1 else None  # "the square" among two squares names neither
         if pick is None:
             return None
-        (x1, y1, x2, y2), p = pick[0], self.pad
-        return (max(x1 - p, 0), max(y1 - p, 0), min(x2 + p, image.width), min(y2 + p, image.height))
+        x1, y1, x2, y2 = pick[0]
+        return (max(x1 - 2, 0), max(y1 - 2, 0), min(x2 + 2, image.width), min(y2 + 2, image.height))
 
 
 # ----------------------------------------------------------------------------- text search: BM25
@@ -379,6 +379,15 @@ _WORD = re.compile(r"\w+")
 
 def tokenize(text):
     return _WORD.findall(text.lower())
+
+
+def top_k(scores, k):
+    """Indices of the k best scores, best first; ties go to the earlier index. Only the candidates
+    at or above the k-th best score are sorted."""
+    keep = np.arange(len(scores))
+    if len(scores) > k:
+        keep = np.flatnonzero(scores >= np.partition(scores, len(scores) - k)[len(scores) - k])
+    return keep[np.lexsort((keep, -scores[keep]))][:k]
 
 
 class BM25Index:
@@ -426,12 +435,8 @@ class BM25Index:
             order = np.argsort(docs, kind="stable")
             docs, weights = docs[order], weights[order]
         starts = np.flatnonzero(np.concatenate([[True], docs[1:] != docs[:-1]]))  # each document's run
-        hit, scores = docs[starts], np.add.reduceat(weights, starts, dtype=np.float64)
-        keep = np.arange(len(scores))
-        if len(scores) > k:  # only candidates at or above the k-th best score are sorted
-            keep = np.nonzero(scores >= np.partition(scores, len(scores) - k)[len(scores) - k])[0]
-        best = keep[np.lexsort((hit[keep], -scores[keep]))][:k]
-        return [dict(self.docs[hit[i]], score=float(scores[i])) for i in best]
+        hit, scores = docs[starts], np.add.reduceat(weights, starts, dtype=np.float64)  # hit: increasing
+        return [dict(self.docs[hit[i]], score=float(scores[i])) for i in top_k(scores, k)]
 
 
 # ----------------------------------------------------------------------------- image search: a crop-robust descriptor
@@ -525,7 +530,7 @@ class LocalImageIndex:
         if not self.rows or k <= 0:
             return []
         scores = self.matrix @ image_descriptor(image)
-        return [dict(self.rows[i], score=float(scores[i])) for i in np.lexsort((np.arange(len(scores)), -scores))[:k]]
+        return [dict(self.rows[i], score=float(scores[i])) for i in top_k(scores, k)]
 
 
 # ----------------------------------------------------------------------------- dense retrieval (`tools.py index`)
@@ -559,14 +564,14 @@ class Encoder:
     BGE) embeds texts, pooled by `pooling` ("mean" or "cls"; by default what the sentence-transformers
     folder's 1_Pooling/config.json says, else "mean")."""
 
-    def __init__(self, model_dir, device=None, pooling=None):
+    def __init__(self, model_dir, pooling=None):
         import torch  # optional heavy dependencies, as for the grounder
         import transformers
 
         if not os.path.isfile(os.path.join(model_dir, "config.json")):
             raise FileNotFoundError(f"encoder folder {model_dir!r} has no config.json")
         self.torch = torch
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model = transformers.AutoModel.from_pretrained(model_dir).to(self.device).eval()
         self.dual = hasattr(self.model, "get_image_features")
         if self.dual:  # the PIL flavour of the image processor: transformers' default one needs torchvision
@@ -721,7 +726,8 @@ class DenseIndex:
         self.lock = threading.Lock()  # one encoder forward at a time when the server's threads share it
 
     def search(self, query, k=3):
-        """The rows' {id, title, text, url[, image]} and a score, best first; ties go to the earlier row."""
+        """The rows' {id, title, text, url[, image]} and a score, best first. Which of the rows tied at the
+        k-th score make the cut is argpartition's choice; among those kept, ties go to the earlier row."""
         if not self.rows or k <= 0:
             return []
         with self.lock:
@@ -1467,36 +1473,21 @@ class _Refused(Exception):
         self.status = status
 
 
-def _json_object(data):
-    """The JSON object of a request body, or _Refused(400)."""
-    try:
-        payload = json.loads(data)
-    except RecursionError:  # no ValueError: uncaught, it would end the handler without a reply
-        raise _Refused(400, "body is not valid JSON: nested too deeply") from None
-    except ValueError as e:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise _Refused(400, f"body is not valid JSON: {_detail(e)}") from None
-    if not isinstance(payload, dict):
-        raise _Refused(400, "body must be a JSON object")
-    return payload
-
-
 def _decode_image(encoded):
     """The image of a request, decoded only once its header (all Image.open reads) shows at most
     MAX_IMAGE_PIXELS: a one-colour PNG of a few KB can declare 12000x12000 pixels."""
     try:
         image = Image.open(io.BytesIO(base64.b64decode(encoded or "", validate=True)))
+        width, height = image.size
+        if width * height <= MAX_IMAGE_PIXELS:
+            image.load()
     except Image.DecompressionBombError:  # PIL's own refusal, past twice Image.MAX_IMAGE_PIXELS
         raise _Refused(400, f"image has more than the {MAX_IMAGE_PIXELS} pixels this server decodes") from None
-    except Exception as e:  # binascii.Error, PIL's UnidentifiedImageError, a str that is no base64...
+    except Exception as e:  # no base64, PIL's UnidentifiedImageError, truncated data, a bad checksum...
         raise _Refused(400, f"image must be a base64 PNG ({type(e).__name__})") from None
-    width, height = image.size
     if width * height > MAX_IMAGE_PIXELS:
         raise _Refused(400, f"image of {width}x{height} = {width * height} pixels is over the "
                             f"{MAX_IMAGE_PIXELS} pixels this server decodes; send a smaller one")
-    try:
-        image.load()
-    except Exception as e:  # truncated data, a bad checksum...
-        raise _Refused(400, f"image must be a base64 PNG ({type(e).__name__})") from None
     return image
 
 
@@ -1523,7 +1514,7 @@ class _SearchHandler(BaseHTTPRequestHandler):
             kind = "image" if self.path == "/image" else "text"
             return self._reply(404, {"error": f"this server has no {kind} index"})
         try:
-            payload = _json_object(self._body())
+            payload = self._payload()
             queries, k = self._queries(payload)
         except _Refused as e:
             return self._reply(e.status, {"error": str(e)})
@@ -1558,9 +1549,10 @@ class _SearchHandler(BaseHTTPRequestHandler):
             raise _Refused(400, "query must be a non-empty string")
         return [payload["query"]], k
 
-    def _body(self):
-        """The body, as long as its Content-Length says; one over MAX_BODY is refused unread. A client
-        that stalls mid-body times out (the socket's timeout) and http.server drops the connection."""
+    def _payload(self):
+        """The body's JSON object, or _Refused. The body is read as long as its Content-Length says; one
+        over MAX_BODY is refused unread. A client that stalls mid-body times out (the socket's
+        timeout) and http.server drops the connection."""
         declared = self.headers.get("Content-Length", "").strip()
         wrong = f"body must be 1 to {MAX_BODY} bytes of JSON, with a Content-Length"
         if not re.fullmatch(r"[0-9]+", declared):
@@ -1573,7 +1565,15 @@ class _SearchHandler(BaseHTTPRequestHandler):
         body = self.rfile.read(int(declared))
         if len(body) < int(declared):  # the client closed its side, or the server's deadline cut it
             raise _Refused(400, "body ended before its Content-Length")
-        return body
+        try:
+            payload = json.loads(body)
+        except RecursionError:  # no ValueError: uncaught, it would end the handler without a reply
+            raise _Refused(400, "body is not valid JSON: nested too deeply") from None
+        except ValueError as e:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise _Refused(400, f"body is not valid JSON: {_detail(e)}") from None
+        if not isinstance(payload, dict):
+            raise _Refused(400, "body must be a JSON object")
+        return payload
 
     def _reply(self, status, body):
         data = json.dumps(body).encode()
