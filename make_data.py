@@ -565,9 +565,10 @@ def replay(traj, tk, base):
     return False
 
 
-def image_search_accuracy(index, scene_questions, by_id, base):
-    """Top-1 accuracy of local image search on every slot crop of every scene, and on whole scenes
-    (right when the top result is the entity the question is about). Returns (crop, scene, n_crops)."""
+def image_search_accuracy(index, scene_questions, ents, icons, base):
+    """Top-1 accuracy of local image search on every slot crop of every scene, on whole scenes (right
+    when the top result is the entity the question is about) and on every single icon."""
+    by_id = {e["id"]: e for e in ents}
     crop_hits = crop_n = scene_hits = 0
     for q in scene_questions:
         img = Image.open(base / q["image"]).convert("RGB")
@@ -575,7 +576,10 @@ def image_search_accuracy(index, scene_questions, by_id, base):
             crop_hits += index.search(tools.crop(img, slot_box(i))[0], 1)[0]["title"] == by_id[eid]["name"]
             crop_n += 1
         scene_hits += index.search(img, 1)[0]["title"] == by_id[q["meta"]["entity"]]["name"]
-    return crop_hits / max(crop_n, 1), scene_hits / max(len(scene_questions), 1), crop_n
+    icon_hits = sum(index.search(icons[e["id"]], 1)[0]["title"] == e["name"] for e in ents)
+    return {"crop_of_scene": round(crop_hits / max(crop_n, 1), 4),
+            "whole_scene": round(scene_hits / max(len(scene_questions), 1), 4),
+            "single_icon": round(icon_hits / len(ents), 4), "crops": crop_n, "scenes": len(scene_questions)}
 
 
 def tokens_per_trajectory(rows, tiny_dir):
@@ -583,7 +587,7 @@ def tokens_per_trajectory(rows, tiny_dir):
     proc = model.Processor.from_pretrained(tiny_dir)
     lens = [len(model.render(proc, r["messages"], [Image.open(tiny_dir.parent / p).convert("RGB")
                                                      for p in r["images"]])["input_ids"]) for r in rows]
-    return sum(lens) / max(len(lens), 1), max(lens, default=0)
+    return {"mean": round(sum(lens) / max(len(lens), 1), 1), "max": max(lens, default=0)}
 
 
 # ----------------------------------------------------------------------------- build
@@ -639,9 +643,6 @@ def build(args, out):
     replay_tools = tools.make_tools(str(out))
     replayed = sum(replay(t, replay_tools, out) for t in tqdm(sft, desc="replay", disable=args.quiet))
     index = replay_tools.image_backend
-    crop_acc, scene_acc, n_crops = image_search_accuracy(index, scene_questions, by_id, out)
-    icon_acc = sum(index.search(icons[e["id"]], 1)[0]["title"] == e["name"] for e in ents) / len(ents)
-    n_attempted = len(sets["sft"])
     summary = {
         "build": build_key(args),
         "entities": {"train": len(train), "heldout": len(held), "distractor_names": len(distractors)},
@@ -650,11 +651,10 @@ def build(args, out):
                   "questions_eval": counts(sets["eval"]), "questions_hard": counts(sets["hard"])},
         "sft_search_required": sum(t["needs_search"] for t in sft),
         "sft_self_correction": sum(t["self_correction"] for t in sft),
-        "teacher": {"attempted": n_attempted, "reached_gold": len(sft),
-                    "rate": round(len(sft) / max(n_attempted, 1), 4)},
+        "teacher": {"attempted": len(sets["sft"]), "reached_gold": len(sft),
+                    "rate": round(len(sft) / max(len(sets["sft"]), 1), 4)},
         "replay": {"trajectories": len(sft), "reached_gold": replayed, "rate": round(replayed / max(len(sft), 1), 4)},
-        "image_search_top1": {"crop_of_scene": round(crop_acc, 4), "whole_scene": round(scene_acc, 4),
-                              "single_icon": round(icon_acc, 4), "crops": n_crops, "scenes": len(scene_questions)},
+        "image_search_top1": image_search_accuracy(index, scene_questions, ents, icons, out),
     }
     seconds["checks"] = time.time() - t0 - seconds["world"]
     if not args.no_tiny:
@@ -668,8 +668,7 @@ def build(args, out):
                          heads=args.heads, kv_heads=max(1, args.heads // 2), copy_steps=args.copy_steps,
                          caption_steps=args.caption_steps,
                          captions=captions(ents, icons, len(train), args.seed) if args.caption_steps else ())
-        mean_tok, max_tok = tokens_per_trajectory(sft, out / "tiny")
-        summary["sft_tokens"] = {"mean": round(mean_tok, 1), "max": max_tok}
+        summary["sft_tokens"] = tokens_per_trajectory(sft, out / "tiny")
         seconds["tiny tokenizer+checkpoint"] = time.time() - t1
     return summary, seconds
 
