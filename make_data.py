@@ -521,6 +521,15 @@ def teacher(q, image, tk, typo=None):
     return messages, attached, value, corrected
 
 
+def save_tool_images(images, out, stem):
+    """The images the tools attached to a trajectory's observations, saved in order as
+    out/images/<stem>_t<k>.png; returns their paths relative to out."""
+    paths = [f"images/{stem}_t{k}.png" for k in range(len(images))]
+    for path, img in zip(paths, images):
+        img.save(out / path)
+    return paths
+
+
 def make_sft(questions, out, tk, near, seed, self_correct_share, quiet):
     """Teacher trajectories for `questions`; keeps those that reach the gold answer.
     near: {entity id: its near-miss names} for the self-corrected ones. Tool images are written
@@ -534,10 +543,7 @@ def make_sft(questions, out, tk, near, seed, self_correct_share, quiet):
         messages, attached, answer, corrected = teacher(q, Image.open(out / q["image"]).convert("RGB"), tk, typo)
         if answer not in q["answers"]:
             continue
-        paths = [q["image"]]
-        for k, img in enumerate(attached):
-            paths.append(f"images/{q['id']}_t{k}.png")
-            img.save(out / paths[-1])
+        paths = [q["image"]] + save_tool_images(attached, out, q["id"])
         rows.append({"id": q["id"], "images": paths, "messages": messages, "kind": q["meta"]["kind"],
                      "needs_search": q["needs_search"], "self_correction": corrected, "answers": q["answers"]})
     return rows
@@ -850,15 +856,6 @@ def parse_category(reply, categories):
     return next((c for c in categories if re.search(rf"\b{re.escape(c.lower())}\b", text)), "other")
 
 
-def metered(fn, meter, group, field="calls", lock=contextlib.nullcontext()):
-    """fn, counting each call in meter[group][field], run inside `lock`."""
-    def call(*args):
-        meter.add(group, **{field: 1})
-        with lock:
-            return fn(*args)
-    return call
-
-
 # ----------------------------------------------------------------------------- the source and the log
 
 
@@ -1022,9 +1019,7 @@ def play_item(q, ctx):
     if category is None:
         category, category_source = classify(q, ctx.classifier, usage), "teacher"
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", q["id"])[:120]  # a file name, whatever the id
-    paths = [f"images/{stem}_t{k}.png" for k in range(len(attached))]
-    for path, img in zip(paths, attached):
-        img.save(ctx.out / path)
+    paths = save_tool_images(attached, ctx.out, stem)
     n_text, n_img, n_crop = state.n_text_search, state.n_img_search, state.n_crop
     if n_img:  # what the trajectory did, in the synthetic world's words where they fit
         kind = "crop" if n_crop else "image_text" if n_text else "image"
@@ -1117,6 +1112,15 @@ def write_sft(out, records, n, seed):
 
 
 # ----------------------------------------------------------------------------- the run
+
+
+def metered(fn, meter, group, field="calls", lock=contextlib.nullcontext()):
+    """fn, counting each call in meter[group][field], run inside `lock`."""
+    def call(*args):
+        meter.add(group, **{field: 1})
+        with lock:
+            return fn(*args)
+    return call
 
 
 def build_real_context(args, out, meter):
