@@ -900,7 +900,7 @@ def _results_of(reply):
 class SearchR1TextSearch(HttpTextSearch):
     """Client of a Search-R1-style retrieval server (e5 / BGE servers of Search-R1, SenseNova-MARS...):
     POST {url} {"queries": [...], "topk": k, "return_scores": true} -> {"result": [[{"document": {"id",
-    "contents": '"Title"\ntext'}, "score"}, ...] per query]}; without scores, entries are documents."""
+    "contents": '"Title"\\ntext'}, "score"}, ...] per query]}; without scores, entries are documents."""
 
     name = "searchr1"
 
@@ -1294,9 +1294,6 @@ class Tools:
         self.topk, self.max_calls, self.max_img_search = topk, max_calls, max_img_search
         self.attach, self.snippet_words = attach, snippet_words
 
-    def budget_left(self, state):
-        return state.n_calls < self.max_calls
-
     def execute(self, action, image, state):
         """The observation for one action; never raises (every failure is an observation)."""
         kind = getattr(action, "kind", "invalid")
@@ -1316,7 +1313,7 @@ class Tools:
             return _failure("invalid", action.error or "Invalid action.")
         if action.kind not in ("text_search", "img_search"):
             return _failure(action.kind, f"Unknown action {action.kind!r}.")
-        if not self.budget_left(state):
+        if state.n_calls >= self.max_calls:
             return _failure(action.kind, f"No tool calls left (at most {self.max_calls}). Answer now.")
         if action.kind == "text_search":
             return self._text_search(" ".join(action.arg.split()), state)
@@ -1590,16 +1587,19 @@ class _SearchHandler(BaseHTTPRequestHandler):
         pass  # one line per search would drown a training log
 
 
-class _SearchServer(ThreadingHTTPServer):
-    """At most `max_handlers` connections are handled at once (the next ones get 503 from the accept
-    loop, which starts no thread for them); each read or write waits at most `timeout` seconds; a
-    connection older than `deadline` seconds is shut down by service_actions (serve_forever's loop)."""
+class SearchServer(ThreadingHTTPServer):
+    """A search server over the given indexes (either may be None); port 0 picks a free one; run it
+    with serve_forever(). At most `max_handlers` connections are handled at once (the next ones get
+    503 from the accept loop, which starts no thread for them); each read or write waits at most
+    `timeout` seconds; a connection older than `deadline` seconds is shut down by service_actions
+    (serve_forever's loop)."""
 
     daemon_threads = True
     request_queue_size = 128  # a burst of connects waits in the kernel's backlog, not in SYN retries
 
-    def __init__(self, address, text_index, image_index, timeout, deadline, max_handlers):
-        super().__init__(address, _SearchHandler)
+    def __init__(self, text_index, image_index, host="127.0.0.1", port=8765, *, timeout=HANDLER_TIMEOUT,
+                 deadline=REQUEST_DEADLINE, max_handlers=MAX_HANDLERS):
+        super().__init__((host, port), _SearchHandler)
         self.text_index, self.image_index = text_index, image_index
         self.handler_timeout, self.request_deadline = timeout, deadline
         self._slots = threading.BoundedSemaphore(max_handlers)
@@ -1672,20 +1672,13 @@ def _close_drained(sock, max_reads=16):
     sock.close()
 
 
-def make_server(text_index, image_index, host="127.0.0.1", port=8765, *, timeout=HANDLER_TIMEOUT,
-                deadline=REQUEST_DEADLINE, max_handlers=MAX_HANDLERS):
-    """A search server over the given indexes (either may be None); port 0 picks a free one. Run it
-    with serve_forever(), whose loop enforces the deadline."""
-    return _SearchServer((host, port), text_index, image_index, timeout, deadline, max_handlers)
-
-
 def serve(data_dir, host="127.0.0.1", port=8765, text_index=None, image_index=None):
     """Serve search over data_dir's local indexes, or the dense index folders given instead."""
     text = DenseIndex(text_index) if text_index else _local_index(data_dir, "text", required=False)
     image = DenseIndex(image_index) if image_index else _local_index(data_dir, "image", required=False)
     if text is None and image is None:
         raise FileNotFoundError(f"nothing to serve: {data_dir} has no corpus.jsonl or image_index.jsonl")
-    server = make_server(text, image, host, port)
+    server = SearchServer(text, image, host, port)
     served = [(kind, index.name) for kind, index in (("text", text), ("image", image)) if index is not None]
     print(f"serving {' and '.join(k for k, _ in served)} search ({', '.join(n for _, n in served)}) "
           f"on http://{host}:{server.server_port}", flush=True)

@@ -134,7 +134,7 @@ def test_dense_text_search_with_prefixes_and_over_the_searchr1_protocol(tmp_path
     assert index.meta["kind"] == "text"
     for doc in CORPUS:
         assert index.search(f"{doc['title']}\n{doc['text']}", 1)[0]["id"] == doc["id"]
-    server = T.make_server(index, None, "127.0.0.1", 0)
+    server = T.SearchServer(index, None, "127.0.0.1", 0)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         got = T.SearchR1TextSearch(f"http://127.0.0.1:{server.server_port}/retrieve").search("blue river\na blue river in the city", 2)

@@ -464,7 +464,7 @@ def test_http_server_round_trip(world):
     d, scene, boxes = world
     text_index = T.BM25Index.from_jsonl(d / "corpus.jsonl")
     image_index = T.LocalImageIndex.from_jsonl(d / "image_index.jsonl")
-    with running(T.make_server(text_index, image_index, "127.0.0.1", 0)) as url:
+    with running(T.SearchServer(text_index, image_index, "127.0.0.1", 0)) as url:
         text, images = T.HttpTextSearch(url), T.HttpImageSearch(url)
         assert text.search("Kessin Valor founded", 2) == text_index.search("Kessin Valor founded", 2)
         piece = T.crop(scene, boxes[2][1])[0]
@@ -475,7 +475,7 @@ def test_http_server_round_trip(world):
             T._request_json("POST", url + "/image", payload={"image": "not base64!", "k": 3}, retries=0)
         with pytest.raises(T.SearchError, match="HTTP 404"):
             T._request_json("POST", url + "/video", payload={}, retries=0)
-    with running(T.make_server(text_index, None, "127.0.0.1", 0)) as url:
+    with running(T.SearchServer(text_index, None, "127.0.0.1", 0)) as url:
         with pytest.raises(T.SearchError, match="no image index"):
             T.HttpImageSearch(url, retries=0).search(piece, 3)
 
@@ -484,7 +484,7 @@ def test_searchr1_protocol_both_ways():
     """Our server answers Search-R1's /retrieve, our searchr1 backend reads it, and the backend also
     reads a reply laid out as Search-R1's own retrieval server writes it."""
     index = T.BM25Index(CORPUS)
-    with running(T.make_server(index, None, "127.0.0.1", 0)) as url:
+    with running(T.SearchServer(index, None, "127.0.0.1", 0)) as url:
         got = T.SearchR1TextSearch(url + "/retrieve").search("Kessin Valor founded", 2)
         want = index.search("Kessin Valor founded", 2)
         assert [(g["id"], g["title"], g["text"], g["score"]) for g in got] == \
@@ -521,12 +521,6 @@ def test_lens_upload_url_publishes_the_crop():
     assert isinstance(T.make_tools(backend="serpapi", lens_upload_url="http://127.0.0.1:9/").image_backend, T.SerpApiLens)
 
 
-def test_http_retries_429_and_5xx_then_succeeds():
-    replies = iter([(429, {"error": "slow down"}), (503, {"error": "busy"}), (200, {"results": [{"id": "x"}]})])
-    with json_server(lambda *request: next(replies)) as url:
-        assert T.HttpTextSearch(url, retries=2, backoff=0.01).search("q", 3) == [{"id": "x"}]
-
-
 def wait_until(condition, seconds):
     """Poll condition() every 20 ms for at most `seconds`; its last value."""
     end = time.monotonic() + seconds
@@ -560,12 +554,6 @@ def closed_by_server(sock, timeout):
     return True
 
 
-def png_of(mode, size):
-    buffer = io.BytesIO()
-    Image.new(mode, size).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def test_server_refuses_an_image_over_the_pixel_cap_before_decoding(world):
     d, scene, boxes = world
     image_index = T.LocalImageIndex.from_jsonl(d / "image_index.jsonl")
@@ -573,9 +561,11 @@ def test_server_refuses_an_image_over_the_pixel_cap_before_decoding(world):
     # 14000x14000 (196 M) is past PIL's error (179 M). Decoded and described, the first alone
     # would take gigabytes and many seconds; as 1-bit PNGs they are a few KB each.
     for size, says in (((9000, 9000), "9000x9000 = 81000000 pixels"), ((14000, 14000), "more than")):
-        png = png_of("1", size)
+        buffer = io.BytesIO()
+        Image.new("1", size).save(buffer, format="PNG")
+        png = buffer.getvalue()
         assert len(png) < 40_000
-        with running(T.make_server(None, image_index, "127.0.0.1", 0)) as url:
+        with running(T.SearchServer(None, image_index, "127.0.0.1", 0)) as url:
             start = time.monotonic()
             reply = requests.post(url + "/image", json={"image": base64.b64encode(png).decode(), "k": 3}, timeout=10)
             assert time.monotonic() - start < 2.0
@@ -588,7 +578,7 @@ def test_server_refuses_an_image_over_the_pixel_cap_before_decoding(world):
 def test_server_answers_malformed_json_with_400_and_stays_up():
     bodies = [b"[" * 100_000, b'{"query": ' + b"{" * 100_000, b'{"query": "q"', b"\xff\xfe\x00q", b"[1, 2]",
               b"NaN", b'"text"']
-    with running(T.make_server(T.BM25Index(CORPUS), None, "127.0.0.1", 0)) as url:
+    with running(T.SearchServer(T.BM25Index(CORPUS), None, "127.0.0.1", 0)) as url:
         for body in bodies:
             reply = requests.post(url + "/text", data=body, headers={"Content-Type": "application/json"}, timeout=5)
             assert reply.status_code == 400, body[:20]
@@ -598,7 +588,7 @@ def test_server_answers_malformed_json_with_400_and_stays_up():
 
 
 def test_server_refuses_a_body_over_the_cap_unread():
-    server = T.make_server(T.BM25Index(CORPUS), None, "127.0.0.1", 0)
+    server = T.SearchServer(T.BM25Index(CORPUS), None, "127.0.0.1", 0)
     with running(server) as url:
         for declared in (str(T.MAX_BODY + 1), "9" * 5000):  # no body follows: reading it would wait forever
             reply, seconds = raw_exchange(server.server_port, f"POST /text HTTP/1.0\r\nContent-Length: {declared}"
@@ -612,7 +602,7 @@ def test_server_refuses_a_body_over_the_cap_unread():
 
 
 def test_server_drops_stalled_and_trickling_clients():
-    server = T.make_server(T.BM25Index(CORPUS), None, "127.0.0.1", 0, timeout=0.5, deadline=2.0)
+    server = T.SearchServer(T.BM25Index(CORPUS), None, "127.0.0.1", 0, timeout=0.5, deadline=2.0)
     with running(server) as url:
         before = threading.active_count()
         stalled = [socket.create_connection(("127.0.0.1", server.server_port)) for _ in range(20)]
@@ -645,7 +635,7 @@ def test_server_drops_stalled_and_trickling_clients():
 
 
 def test_server_bounds_handler_threads_and_answers_503_beyond():
-    server = T.make_server(T.BM25Index(CORPUS), None, "127.0.0.1", 0, timeout=2.0, deadline=5.0, max_handlers=4)
+    server = T.SearchServer(T.BM25Index(CORPUS), None, "127.0.0.1", 0, timeout=2.0, deadline=5.0, max_handlers=4)
     with running(server) as url:
         before, peak = threading.active_count(), 0
         connections = []
@@ -670,7 +660,11 @@ def test_server_bounds_handler_threads_and_answers_503_beyond():
         assert T.HttpTextSearch(url, retries=0).search("Orvale glass", 1)[0]["id"] == "p2"
 
 
-def test_http_client_waits_for_retry_after():
+def test_http_client_retries_429_and_5xx_and_waits_for_retry_after():
+    replies = iter([(429, {"error": "slow down"}), (503, {"error": "busy"}), (200, {"results": [{"id": "x"}]})])
+    with json_server(lambda *request: next(replies)) as url:
+        assert T.HttpTextSearch(url, retries=2, backoff=0.01).search("q", 3) == [{"id": "x"}]
+
     calls = []
 
     def reply(handler):  # 429 + Retry-After: 1 once, then results
@@ -812,7 +806,6 @@ def test_execute_call_budget():
     state = T.State()
     for i in range(10):
         assert not tools.execute(T.parse_action(f"<text_search>q{i}</text_search>"), None, state).error
-    assert not tools.budget_left(state)
     obs = tools.execute(T.parse_action("<text_search>q10</text_search>"), None, state)
     assert obs.error and "No tool calls left" in obs.text
     assert tools.text_backend.calls == 10 and state.n_calls == 10 and state.n_errors == 1
