@@ -296,16 +296,15 @@ def look(e):
     return f"{a(e['colour'])} {e['category']} with {a(e['colour2'] + ' ' + e['mark'])}"
 
 
-def pages_of(e):
-    """An entity's (or distractor's) web pages: a profile and one page per fact."""
-    base = URL + slug(e["name"])
-    return [{"id": f"p-{e['id']}", "title": e["name"], "text": f"{e['name']} is {look(e)}.", "url": base}] + [
-        {"id": f"f-{e['id']}-{rel}", "title": fact_title(e["name"], rel), "text": fact_sentence(e["name"], rel, value),
-         "url": f"{base}/{slug(RELATIONS[rel]['key'])}"} for rel, value in e["facts"].items()]
-
-
 def make_corpus(ents, distractors, seed):
-    rows = [r for e in ents + distractors for r in pages_of(e)]
+    """Every entity's and distractor's web pages: a profile and one page per fact."""
+    rows = []
+    for e in ents + distractors:
+        base = URL + slug(e["name"])
+        rows.append({"id": f"p-{e['id']}", "title": e["name"], "text": f"{e['name']} is {look(e)}.", "url": base})
+        rows += [{"id": f"f-{e['id']}-{rel}", "title": fact_title(e["name"], rel),
+                  "text": fact_sentence(e["name"], rel, value), "url": f"{base}/{slug(RELATIONS[rel]['key'])}"}
+                 for rel, value in e["facts"].items()]
     random.Random(f"{seed}-corpus").shuffle(rows)  # so that no ranking tie is broken in the right page's favour
     return rows
 
