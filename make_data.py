@@ -130,9 +130,8 @@ KINDS = ("search_free", "image", "image_text", "multihop", "crop")
 # Question kinds per file. SFT: half search-free, so that the agent learns when not to search.
 SFT_MIX = {"search_free": 0.5, "image": 0.075, "image_text": 0.15, "multihop": 0.1, "crop": 0.175}
 # RL: GRPO learns only from groups whose samples disagree, and the SFT model rarely fails a one-hop
-# question; the prompts lean to the multi-step kinds (multi-hop SFT 88.3 -> RL 96.7 in one world, but
-# 55.0 -> 56.7 in a fresh clone of VERSION 8: not yet a reliable gain),
-# with enough search-free ones that RL does not learn to search them.
+# question: the prompts lean to the multi-step kinds, with enough search-free ones that RL does not
+# learn to search them.
 RL_MIX = {"search_free": 0.15, "image": 0.05, "image_text": 0.2, "multihop": 0.3, "crop": 0.3}
 BY_CATEGORY = 0.6  # share of scene objects named by their category ("the square") when it is unique there
 FREE_ON_SCENE = 0.25  # share of search-free questions asked about one object of a scene
@@ -170,7 +169,8 @@ def get_args(argv=None):
     p.add_argument("--world", choices=("synthetic", "real"), default="synthetic", help="real: see --world real --help")
     args = p.parse_args(argv)
     if args.small:
-        args.n_entities, args.n_sft, args.n_rl, args.n_eval, args.copy_steps, args.caption_steps = 40, 160, 40, 40, 0, 0
+        args.n_entities, args.n_sft, args.n_rl, args.n_eval = 40, 160, 40, 40
+        args.copy_steps = args.caption_steps = 0
     return args
 
 
