@@ -745,10 +745,6 @@ class SearchError(RuntimeError):
     """A search that failed in a way worth telling the model (the message is model-readable)."""
 
 
-class CacheMiss(SearchError):
-    pass
-
-
 def _png_bytes(image):
     buffer = io.BytesIO()
     _rgb(image).save(buffer, format="PNG")
@@ -930,7 +926,7 @@ class SerpApiTextSearch:
 
     name, engine, entries = "serpapi", "google", "organic_results"
 
-    def __init__(self, base_url=SERPAPI_URL, timeout=20.0, retries=2, backoff=1.0):
+    def __init__(self, base_url=SERPAPI_URL, timeout=10.0, retries=2, backoff=1.0):
         self.base_url, self.timeout, self.retries, self.backoff = base_url, timeout, retries, backoff
 
     def _get(self, params, k):
@@ -1000,7 +996,7 @@ def upload_to(url, timeout=10.0):
 class SearchCache:
     """SQLite cache of search results (and eval's judge verdicts), keyed by (backend, query or image
     hash, k). Modes: "off" (always run), "rw" (read, and write what was missing), "replay" (a miss
-    raises CacheMiss: a replayed evaluation makes no network call). Processes may share one file:
+    is a SearchError: a replayed evaluation makes no network call). Processes may share one file:
     WAL journal, a busy timeout (writers queue), INSERT OR REPLACE (two ranks caching one query is
     harmless). An empty list is never stored: it is often transient (a rate limit, a rebuild)."""
 
@@ -1049,7 +1045,7 @@ class SearchCache:
         if results is not None:
             return results
         if self.mode == "replay":
-            raise CacheMiss(f"not in the search cache (replay mode): {backend} {query[:80]!r}")
+            raise SearchError(f"not in the search cache (replay mode): {backend} {query[:80]!r}")
         results = run()
         if results:
             self.put(backend, query, k, results)
@@ -1380,11 +1376,11 @@ BACKENDS = ("local", "http", "searchr1", "serpapi")
 
 
 def make_tools(data_dir="data", backend="local", cache=None, cache_mode="rw", grounder=None, server_url=None,
-               upload_fn=None, lens_upload_url=None, text_index=None, image_index=None, timeout=10.0, **kw):
+               lens_upload_url=None, text_index=None, image_index=None, **kw):
     """The one factory every script uses. backend: "local" (data_dir's corpus.jsonl and
     image_index.jsonl), "http" (server_url: a `python tools.py serve`), "searchr1" (server_url: a
     /retrieve address; images through data_dir's local index if any), "serpapi" (image search needs
-    `upload_fn` or `lens_upload_url`). text_index / image_index: `python tools.py index` folders,
+    `lens_upload_url`, see upload_to). text_index / image_index: `python tools.py index` folders,
     each replacing the search of its kind. cache: a SQLite path (or a SearchCache) used in
     `cache_mode`. grounder: a GroundingDINO folder or any grounder; None: data_dir's world's
     SceneGrounder if it has one; False: none. Other keywords go to Tools."""
@@ -1398,18 +1394,17 @@ def make_tools(data_dir="data", backend="local", cache=None, cache_mode="rw", gr
     if backend == "local":
         text, image = text or _local_index(data_dir, "text", True), image or _local_index(data_dir, "image", True)
     elif backend == "http":
-        text, image = text or HttpTextSearch(server_url, timeout), image or HttpImageSearch(server_url, timeout)
+        text, image = text or HttpTextSearch(server_url), image or HttpImageSearch(server_url)
     elif backend == "searchr1":  # text only, like Search-R1's servers
-        text, image = text or SearchR1TextSearch(server_url, timeout), image or _local_index(data_dir, "image", False)
+        text, image = text or SearchR1TextSearch(server_url), image or _local_index(data_dir, "image", False)
         if image is None:
             warnings.warn(f"searchr1 backend: no {data_dir}/image_index.jsonl, image search is off")
     else:
-        upload_fn = upload_fn or (upload_to(lens_upload_url, timeout) if lens_upload_url else None)
-        text = text or SerpApiTextSearch(timeout=timeout)
-        image = image or (SerpApiLens(upload_fn, timeout=timeout) if upload_fn else None)
+        text = text or SerpApiTextSearch()
+        image = image or (SerpApiLens(upload_to(lens_upload_url)) if lens_upload_url else None)
         if image is None:
-            warnings.warn("serpapi backend without upload_fn or lens_upload_url: image search is off "
-                          "(Google Lens needs an image URL)")
+            warnings.warn("serpapi backend without lens_upload_url: image search is off (Google Lens needs an "
+                          "image URL)")
     if isinstance(cache, (str, os.PathLike)):
         cache = None if cache_mode == "off" else SearchCache(cache, cache_mode)
     elif cache is None and cache_mode == "replay":

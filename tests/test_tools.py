@@ -1141,7 +1141,7 @@ def test_make_tools_backends(world, tmp_path):
     assert T.make_tools(str(d), cache=str(tmp_path / "c.sqlite"), cache_mode="off").cache is None
     remote = T.make_tools(backend="http", server_url="http://127.0.0.1:1/")
     assert remote.text_backend.url == "http://127.0.0.1:1"
-    with pytest.warns(UserWarning, match="upload_fn"):
+    with pytest.warns(UserWarning, match="lens_upload_url"):
         assert T.make_tools(backend="serpapi").image_backend is None
     with pytest.raises(FileNotFoundError, match="make_data"):
         T.make_tools(str(tmp_path / "nowhere"))
