@@ -115,11 +115,11 @@ def check_question(row):
                 needs_search=row.get("needs_search", True), meta=row.get("meta", {}))
 
 
-def load_questions(path, strict=False):
+def load_questions(path):
     """Checked question rows, "image" made absolute (or None); bad rows are skipped with a warning,
     and a file with no usable question is a ValueError, before any work."""
     base = os.path.dirname(os.path.abspath(path))
-    rows = read_jsonl(path, strict=strict, required=("id", "question", "answers"), check=check_question)
+    rows = read_jsonl(path, required=("id", "question", "answers"), check=check_question)
     if not rows:
         raise ValueError(f"{path}: no usable question (empty, or every line bad)")
     for row in rows:
@@ -283,23 +283,23 @@ def crop(image, box):
 # A grounder is any object with ground(image, expression) -> (x1, y1, x2, y2) | None.
 
 class GroundingDinoGrounder:
-    """GroundingDINO from a local folder (e.g. IDEA-Research/grounding-dino-tiny)."""
+    """GroundingDINO from a local folder (e.g. IDEA-Research/grounding-dino-tiny), on the CPU."""
 
-    def __init__(self, model_dir, device="cpu", box_threshold=0.3, text_threshold=0.25):
+    def __init__(self, model_dir, box_threshold=0.3, text_threshold=0.25):
         import torch  # optional heavy dependencies, imported when built: tools.py stays torch-free
         from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
 
         if not os.path.isdir(model_dir):
             raise FileNotFoundError(f"grounding model folder not found: {model_dir}")
-        self.torch, self.device = torch, device
+        self.torch = torch
         self.box_threshold, self.text_threshold = box_threshold, text_threshold
         self.processor = AutoProcessor.from_pretrained(model_dir)
-        self.model = AutoModelForZeroShotObjectDetection.from_pretrained(model_dir).to(device).eval()
+        self.model = AutoModelForZeroShotObjectDetection.from_pretrained(model_dir).eval()
 
     def ground(self, image, expression):
         text = expression.strip().lower().rstrip(".") + "."  # GroundingDINO's training phrases look so
         rgb = image.convert("RGB")
-        inputs = self.processor(images=rgb, text=text, return_tensors="pt").to(self.device)
+        inputs = self.processor(images=rgb, text=text, return_tensors="pt")
         with self.torch.inference_mode():
             outputs = self.model(**inputs)
         found = self.processor.post_process_grounded_object_detection(
@@ -819,8 +819,8 @@ def _request_json(method, url, *, params=None, payload=None, timeout=10.0, retri
     raise SearchError(f"{last} ({tries} tries{cut})")
 
 
-def retry_after_seconds(value, cap=600.0):
-    """Seconds a Retry-After header (delta-seconds or an HTTP date) asks to wait, at most `cap`; None
+def retry_after_seconds(value):
+    """Seconds a Retry-After header (delta-seconds or an HTTP date) asks to wait, at most 600; None
     when absent or unreadable."""
     if not value:
         return None
@@ -831,7 +831,7 @@ def retry_after_seconds(value, cap=600.0):
             seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
         except (TypeError, ValueError):
             return None
-    return min(max(seconds, 0.0), cap) if math.isfinite(seconds) else None
+    return min(max(seconds, 0.0), 600.0) if math.isfinite(seconds) else None
 
 
 def _read_body(response, end, deadline, max_bytes, timeout):
@@ -969,13 +969,13 @@ class SerpApiLens(SerpApiTextSearch):
                 for i, r in enumerate(self._get({"url": self.upload_fn(_png_bytes(image))}, k))]
 
 
-def upload_to(url, timeout=10.0):
+def upload_to(url):
     """An upload_fn for SerpApiLens: POST the PNG (Content-Type image/png) to `url`, an endpoint of
     yours that stores it where Google can fetch it (e.g. a bucket, with a presigned GET URL) and
     answers its public URL, as plain text or as JSON {"url": ...}."""
     def upload(png):
         try:
-            r = requests.post(url, data=png, headers={"Content-Type": "image/png"}, timeout=timeout)
+            r = requests.post(url, data=png, headers={"Content-Type": "image/png"}, timeout=10.0)
         except requests.RequestException as e:
             raise SearchError(f"image upload failed ({type(e).__name__})") from None
         if r.status_code != 200:
@@ -1235,9 +1235,10 @@ class ChatSummarizer:
     """`summarizer(query, results) -> str` through a chat endpoint (key from OPENAI_API_KEY). When it
     fails, the plain results are used, with a warning: the model still gets its information."""
 
-    def __init__(self, base_url, model, max_words=60, timeout=30.0, retries=2):
-        self.client = ChatClient(base_url, model, name="summarizer", timeout=timeout, retries=retries, backoff=0.5)
-        self.max_words = max_words
+    max_words = 60  # of the summary
+
+    def __init__(self, base_url, model):
+        self.client = ChatClient(base_url, model, name="summarizer", timeout=30.0, retries=2, backoff=0.5)
 
     def __call__(self, query, results):
         # The summarizer is a chat model too: a forged turn in a result would steer its summary.
@@ -1657,11 +1658,11 @@ class SearchServer(ThreadingHTTPServer):
         self._lingering = []
 
 
-def _close_drained(sock, max_reads=16):
+def _close_drained(sock):
     """Close a non-blocking socket after reading what the client sent (unread bytes would make the
-    close a reset); at most max_reads reads, so that a client still uploading cannot hold the loop."""
+    close a reset); at most 16 reads, so that a client still uploading cannot hold the loop."""
     with contextlib.suppress(OSError):
-        for _ in range(max_reads):
+        for _ in range(16):
             if not sock.recv(_READ_CHUNK):
                 break
     sock.close()
