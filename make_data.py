@@ -446,8 +446,9 @@ def kind_plan(n, mix, rng):
     return kinds
 
 
-def make_questions(prefix, kinds, pool, by_id, seed, crop_fact_share=CROP_WITH_FACT):
+def make_questions(prefix, kinds, pool, seed, crop_fact_share=CROP_WITH_FACT):
     rng = random.Random(f"{seed}-{prefix}")
+    by_id = {e["id"]: e for e in pool}  # makers are drawn from their entity's own split: the pool
     return [make_question(f"{prefix}-{i:05d}", kind, rng.choice(pool), pool, by_id, rng, crop_fact_share)
             for i, kind in enumerate(kinds)]
 
@@ -609,7 +610,6 @@ def build(args, out):
     t0 = time.time()
     (out / "images").mkdir(parents=True)
     ents, cities, pools = make_entities(args.n_entities, args.held_out, args.seed)
-    by_id = {e["id"]: e for e in ents}
     distractors = make_distractors(ents, cities, pools, args.n_distractors, args.seed)
     icons = {e["id"]: render_icon(e) for e in tqdm(ents, desc="icons", disable=args.quiet)}
     for e in ents:
@@ -623,11 +623,10 @@ def build(args, out):
     held = [e for e in ents if e["split"] == "heldout"]
     plan_rng = random.Random(f"{args.seed}-plan")
     sets = {  # question rows per file
-        "sft": make_questions("sft", kind_plan(args.n_sft, SFT_MIX, plan_rng), train, by_id, args.seed),
-        "rl": make_questions("rl", kind_plan(args.n_rl, RL_MIX, plan_rng), train, by_id, args.seed),
-        "eval": make_questions("eval", [KINDS[i % len(KINDS)] for i in range(args.n_eval)], held, by_id, args.seed),
-        "hard": make_questions("hard", ["multihop", "crop"] * (args.n_eval // 2), held, by_id, args.seed,
-                               crop_fact_share=1.0),
+        "sft": make_questions("sft", kind_plan(args.n_sft, SFT_MIX, plan_rng), train, args.seed),
+        "rl": make_questions("rl", kind_plan(args.n_rl, RL_MIX, plan_rng), train, args.seed),
+        "eval": make_questions("eval", [KINDS[i % len(KINDS)] for i in range(args.n_eval)], held, args.seed),
+        "hard": make_questions("hard", ["multihop", "crop"] * (args.n_eval // 2), held, args.seed, crop_fact_share=1.0),
     }
     all_questions = [q for rows in sets.values() for q in rows]
     scene_questions = [q for q in all_questions if "scene" in q["meta"]]  # one scene image each
