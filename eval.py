@@ -123,13 +123,17 @@ def normalize_answer(text):
 
 def _text_match(pred_n, gold_n):
     """The gold itself, or the gold among at most MAX_EXTRA_WORDS more words, none of them a hedge."""
-    if not gold_n or pred_n == gold_n:
-        return bool(gold_n)
+    if not gold_n:
+        return False
     pt, gt = pred_n.split(), gold_n.split()
+    if pt == gt:
+        return True
     if not 0 < len(pt) - len(gt) <= MAX_EXTRA_WORDS:
         return False
-    i = next((i for i in range(len(pt) - len(gt) + 1) if pt[i:i + len(gt)] == gt), None)
-    return i is not None and not set(pt[:i] + pt[i + len(gt):]) & HEDGE_WORDS
+    for i in range(len(pt) - len(gt) + 1):  # the first place the gold's words appear
+        if pt[i:i + len(gt)] == gt:
+            return not set(pt[:i] + pt[i + len(gt):]) & HEDGE_WORDS
+    return False
 
 
 _UNIT_TABLE = [  # (dimension, factor to its base unit, written names ("x(s)": x and xs)[, offset added first])
@@ -264,8 +268,9 @@ def score(pred, answers, question=None, judge=None):
     if pred is None or not str(pred).strip():
         return 0.0
     pred_n, pred_q = normalize_answer(pred), parse_quantity(pred)
-    for gold in [answers] if isinstance(answers, (str, int, float)) else answers:
-        if not pred_n or gold is None:
+    golds = [answers] if isinstance(answers, (str, int, float)) else answers
+    for gold in golds:
+        if gold is None:
             continue
         if _text_match(pred_n, normalize_answer(gold)):
             return 1.0
@@ -274,7 +279,7 @@ def score(pred, answers, question=None, judge=None):
             return 1.0
     if judge is None or question is None:
         return 0.0
-    return 1.0 if judge(question, pred, answers) else 0.0
+    return 1.0 if judge(question, pred, golds) else 0.0
 
 
 # ----------------------------------------------------------------------------- LLM judge
@@ -318,7 +323,6 @@ class Judge:
 
     def __call__(self, question, pred, answers):
         """True / False, or None when the endpoint fails or its reply is not a verdict."""
-        answers = [answers] if isinstance(answers, str) else answers
         text = JUDGE_PROMPT.format(question=str(question).strip(), answers="; ".join(str(a) for a in answers),
                                    prediction=str(pred).strip())
         name = f"judge {self.client.model}"
@@ -824,10 +828,19 @@ def _pct(x):
     return f"{100 * x:.1f}"
 
 
+BEHAVIOUR = ["Searched %", "Text/q", "Image/q", "Crop/q", "Turns", "Tokens/q", "Tool errors/q"]
+
+
 def _behaviour(m):
-    """A metrics dict's cells of the search-behaviour tables (Markdown and HTML)."""
+    """A metrics dict's cells under N, accuracy and BEHAVIOUR (the Markdown and HTML tables)."""
     return [m["n"], _pct(m["accuracy"]), _pct(m["searched"])] + [f"{m[k]:.2f}" for k in (
         "text_per_q", "image_per_q", "crop_per_q", "turns")] + [f"{m['gen_tokens']:.1f}", f"{m['tool_errors']:.2f}"]
+
+
+def _md_table(header, rows, left=1):
+    """The lines of a Markdown table, its first `left` columns aligned left, the others right."""
+    return (["| " + " | ".join(header) + " |", "|" + "---|" * left + "---:|" * (len(header) - left)]
+            + ["| " + " | ".join(map(str, cells)) + " |" for cells in rows])
 
 
 def markdown_table(results):
@@ -835,24 +848,22 @@ def markdown_table(results):
     mode, a column per benchmark, then the average), the search behaviour, accuracy by question kind."""
     benches = list(results)
     modes = [m for m in MODES if any(m in results[b] for b in benches)]
-    modes += [m for b in benches for m in results[b] if m not in modes]
-    lines = ["| Mode | " + " | ".join(benches) + " | Avg |", "|---|" + "---:|" * (len(benches) + 1)]
+    rows = []
     for mode in modes:
         accs = [results[b][mode]["accuracy"] for b in benches if mode in results[b]]
-        cells = [_pct(results[b][mode]["accuracy"]) if mode in results[b] else "-" for b in benches]
-        lines.append(f"| {MODE_TITLES.get(mode, mode)} | " + " | ".join(cells)
-                     + f" | {_pct(sum(accs) / len(accs)) if accs else '-'} |")
-    lines += ["", "| Benchmark | Mode | N | Acc | Searched % | Text/q | Image/q | Crop/q | Turns | Tokens/q "
-              "| Tool errors/q | Wall s |", "|---|---|" + "---:|" * 10]
-    lines += ["| " + " | ".join([b, mode, *map(str, _behaviour(m)), f"{m['wall_s']:.1f}"]) + " |"
-              for b in benches for mode in modes if (m := results[b].get(mode))]
+        rows.append([MODE_TITLES[mode], *(_pct(results[b][mode]["accuracy"]) if mode in results[b] else "-"
+                                          for b in benches), _pct(sum(accs) / len(accs))])
+    behaviour = [[b, mode, *_behaviour(m), f"{m['wall_s']:.1f}"]
+                 for b in benches for mode in modes if (m := results[b].get(mode))]
+    lines = (_md_table(["Mode", *benches, "Avg"], rows) + [""]
+             + _md_table(["Benchmark", "Mode", "N", "Acc", *BEHAVIOUR, "Wall s"], behaviour, left=2))
     for b in benches:
         if kinds := sorted({k for m in results[b].values() for k in m.get("by_kind", {})}):
-            lines += ["", f"| {b}: accuracy by kind | " + " | ".join(kinds) + " |", "|---|" + "---:|" * len(kinds)]
+            rows = []
             for mode in modes:
                 bk = results[b].get(mode, {}).get("by_kind", {})
-                lines.append(f"| {mode} | " + " | ".join(f"{_pct(bk[k]['accuracy'])} (n={bk[k]['n']})" if k in bk
-                                                         else "-" for k in kinds) + " |")
+                rows.append([mode, *(f"{_pct(bk[k]['accuracy'])} (n={bk[k]['n']})" if k in bk else "-" for k in kinds)])
+            lines += [""] + _md_table([f"{b}: accuracy by kind", *kinds], rows)
     return "\n".join(lines) + "\n"
 
 
@@ -894,10 +905,9 @@ def compare_text(rows, records):
     question) by kind group; the two agent rows paired by question: RL - SFT, and wasted tool calls (the
     second criterion for RL: as accurate with fewer calls whose results went unused), each with its 95%
     paired-bootstrap interval; the share of questions in each tool-usage class."""
-    lines = ["| Method | " + " | ".join(f"{g} (n={rows[0][1][g]['n']})" for g in KIND_GROUPS) + " |",
-             "|---|" + "---:|" * len(KIND_GROUPS)]
-    lines += [f"| {label} | " + " | ".join(f"{_pct(gm[g]['accuracy'])} ({gm[g]['searches_per_q']:.2f})"
-                                           for g in KIND_GROUPS) + " |" for label, gm in rows]
+    lines = _md_table(["Method", *(f"{g} (n={rows[0][1][g]['n']})" for g in KIND_GROUPS)],
+                      [[label, *(f"{_pct(gm[g]['accuracy'])} ({gm[g]['searches_per_q']:.2f})" for g in KIND_GROUPS)]
+                       for label, gm in rows])
     text = "\n".join(lines) + "\n\nCells: accuracy % (searches per question), greedy decoding.\n"
     agents = [{r["qid"]: (r["score"], *wasted_calls(r)) for r in records if r["method"].startswith(label + " (")}
               for label in ("SFT agent", "SFT+RL agent")]  # qid -> (score, calls, wasted)
@@ -916,9 +926,8 @@ def compare_text(rows, records):
     if parts:
         text += "\nWasted tool calls per question (results no later query or answer used), of all calls: " + \
             ", ".join(parts) + "\n"
-    lines = ["| Method | " + " | ".join(USAGE) + " |", "|---|" + "---:|" * len(USAGE)]
-    lines += [f"| {label.split(' (')[0]} | " + " | ".join(_pct(gm["all"]["usage"][k]) for k in USAGE) + " |"
-              for label, gm in rows]
+    lines = _md_table(["Method", *USAGE], [[label.split(" (")[0], *(_pct(gm["all"]["usage"][k]) for k in USAGE)]
+                                           for label, gm in rows])
     return text + "\n" + "\n".join(lines) + "\n\nTool usage: % of questions by the searches made (the first " \
         "five classes are exclusive; 2+ text searches is a refined query, the paper's self-reflection).\n"
 
@@ -962,47 +971,42 @@ def _figure(img, alt, caption, max_side=384, min_side=168):
 
 
 def _step_box(step):
-    """The crop box a step searched with (the tool's, else the model's), if its search ran."""
-    a, o = step.get("action") or {}, step.get("obs")
-    if o is None or o.get("error"):
-        return None
-    box = o.get("box") or (a.get("box") if a.get("kind") == "img_search" else None)
-    return tuple(box) if box else None
+    """The crop box a step's image search used, if the search ran."""
+    o = step["obs"]
+    return tuple(o["box"]) if o is not None and not o["error"] and o["box"] else None
 
 
 def _step_html(i, step, image):
-    a, o = step.get("action") or {}, step.get("obs")
-    kind = a.get("kind", "invalid")
+    a, o = step["action"], step["obs"]
     parts = [f'<div class="step"><b>Turn {i}</b>'] + ([f'<div class="reason">{_esc(a["reason"])}</div>']
-                                                     if a.get("reason") else [])
-    if kind == "invalid":
-        parts.append(f'<div class="err">invalid action: {_esc(a.get("error"))}</div>')
+                                                     if a["reason"] else [])
+    if a["kind"] == "invalid":
+        parts.append(f'<div class="err">invalid action: {_esc(a["error"])}</div>')
     else:
-        label = {"text_search": "text search", "answer": "answer"}.get(kind, "image search")
+        label = {"text_search": "text search", "answer": "answer"}.get(a["kind"], "image search")
         parts.append(f'<div><span class="action">{_esc(label)}</span> '
-                     f'{_esc("[whole image]" if a.get("whole") else a.get("arg"))}</div>')
+                     f'{_esc("[whole image]" if a["whole"] else a["arg"])}</div>')
     if o is not None:
         if (box := _step_box(step)) and image is not None:
             parts.append(_figure(image.crop(box), "crop", f"crop {_esc(list(box))}", 256))
-        if o.get("error"):
-            parts.append(f'<div class="err">tool error:</div><pre class="err">{_esc(o.get("text"))}</pre>')
+        if o["error"]:
+            parts.append(f'<div class="err">tool error:</div><pre class="err">{_esc(o["text"])}</pre>')
         else:
             items = "".join(f'<li><b>{_esc(r.get("title"))}</b> <span class="url">{_esc(r.get("url"))}'
-                            f'</span><div>{_esc(r.get("text"))}</div></li>' for r in o.get("results", []))
+                            f'</span><div>{_esc(r.get("text"))}</div></li>' for r in o["results"])
             parts.append(f'<div>search returned:</div><ol class="res">{items}</ol><details><summary>what the '
-                         f'model read</summary><pre>{_esc(o.get("text"))}</pre></details>')
-    return "".join(parts) + f'<details><summary>raw turn</summary><pre>{_esc(step.get("text"))}</pre></details></div>'
+                         f'model read</summary><pre>{_esc(o["text"])}</pre></details>')
+    return "".join(parts) + f'<details><summary>raw turn</summary><pre>{_esc(step["text"])}</pre></details></div>'
 
 
 def _record_html(r, open_=False):
-    ok, image = r["score"] >= 1.0, None
-    if r.get("image"):
+    ok, image, imgs = r["score"] >= 1.0, None, ""
+    if r["image"]:
         try:
             with Image.open(r["image"]) as im:
                 image = im.convert("RGB")
         except (OSError, ValueError, TypeError):  # missing, or not an image: said on the page
-            pass
-    imgs = f'<div class="err">image not found: {_esc(r["image"])}</div>' if r.get("image") else ""
+            imgs = f'<div class="err">image not found: {_esc(r["image"])}</div>'
     if image is not None:  # the question's image with each crop box drawn and numbered
         boxes, shown = [b for b in map(_step_box, r["steps"]) if b], image.copy()
         draw, w = ImageDraw.Draw(shown), max(2, max(image.size) // 150)
@@ -1011,8 +1015,8 @@ def _record_html(r, open_=False):
             draw.text((b[0] + w + 1, b[1] + w), str(k), fill=(230, 20, 20))
         imgs = _figure(shown, "question image", _esc(f"image, {len(boxes)} crop box(es) drawn" if boxes else "image"))
     steps = "".join(_step_html(i, s, image) for i, s in enumerate(r["steps"], 1))
-    answer = _esc(r["answer"]) if r.get("answer") is not None else "<i>(no answer)</i>"
-    verdict = ("correct" if ok else "incorrect") + (" (LLM judge)" if r.get("judged") else "")
+    answer = _esc(r["answer"]) if r["answer"] is not None else "<i>(no answer)</i>"
+    verdict = ("correct" if ok else "incorrect") + (" (LLM judge)" if r["judged"] else "")
     return (f'<details class="{"ok" if ok else "bad"}"{" open" if open_ else ""}><summary><span class="v">'
             f'{"✓" if ok else "✗"}</span> {_esc(r["qid"])}: {_esc(r["question"])} → <b>{answer}</b></summary>'
             f'{imgs}<div><b>Question:</b> {_esc(r["question"])}</div>'
@@ -1027,15 +1031,14 @@ def write_report(path, records, results=None, svg=None):
     answer and its verdict). All model and web text is escaped; images are inlined."""
     body = [f"<h1>{_esc(TITLE)}</h1>"] + ([svg] if svg else [])
     if results:
-        body.append("<table><tr>" + "".join(f"<th>{h}</th>" for h in (
-            "Benchmark", "Mode", "N", "Acc %", "Searched %", "Text/q", "Image/q", "Crop/q", "Turns", "Tokens/q",
-            "Tool errors/q")) + "</tr>")
+        body.append("<table><tr>" + "".join(f"<th>{h}</th>" for h in ("Benchmark", "Mode", "N", "Acc %", *BEHAVIOUR))
+                    + "</tr>")
         body += ["<tr>" + "".join(f"<td>{c}</td>" for c in [_esc(b), _esc(mode), *_behaviour(m)]) + "</tr>"
                  for b, by_mode in results.items() for mode, m in by_mode.items()]
         body.append("</table>")
     groups = defaultdict(list)
     for r in records:
-        groups[(r["bench"], r.get("method") or MODE_TITLES.get(r["mode"], r["mode"]))].append(r)
+        groups[(r["bench"], r.get("method") or MODE_TITLES[r["mode"]])].append(r)
     for (b, method), rs in groups.items():
         body.append(f"<h2>{_esc(b)} · {_esc(method)} · {sum(r['score'] >= 1.0 for r in rs)}/{len(rs)} correct</h2>")
         body += [_record_html(r, open_=(i == 0)) for i, r in enumerate(rs)]  # the first one unfolded
@@ -1083,21 +1086,23 @@ def curves_svg(panels, width=230, height=170):
         (xa, xb), (ya, yb) = [(min(v), max(v)) for v in zip(*pts)]
         xb, yb = max(xb, xa + 1), yb if yb > ya else ya + 1
 
-        def at(x, y):
-            return (f"{x0 + pad + (x - xa) / (xb - xa) * (width - pad - 10):.1f},"
+        def xy(x, y):  # data -> SVG coordinates
+            return (f"{x0 + pad + (x - xa) / (xb - xa) * (width - pad - 10):.1f}",
                     f"{height - 20 - (y - ya) / (yb - ya) * (height - 56):.1f}")
-        parts.append(f'<polyline points="{at(xa, yb)} {at(xa, ya)} {at(xb, ya)}" fill="none" stroke="#888"/>')
-        parts += [f'<text x="{x0 + pad - 3}" y="{at(xa, y).split(",")[1]}" dy="{dy}" font-size="9" '
+
+        def points(ps):
+            return " ".join(",".join(xy(x, y)) for x, y in ps)
+        parts.append(f'<polyline points="{points([(xa, yb), (xa, ya), (xb, ya)])}" fill="none" stroke="#888"/>')
+        parts += [f'<text x="{x0 + pad - 3}" y="{xy(xa, y)[1]}" dy="{dy}" font-size="9" '
                   f'text-anchor="end">{10 ** y if log_y else y:.3g}</text>' for y, dy in ((yb, 4), (ya, 0))]
         parts.append(f'<text x="{x0 + width - 10}" y="{height - 6}" font-size="9" text-anchor="end">step {xb:g}</text>')
         for j, (_, ps) in enumerate(series):
-            c, line = CURVE_COLOURS[j], " ".join(at(x, y) for x, y in ps)
+            c = CURVE_COLOURS[j]
             if len(ps) > 12:
-                parts.append(f'<polyline points="{line}" fill="none" stroke="{c}" stroke-width="1.2"/>')
+                parts.append(f'<polyline points="{points(ps)}" fill="none" stroke="{c}" stroke-width="1.2"/>')
             else:  # a few evaluations: dots joined by a line
-                parts.append(f'<polyline points="{line}" fill="none" stroke="{c}"/>')
-                parts += [f'<circle cx="{at(x, y).split(",")[0]}" cy="{at(x, y).split(",")[1]}" r="2.5" fill="{c}"/>'
-                          for x, y in ps]
+                parts.append(f'<polyline points="{points(ps)}" fill="none" stroke="{c}"/>')
+                parts += ['<circle cx="{}" cy="{}" r="2.5" fill="{}"/>'.format(*xy(x, y), c) for x, y in ps]
     return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width * len(panels)}" height="{height}" '
             f'font-family="sans-serif">' + "".join(parts) + "</svg>\n")
 
@@ -1167,11 +1172,12 @@ def run(args):
         Judge(args.judge_url, args.judge_model, cache=str(Path(args.out) / "judge_cache.sqlite"))
     results, records = {}, []
     for path, qs in question_sets.items():
+        bench = bench_name(path, qs)
         for mode in args.modes:
-            recs, wall = evaluate(mode, mdl, proc, tl, qs, bench_name(path, qs), judge=judge, rank=rank,
-                                  world=world, max_turns=args.max_turns, max_new_tokens=args.max_new_tokens,
+            recs, wall = evaluate(mode, mdl, proc, tl, qs, bench, judge=judge, rank=rank, world=world,
+                                  max_turns=args.max_turns, max_new_tokens=args.max_new_tokens,
                                   batch_size=args.batch_size, progress=not args.no_progress)
-            results.setdefault(bench_name(path, qs), {})[mode] = metrics(recs, wall)
+            results.setdefault(bench, {})[mode] = metrics(recs, wall)
             records += recs
     if world > 1:
         dist.destroy_process_group()
@@ -1205,7 +1211,8 @@ def compare(args):
         if not (Path(ckpt) / "config.json").is_file():
             print(f"skipping {label}: no checkpoint at {ckpt}", file=sys.stderr)
             continue
-        loaded = loaded if ckpt in loaded else {ckpt: M.load(ckpt, log=None)}  # one model in memory at a time
+        if ckpt not in loaded:  # one model in memory at a time
+            loaded = {ckpt: M.load(ckpt, log=None)}
         recs, wall = evaluate(mode, *loaded[ckpt], tl, qs, bench_name(args.questions[0], qs),
                               max_turns=args.max_turns, max_new_tokens=args.max_new_tokens,
                               batch_size=args.batch_size, progress=not args.no_progress)
