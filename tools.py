@@ -862,8 +862,9 @@ def _read_body(response, end, deadline, max_bytes, timeout):
         chunks.append(chunk)
 
 
-class HttpTextSearch:
-    """Client of `python tools.py serve`: POST {url}/text {"query", "k"} -> {"results": [...]}."""
+class HttpSearch:
+    """Client of `python tools.py serve`, for a text query or an image: POST {url}/text {"query", "k"}
+    or {url}/image {"image": base64 PNG, "k"} -> {"results": [...]} (clean_results checks them later)."""
 
     name = "http"
 
@@ -875,25 +876,16 @@ class HttpTextSearch:
                              backoff=self.backoff)
 
     def search(self, query, k=3):
-        return _results_of(self._post(self.url + "/text", {"query": query, "k": k}))
+        if isinstance(query, str):
+            reply = self._post(self.url + "/text", {"query": query, "k": k})
+        else:
+            reply = self._post(self.url + "/image", {"image": base64.b64encode(_png_bytes(query)).decode(), "k": k})
+        if not isinstance(reply, dict) or "results" not in reply:
+            raise SearchError(f"the search service replied with a JSON {type(reply).__name__} without \"results\"")
+        return reply["results"]
 
 
-class HttpImageSearch(HttpTextSearch):
-    """POST {url}/image {"image": base64 PNG, "k"} -> {"results": [...]}."""
-
-    def search(self, image, k=3):
-        encoded = base64.b64encode(_png_bytes(image)).decode("ascii")
-        return _results_of(self._post(self.url + "/image", {"image": encoded, "k": k}))
-
-
-def _results_of(reply):
-    """The "results" of a reply of our protocol (clean_results checks them later)."""
-    if not isinstance(reply, dict) or "results" not in reply:
-        raise SearchError(f"the search service replied with a JSON {type(reply).__name__} without \"results\"")
-    return reply["results"]
-
-
-class SearchR1TextSearch(HttpTextSearch):
+class SearchR1TextSearch(HttpSearch):
     """Client of a Search-R1-style retrieval server (e5 / BGE servers of Search-R1, SenseNova-MARS...):
     POST {url} {"queries": [...], "topk": k, "return_scores": true} -> {"result": [[{"document": {"id",
     "contents": '"Title"\\ntext'}, "score"}, ...] per query]}; without scores, entries are documents."""
@@ -1395,7 +1387,7 @@ def make_tools(data_dir="data", backend="local", cache=None, cache_mode="rw", gr
     if backend == "local":
         text, image = text or _local_index(data_dir, "text", True), image or _local_index(data_dir, "image", True)
     elif backend == "http":
-        text, image = text or HttpTextSearch(server_url), image or HttpImageSearch(server_url)
+        text, image = text or HttpSearch(server_url), image or HttpSearch(server_url)
     elif backend == "searchr1":  # text only, like Search-R1's servers
         text, image = text or SearchR1TextSearch(server_url), image or _local_index(data_dir, "image", False)
         if image is None:

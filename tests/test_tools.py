@@ -465,10 +465,10 @@ def test_http_server_round_trip(world):
     text_index = T.BM25Index.from_jsonl(d / "corpus.jsonl")
     image_index = T.LocalImageIndex.from_jsonl(d / "image_index.jsonl")
     with running(T.SearchServer(text_index, image_index, "127.0.0.1", 0)) as url:
-        text, images = T.HttpTextSearch(url), T.HttpImageSearch(url)
-        assert text.search("Kessin Valor founded", 2) == text_index.search("Kessin Valor founded", 2)
+        client = T.HttpSearch(url)
+        assert client.search("Kessin Valor founded", 2) == text_index.search("Kessin Valor founded", 2)
         piece = T.crop(scene, boxes[2][1])[0]
-        assert images.search(piece, 3) == image_index.search(piece, 3)
+        assert client.search(piece, 3) == image_index.search(piece, 3)
         with pytest.raises(T.SearchError, match="HTTP 400"):  # a bad request is not retried
             T._request_json("POST", url + "/text", payload={"query": "", "k": 3}, retries=0)
         with pytest.raises(T.SearchError, match="HTTP 400"):
@@ -477,7 +477,7 @@ def test_http_server_round_trip(world):
             T._request_json("POST", url + "/video", payload={}, retries=0)
     with running(T.SearchServer(text_index, None, "127.0.0.1", 0)) as url:
         with pytest.raises(T.SearchError, match="no image index"):
-            T.HttpImageSearch(url, retries=0).search(piece, 3)
+            T.HttpSearch(url, retries=0).search(piece, 3)
 
 
 def test_searchr1_protocol_both_ways():
@@ -572,7 +572,7 @@ def test_server_refuses_an_image_over_the_pixel_cap_before_decoding(world):
             assert reply.status_code == 400 and says in reply.json()["error"]
             assert f"{T.MAX_IMAGE_PIXELS} pixels" in reply.json()["error"]
             piece = T.crop(scene, boxes[0][1])[0]  # a normal request is still answered, and the same
-            assert T.HttpImageSearch(url, retries=0).search(piece, 3) == image_index.search(piece, 3)
+            assert T.HttpSearch(url, retries=0).search(piece, 3) == image_index.search(piece, 3)
 
 
 def test_server_answers_malformed_json_with_400_and_stays_up():
@@ -584,7 +584,7 @@ def test_server_answers_malformed_json_with_400_and_stays_up():
             assert reply.status_code == 400, body[:20]
             assert "JSON" in reply.json()["error"]
         assert "nested too deeply" in requests.post(url + "/text", data=b"[" * 100_000, timeout=5).json()["error"]
-        assert T.HttpTextSearch(url, retries=0).search("Orvale glass", 1)[0]["id"] == "p2"
+        assert T.HttpSearch(url, retries=0).search("Orvale glass", 1)[0]["id"] == "p2"
 
 
 def test_server_refuses_a_body_over_the_cap_unread():
@@ -598,7 +598,7 @@ def test_server_refuses_a_body_over_the_cap_unread():
             reply, _ = raw_exchange(server.server_port, f"POST /text HTTP/1.0\r\nContent-Length: {declared}"
                                                         "\r\n\r\n".encode())
             assert reply.startswith(b"HTTP/1.0 400 ") and b"Content-Length" in reply
-        assert T.HttpTextSearch(url, retries=0).search("Orvale glass", 1)[0]["id"] == "p2"
+        assert T.HttpSearch(url, retries=0).search("Orvale glass", 1)[0]["id"] == "p2"
 
 
 def test_server_drops_stalled_and_trickling_clients():
@@ -610,7 +610,7 @@ def test_server_drops_stalled_and_trickling_clients():
             for sock in stalled:  # promises 1000 bytes, sends one
                 sock.sendall(b"POST /text HTTP/1.0\r\nContent-Length: 1000\r\n\r\n{")
             assert wait_until(lambda: threading.active_count() >= before + 20, 2.0)
-            assert T.HttpTextSearch(url, retries=0).search("Orvale glass", 1)[0]["id"] == "p2"  # answered meanwhile
+            assert T.HttpSearch(url, retries=0).search("Orvale glass", 1)[0]["id"] == "p2"  # answered meanwhile
             start = time.monotonic()
             assert all(closed_by_server(sock, 3.0) for sock in stalled)
             assert time.monotonic() - start < 0.5 + 1.0
@@ -657,13 +657,13 @@ def test_server_bounds_handler_threads_and_answers_503_beyond():
         assert peak <= before + 4
         assert sum(r.startswith(b"HTTP/1.0 503 ") for r in replies) == 196 and replies.count(b"") == 4
         assert wait_until(lambda: threading.active_count() <= before, 2.0)
-        assert T.HttpTextSearch(url, retries=0).search("Orvale glass", 1)[0]["id"] == "p2"
+        assert T.HttpSearch(url, retries=0).search("Orvale glass", 1)[0]["id"] == "p2"
 
 
 def test_http_client_retries_429_and_5xx_and_waits_for_retry_after():
     replies = iter([(429, {"error": "slow down"}), (503, {"error": "busy"}), (200, {"results": [{"id": "x"}]})])
     with json_server(lambda *request: next(replies)) as url:
-        assert T.HttpTextSearch(url, retries=2, backoff=0.01).search("q", 3) == [{"id": "x"}]
+        assert T.HttpSearch(url, retries=2, backoff=0.01).search("q", 3) == [{"id": "x"}]
 
     calls = []
 
@@ -674,7 +674,7 @@ def test_http_client_retries_429_and_5xx_and_waits_for_retry_after():
 
     with raw_server(reply) as url:
         start = time.monotonic()
-        assert T.HttpTextSearch(url, retries=1, backoff=0.01).search("q", 3) == [{"id": "x"}]
+        assert T.HttpSearch(url, retries=1, backoff=0.01).search("q", 3) == [{"id": "x"}]
         assert time.monotonic() - start >= 1.0 and calls[1] - calls[0] >= 0.95
 
     with raw_server(lambda h: send(h, 503, b"{}", Retry_After="30")) as url:  # more than the call has left
@@ -846,7 +846,7 @@ def test_execute_failures_are_observations():
         return 200, {"results": []}
 
     with json_server(slow) as url:
-        tools = T.Tools(T.HttpTextSearch(url, timeout=0.2, retries=0), None)
+        tools = T.Tools(T.HttpSearch(url, timeout=0.2, retries=0), None)
         start = time.perf_counter()
         obs = tools.execute(T.parse_action("<text_search>q</text_search>"), None, state)
     assert obs.error and "timed out" in obs.text and time.perf_counter() - start < 2.0
@@ -906,7 +906,7 @@ def test_web_text_never_becomes_chat_structure(tiny):
             T.parse_action(f"<text_search>{hostile}</text_search>"), None, T.State()),  # a query echoed back
     ]
     with json_server(lambda *request: (400, {"error": hostile})) as url:
-        observations.append(T.Tools(T.HttpTextSearch(url, retries=0), None).execute(text, None, T.State()))
+        observations.append(T.Tools(T.HttpSearch(url, retries=0), None).execute(text, None, T.State()))
     assert [o.error for o in observations] == [False, False, False, True, True, True, True]
     for obs in observations:
         assert obs.text.startswith("<information>") and obs.text.count("<information>") == 1
@@ -961,7 +961,7 @@ def test_request_deadline_stops_a_trickling_server():
         with pytest.raises(T.SearchError, match="1.5 s deadline"):
             T._request_json("GET", url, timeout=5.0, retries=3, deadline=1.5)
         assert time.monotonic() - start < 1.5 + 1.0
-        tools = T.Tools(T.HttpTextSearch(url, timeout=0.6, retries=1, backoff=0.05), None)
+        tools = T.Tools(T.HttpSearch(url, timeout=0.6, retries=1, backoff=0.05), None)
         start = time.monotonic()
         obs = tools.execute(T.parse_action("<text_search>q</text_search>"), None, T.State())
         assert obs.error and "deadline" in obs.text and time.monotonic() - start < 0.6 * 2 + 0.05 + 1.0
@@ -1002,7 +1002,7 @@ def test_request_refuses_a_response_over_the_byte_cap():
             with pytest.raises(T.SearchError, match="response larger than 1000 bytes"):
                 T._request_json("GET", url, retries=0, max_bytes=1000)
             assert T._request_json("GET", url, retries=0, max_bytes=len(big)) == json.loads(big)
-            obs = T.Tools(T.HttpTextSearch(url, retries=0), None).execute(
+            obs = T.Tools(T.HttpSearch(url, retries=0), None).execute(
                 T.parse_action("<text_search>q</text_search>"), None, T.State())
             assert obs.error and "larger than" in obs.text and len(obs.text) < 300
 
@@ -1014,7 +1014,7 @@ def test_request_refuses_a_response_over_the_byte_cap():
 def test_malformed_results_are_failures_and_never_cached(payload, tmp_path):
     cache = T.SearchCache(tmp_path / "cache.sqlite", "rw")
     with json_server(lambda *request: (200, payload)) as url:
-        tools = T.Tools(T.HttpTextSearch(url, retries=0), None, cache=cache)
+        tools = T.Tools(T.HttpSearch(url, retries=0), None, cache=cache)
         for _ in range(2):  # the second call is not a replay of the first
             obs = tools.execute(T.parse_action("<text_search>q</text_search>"), None, T.State())
             assert obs.error and obs.text.startswith("<information>Search failed: ") and "results" in obs.text
@@ -1027,7 +1027,7 @@ def test_results_are_cleaned_before_they_are_cached(tmp_path):
                            {"title": ["bad"], "text": "dropped"}, {"title": "Kept", "text": "fine", "url": "u"}]}
     cache = T.SearchCache(tmp_path / "cache.sqlite", "rw")
     with json_server(lambda *request: (200, payload)) as url:
-        obs = T.Tools(T.HttpTextSearch(url), None, cache=cache).execute(
+        obs = T.Tools(T.HttpSearch(url), None, cache=cache).execute(
             T.parse_action("<text_search>q</text_search>"), None, T.State())
     expected = [{"title": "1843", "text": "", "id": "a", "score": 2.0}, {"title": "Kept", "text": "fine", "url": "u"}]
     assert not obs.error and obs.results == expected
@@ -1047,7 +1047,7 @@ def test_empty_results_are_not_cached(tmp_path):
 
     cache = T.SearchCache(tmp_path / "cache.sqlite", "rw")
     with json_server(respond) as url:
-        tools = T.Tools(T.HttpTextSearch(url, retries=0), None, cache=cache)
+        tools = T.Tools(T.HttpSearch(url, retries=0), None, cache=cache)
         for _ in range(2):
             obs = tools.execute(T.parse_action("<text_search>q</text_search>"), None, T.State())
             assert obs.error and "No results" in obs.text
@@ -1164,7 +1164,7 @@ def test_serve_command_line(world):
         line = proc.stdout.readline()  # "serving text and image search over ... on http://127.0.0.1:PORT"
         url = line.split(" on ")[-1].strip()
         assert url.startswith("http://127.0.0.1:") and "text and image" in line
-        assert T.HttpTextSearch(url).search("Orvale glass", 1)[0]["id"] == "p2"
+        assert T.HttpSearch(url).search("Orvale glass", 1)[0]["id"] == "p2"
     finally:
         proc.terminate()
         proc.wait(timeout=10)
