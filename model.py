@@ -43,7 +43,7 @@ from transformers import (AttentionInterface, AutoTokenizer, PreTrainedTokenizer
 from transformers.image_utils import SizeDict
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
-from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil, smart_resize
 
 HERE = Path(__file__).resolve().parent
 IMAGE = "<image>"  # placeholder for an image inside string message content (design card)
@@ -99,10 +99,16 @@ class Processor:
         self.tokenizer.save_pretrained(out_dir)
         self.image_processor.save_pretrained(out_dir)
 
-    def images(self, images):
-        """PIL images -> (pixel_values (P, C*t*p*p), image_grid_thw (N, 3)) or (None, None)."""
+    def images(self, images, pixels=True):
+        """PIL images -> (pixel_values (P, C*t*p*p), image_grid_thw (N, 3)) or (None, None). pixels=False:
+        (None, the grids) from the images' sizes alone (the processor's own smart_resize), no pixel touched."""
         if not images:
             return None, None
+        if not pixels:
+            ip, patch = self.image_processor, self.image_processor.patch_size
+            sizes = [smart_resize(im.height, im.width, factor=patch * self.merge, min_pixels=ip.size.shortest_edge,
+                                  max_pixels=ip.size.longest_edge) for im in images]
+            return None, torch.tensor([[1, h // patch, w // patch] for h, w in sizes])
         out = self.image_processor(images=[im.convert("RGB") for im in images], return_tensors="pt")
         return out["pixel_values"], out["image_grid_thw"]
 
@@ -204,11 +210,11 @@ def chat_template_text():
 
 # ----------------------------------------------------------------------------- the tiny checkpoint
 
-def train_tokenizer(texts, vocab_size=4096, split=TINY_SPLIT):
-    """A byte-level BPE with Qwen2's special tokens and the pre-tokenizer `split`, trained on `texts`."""
+def train_tokenizer(texts, vocab_size=4096):
+    """A byte-level BPE with Qwen2's special tokens and our TINY_SPLIT pre-tokenizer, trained on `texts`."""
     tok = Tokenizer(models.BPE())
     tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"),
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(TINY_SPLIT), behavior="isolated"),
                                                  pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
@@ -220,23 +226,22 @@ def train_tokenizer(texts, vocab_size=4096, split=TINY_SPLIT):
         model_max_length=32768, clean_up_tokenization_spaces=False)
 
 
-def tiny_config(vocab_size, token_ids, hidden=128, layers=4, heads=4, kv_heads=2, ffn=None,
-                vision_hidden=64, vision_depth=2, vision_heads=2):
-    """A Qwen2.5-VL config of the real architecture at toy size: patch 14, merge 2, temporal 2,
-    windowed vision attention with full-attention blocks, M-RoPE sections scaled to the head size."""
+def tiny_config(vocab_size, token_ids, hidden=128, layers=4, heads=4, kv_heads=2):
+    """A Qwen2.5-VL config of the real architecture at toy size: patch 14, merge 2, temporal 2, a
+    two-block vision tower (windowed attention, then full), M-RoPE sections scaled to the head size."""
     half = hidden // heads // 2
     sec = [half // 4, (half - half // 4) // 2]
     sec.append(half - sum(sec))  # real 7B: [16, 24, 24] for head_dim 128
     return Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=ffn or 4 * hidden,
+        text_config=dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=4 * hidden,
                          num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
                          max_position_embeddings=8192, rms_norm_eps=1e-6,
                          rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": sec},
                          bos_token_id=token_ids["<|endoftext|>"], eos_token_id=token_ids["<|im_end|>"],
                          pad_token_id=token_ids["<|endoftext|>"]),
-        vision_config=dict(depth=vision_depth, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
-                           num_heads=vision_heads, out_hidden_size=hidden, patch_size=14, spatial_merge_size=2,
-                           temporal_patch_size=2, window_size=112, fullatt_block_indexes=[vision_depth - 1]),
+        vision_config=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=hidden,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                           fullatt_block_indexes=[1]),
         image_token_id=token_ids["<|image_pad|>"], video_token_id=token_ids["<|video_pad|>"],
         vision_start_token_id=token_ids["<|vision_start|>"], vision_end_token_id=token_ids["<|vision_end|>"],
         tie_word_embeddings=True)
@@ -287,8 +292,8 @@ def caption_warmup(model, processor, pairs, steps, seed=0, batch=16, lr=1e-3, lo
     return _warmup(model, next_batch, steps, lr, log, "caption", 250)
 
 
-def build_tiny(out_dir, texts, seed=0, vocab_size=4096, min_pixels=28 * 28, max_pixels=224 * 224,
-               copy_steps=0, captions=(), caption_steps=0, log=None, **size):
+def build_tiny(out_dir, texts, seed=0, vocab_size=4096, copy_steps=0, captions=(), caption_steps=0, log=None,
+               **size):
     """Write a random Qwen2.5-VL checkpoint + processor to `out_dir`, loaded by `load()` like a real one
     (`size`: tiny_config's), after copy_steps of copy_warmup and caption_steps of caption_warmup on
     `captions` ((PIL image, text) pairs): two skills of pretraining the synthetic world needs."""
@@ -301,7 +306,7 @@ def build_tiny(out_dir, texts, seed=0, vocab_size=4096, min_pixels=28 * 28, max_
     model = Qwen2_5_VLForConditionalGeneration(tiny_config(len(tok), ids, **size))
     if copy_steps:
         copy_warmup(model, [i for i in range(len(tok)) if i not in ids.values()], copy_steps, seed, log=log)
-    processor = Processor(tok, Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels))
+    processor = Processor(tok, Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=224 * 224))
     if caption_steps:
         caption_warmup(model, processor, captions, caption_steps, seed, log=log)
     save(model, processor, out_dir, {"step": 0, "tiny": True, "seed": seed, "size": size,
@@ -330,11 +335,12 @@ def conversation_text(messages, add_generation_prompt=False):
     return text + ("<|im_start|>assistant\n" if add_generation_prompt else ""), spans
 
 
-def render(processor, messages, images=(), add_generation_prompt=False):
+def render(processor, messages, images=(), add_generation_prompt=False, pixels=True):
     """Conversation -> dict(input_ids (T,), loss_mask (T,), pixel_values, image_grid_thw); `images`:
-    PIL images, one per `<image>` placeholder, in order. The rollout renders its chunks with it."""
+    PIL images, one per `<image>` placeholder, in order. The rollout renders its chunks with it.
+    pixels=False: the tokens alone (pixel_values None), as sft.py's scan counts them."""
     text, spans = conversation_text(messages, add_generation_prompt)
-    pixel_values, grid = processor.images(list(images))
+    pixel_values, grid = processor.images(list(images), pixels)
     enc = processor.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = torch.tensor(enc["input_ids"], dtype=torch.long)
     starts = torch.tensor([s for s, _ in enc["offset_mapping"]], dtype=torch.long)
@@ -910,12 +916,8 @@ def _rank():
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def is_main():
-    return _rank() == 0
-
-
 def print0(*a, **kw):
-    if is_main():
+    if _rank() == 0:
         print(*a, **kw, flush=True)
 
 
@@ -951,7 +953,7 @@ class RunLog:
 
     def __init__(self, path, args):
         self.path, self.f = Path(path), None
-        if not is_main():
+        if _rank() != 0:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.f = open(self.path, "a")
@@ -1083,3 +1085,44 @@ def clip_grad_norm(params, max_norm):
         return 0.0
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
     return (norm.full_tensor() if isinstance(norm, DTensor) else norm).item()
+
+
+# ----------------------------------------------------------------------------- a training run's start (sft.py, rl.py)
+
+def start_run(args):
+    """-> (rank, world, device, log, resume): torch threads (--threads, 0: torch's default), the process
+    group, a checkpoint swap in --out that a kill interrupted finished (rank 0, before anything reads
+    it), the run log, and whether --resume finds a train state to continue from (a job script may
+    always pass --resume, from its first launch on)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rank, world, device = setup_dist()
+    out = Path(args.out)
+    if rank == 0:
+        recover(out)
+    barrier()
+    log = RunLog(out / "log.txt", args)
+    resume = args.resume and (out / TRAIN_STATE).is_file()
+    if args.resume and not resume:
+        log(f"--resume: no {out / TRAIN_STATE}, starting fresh")
+    return rank, world, device, log, resume
+
+
+def load_trainable(args, path, resume, device, dtype, log, freeze_vision=True):
+    """The model a run trains -> (model, processor): trainable weights in fp32, a LoRA run's frozen base
+    in the compute dtype `dtype`. Full fine-tuning resumes from the run's own weights (--out), LoRA
+    (--lora_rank, alpha 16) from the base `path` plus the saved adapter. The LoRA factors are drawn
+    after torch.manual_seed(--seed), the same on every rank (FSDP2 does not broadcast them)."""
+    out = Path(args.out)
+    model, processor = load(out if resume and not args.lora_rank else path, device=device,
+                            dtype=dtype if args.lora_rank else torch.float32, log=log, max_pixels=args.max_pixels)
+    if args.lora_rank:
+        torch.manual_seed(args.seed)
+        add_lora(model, args.lora_rank)
+        if resume:
+            load_adapter(model, out)
+    if freeze_vision:
+        model.model.visual.requires_grad_(False)
+    if args.grad_ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model, processor

@@ -266,21 +266,14 @@ def bench(wrapped, ref, optimizer, params, proc, tools, questions, args, device,
 
 def main(argv=None):
     args = get_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    rank, world, device = M.setup_dist()
     micro = args.micro_batch or args.mini_batch
-    if args.batch % world:
-        raise SystemExit(f"rl.py: --batch {args.batch} must divide over {world} ranks")
     if args.mini_batch % micro:
         raise SystemExit(f"rl.py: --mini_batch {args.mini_batch} is not a multiple of --micro_batch {args.micro_batch}")
-    dtype = M.compute_dtype(args.precision, device)
+    rank, world, device, log, resume = M.start_run(args)
+    if args.batch % world:
+        raise SystemExit(f"rl.py: --batch {args.batch} must divide over {world} ranks")
+    out, dtype = Path(args.out), M.compute_dtype(args.precision, device)
     torch.manual_seed(args.seed + rank)
-    out = Path(args.out)
-    if rank == 0:
-        M.recover(out)  # finish a checkpoint swap that a kill interrupted
-    M.barrier()
-    log = M.RunLog(out / "log.txt", args)
     try:  # bad input fails before any work; bad lines are skipped, named path:line in the log
         with warnings.catch_warnings(record=True) as skipped:
             warnings.simplefilter("always")
@@ -289,22 +282,8 @@ def main(argv=None):
         raise SystemExit(f"rl.py: {e}") from None
     for w in skipped:
         log(str(w.message))
-    resume = args.resume and (out / M.TRAIN_STATE).is_file()
-    if args.resume and not resume:  # a job script may always pass --resume, from its first launch on
-        log(f"--resume: no {out / M.TRAIN_STATE}, starting fresh")
 
-    # The policy: fp32 trainable weights (a LoRA run's frozen base in the compute dtype), from --ckpt
-    # or on --resume from the run's own checkpoint (LoRA: the base plus the saved adapter).
-    policy, proc = M.load(out if resume and not args.lora_rank else args.ckpt, device=device,
-                          dtype=dtype if args.lora_rank else torch.float32, log=log, max_pixels=args.max_pixels)
-    policy.model.visual.requires_grad_(False)
-    if args.lora_rank:
-        torch.manual_seed(args.seed)  # the same LoRA init on every rank (FSDP2 does not broadcast it)
-        M.add_lora(policy, args.lora_rank)  # alpha 16
-        if resume:
-            M.load_adapter(policy, out)
-    if args.grad_ckpt:
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    policy, proc = M.load_trainable(args, args.ckpt, resume, device, dtype, log)
     # The KL reference, the frozen start (beta 0: none): a LoRA policy with its adapters off, or a frozen
     # fp32 copy stored and run like the policy, so that the same forward gives KL exactly 0 at the start.
     ref = None

@@ -72,14 +72,11 @@ class Trajectory:
     gen_tokens: int = 0
     prompt_len: int = 0
 
-    @property
-    def image_grid_thw(self):
-        return torch.cat(self.grids) if self.grids else None
-
     def item(self):
         """The dict model.collate takes (model.render's keys), plus sampling log-probs and prompt_len."""
         return {"input_ids": torch.tensor(self.token_ids), "loss_mask": torch.tensor(self.loss_mask),
-                "logprobs": torch.tensor(self.logprobs), "image_grid_thw": self.image_grid_thw,
+                "logprobs": torch.tensor(self.logprobs),
+                "image_grid_thw": torch.cat(self.grids) if self.grids else None,
                 "pixel_values": torch.cat(self.pixel_values) if self.pixel_values else None,
                 "prompt_len": self.prompt_len}  # what its group shares (model.collate_shared)
 
@@ -503,11 +500,11 @@ def compact(live, cache, bar=None):
     live[:] = sorted(keep, key=lambda r: r.slot)
 
 
-def buckets(rows, max_pad_waste=0.5):
+def buckets(rows):
     """Split rows sorted by pending length so that padding wastes at most about half a forward."""
     parts = []
     for r in rows:
-        if not parts or (len(r.pending) > 1 and len(parts[-1][0].pending) < max_pad_waste * len(r.pending)):
+        if not parts or (len(r.pending) > 1 and len(parts[-1][0].pending) < 0.5 * len(r.pending)):
             parts.append([])
         parts[-1].append(r)
     return parts

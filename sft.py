@@ -20,7 +20,6 @@ PEFT's layout in adapter/), log.txt (run header, one line per step, eval lines),
 """
 import argparse
 import contextlib
-import copy
 import hashlib
 import io
 import itertools
@@ -35,7 +34,6 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
-from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
 import eval as E
 import model as M
@@ -126,17 +124,10 @@ def digest(line, images):
 
 def scan_line(line, base_dir, processor):
     """One JSONL line (bytes) -> {id, length, n_trained, digest of the line and its images}, or ValueError.
-    model.render tokenises it with the images' patch grids computed from their sizes alone (the image
-    processor's own smart_resize), so no pixels are resized or normalised."""
+    model.render tokenises it with the images' patch grids from their sizes alone: no pixel is resized."""
     row, images = read_line(line, base_dir)
-    ip = processor.image_processor
     try:
-        grids = [[1, h // ip.patch_size, w // ip.patch_size] for h, w in (
-            smart_resize(im.height, im.width, factor=ip.patch_size * ip.merge_size,
-                         min_pixels=ip.size.shortest_edge, max_pixels=ip.size.longest_edge) for im, _ in images)]
-        sized = copy.copy(processor)
-        sized.images = lambda ims: (None, torch.tensor(grids) if grids else None)
-        r = M.render(sized, row["messages"], [im for im, _ in images])
+        r = M.render(processor, row["messages"], [im for im, _ in images], pixels=False)
     except ValueError as e:
         raise ValueError(f"cannot render ({e})") from None
     return {"id": str(row["id"]), "length": len(r["input_ids"]), "n_trained": int(r["loss_mask"].sum()),
@@ -272,34 +263,11 @@ def evaluate(wrapped, held, processor, agent, micro, device, dtype, rank, world,
 
 def main(argv=None):
     args = get_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    rank, world, device = M.setup_dist()
-    out = Path(args.out)
-    if rank == 0:
-        M.recover(out)  # finish a checkpoint swap that a kill interrupted
-    M.barrier()
-    log = M.RunLog(out / "log.txt", args)
-    resume = args.resume and (out / M.TRAIN_STATE).is_file()
-    if args.resume and not resume:
-        log(f"--resume: no {out / M.TRAIN_STATE}, starting fresh")
-    dtype = M.compute_dtype(args.precision, device)
-
-    # The model: trainable weights in fp32, a LoRA run's frozen base in the compute dtype. Full
-    # fine-tuning resumes from the run's saved weights, LoRA from the base plus the saved adapter.
+    rank, world, device, log, resume = M.start_run(args)
+    out, dtype = Path(args.out), M.compute_dtype(args.precision, device)
     meta_file = Path(args.model) / "meta.json"
     tiny = meta_file.is_file() and bool(json.loads(meta_file.read_text()).get("tiny"))
-    model, processor = M.load(out if resume and not args.lora_rank else args.model, device=device,
-                              dtype=dtype if args.lora_rank else torch.float32, log=log, max_pixels=args.max_pixels)
-    torch.manual_seed(args.seed)  # the same LoRA init on every rank (FSDP2 does not broadcast it)
-    if args.lora_rank:
-        M.add_lora(model, rank=args.lora_rank, alpha=16.0)
-        if resume:
-            M.load_adapter(model, out)
-    if args.freeze_vision:
-        model.model.visual.requires_grad_(False)
-    if args.grad_ckpt:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model, processor = M.load_trainable(args, args.model, resume, device, dtype, log, args.freeze_vision)
     model.train()
 
     # The data and the plan: every rank knows every batch; a resumed run must find the same plan.

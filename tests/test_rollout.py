@@ -54,7 +54,7 @@ def test_greedy_parity_with_generate_baseline(tiny, world):
     model, proc = tiny
     qs = world[2]
     ours = R.rollout(model, proc, make_tools(world), qs, temperature=0.0, forced_actions=FORCED,
-                     batch_size=3, **KW)
+                     batch_size=3, **KW)  # 5 questions in 3 slots: finished rows' slots are reused
     base = R.rollout_baseline(model, proc, make_tools(world), qs, forced_actions=FORCED, **KW)
     assert any(t.images and len(t.images) >= 2 for t in ours)  # an observation carried an image
     for a, b in zip(ours, base):
@@ -117,7 +117,7 @@ def test_sampled_logprobs_equal_full_forward(tiny, world, temperature, top_p):
     for t in trajs:
         assert sum(t.loss_mask) == t.gen_tokens
         n_img = sum(t.token_ids[i] == proc.image_token_id for i in range(len(t.token_ids)))
-        assert n_img == sum(proc.n_image_tokens(g) for g in t.image_grid_thw) if t.images else n_img == 0
+        assert n_img == sum(proc.n_image_tokens(g) for grids in t.grids for g in grids) if t.images else n_img == 0
 
 
 def test_shared_prompt_forward_equals_separate_forwards(tiny, world):
@@ -194,14 +194,6 @@ def test_group_prefix_sharing_same_as_no_sharing(tiny, world):
     b = R.rollout(model, proc, make_tools(world), world[2][:2], share_prefix=False, **kw)
     assert [t.token_ids for t in a] == [t.token_ids for t in b]
     assert len({tuple(t.token_ids) for t in a[:3]}) > 1  # the group's samples differ
-
-
-def test_slot_reuse_gives_same_result_as_one_big_batch(tiny, world):
-    model, proc = tiny
-    qs = world[2]
-    small = R.rollout(model, proc, make_tools(world), qs, temperature=0.0, batch_size=2, forced_actions=FORCED, **KW)
-    big = R.rollout(model, proc, make_tools(world), qs, temperature=0.0, batch_size=16, forced_actions=FORCED, **KW)
-    assert [t.token_ids for t in small] == [t.token_ids for t in big]
 
 
 def test_budgets_and_failures_end_cleanly(tiny, world):
