@@ -48,6 +48,8 @@ def test_tokens_equal_template_and_processor(tiny):
     assert r["input_ids"].tolist() == ref
     assert (r["input_ids"] == proc.image_token_id).sum().item() == sum(n) == 4 + 12
     assert torch.equal(r["image_grid_thw"], grids)
+    sized = M.render(proc, CONV, [RED, BLUE], pixels=False)  # grids from the images' sizes alone (sft's scan)
+    assert torch.equal(sized["input_ids"], r["input_ids"]) and torch.equal(sized["image_grid_thw"], grids)
 
 
 def test_loss_mask_exact(tiny):
