@@ -770,13 +770,16 @@ def run_mode(mode, model, processor, tools_, questions, max_turns=6, max_new_tok
 
 def traj_record(traj, question, bench, mode, s, judged=False, index=None):
     """A Trajectory -> a plain JSON-able record: what metrics, reports and model.gather need."""
-    steps = [{"text": t, "action": {"kind": a.kind, "arg": a.arg, "box": list(a.box) if a.box else None,
-                                    "whole": a.whole, "reason": a.reason, "error": a.error},
-              "obs": None if o is None else {  # the last turn (an answer, or cut by a budget) has no observation
-                  "text": o.text, "kind": o.kind, "error": bool(o.error), "box": list(o.box) if o.box else None,
-                  "results": [{k: r[k] for k in ("id", "title", "text", "url", "image", "score") if k in r}
-                              for r in o.results]}}
-             for t, a, o in zip(traj.texts, traj.actions, list(traj.observations) + [None] * len(traj.texts))]
+    steps = []
+    # the last turn (an answer, or one cut by a budget) has no observation
+    for text, a, o in zip(traj.texts, traj.actions, list(traj.observations) + [None] * len(traj.texts)):
+        action = {"kind": a.kind, "arg": a.arg, "box": list(a.box) if a.box else None, "whole": a.whole,
+                  "reason": a.reason, "error": a.error}
+        obs = None if o is None else {
+            "text": o.text, "kind": o.kind, "error": bool(o.error), "box": list(o.box) if o.box else None,
+            "results": [{k: r[k] for k in ("id", "title", "text", "url", "image", "score") if k in r}
+                        for r in o.results]}
+        steps.append({"text": text, "action": action, "obs": obs})
     return {"bench": bench, "mode": mode, "index": index, "qid": question["id"], "question": question["question"],
             "image": question.get("image"), "answers": list(question.get("answers", [])),
             "meta": question.get("meta") or {}, "answer": traj.answer, "score": float(s), "judged": bool(judged),
@@ -812,12 +815,12 @@ def metrics(records, wall_s=0.0):
          "text_per_q": mean(lambda r: r["n_text"]), "image_per_q": mean(lambda r: r["n_image"]),
          "crop_per_q": mean(lambda r: r["n_crop"]), "searches_per_q": mean(_calls), "turns": mean(lambda r: r["turns"]),
          "gen_tokens": mean(lambda r: r["gen_tokens"]), "tool_errors": mean(lambda r: r["n_errors"]),
-         "answered": mean(lambda r: r["finish"] == "answer"), "judged": sum(1 for r in records if r.get("judged")),
+         "answered": mean(lambda r: r["finish"] == "answer"), "judged": sum(r["judged"] for r in records),
          "wall_s": float(wall_s), "s_per_q": float(wall_s) / n if n else 0.0,
          "usage": {k: mean(lambda r, f=f: bool(f(r))) for k, f in USAGE.items()}}
     kinds = defaultdict(list)
     for r in records:
-        if r.get("meta", {}).get("kind"):
+        if r["meta"].get("kind"):
             kinds[r["meta"]["kind"]].append(r["score"])
     if kinds:
         m["by_kind"] = {k: {"n": len(v), "accuracy": sum(v) / len(v)} for k, v in sorted(kinds.items())}
@@ -1137,8 +1140,8 @@ def read_questions(path, limit=0):
 def bench_name(path, questions):
     """A benchmark's name: its rows' meta.bench (converted benchmarks), else from the file name:
     questions_eval.jsonl -> synthetic, questions_hard.jsonl -> synthetic-hard."""
-    b, stem = (questions[0].get("meta") or {}).get("bench") if questions else None, Path(path).stem
-    return b or ("synthetic" if stem == "questions_eval" else stem.replace("questions_", "synthetic-"))
+    bench, stem = questions[0]["meta"].get("bench") if questions else None, Path(path).stem
+    return bench or ("synthetic" if stem == "questions_eval" else stem.replace("questions_", "synthetic-"))
 
 
 def evaluate(mode, model, processor, tools_, questions, bench, judge=None, rank=0, world=1,
