@@ -149,7 +149,7 @@ def register_attention(name, fn):
 
 def _check_folder(path):
     """Name the missing or corrupt file instead of letting transformers fail deep inside."""
-    path, index = Path(path), Path(path) / "model.safetensors.index.json"
+    path, index, shards = Path(path), Path(path) / "model.safetensors.index.json", ["model.safetensors"]
     for f in (path / "config.json", path / "preprocessor_config.json") + ((index,) if index.is_file() else ()):
         if not f.is_file():
             raise FileNotFoundError(f"{f}: missing (a Qwen2.5-VL checkpoint folder needs it)")
@@ -157,9 +157,11 @@ def _check_folder(path):
             info = json.loads(f.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{f}: not valid JSON ({e})") from None
+        if f == index:  # sharded weights
+            shards = sorted(set(info.get("weight_map", {}).values()))
     if not ((path / "tokenizer.json").is_file() or (path / "vocab.json").is_file()):
         raise FileNotFoundError(f"{path / 'tokenizer.json'}: missing (no tokenizer files)")
-    for s in sorted(set(info.get("weight_map", {}).values())) if index.is_file() else ["model.safetensors"]:
+    for s in shards:
         if not (path / s).is_file():
             raise FileNotFoundError(f"{path / s}: missing (the weights of {path})")
         try:

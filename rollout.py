@@ -404,8 +404,7 @@ class Engine:
 
     def fail(self, row, text):
         """End with finish "error" and an observation that says why (never a raise)."""
-        row.traj.observations.append(T.Observation(text=text, images=[], error=True, kind="error", box=None,
-                                                   results=[]))
+        row.traj.observations.append(T.Observation(text, error=True, kind="error"))
         self.finish(row, "error")
 
     # -- the model

@@ -24,7 +24,7 @@ import model as M
 QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 # The published Qwen2.5-VL-3B-Instruct config.json (transformers_version 4.41.2), every field kept;
-# the sizes are shrunk in build_hub_checkpoint.
+# the sizes are shrunk to TOY's.
 HUB_CONFIG = {
     "architectures": ["Qwen2_5_VLForConditionalGeneration"],
     "attention_dropout": 0.0,
@@ -95,6 +95,13 @@ HUB_GENERATION = {
     "temperature": 1e-06,
     "transformers_version": "4.49.0",
 }
+
+# Toy sizes: 2 decoder layers of 2 heads of the real head size, 128 (mrope_section [16, 24, 24] needs it),
+# and a vision tower of 2 blocks (windowed attention, then full).
+TOY = {"hidden_size": 256, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
+       "intermediate_size": 512}
+TOY_VISION = {"depth": 2, "hidden_size": 128, "num_heads": 2, "intermediate_size": 256, "out_hidden_size": 256,
+              "fullatt_block_indexes": [1]}
 
 BPE_SIZE = 151643  # ordinary tokens; the added ones start here
 # The added tokens after model.SPECIAL_TOKENS, in id order (151657...). Unlike those, the real
@@ -194,31 +201,21 @@ def write_weights(out_dir, model, shards=2):
 
 # ----------------------------------------------------------------------------- checkpoint
 
-def hub_config(layers, hidden, heads, kv_heads, ffn, vision_hidden, vision_depth, vision_heads):
-    c = json.loads(json.dumps(HUB_CONFIG))
-    assert hidden // heads == 128, "mrope_section [16, 24, 24] needs head_dim 128"
-    c.update(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-             num_key_value_heads=kv_heads, intermediate_size=ffn)
-    c["vision_config"].update(depth=vision_depth, hidden_size=vision_hidden, num_heads=vision_heads,
-                              intermediate_size=2 * vision_hidden, out_hidden_size=hidden,
-                              fullatt_block_indexes=[vision_depth - 1])
-    return c
-
-
-def build_hub_checkpoint(out_dir, layers=2, hidden=256, heads=2, kv_heads=1, ffn=512, vision_hidden=128,
-                         vision_depth=2, vision_heads=2, seed=0, tiktoken_file=None):
-    """Write a random Qwen2.5-VL checkpoint in the hub's layout to `out_dir` and return it (about 10 s on CPU,
-    most of it the tokenizer's 151,643 ranks)."""
+def build_hub_checkpoint(out_dir):
+    """Write a random Qwen2.5-VL checkpoint in the hub's layout at TOY size to `out_dir` and return it (about
+    10 s on CPU, most of it the tokenizer's 151,643 ranks)."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-    tiktoken_file = tiktoken_file or qwen_tiktoken_file()
+    tiktoken_file = qwen_tiktoken_file()
     if tiktoken_file is None:
         raise FileNotFoundError("qwen_agent/utils/qwen.tiktoken not found: "
                                 "pip install --no-deps -r requirements-test.txt")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_json(out_dir / "config.json", hub_config(layers, hidden, heads, kv_heads, ffn, vision_hidden,
-                                                    vision_depth, vision_heads))
-    torch.manual_seed(seed)
+    config = json.loads(json.dumps(HUB_CONFIG))  # a deep copy
+    config.update(TOY)
+    config["vision_config"].update(TOY_VISION)
+    _write_json(out_dir / "config.json", config)
+    torch.manual_seed(0)
     model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig.from_pretrained(out_dir))
     write_weights(out_dir, model)
     write_tokenizer(out_dir, tiktoken_file)
