@@ -389,7 +389,8 @@ def mrope_positions(input_ids, image_grid_thw, processor, start=0):
 
 def collate(items, processor, extra_keys=()):
     """Rendered dicts -> a right-padded batch: input_ids, loss_mask, attention_mask (B, T), position_ids
-    (3, B, T), pixel_values (P, D) | None, image_grid_thw (N, 3) | None, per-token `extra_keys` (B, T)."""
+    (3, B, T), pixel_values (P, D) | None (or image_embeds (image tokens, D): image_key), image_grid_thw
+    (N, 3) | None, per-token `extra_keys` (B, T)."""
     B, T = len(items), max(len(x["input_ids"]) for x in items)
     batch = {"input_ids": torch.full((B, T), processor.pad_id, dtype=torch.long),
              "loss_mask": torch.zeros(B, T, dtype=torch.long), "attention_mask": torch.zeros(B, T, dtype=torch.long),
@@ -404,9 +405,14 @@ def collate(items, processor, extra_keys=()):
         for k in extra_keys:
             batch[k][b, :n] = torch.as_tensor(x[k], dtype=torch.float32)
     imgs = [x for x in items if x["image_grid_thw"] is not None]
-    batch["pixel_values"] = torch.cat([x["pixel_values"] for x in imgs]) if imgs else None
+    batch[image_key(imgs)] = torch.cat([x[image_key(imgs)] for x in imgs]) if imgs else None
     batch["image_grid_thw"] = torch.cat([x["image_grid_thw"] for x in imgs]) if imgs else None
     return batch
+
+
+def image_key(items):
+    """"image_embeds" when every item has its images' features (the rollout's, rl.py), else "pixel_values"."""
+    return "image_embeds" if items and all(x.get("image_embeds") is not None for x in items) else "pixel_values"
 
 
 def to_device(batch, device):
@@ -476,19 +482,20 @@ def _same_pixels(a, b):
     return (a is None and b is None) or (a is not None and b is not None and a.shape == b.shape and torch.equal(a, b))
 
 
-def _image_cut(ids, L, grid, processor):
-    """(images, pixel rows) among a sequence's first L tokens; `grid` (N, 3): its images."""
+def _image_cut(ids, L, grid, processor, per=1):
+    """(images, pixel rows / per) among a sequence's first L tokens; `grid` (N, 3): its images. per =
+    merge^2 counts rows of image features (one per image token) instead."""
     n, k, rows, tokens = int((ids[:L] == processor.image_token_id).sum()), 0, 0, 0
     while tokens < n:
         t, h, w = (int(v) for v in grid[k])
         k, rows, tokens = k + 1, rows + t * h * w, tokens + t * h * w // processor.merge ** 2
     if tokens != n:
         raise ValueError(f"prompt_len ends inside an image ({tokens} image tokens, not {n})")
-    return k, rows
+    return k, rows // per
 
 
-def _shared_prefix(group, P, processor):
-    """(L, [(images, pixel rows) in it per item]) of a group of (ids, grid, pixel values) that share their
+def _shared_prefix(group, P, processor, per=1):
+    """(L, [(images, rows) in it per item]) of a group of (ids, grid, pixels or features) that share their
     first P tokens and pixels: their longest common prefix, cut back so as not to end inside an image,
     and back to P if the images in it differ (crops of the same size)."""
     ids0, grid0, pv0 = group[0]
@@ -498,10 +505,10 @@ def _shared_prefix(group, P, processor):
         L = int(d[0]) if len(d) else L
     while L > P and ids0[L - 1] == processor.image_token_id:
         L -= 1
-    cuts = [_image_cut(ids0, L, grid, processor) for _, grid, _ in group]
+    cuts = [_image_cut(ids0, L, grid, processor, per) for _, grid, _ in group]
     if any(k and not (torch.equal(grid[:k], grid0[:k]) and _same_pixels(pv[:rows], pv0[:rows]))
            for (_, grid, pv), (k, rows) in zip(group, cuts)):
-        L, cuts = P, [_image_cut(ids0, P, grid, processor) for _, grid, _ in group]
+        L, cuts = P, [_image_cut(ids0, P, grid, processor, per) for _, grid, _ in group]
     return L, cuts
 
 
@@ -513,13 +520,15 @@ def collate_shared(items, processor, extra_keys=()):
     rows of the same length (first fit, longest first), positioned after their prefix. token_logprobs
     gives the same log-probs from it (tests/test_rollout.py). Needs use_shared_prompt_attention(model)."""
     batch = collate(items, processor, extra_keys)
-    for k in ("pixel_values", "image_grid_thw", "position_ids", "attention_mask"):
+    key = image_key([x for x in items if x["image_grid_thw"] is not None])
+    per = processor.merge ** 2 if key == "image_embeds" else 1  # an image's pixel rows per feature row
+    for k in (key, "image_grid_thw", "position_ids", "attention_mask"):
         del batch[k]  # the forward reads them from "shared": no second copy of the pixels to the device
     groups = []  # (prompt ids, prompt pixels, [(item, ids, grid, pixels)]), in order of first appearance
     for b, x in enumerate(items):
-        ids, grid, pv = torch.as_tensor(x["input_ids"]), x["image_grid_thw"], x["pixel_values"]
+        ids, grid, pv = torch.as_tensor(x["input_ids"]), x["image_grid_thw"], x[key]
         P = min(int(x.get("prompt_len") or len(ids)), len(ids))
-        k, n_pv = _image_cut(ids, P, grid, processor)
+        k, n_pv = _image_cut(ids, P, grid, processor, per)
         head = pv[:n_pv] if k else None
         g = next((g for g in groups if torch.equal(g[0], ids[:P]) and _same_pixels(g[1], head)), None)
         if g is None:
@@ -529,7 +538,7 @@ def collate_shared(items, processor, extra_keys=()):
     # prompt row, shared length); copies: (item, the identical item whose continuation it reads)
     rows, conts, starts, copies = [], [], {}, []
     for j, (head_ids, _, members) in enumerate(groups):
-        L, cuts = _shared_prefix([m[1:] for m in members], len(head_ids), processor)
+        L, cuts = _shared_prefix([m[1:] for m in members], len(head_ids), processor, per)
         (k, n_pv), (b, ids, grid, pv) = cuts[0], members[0]
         rows.append([(b, j, ids[:L], grid[:k] if k else None, pv[:n_pv] if k else None)])
         seen = []
@@ -581,7 +590,7 @@ def collate_shared(items, processor, extra_keys=()):
     for b, b0 in copies:
         src[b] = src[b0]
     batch["shared"] = {"input_ids": ids, "position_ids": pos, "src": src,
-                       "pixel_values": torch.cat(pvs) if pvs else None,
+                       key: torch.cat(pvs) if pvs else None,
                        "image_grid_thw": torch.cat(grids) if grids else None,
                        "attention_mask": SharedPrompt(n, torch.tensor([len(r[0][2]) for r in rows[:n]]), seg, start)}
     return batch
@@ -589,16 +598,40 @@ def collate_shared(items, processor, extra_keys=()):
 
 # ----------------------------------------------------------------------------- log-probs
 
+def image_features(model, pixel_values, grid):
+    """The vision tower's output for these images (their image tokens, D), in order: what the model's
+    forward puts in place of their <|image_pad|> tokens. The rollout keeps it for training (embed)."""
+    return torch.cat(model.model.get_image_features(pixel_values, grid).pooler_output)
+
+
+def embed(model, input_ids, image_embeds=None):
+    """input_ids (B, T) -> the decoder's input (B, T, D): token embeddings, image_embeds (N, D) in the
+    image tokens' places in order, as the model's own forward does with pixels."""
+    x = model.get_input_embeddings()(input_ids)
+    if image_embeds is None:
+        return x
+    is_img = input_ids == model.config.image_token_id
+    if int(is_img.sum()) != len(image_embeds):
+        raise ValueError(f"{int(is_img.sum())} image tokens but features for {len(image_embeds)}")
+    return x.masked_scatter(is_img[..., None], image_embeds.to(x.device, x.dtype))
+
+
 def forward_hidden(model, batch):
-    """The vision tower + decoder with our positions -> output whose last_hidden_state is (B, T, D)."""
-    pv, mask = batch.get("pixel_values"), batch.get("attention_mask")
+    """The vision tower (or the batch's image_embeds) + decoder with our positions -> output whose
+    last_hidden_state is (B, T, D)."""
+    pv, feats, mask = batch.get("pixel_values"), batch.get("image_embeds"), batch.get("attention_mask")
     if isinstance(mask, SharedPrompt):
         if model.model.language_model.config._attn_implementation != SHARED_ATTN:
             raise ValueError("a collate_shared batch needs model.use_shared_prompt_attention(model) first")
         mask = {"full_attention": mask}  # a mapping: the decoder passes it through instead of building one
-    return model.model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"],
-                       pixel_values=None if pv is None else pv.to(next(model.parameters()).dtype),
-                       image_grid_thw=batch.get("image_grid_thw"))
+    if feats is None:
+        return model.model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"],
+                           pixel_values=None if pv is None else pv.to(next(model.parameters()).dtype),
+                           image_grid_thw=batch.get("image_grid_thw"))
+    if torch.is_grad_enabled() and any(p.requires_grad for p in model.model.visual.parameters()):
+        raise ValueError("image_embeds bypass the vision tower, which then learns nothing: freeze it")
+    return model.model(inputs_embeds=embed(model, batch["input_ids"], feats), attention_mask=mask,
+                       position_ids=batch["position_ids"])
 
 
 def policy_logits(lm_head, h, config):

@@ -154,17 +154,19 @@ def chunks(items, size):
 
 
 def rollout_items(policy, proc, tools, prompts, args, step, rank, world, dtype, judge=None):
-    """One step's rollout -> (trajectories, rewards, advantages, training items with "adv"). A
-    trajectory with no tokens (its image could not be read) trains as one untrained token, so that
-    every rank still runs the same forwards (FSDP2 gathers in lockstep)."""
+    """One step's rollout -> (trajectories, rewards, advantages, training items with "adv"). The items
+    carry the rollout's image features: scoring and the update never run the (frozen) vision tower. A
+    trajectory that sampled nothing (its image could not be read, its prompt is over the budget) trains
+    as one untrained token, so that every rank still runs the same forwards (FSDP2 gathers in lockstep)."""
     trajs = R.rollout(policy, proc, tools, prompts, group_size=args.group, max_turns=args.max_turns,
                       max_new_tokens=args.max_new_tokens, max_total_tokens=args.max_total_tokens, temperature=1.0,
-                      seed=args.seed * 100_003 + step * world + rank, batch_size=max(args.group, 64), dtype=dtype)
+                      seed=args.seed * 100_003 + step * world + rank, batch_size=max(args.group, 64), dtype=dtype,
+                      keep_features=True)
     rewards = [reward(t, judge) for t in trajs]
     adv = group_advantages(rewards, args.group)
     empty = {"input_ids": torch.tensor([proc.im_start_id]), "loss_mask": torch.tensor([0]),
              "logprobs": torch.tensor([0.0]), "image_grid_thw": None, "pixel_values": None}
-    items = [dict(t.item() if t.token_ids else empty, adv=a) for t, a in zip(trajs, adv.tolist())]
+    items = [dict(t.item() if t.gen_tokens else empty, adv=a) for t, a in zip(trajs, adv.tolist())]
     return trajs, rewards, adv, items
 
 
@@ -228,37 +230,44 @@ def summarize(trajs, rewards, adv, group_size):
 
 def bench(wrapped, ref, optimizer, params, proc, tools, questions, args, device, dtype, micro, log):
     """`--bench`: one step's rollout, then its scoring and update from the same weights and optimizer
-    state, one forward per trajectory (model.collate) against each group's prompt forwarded once
-    (model.collate_shared), in turn twice (the best counts: a first pass pays first-touch memory)."""
+    state in three ways, in turn twice (the best counts: a first pass pays first-touch memory): one
+    forward per trajectory from pixels (model.collate, the vision tower in every forward), each group's
+    prompt forwarded once (model.collate_shared) from pixels, and the same from the rollout's image
+    features (rl.py's way: no vision tower after the rollout)."""
     policy = M.unwrap(wrapped)
+    images = []  # images through a vision tower, the policy's and the reference's
+    towers = [policy.model.visual] + ([M.unwrap(ref).model.visual] if isinstance(ref, nn.Module) else [])
+    count = lambda m, a, kw: images.append(len(kw.get("grid_thw", a[1] if len(a) > 1 else [])))  # noqa: E731
+    hooks = [t.register_forward_pre_hook(count, with_kwargs=True) for t in towers]
     with M.unsharded(wrapped):
         trajs, _, _, items = rollout_items(policy, proc, tools, step_prompts(questions, 0, args.batch, args.seed),
                                            args, 0, 0, 1, dtype)
     n, n_tok = len(items), sum(len(it["input_ids"]) for it in items)
     trained = sum(float(it["loss_mask"].sum()) for it in items)
     log(f"bench: {n} trajectories ({args.batch} prompts x G={args.group}), {n_tok / n:.0f} tokens each, of "
-        f"which prompt {sum(t.prompt_len for t in trajs) / n:.0f} and sampled {trained / n:.0f}")
-    images = []  # images through a vision tower, the policy's and the reference's
-    towers = [policy.model.visual] + ([M.unwrap(ref).model.visual] if isinstance(ref, nn.Module) else [])
-    count = lambda m, a, kw: images.append(len(kw.get("grid_thw", a[1] if len(a) > 1 else [])))  # noqa: E731
-    hooks = [t.register_forward_pre_hook(count, with_kwargs=True) for t in towers]
+        f"which prompt {sum(t.prompt_len for t in trajs) / n:.0f} and sampled {trained / n:.0f}; "
+        f"{sum(images)} images through the vision tower in the rollout")
+    pixels = [dict(it, image_embeds=None) for it in items]
+    ways = (("separate", M.collate, pixels), ("shared", M.collate_shared, pixels),
+            ("shared+features", M.collate_shared, items))
     start, times = (copy.deepcopy(policy.state_dict()), copy.deepcopy(optimizer.state_dict())), {}
-    for name, collate in 2 * (("separate", M.collate), ("shared", M.collate_shared)):
+    for name, collate, its in 2 * ways:
         policy.load_state_dict(start[0])
         optimizer.load_state_dict(start[1])
         images.clear()
         policy.train()
         t0 = time.perf_counter()
-        score_old_and_ref(wrapped, ref, items, proc, device, dtype, args, micro, collate)
+        score_old_and_ref(wrapped, ref, its, proc, device, dtype, args, micro, collate)
         t1 = time.perf_counter()
-        update(wrapped, optimizer, params, items, proc, device, dtype, args, micro, 1, collate)
+        update(wrapped, optimizer, params, its, proc, device, dtype, args, micro, 1, collate)
         t2 = time.perf_counter()
         times[name] = min(times.get(name, float("inf")), t2 - t0)
-        log(f"  {name:8s} | score {t1 - t0:.2f}s update {t2 - t1:.2f}s | update tok/s {n_tok / (t2 - t1):,.0f} "
+        log(f"  {name:15s} | score {t1 - t0:.2f}s update {t2 - t1:.2f}s | update tok/s {n_tok / (t2 - t1):,.0f} "
             f"(trained {trained / (t2 - t1):,.0f}) | images through the vision tower {sum(images)}")
     for h in hooks:
         h.remove()
-    log(f"  shared prompts: score + update {times['separate'] / times['shared']:.2f}x faster")
+    log(f"  score + update against separate: shared {times['separate'] / times['shared']:.2f}x, "
+        f"shared+features {times['separate'] / times['shared+features']:.2f}x faster")
     return times
 
 

@@ -59,6 +59,7 @@ class Trajectory:
     images: list = field(default_factory=list)  # PIL images in the order their tokens appear
     pixel_values: list = field(default_factory=list)  # per chunk with images: (P, D) tensors
     grids: list = field(default_factory=list)  # per chunk with images: (n, 3) tensors
+    image_embeds: list = field(default_factory=list)  # per chunk fed, with keep_features: the tower's output
     actions: list = field(default_factory=list)
     observations: list = field(default_factory=list)
     texts: list = field(default_factory=list)  # assistant turn texts, as decoded
@@ -73,11 +74,14 @@ class Trajectory:
     prompt_len: int = 0
 
     def item(self):
-        """The dict model.collate takes (model.render's keys), plus sampling log-probs and prompt_len."""
+        """The dict model.collate takes (model.render's keys), plus sampling log-probs, prompt_len and the
+        images' features when the rollout kept them all (then training skips the vision tower)."""
+        whole = self.grids and len(self.image_embeds) == len(self.grids)
         return {"input_ids": torch.tensor(self.token_ids), "loss_mask": torch.tensor(self.loss_mask),
                 "logprobs": torch.tensor(self.logprobs),
                 "image_grid_thw": torch.cat(self.grids) if self.grids else None,
                 "pixel_values": torch.cat(self.pixel_values) if self.pixel_values else None,
+                "image_embeds": torch.cat(self.image_embeds) if whole else None,
                 "prompt_len": self.prompt_len}  # what its group shares (model.collate_shared)
 
 
@@ -298,8 +302,8 @@ class Engine:
     """The model, processor, tools and settings of one `rollout` call, and the phase transitions of a row."""
 
     def __init__(self, model, processor, tools, max_turns, max_new_tokens, max_total_tokens,
-                 temperature, top_p, forced_actions, tool_threads, dtype):
-        self.model, self.proc, self.tools = model, processor, tools
+                 temperature, top_p, forced_actions, tool_threads, dtype, keep_features=False):
+        self.model, self.proc, self.tools, self.keep_features = model, processor, tools, keep_features
         self.max_turns, self.max_new, self.max_total = max_turns, max_new_tokens, max_total_tokens
         self.temperature, self.top_p, self.forced = temperature, top_p, list(forced_actions or [])
         self.pool = ThreadPoolExecutor(tool_threads) if tool_threads > 0 else None
@@ -445,12 +449,17 @@ class Engine:
                 grids += r.pending_grids
             pick = (torch.arange(len(rows), device=dev), torch.tensor([len(r.pending) - 1 for r in rows], device=dev))
         with M.autocast(dev, self.dtype):
-            out = self.model.model(
-                input_ids=ids.to(dev), position_ids=pos.to(dev), past_key_values=cache, use_cache=True,
-                attention_mask={"full_attention": mask},
-                pixel_values=torch.cat(pvs).to(dev) if pvs else None,  # the patch embedding casts them
-                image_grid_thw=torch.cat(grids).to(dev) if grids else None)
+            feats = M.image_features(self.model, torch.cat(pvs).to(dev), torch.cat(grids).to(dev)) if pvs else None
+            out = self.model.model(inputs_embeds=M.embed(self.model, ids.to(dev), feats), position_ids=pos.to(dev),
+                                   past_key_values=cache, use_cache=True, attention_mask={"full_attention": mask})
             logits = M.policy_logits(self.model.lm_head, out.last_hidden_state[pick], self.model.config)
+        if feats is not None and self.keep_features:  # on the host, like the pixels; each chunk's own
+            feats, o = feats.cpu(), 0
+            for r in rows:
+                for g in r.pending_grids:
+                    n = int(g.prod(-1).sum()) // self.proc.merge ** 2
+                    r.traj.image_embeds.append(feats[o:o + n])
+                    o += n
         for r in rows:
             cache.lengths[r.slot] += len(r.pending)
             r.pending, r.pending_pv, r.pending_grids = [], [], []
@@ -473,6 +482,7 @@ class Engine:
             for r in rows[1:]:
                 cache.copy_slot(rows[0].slot, r.slot)
                 r.pending, r.pending_pv, r.pending_grids, r.next_pos = [], [], [], rows[0].next_pos
+                r.traj.image_embeds = list(rows[0].traj.image_embeds)
             toks, lps = sample(logits.expand(len(rows), -1), self.temperature, self.top_p, [r.gen for r in rows])
             for r, tok, lp in zip(rows, toks.tolist(), lps.tolist()):
                 self.on_token(r, tok, lp)
@@ -512,12 +522,15 @@ def buckets(rows):
 @torch.no_grad()
 def rollout(model, processor, tools, questions, group_size=1, max_turns=6, max_new_tokens=256,
             temperature=1.0, top_p=1.0, seed=None, forced_actions=None, batch_size=64,
-            max_total_tokens=4096, share_prefix=True, tool_threads=None, progress=False, dtype=None):
+            max_total_tokens=4096, share_prefix=True, tool_threads=None, progress=False, dtype=None,
+            keep_features=False):
     """Run every question `group_size` times to the end -> trajectories, question-major.
     forced_actions: assistant turns fed (not sampled) before the model takes over, `{question}` replaced
     (the RAG workflow). share_prefix: prefill a group's prompt once and copy it. tool_threads: tools run
     in that many threads while other rows decode (default: inline for the local in-memory indexes, which
-    answer in microseconds; 8 for network backends). dtype: the compute dtype (default: the embeddings')."""
+    answer in microseconds; 8 for network backends). dtype: the compute dtype (default: the embeddings').
+    keep_features: keep each image's vision-tower output in its trajectories (Trajectory.item gives it to
+    training, which then never runs the tower: rl.py)."""
     if tool_threads is None:
         local = (T.BM25Index, T.LocalImageIndex, type(None))
         tool_threads = 0 if (isinstance(getattr(tools, "text_backend", None), local)
@@ -531,7 +544,7 @@ def rollout(model, processor, tools, questions, group_size=1, max_turns=6, max_n
                       getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads, dtype,
                       next(model.parameters()).device, max_capacity=2 * max_total_tokens + 1024)  # padding may overshoot
     eng = Engine(model, processor, tools, max_turns, max_new_tokens, max_total_tokens, temperature, top_p,
-                 forced_actions, tool_threads, dtype)
+                 forced_actions, tool_threads, dtype, keep_features)
     base_seed = seed if seed is not None else int(torch.randint(0, 2 ** 31, ()).item())
     todo, out, live = deque(enumerate(questions)), [], []  # live[i] holds slot i (see compact)
     bar = tqdm(total=len(questions) * group_size, desc="rollout", unit="traj") if progress else None

@@ -3,6 +3,7 @@
     timeout 900 python3 -m pytest -q tests/test_rl.py
 """
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -156,10 +157,13 @@ def test_bench_runs_both_layouts_from_the_same_start(tiny_dir, tmp_path, monkeyp
     monkeypatch.setattr(rl, "reward", token_reward)
     times = rl.main(["--ckpt", str(tiny_dir), "--data", str(d), "--out", str(tmp_path / "b"), "--bench",
                      "--batch", "2", "--group", "2", "--max_turns", "2", "--max_new_tokens", "6"])
-    assert set(times) == {"separate", "shared"} and min(times.values()) > 0
+    assert set(times) == {"separate", "shared", "shared+features"} and min(times.values()) > 0
     log = (tmp_path / "b" / "log.txt").read_text()
-    # 2 prompts x G=2, policy and reference: 8 images through a vision tower one by one, 4 shared
+    # 2 prompts x G=2, policy and reference: 8 images through a vision tower one by one, 4 shared, none
+    # from the rollout's features (the rollout: each group's prompt image once, and any tool images)
     assert "images through the vision tower 8" in log and "images through the vision tower 4" in log
+    assert re.search(r"shared\+features .* images through the vision tower 0$", log, re.M)
+    assert int(re.search(r"(\d+) images through the vision tower in the rollout", log)[1]) >= 2
     assert not (tmp_path / "b" / "model.safetensors").exists()  # a bench writes no checkpoint
 
 

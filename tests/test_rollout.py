@@ -167,6 +167,44 @@ def test_shared_prompt_forward_equals_separate_forwards(tiny, world):
     model.zero_grad(set_to_none=True)
 
 
+def test_kept_image_features_give_the_pixels_log_probs_without_the_tower(tiny, world):
+    """keep_features: every image a trajectory saw (the group's prompt image, a tool's crop) comes with
+    the vision tower's output; training from it, one forward per trajectory or the shared layout, gives
+    the log-probs and decoder gradients of a forward from pixels (within 1e-5 fp32) and never runs the
+    tower, which must be frozen for it."""
+    import copy
+    model, proc = tiny
+    trajs = R.rollout(model, proc, make_tools(world), [world[2][0], world[2][1]], group_size=3, temperature=1.0,
+                      seed=5, forced_actions=FORCED[:1], keep_features=True, **KW)
+    assert all(len(t.image_embeds) == len(t.grids) > 1 for t in trajs)  # the prompt's and the crop's
+    feats = [t.item() for t in trajs]
+    pixels = [dict(it, image_embeds=None) for it in feats]
+    m = M.use_shared_prompt_attention(copy.deepcopy(model)).train()
+    m.model.visual.requires_grad_(False)
+    calls = []
+    m.model.visual.register_forward_pre_hook(lambda *a: calls.append(1))
+    out = []
+    for collate in (M.collate, M.collate_shared):
+        for its in (pixels, feats):
+            b = collate(its, proc)
+            assert ("image_embeds" in b.get("shared", b)) == (its is feats)
+            m.zero_grad()
+            n = len(calls)
+            lp = M.token_logprobs(m, b)
+            assert (len(calls) == n) == (its is feats)
+            lp.sum().backward()
+            out.append((lp.detach(), {k: p.grad.clone() for k, p in m.named_parameters() if p.grad is not None}))
+    mask = M.collate(feats, proc)["loss_mask"].bool()
+    for lp, g in out[1:]:
+        assert (out[0][0][mask] - lp[mask]).abs().max() < 1e-5
+        assert g.keys() == out[0][1].keys()
+        for k in g:
+            assert (out[0][1][k] - g[k]).abs().max() <= 1e-5 * out[0][1][k].abs().max() + 1e-7, k
+    m.model.visual.requires_grad_(True)
+    with pytest.raises(ValueError, match="freeze it"):
+        M.token_logprobs(m, M.collate(feats, proc))
+
+
 def test_shared_prefix_stops_before_an_image_it_cannot_share():
     """A group's shared row ends where its samples part, never inside an image, and at the prompt when
     an image after it differs in pixels (two crops of the same size)."""
