@@ -2,7 +2,7 @@
 
     python rl.py                                   # tiny model, synthetic world, from out/sft, CPU, minutes
     python rl.py --resume                          # continue out/rl exactly where it stopped
-    python rl.py --bench --out out/rl_bench        # scoring + update with and without shared prompts
+    python rl.py --bench --out out/rl_bench        # scoring + update: shared prompts, image features or not
     torchrun --standalone --nproc_per_node=2 rl.py                     # DDP (gloo on CPU, NCCL on GPUs)
     torchrun --standalone --nproc_per_node=8 rl.py --preset paper --ckpt /models/qwen2.5-vl-7b-sft \\
         --fsdp --grad_ckpt --micro_batch 2 --backend http --server_url http://127.0.0.1:8765
@@ -11,7 +11,8 @@ A step: sample G = --group trajectories for each of --batch prompts, tools calle
 0.9 x correctness (eval.score) + 0.1 x format; advantage R - mean(R) within its group; then one AdamW
 step per mini-batch on the PPO-clipped surrogate + beta x k3 KL to the frozen start, over the sampled
 tokens only (prompt, tool output and image tokens are masked), each weighted 1 / (sampled tokens of the
-global mini-batch). Training scores the exact ids that were sampled; trainable weights and AdamW state
+global mini-batch). Training scores the exact ids that were sampled, with the image features the
+rollout computed (the frozen vision tower runs once per image per step); trainable weights and AdamW state
 are fp32 masters (--precision bf16, the CUDA default, computes in bf16). In the log, `tok/s roll` counts
 sampled tokens per second of rollout, `upd` every token per second of update (as sft.py counts).
 Simplified from the paper: no dynamic sampling or filtering of prompts (a group of equal rewards gets
@@ -79,7 +80,7 @@ def get_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue the run in --out exactly (fresh if it has none)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    p.add_argument("--bench", action="store_true", help="time scoring + update with and without shared prompts")
+    p.add_argument("--bench", action="store_true", help="time scoring + update: shared prompts, image features or not")
     preset = p.parse_known_args(argv)[0].preset
     if preset:
         p.set_defaults(**PRESETS[preset])
