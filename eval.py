@@ -1171,8 +1171,7 @@ def run(args):
     ckpt = Path(args.ckpt or M.default_checkpoint(args.data))
     mdl, proc = M.load(ckpt, device=device, log=M.print0, max_pixels=args.max_pixels)
     tl = tools.make_tools(args.data, cache=args.cache, cache_mode=args.cache_mode, **tools.search_options(args))
-    judge = None if not args.judge_url else \
-        Judge(args.judge_url, args.judge_model, cache=str(Path(args.out) / "judge_cache.sqlite"))
+    judge = make_judge(args)
     results, records = {}, []
     for path, qs in question_sets.items():
         bench = bench_name(path, qs)
@@ -1193,30 +1192,45 @@ def run(args):
     (out / "table.md").write_text(table)
     tools.write_jsonl(out / "trajectories.jsonl", records)
     print(f"\ncheckpoint {ckpt}\n\n{table}")
-    if judge is not None:
-        print(f"judge: {judge.calls} calls, {judge.hits} cached, {judge.errors} errors")
+    judge_line(judge)
     if args.report:
         print(f"report: {write_report(args.report, records, results)}")
     print(f"wrote {out / 'metrics.json'}, {out / 'table.md'}, {out / 'trajectories.jsonl'}")
     return results
 
 
+def make_judge(args):
+    """The LLM judge of --judge_url, its verdicts cached in --out/judge_cache.sqlite; None: rules only."""
+    return Judge(args.judge_url, args.judge_model, cache=str(Path(args.out) / "judge_cache.sqlite")) \
+        if args.judge_url else None
+
+
+def judge_line(judge):
+    if judge is not None:
+        print(f"judge: {judge.calls} calls, {judge.hits} cached, {judge.errors} errors")
+
+
 def compare(args):
     """The pipeline's table on the held-out entities: direct answer and the RAG workflow with the SFT
-    model, then the agent with the SFT model and with the SFT+RL model."""
+    model, then the agent with the SFT model and with the SFT+RL model (a missing checkpoint's rows
+    are left out, with a line that says so)."""
     qs = read_questions(args.questions[0], args.limit)
-    tl = tools.make_tools(args.data, cache=args.cache, cache_mode=args.cache_mode, **tools.search_options(args))
     (sft, rl), rows, loaded, records = args.compare, [], {}, []
+    missing = [c for c in (sft, rl) if not (Path(c) / "config.json").is_file()]
+    if len(missing) == 2:
+        sys.exit(f"eval.py --compare: no checkpoint at {sft} nor at {rl} (a folder with config.json)")
+    tl = tools.make_tools(args.data, cache=args.cache, cache_mode=args.cache_mode, **tools.search_options(args))
+    judge = make_judge(args)
     for label, ckpt, mode in [("Direct answer (SFT model, no search)", sft, "direct"),
                               ("RAG workflow (SFT model: whole-image search, then text search)", sft, "rag"),
                               ("SFT agent (on-demand search)", sft, "agent"),
                               ("SFT+RL agent (on-demand search)", rl, "agent")]:
-        if not (Path(ckpt) / "config.json").is_file():
+        if ckpt in missing:
             print(f"skipping {label}: no checkpoint at {ckpt}", file=sys.stderr)
             continue
         if ckpt not in loaded:  # one model in memory at a time
             loaded = {ckpt: M.load(ckpt, log=None)}
-        recs, wall = evaluate(mode, *loaded[ckpt], tl, qs, bench_name(args.questions[0], qs),
+        recs, wall = evaluate(mode, *loaded[ckpt], tl, qs, bench_name(args.questions[0], qs), judge=judge,
                               max_turns=args.max_turns, max_new_tokens=args.max_new_tokens,
                               batch_size=args.batch_size, progress=not args.no_progress)
         records += [dict(r, method=label) for r in recs]
@@ -1234,6 +1248,7 @@ def compare(args):
     if args.report:
         write_report(args.report, records, {}, svg=svg)
     print("\n" + table + f"\nwrote {out / 'compare.md'}, {out / 'curves.svg'} (training curves)")
+    judge_line(judge)
     return rows
 
 
@@ -1245,9 +1260,9 @@ def main(argv=None):
         except (FileNotFoundError, ValueError, KeyError) as e:
             sys.exit(f"convert {args.bench}: {type(e).__name__}: {e}")
     elif args.compare:
-        compare(args)
+        return compare(args)
     else:
-        run(args)
+        return run(args)
 
 
 if __name__ == "__main__":

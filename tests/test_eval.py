@@ -396,6 +396,21 @@ def test_compare_builds_the_pipeline_table(tiny_dir, world, tmp_path, capsys):
     assert (out / "curves.svg").read_text().startswith("<svg")
 
 
+def test_compare_asks_the_judge_and_needs_a_checkpoint(tiny_dir, world, tmp_path, judge_server, monkeypatch, capsys):
+    url, _ = judge_server
+    args = ["--questions", str(world / "questions_eval.jsonl"), "--data", str(world), "--out", str(tmp_path / "cmp"),
+            "--limit", "2", "--max_turns", "2", "--max_new_tokens", "4", "--no_progress", "--judge_url", url]
+    with pytest.raises(SystemExit, match="no checkpoint at .*a nor at .*b"):
+        E.main(["--compare", str(tmp_path / "a"), str(tmp_path / "b")] + args)
+    judges, evaluate = [], E.evaluate
+    monkeypatch.setattr(E, "evaluate", lambda *a, **kw: judges.append(kw["judge"]) or evaluate(*a, **kw))
+    rows = E.main(["--compare", str(tiny_dir), str(tmp_path / "b")] + args)
+    assert len(rows) == 3 and len(judges) == 3 and all(isinstance(j, E.Judge) for j in judges)
+    out = capsys.readouterr()
+    assert "skipping SFT+RL agent (on-demand search): no checkpoint at" in out.err
+    assert "\njudge: " in out.out  # its tally, after the table
+
+
 def test_tool_usage_classes():
     recs = [record(f"q{k}", "agent", 0.0, n_text=t, n_image=i, n_crop=c) for k, (t, i, c) in
             enumerate([(0, 0, 0), (2, 1, 0), (1, 0, 1), (0, 1, 0), (1, 0, 0), (3, 0, 0), (0, 0, 0), (0, 0, 2)])]
