@@ -411,8 +411,12 @@ def collate(items, processor, extra_keys=()):
 
 
 def image_key(items):
-    """"image_embeds" when every item has its images' features (the rollout's, rl.py), else "pixel_values"."""
-    return "image_embeds" if items and all(x.get("image_embeds") is not None for x in items) else "pixel_values"
+    """Where the images of `items` (those with images) are: "image_embeds" (the rollout's features, rl.py)
+    or "pixel_values"; never a mix."""
+    feats = {x.get("image_embeds") is not None for x in items}
+    if len(feats) > 1:
+        raise ValueError("a batch mixes items with image features and items with pixels")
+    return "image_embeds" if feats == {True} else "pixel_values"
 
 
 def to_device(batch, device):

@@ -248,7 +248,7 @@ def bench(wrapped, ref, optimizer, params, proc, tools, questions, args, device,
     log(f"bench: {n} trajectories ({args.batch} prompts x G={args.group}), {n_tok / n:.0f} tokens each, of "
         f"which prompt {sum(t.prompt_len for t in trajs) / n:.0f} and sampled {trained / n:.0f}; "
         f"{sum(images)} images through the vision tower in the rollout")
-    pixels = [dict(it, image_embeds=None) for it in items]
+    pixels = [dict(t.item(pixels=True), adv=it["adv"]) if t.gen_tokens else it for t, it in zip(trajs, items)]
     ways = (("separate", M.collate, pixels), ("shared", M.collate_shared, pixels),
             ("shared+features", M.collate_shared, items))
     start, times = (copy.deepcopy(policy.state_dict()), copy.deepcopy(optimizer.state_dict())), {}

@@ -73,15 +73,16 @@ class Trajectory:
     gen_tokens: int = 0
     prompt_len: int = 0
 
-    def item(self):
-        """The dict model.collate takes (model.render's keys), plus sampling log-probs, prompt_len and the
-        images' features when the rollout kept them all (then training skips the vision tower)."""
-        whole = self.grids and len(self.image_embeds) == len(self.grids)
+    def item(self, pixels=False):
+        """The dict model.collate takes (model.render's keys), plus sampling log-probs and prompt_len. When
+        the rollout kept every image's features, they come instead of the pixels (training then skips the
+        vision tower), unless `pixels`."""
+        feats = bool(self.grids) and len(self.image_embeds) == len(self.grids) and not pixels
         return {"input_ids": torch.tensor(self.token_ids), "loss_mask": torch.tensor(self.loss_mask),
                 "logprobs": torch.tensor(self.logprobs),
                 "image_grid_thw": torch.cat(self.grids) if self.grids else None,
-                "pixel_values": torch.cat(self.pixel_values) if self.pixel_values else None,
-                "image_embeds": torch.cat(self.image_embeds) if whole else None,
+                "pixel_values": torch.cat(self.pixel_values) if self.pixel_values and not feats else None,
+                "image_embeds": torch.cat(self.image_embeds) if feats else None,
                 "prompt_len": self.prompt_len}  # what its group shares (model.collate_shared)
 
 

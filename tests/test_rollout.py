@@ -177,8 +177,10 @@ def test_kept_image_features_give_the_pixels_log_probs_without_the_tower(tiny, w
     trajs = R.rollout(model, proc, make_tools(world), [world[2][0], world[2][1]], group_size=3, temperature=1.0,
                       seed=5, forced_actions=FORCED[:1], keep_features=True, **KW)
     assert all(len(t.image_embeds) == len(t.grids) > 1 for t in trajs)  # the prompt's and the crop's
-    feats = [t.item() for t in trajs]
-    pixels = [dict(it, image_embeds=None) for it in feats]
+    feats, pixels = [t.item() for t in trajs], [t.item(pixels=True) for t in trajs]
+    assert all(it["pixel_values"] is None for it in feats)  # no copy of the pixels where features stand in
+    with pytest.raises(ValueError, match="mixes"):
+        M.collate([feats[0], pixels[1]], proc)
     m = M.use_shared_prompt_attention(copy.deepcopy(model)).train()
     m.model.visual.requires_grad_(False)
     calls = []
