@@ -80,7 +80,8 @@ from tqdm import tqdm  # noqa: E402
 
 import model  # noqa: E402
 import tools  # noqa: E402
-from eval import Images, Judge, load_infoseek, read_records, score  # noqa: E402
+from benchmarks import Images, load_infoseek, read_records  # noqa: E402
+from eval import Judge, score  # noqa: E402
 
 VERSION = 8  # bump when the world changes, so an old data/ is rebuilt rather than skipped
 
@@ -859,7 +860,7 @@ def parse_category(reply, categories):
 
 def load_source(path, images=None, n_source=0, seed=0):
     """Source questions -> (rows in the design's question format, with meta["category"] when the source
-    has a "category", stats). InfoSeek (eval.load_infoseek; `images` holds <image_id>.jpg) when its rows
+    has a "category", stats). InfoSeek (benchmarks.load_infoseek; `images` holds <image_id>.jpg) when its rows
     have data_id and image_id, else a question JSONL (tools.load_questions). Rows without answers, an
     InfoSeek record that is malformed or without its image file, and a repeated id are skipped;
     n_source > 0 keeps a random (seeded) subset of that many, in source order."""

@@ -1,6 +1,6 @@
 """eval.py's benchmark loaders: for each of the eight, a small hand-written sample of its format, and the
 awkward parts of the real released files (field names, value types, folders as released), converted with
-`eval.py convert` and read back as every script reads a question file.
+`benchmarks.py` and read back as every script reads a question file.
 
     python -m pytest -q tests/test_loaders.py
 """
@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+import benchmarks as B
 import eval as E
 import tools as T
 
@@ -37,12 +38,12 @@ def write_jsonl(path, rows):
 
 
 def convert(bench, srcs, images, out):
-    """`eval.py convert`, then the file read back as every script reads it (tools.load_questions) ->
+    """`benchmarks.py`, then the file read back as every script reads it (tools.load_questions) ->
     ({source_id: row}, what it printed). Every row has its benchmark's id and meta and an image file (its
     path resolved here; the file holds it relative to itself)."""
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        E.main(["convert", "--bench", bench, "--src", *map(str, srcs), "--out", str(out)]
+        B.main(["--bench", bench, "--src", *map(str, srcs), "--out", str(out)]
                + (["--images", str(images)] if images else []))
     rows = T.load_questions(out)
     assert not Path(json.loads(Path(out).read_text().splitlines()[0])["image"]).is_absolute()
@@ -317,7 +318,7 @@ def test_load_fvqa(tmp_path):
     # rows as pyarrow's to_pylist gives them: raw bytes, lists, dicts
     raw = dict(mmsearch_row(2), images=[{"bytes": png_bytes(), "path": "x.png"}],
                reward_model={"ground_truth": "Golden Gate Bridge", "candidate_answers": ["Golden Gate"]})
-    row = E.mmsearch_r1_row("fvqa", raw, 0, E.Images(None, tmp_path / "saved"))
+    row = B.mmsearch_r1_row("fvqa", raw, 0, B.Images(None, tmp_path / "saved"))
     assert row["answers"] == ["Golden Gate Bridge", "Golden Gate"] and Path(row["image"]).is_file()
 
 
@@ -410,8 +411,8 @@ def test_livevqa_paper_images_with_one_name_per_paper_folder(tmp_path):
 
 def test_convert_reports_bad_input(tmp_path):
     with pytest.raises(SystemExit, match="not found"):
-        E.main(["convert", "--bench", "infoseek", "--src", str(tmp_path / "nope.jsonl"), "--out",
+        B.main(["--bench", "infoseek", "--src", str(tmp_path / "nope.jsonl"), "--out",
                 str(tmp_path / "o.jsonl")])
     (tmp_path / "a.txt").write_text("x")
     with pytest.raises(SystemExit, match="unknown file type"):
-        E.main(["convert", "--bench", "dynvqa", "--src", str(tmp_path / "a.txt"), "--out", str(tmp_path / "o.jsonl")])
+        B.main(["--bench", "dynvqa", "--src", str(tmp_path / "a.txt"), "--out", str(tmp_path / "o.jsonl")])
