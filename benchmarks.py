@@ -7,7 +7,7 @@
 One row function per benchmark (LOADERS) turns a source record into a question row; `load` reads the
 sources (JSONL, JSON, CSV, Parquet with pyarrow) and finds each image by file name under --images, or
 writes an embedded one out. A record that cannot be read is skipped, counted and named; a row without
-an image file or without answers is skipped and counted. make_data.py's real-data pipeline reads
+an image file or without answers is skipped and counted. make_real_data.py reads
 InfoSeek through `load_infoseek`.
 """
 import argparse
@@ -377,7 +377,7 @@ def load(bench, srcs, images):
     return rows
 
 
-def load_infoseek(srcs, images):  # make_data.py reads InfoSeek sources with it
+def load_infoseek(srcs, images):  # make_real_data.py reads InfoSeek sources with it
     return load("infoseek", srcs, images)
 
 

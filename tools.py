@@ -1422,7 +1422,7 @@ def _local_index(data_dir, kind, required):
 
 
 def add_search_args(parser):
-    """The search flags that eval.py, rl.py and make_data.py share; search_options(args) reads them."""
+    """The search flags that eval.py, rl.py and make_real_data.py share; search_options(args) reads them."""
     g = parser.add_argument_group("search")
     g.add_argument("--backend", default="local", choices=BACKENDS, help="search backend (see tools.make_tools)")
     g.add_argument("--server_url", help="backend http: a `python tools.py serve` address; backend searchr1: a "

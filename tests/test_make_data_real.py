@@ -1,4 +1,4 @@
-"""The real DeepMMSearchVQA pipeline (`make_data.py --world real`) against a scripted teacher.
+"""The real DeepMMSearchVQA pipeline (`make_real_data.py`) against a scripted teacher.
 
     python -m pytest -q tests/test_make_data_real.py
 
@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import make_data  # noqa: E402
+import make_real_data  # noqa: E402
 import tools  # noqa: E402
 
 KEY_ENV, KEY = "FAKE_TEACHER_KEY", "sk-test-7f3a9c-DO-NOT-LEAK"
@@ -176,7 +177,7 @@ class FakeTeacher:
             return 401, {"error": "bad key"}, {}
         msgs = body["messages"]
         if msgs[0]["role"] == "user" and isinstance(msgs[0]["content"], str):  # a category request
-            assert msgs[0]["content"].startswith(make_data.CLASSIFY_PROMPT.split("{")[0])
+            assert msgs[0]["content"].startswith(make_real_data.CLASSIFY_PROMPT.split("{")[0])
             question = re.search(r"Question: (.*)\n", msgs[0]["content"]).group(1)
             reply = CLASSIFY_REPLIES[question]
             self.record(question=question, turn=0, status=200, kind="classify", usage=(20, 3))
@@ -267,7 +268,7 @@ def serve(teacher):
 
 
 def argv(world, out, url, *extra):
-    return ["--world", "real", "--source", str(world / "src" / "infoseek.jsonl"),
+    return ["--source", str(world / "src" / "infoseek.jsonl"),
             "--images", str(world / "src" / "images"),
             "--out", str(out), "--teacher_url", url, "--teacher_model", "fake-teacher", "--api_key_env", KEY_ENV,
             "--backend", "local", "--data", str(world / "search"), "--workers", "4", "--timeout", str(CLIENT_TIMEOUT),
@@ -282,7 +283,7 @@ def lines_of(path):
 
 
 def check_log(out):
-    rows = lines_of(out / make_data.ATTEMPTS)
+    rows = lines_of(out / make_real_data.ATTEMPTS)
     ids = [r["id"] for r in rows]
     assert len(ids) == len(set(ids)), "no item is written twice"
     expected = {qid(k) for k in EXPECTED["kept"] | set(EXPECTED["discarded"])}
@@ -300,7 +301,7 @@ def reference(world, tmp_path_factory):
         mp.setenv(KEY_ENV, KEY)
         mp.setenv("NO_PROXY", "127.0.0.1,localhost")
         mp.setenv("no_proxy", "127.0.0.1,localhost")
-        summary = make_data.main(argv(world, out, url))
+        summary = make_real_data.main(argv(world, out, url))
     return out, summary, buffer.getvalue(), teacher
 
 
@@ -406,12 +407,12 @@ def test_sft_sample_balanced_and_loadable(reference, tmp_path):
     # deterministic for a seed: resampling from the log writes the same rows; another seed, another order
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
-    resample = ["--world", "real", "--sample_only", "--out", str(copy), "--n_sft", "100"]
+    resample = ["--sample_only", "--out", str(copy), "--n_sft", "100"]
     with contextlib.redirect_stdout(io.StringIO()):
-        make_data.main(resample)
+        make_real_data.main(resample)
         assert lines_of(copy / "sft.jsonl") == [dict(r, images=[img_path(out, copy, p) for p in r["images"]])
                                                 for r in sft]
-        make_data.main(resample + ["--seed", "3"])
+        make_real_data.main(resample + ["--seed", "3"])
     assert [r["id"] for r in lines_of(copy / "sft.jsonl")] != [r["id"] for r in sft]
 
 
@@ -426,7 +427,7 @@ def test_key_never_written_or_printed(reference):
     for p in out.rglob("*"):
         if p.is_file():
             assert KEY.encode() not in p.read_bytes(), p
-    assert KEY not in repr(make_data.tools.ChatClient("http://127.0.0.1:1/v1", "m", make_data.tools.Meter(), api_key_env=KEY_ENV))
+    assert KEY not in repr(make_real_data.tools.ChatClient("http://127.0.0.1:1/v1", "m", make_real_data.tools.Meter(), api_key_env=KEY_ENV))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -444,7 +445,7 @@ def same_outcome(out, reference_out):
 def test_crash_midway_then_resume(world, reference, tmp_path, monkeypatch):
     out = tmp_path / "data_real"
     teacher = FakeTeacher()
-    original, written = make_data.append_record, []
+    original, written = make_real_data.append_record, []
 
     def crashing(log, record):
         if len(written) == 5:
@@ -452,14 +453,14 @@ def test_crash_midway_then_resume(world, reference, tmp_path, monkeypatch):
         original(log, record)
         written.append(record["id"])
 
-    monkeypatch.setattr(make_data, "append_record", crashing)
+    monkeypatch.setattr(make_real_data, "append_record", crashing)
     with serve(teacher) as url, contextlib.redirect_stdout(io.StringIO()):
         with pytest.raises(RuntimeError, match="injected crash"):
-            make_data.main(argv(world, out, url))
-        assert [r["id"] for r in lines_of(out / make_data.ATTEMPTS)] == written
-        monkeypatch.setattr(make_data, "append_record", original)
+            make_real_data.main(argv(world, out, url))
+        assert [r["id"] for r in lines_of(out / make_real_data.ATTEMPTS)] == written
+        monkeypatch.setattr(make_real_data, "append_record", original)
         n_before = len(teacher.log)
-        make_data.main(argv(world, out, url))
+        make_real_data.main(argv(world, out, url))
     asked_again = {r["question"] for r in teacher.log[n_before:]}
     assert not asked_again & {w.split("-")[1] for w in written}, "finished items are not played again"
     same_outcome(out, reference[0])
@@ -467,10 +468,10 @@ def test_crash_midway_then_resume(world, reference, tmp_path, monkeypatch):
 
 def test_killed_process_then_resume(world, reference, tmp_path):
     out = tmp_path / "data_real"
-    log = out / make_data.ATTEMPTS
+    log = out / make_real_data.ATTEMPTS
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     with serve(FakeTeacher(delay=0.15)) as url:
-        proc = subprocess.Popen([sys.executable, str(ROOT / "make_data.py"), *argv(world, out, url, "--workers", "2")],
+        proc = subprocess.Popen([sys.executable, str(ROOT / "make_real_data.py"), *argv(world, out, url, "--workers", "2")],
                                 cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
             deadline = time.time() + 20
@@ -487,7 +488,7 @@ def test_killed_process_then_resume(world, reference, tmp_path):
         f.write(b'{"id": "infoseek-q03", "status": "ke')
     with serve(FakeTeacher()) as url, contextlib.redirect_stdout(io.StringIO()):
         with pytest.warns(UserWarning, match="partial last line"):
-            summary = make_data.main(argv(world, out, url))
+            summary = make_real_data.main(argv(world, out, url))
     assert summary["source"]["done_before"] == n_done
     same_outcome(out, reference[0])
 
@@ -508,9 +509,9 @@ def test_questions_source_and_downscaled_teacher_image(world, tmp_path):
     args[args.index("--source") + 1] = str(src)
     with serve(FakeTeacher()) as url, contextlib.redirect_stdout(io.StringIO()):
         args[args.index("URL")] = url
-        summary = make_data.main(args)
+        summary = make_real_data.main(args)
     assert summary["source"]["format"] == "questions" and summary["kept"] == 1
-    msgs = lines_of(out / make_data.ATTEMPTS)[0]["messages"]
+    msgs = lines_of(out / make_real_data.ATTEMPTS)[0]["messages"]
     assert msgs[1]["content"].endswith("<img_search>[56, 0, 112, 56]</img_search>")
 
 
@@ -522,12 +523,12 @@ def records(n, seed=0):
 
 def test_sample_sft_deterministic_balanced():
     rows = records(2000)
-    ids, info = make_data.sample_sft(rows, 800, seed=1)
+    ids, info = make_real_data.sample_sft(rows, 800, seed=1)
     assert len(ids) == len(set(ids)) == 800 and info["search_required"] == info["search_free"] == 400
     shuffled = rows[:]
     random.Random(9).shuffle(shuffled)
-    assert make_data.sample_sft(shuffled, 800, seed=1)[0] == ids, "independent of the log's order"
-    assert make_data.sample_sft(rows, 800, seed=2)[0] != ids
+    assert make_real_data.sample_sft(shuffled, 800, seed=1)[0] == ids, "independent of the log's order"
+    assert make_real_data.sample_sft(rows, 800, seed=2)[0] != ids
     by_id = {r["id"]: r for r in rows}
     for side in (True, False):  # max-min fair: a category below the top count has given all it has
         avail = {c: sum(r["category"] == c and r["needs_search"] == side for r in rows) for c in "abcd"}
@@ -536,7 +537,7 @@ def test_sample_sft_deterministic_balanced():
         assert all(counts[c] == avail[c] or counts[c] >= top - 1 for c in "abcd"), (avail, counts)
         assert counts["d"] == avail["d"] < top  # the skew is real: d is short on both sides
     # one side short: the set shrinks, the ratio holds
-    ids, info = make_data.sample_sft(rows[:100], 1000, seed=0)
+    ids, info = make_real_data.sample_sft(rows[:100], 1000, seed=0)
     assert info["search_required"] == info["search_free"] == sum(not r["needs_search"] for r in rows[:100])
 
 
@@ -544,13 +545,13 @@ def test_read_attempts_cuts_a_partial_last_line(tmp_path):
     path = tmp_path / "a.jsonl"
     path.write_bytes(b'{"id": "x", "status": "kept"}\nnot json\n{"id": "y", "status": "discarded"}\n{"id": "z", "st')
     with pytest.warns(UserWarning):
-        rows = make_data.read_attempts(path)
+        rows = make_real_data.read_attempts(path)
     assert [r["id"] for r in rows] == ["x", "y"]
     assert path.read_bytes().endswith(b'"discarded"}\n')
     with open(path, "a", encoding="utf-8") as log:
-        make_data.append_record(log, {"id": "z", "status": "kept"})
+        make_real_data.append_record(log, {"id": "z", "status": "kept"})
     with pytest.warns(UserWarning, match="bad JSONL line"):
-        assert [r["id"] for r in make_data.read_attempts(path)] == ["x", "y", "z"]
+        assert [r["id"] for r in make_real_data.read_attempts(path)] == ["x", "y", "z"]
 
 
 def test_wrong_key_stops_the_run(world, tmp_path, monkeypatch):
@@ -558,19 +559,19 @@ def test_wrong_key_stops_the_run(world, tmp_path, monkeypatch):
     monkeypatch.setenv(KEY_ENV, "sk-wrong")
     out = tmp_path / "out"
     with serve(FakeTeacher()) as url, contextlib.redirect_stdout(io.StringIO()):
-        with pytest.raises(make_data.tools.ApiFatal, match="HTTP 401") as err:
-            make_data.main(argv(world, out, url))
+        with pytest.raises(make_real_data.tools.ApiFatal, match="HTTP 401") as err:
+            make_real_data.main(argv(world, out, url))
     assert "sk-wrong" not in str(err.value)
-    assert lines_of(out / make_data.ATTEMPTS) == []
+    assert lines_of(out / make_real_data.ATTEMPTS) == []
 
 
 def test_small_helpers():
-    assert make_data.parse_category("Category: Place.", ("place", "other")) == "place"
-    assert make_data.parse_category("no idea", ("place", "other")) == "other"
-    seen, original = make_data.normalise_turn("<reason>r</reason><img_search>[10,0,20,10]", "stop", scale=0.5)
+    assert make_real_data.parse_category("Category: Place.", ("place", "other")) == "place"
+    assert make_real_data.parse_category("no idea", ("place", "other")) == "other"
+    seen, original = make_real_data.normalise_turn("<reason>r</reason><img_search>[10,0,20,10]", "stop", scale=0.5)
     assert seen.box == (10, 0, 20, 10) and original.box == (20, 0, 40, 20)
-    bad, none = make_data.normalise_turn("<answer>x</answer>", "stop")
+    bad, none = make_real_data.normalise_turn("<answer>x</answer>", "stop")
     assert bad.kind == "invalid" and none is None  # no <reason>: not a demonstration
-    image, text = make_data.teacher_content("<image>\nhi", [Image.new("RGB", (8, 8))])
+    image, text = make_real_data.teacher_content("<image>\nhi", [Image.new("RGB", (8, 8))])
     assert image["type"] == "image_url" and image["image_url"]["url"].startswith("data:image/jpeg;base64,")
     assert text == {"type": "text", "text": "\nhi"}
