@@ -42,6 +42,7 @@ from PIL import Image, ImageDraw
 
 import model as M
 import rollout
+import search
 import tools
 
 HERE = Path(__file__).resolve().parent
@@ -60,7 +61,7 @@ def get_args(argv=None):
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     p.add_argument("--limit", type=int, default=0, help="first N questions of each file (0: all)")
     p.add_argument("--data", default=str(HERE / "data"), help="data folder of the local search index")
-    tools.add_search_args(p)
+    search.add_search_args(p)
     p.add_argument("--cache", help="SQLite search cache file")
     p.add_argument("--cache_mode", default="rw", help="search cache mode (see tools.SearchCache)")
     p.add_argument("--max_turns", type=int, default=6)
@@ -488,7 +489,7 @@ def paired_bootstrap(a, b, n=10_000, seed=0):
 
 
 def _words(text):
-    return {w for w in tools.tokenize(text or "") if len(w) >= 3}
+    return {w for w in search.tokenize(text or "") if len(w) >= 3}
 
 
 def wasted_calls(r):
@@ -772,7 +773,7 @@ def run(args):
     question_sets = {q: read_questions(q, args.limit) for q in args.questions}  # bad input fails before any work
     ckpt = Path(args.ckpt or M.default_checkpoint(args.data))
     mdl, proc = M.load(ckpt, device=device, log=M.print0, max_pixels=args.max_pixels)
-    tl = tools.make_tools(args.data, cache=args.cache, cache_mode=args.cache_mode, **tools.search_options(args))
+    tl = search.make_tools(args.data, cache=args.cache, cache_mode=args.cache_mode, **search.search_options(args))
     judge = make_judge(args)
     results, records = {}, []
     for path, qs in question_sets.items():
@@ -821,7 +822,7 @@ def compare(args):
     missing = [c for c in (sft, rl) if not (Path(c) / "config.json").is_file()]
     if len(missing) == 2:
         sys.exit(f"eval.py --compare: no checkpoint at {sft} nor at {rl} (a folder with config.json)")
-    tl = tools.make_tools(args.data, cache=args.cache, cache_mode=args.cache_mode, **tools.search_options(args))
+    tl = search.make_tools(args.data, cache=args.cache, cache_mode=args.cache_mode, **search.search_options(args))
     judge = make_judge(args)
     for label, ckpt, mode in [("Direct answer (SFT model, no search)", sft, "direct"),
                               ("RAG workflow (SFT model: whole-image search, then text search)", sft, "rag"),

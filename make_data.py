@@ -13,7 +13,7 @@ The synthetic world writes under --out (paths inside files are relative to that 
     image_index.jsonl       {"id","image","title","text","url"}: every entity's icon, on a few pages
     images/*.png            icons e*.png (56x56), scenes <qid>.png (2-4 icons in a row), tool images <qid>_t<k>.png
     questions_train.jsonl   question rows for training-split entities (the SFT ones + the RL ones)
-    sft.jsonl               teacher trajectories through tools.make_tools(out) with its defaults (topk,
+    sft.jsonl               teacher trajectories through search.make_tools(out) with its defaults (topk,
                             attach): a rollout with the same defaults sees the same turns
     rl.jsonl                RL prompts (question rows)
     questions_eval.jsonl    held-out entities, all five kinds
@@ -27,7 +27,7 @@ search, its facts (founding year, home city, maker) only through text search, ea
 page "<name> <relation>", so a query is a copy of the name found plus a relation word; near-miss
 names make a sloppy query land on the wrong page. Scenes put 2-4 icons in 56 px slots, so the
 teacher crops, with a referring expression from the question ("the third object from the left",
-"the square") that tools.SceneGrounder turns into a box. The teacher runs the real tools, decides
+"the square") that search.SceneGrounder turns into a box. The teacher runs the real tools, decides
 from the last observation (never from the gold answer), keeps what reaches gold; every kept
 trajectory is replayed through fresh backends. The split is by entity.
 
@@ -53,6 +53,7 @@ from PIL import Image, ImageDraw  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import model  # noqa: E402
+import search  # noqa: E402
 import tools  # noqa: E402
 
 VERSION = 8  # bump when the world changes, so an old data/ is rebuilt rather than skipped
@@ -607,7 +608,7 @@ def build(args, out):
     near = {}
     for d in distractors:
         near.setdefault(d["of"], []).append(d["name"])
-    sft = make_sft(sets["sft"], out, tools.make_tools(str(out)), near, args.seed, args.self_correct, args.quiet)
+    sft = make_sft(sets["sft"], out, search.make_tools(str(out)), near, args.seed, args.self_correct, args.quiet)
     tools.write_jsonl(out / "sft.jsonl", sft)
     tools.write_jsonl(out / "questions_train.jsonl", sets["sft"] + sets["rl"])
     tools.write_jsonl(out / "rl.jsonl", sets["rl"])
@@ -616,7 +617,7 @@ def build(args, out):
     seconds = {"world": time.time() - t0}
 
     # checks, from the files just written, through fresh backends (as any later script builds them)
-    replay_tools = tools.make_tools(str(out))
+    replay_tools = search.make_tools(str(out))
     replayed = sum(replay(t, replay_tools, out) for t in tqdm(sft, desc="replay", disable=args.quiet))
     index = replay_tools.image_backend
     summary = {

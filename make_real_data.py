@@ -1,7 +1,7 @@
 """make_real_data.py: DeepMMSearchVQA, the paper's SFT data, made with a teacher MLLM and real search.
 
     # a search service over your index (or --backend serpapi, or --backend local --data DIR)
-    python tools.py serve --data /path/to/index --port 8765 &
+    python serve.py --data /path/to/index --port 8765 &
     # a teacher: a local vLLM server (no key), or a hosted API (--api_key_env names the key's variable)
     vllm serve Qwen/Qwen2.5-VL-72B-Instruct --port 8000 --limit-mm-per-prompt '{"image": 4}' &
     python make_real_data.py --source infoseek_train.jsonl --images oven_images/ \
@@ -49,6 +49,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 from PIL import Image  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+import search  # noqa: E402
 import tools  # noqa: E402
 from benchmarks import Images, load_infoseek, read_records  # noqa: E402
 from eval import Judge, score  # noqa: E402
@@ -98,7 +99,7 @@ def get_args(argv=None):
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per API request")
     p.add_argument("--retries", type=int, default=6, help="retries per API request (timeouts, 429, 5xx)")
     p.add_argument("--backoff", type=float, default=2.0, help="first retry delay in seconds, doubled each time")
-    tools.add_search_args(p)
+    search.add_search_args(p)
     p.add_argument("--data", default="data", help="local backend: folder with corpus.jsonl and image_index.jsonl")
     p.add_argument("--grounder", help="local GroundingDINO folder, for <img_search>object description</img_search>")
     p.add_argument("--summarizer_url", help="OpenAI-compatible endpoint that summarizes search results")
@@ -440,14 +441,14 @@ def build_real_context(args, out, meter):
     call counted in `meter`."""
     grounder = False  # real photos: GroundingDINO or none, never the synthetic world's
     if args.grounder:  # one torch model shared by the worker threads: one call at a time
-        grounder = tools.GroundingDinoGrounder(args.grounder)
+        grounder = search.GroundingDinoGrounder(args.grounder)
         grounder.ground = metered(grounder.ground, meter, "grounder", lock=threading.Lock())
     summarizer = None
     if args.summarizer_url:  # tools.ChatSummarizer does not report its token usage: calls are counted
         summarizer = metered(tools.ChatSummarizer(args.summarizer_url, args.summarizer_model or args.teacher_model),
                              meter, "summarizer")
-    tk = tools.make_tools(args.data, cache=str(out / "search_cache.sqlite"), grounder=grounder,
-                          summarizer=summarizer, **tools.search_options(args))
+    tk = search.make_tools(args.data, cache=str(out / "search_cache.sqlite"), grounder=grounder,
+                          summarizer=summarizer, **search.search_options(args))
     for backend, group in ((tk.text_backend, "text_search"), (tk.image_backend, "image_search")):
         if backend is not None:  # the searches that reach a backend: the search cache's misses
             backend.search = metered(backend.search, meter, group, "backend_calls")

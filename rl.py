@@ -37,6 +37,7 @@ import torch.nn as nn
 import eval as E
 import model as M
 import rollout as R
+import search as S
 import tools as T
 
 PRESETS = {  # the paper's RL settings (section 4.1 and appendix); explicit flags still win
@@ -74,7 +75,7 @@ def get_args(argv=None):
     p.add_argument("--separate_forwards", action="store_true", help="one row per trajectory (the model's own "
                    "attention, flash-attn included) instead of a group's prompt once with explicit masks")
     p.add_argument("--precision", choices=sorted(M.PRECISIONS), default=None, help="default: bf16 on CUDA, else fp32")
-    T.add_search_args(p)
+    S.add_search_args(p)
     p.add_argument("--cache", default=None, help="SQLite search cache path")
     p.add_argument("--save_every", type=int, default=10)
     p.add_argument("--resume", action="store_true", help="continue the run in --out exactly (fresh if it has none)")
@@ -318,7 +319,7 @@ def main(argv=None):
         start, _ = M.load_train_state(out, optimizer, None, model=wrapped)
         log(f"resumed at step {start}")
     judge = E.Judge(args.judge_url, args.judge_model) if args.judge_url else None
-    tools = T.make_tools(args.data, cache=args.cache, **T.search_options(args))
+    tools = S.make_tools(args.data, cache=args.cache, **S.search_options(args))
     log(f"{len(questions)} RL prompts; {args.batch} x G={args.group} per step on {world} rank(s) ({mode}); "
         f"{sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters "
         f"({', '.join(sorted({str(p.dtype) for p in params}))}); compute {dtype}; attention "

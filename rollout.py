@@ -44,6 +44,7 @@ from tqdm import tqdm
 from transformers import GenerationConfig
 
 import model as M
+import search as S
 import tools as T
 
 FEED, TOOL, DONE = "feed", "tool", "done"  # a row's phase
@@ -533,7 +534,7 @@ def rollout(model, processor, tools, questions, group_size=1, max_turns=6, max_n
     keep_features: keep each image's vision-tower output in its trajectories (Trajectory.item gives it to
     training, which then never runs the tower: rl.py)."""
     if tool_threads is None:
-        local = (T.BM25Index, T.LocalImageIndex, type(None))
+        local = (S.BM25Index, S.LocalImageIndex, type(None))
         tool_threads = 0 if (isinstance(getattr(tools, "text_backend", None), local)
                              and isinstance(getattr(tools, "image_backend", None), local)) else 8
     if batch_size < group_size:
@@ -702,7 +703,7 @@ def main(argv=None):
     args = get_args(argv)
     torch.set_num_threads(args.threads)
     model, processor = M.load(args.ckpt or M.default_checkpoint(args.data))
-    tools = T.make_tools(args.data)
+    tools = S.make_tools(args.data)
     questions = T.load_questions(f"{args.data}/{args.split}")[:args.questions]
     if args.bench:
         raise SystemExit(0 if bench(model, processor, tools, questions, args) else 1)

@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 import eval as E
 import model as M
+import search as S
 import tools as T
 
 
@@ -312,7 +313,7 @@ def main(argv=None):
     if args.agent_eval_n and not qs:
         log(f"agent accuracy unavailable: no questions in {qfile}")
     # a fixed sample of questions, the same at every evaluation, so accuracies compare over the run
-    agent = (random.Random(args.seed).sample(qs, min(args.agent_eval_n, len(qs))), T.make_tools(str(qfile.parent))
+    agent = (random.Random(args.seed).sample(qs, min(args.agent_eval_n, len(qs))), S.make_tools(str(qfile.parent))
              ) if qs else None
 
     meta = {"stage": "sft", "base": str(args.model), "tiny": tiny, "lora_rank": args.lora_rank, "config": vars(args)}

@@ -1,4 +1,4 @@
-"""Dense retrieval (tools.py index, Encoder, DenseIndex) with tiny CLIP / SigLIP / BERT folders
+"""Dense retrieval (search.py index, Encoder, DenseIndex) with tiny CLIP / SigLIP / BERT folders
 built in the test (tests/encoders.py).
 
     python -m pytest -q tests/test_dense.py
@@ -15,6 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
+import search as S
+import serve
 import tools as T
 from conftest import ROOT
 from encoders import colour_clip, tiny_bert, tiny_siglip
@@ -45,9 +47,9 @@ def encoders(tmp_path_factory):
 
 
 def test_a_crop_of_an_indexed_photo_finds_that_photo_first(tmp_path, encoders):
-    T.build_index(str(photos(tmp_path / "photos")), encoders["clip"], str(tmp_path / "idx"), progress=False)
+    S.build_index(str(photos(tmp_path / "photos")), encoders["clip"], str(tmp_path / "idx"), progress=False)
     T.write_jsonl(tmp_path / "data" / "corpus.jsonl", CORPUS)  # text stays BM25; data/ has no image_index.jsonl
-    tools = T.make_tools(str(tmp_path / "data"), image_index=str(tmp_path / "idx"))
+    tools = S.make_tools(str(tmp_path / "data"), image_index=str(tmp_path / "idx"))
     for i in range(len(HUES)):
         path = next((tmp_path / "photos").rglob(f"p{i}.*"))
         with Image.open(path) as image:
@@ -59,8 +61,8 @@ def test_a_crop_of_an_indexed_photo_finds_that_photo_first(tmp_path, encoders):
 
 def test_siglip_whole_image_and_text_to_image_search(tmp_path, encoders):
     folder = photos(tmp_path / "photos", n=6)
-    meta = T.build_index(str(folder), encoders["siglip"], str(tmp_path / "idx"), progress=False)
-    index = T.DenseIndex(str(tmp_path / "idx"))
+    meta = S.build_index(str(folder), encoders["siglip"], str(tmp_path / "idx"), progress=False)
+    index = S.DenseIndex(str(tmp_path / "idx"))
     assert meta["count"] == 6 and index.matrix.shape == (6, 8)
     with Image.open(folder / "sub" / "p3.jpg") as image:
         hit = index.search(image, 2)
@@ -73,7 +75,7 @@ def test_siglip_whole_image_and_text_to_image_search(tmp_path, encoders):
 def test_index_build_resumes_where_it_was_interrupted(tmp_path, encoders, monkeypatch):
     folder = str(photos(tmp_path / "photos", n=7))
     embedded = []
-    real = T._embed_rows
+    real = S._embed_rows
 
     def interrupted(encoder, rows, *a):
         if len(embedded) == 2:
@@ -81,17 +83,17 @@ def test_index_build_resumes_where_it_was_interrupted(tmp_path, encoders, monkey
         embedded.append(len(rows))
         return real(encoder, rows, *a)
 
-    monkeypatch.setattr(T, "_embed_rows", interrupted)
+    monkeypatch.setattr(S, "_embed_rows", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        T.build_index(folder, encoders["clip"], str(tmp_path / "idx"), part_size=2, progress=False)
+        S.build_index(folder, encoders["clip"], str(tmp_path / "idx"), part_size=2, progress=False)
     with pytest.raises(FileNotFoundError, match="interrupted"):
-        T.DenseIndex(str(tmp_path / "idx"))
+        S.DenseIndex(str(tmp_path / "idx"))
     embedded.append(None)  # let it run now
-    monkeypatch.setattr(T, "_embed_rows", lambda *a: embedded.append(len(a[1])) or real(*a))
-    T.build_index(folder, encoders["clip"], str(tmp_path / "idx"), part_size=2, progress=False)
+    monkeypatch.setattr(S, "_embed_rows", lambda *a: embedded.append(len(a[1])) or real(*a))
+    S.build_index(folder, encoders["clip"], str(tmp_path / "idx"), part_size=2, progress=False)
     assert embedded == [2, 2, None, 2, 1]  # the two saved parts were not embedded again
     # the same parts uninterrupted: a batch's matmuls may round differently at another batch size
-    T.build_index(folder, encoders["clip"], str(tmp_path / "fresh"), part_size=2, progress=False)
+    S.build_index(folder, encoders["clip"], str(tmp_path / "fresh"), part_size=2, progress=False)
     resumed = np.load(tmp_path / "idx" / "embeddings.npy")
     np.testing.assert_array_equal(resumed, np.load(tmp_path / "fresh" / "embeddings.npy"))
     assert not (tmp_path / "idx" / "parts").exists()
@@ -101,21 +103,21 @@ def test_an_unreadable_image_is_left_out_and_named(tmp_path, encoders):
     folder = photos(tmp_path / "photos", n=3)
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     with pytest.warns(UserWarning, match="broken.png"):
-        meta = T.build_index(str(folder), encoders["clip"], str(tmp_path / "idx"), progress=False)
+        meta = S.build_index(str(folder), encoders["clip"], str(tmp_path / "idx"), progress=False)
     assert meta["count"] == 3 and meta["left_out"] == ["broken.png"]
     assert [r["id"] for r in T.read_jsonl(tmp_path / "idx" / "rows.jsonl")] == ["p0.jpg", "p2.png", "sub/p1.png"]
 
 
 def test_another_input_into_a_built_index_folder_is_refused(tmp_path, encoders):
-    T.build_index(str(photos(tmp_path / "a", n=2)), encoders["clip"], str(tmp_path / "idx"), progress=False)
+    S.build_index(str(photos(tmp_path / "a", n=2)), encoders["clip"], str(tmp_path / "idx"), progress=False)
     with pytest.raises(ValueError, match="another input"):
-        T.build_index(str(photos(tmp_path / "b", n=3)), encoders["clip"], str(tmp_path / "idx"), progress=False)
+        S.build_index(str(photos(tmp_path / "b", n=3)), encoders["clip"], str(tmp_path / "idx"), progress=False)
 
 
 def test_text_encoders_pool_as_their_folder_declares(tmp_path, encoders):
     texts = ["the red tower", "a photo of a cat on the bridge"]
     for name, pooling in (("bge", "cls"), ("e5", "mean")):
-        encoder = T.Encoder(encoders[name])
+        encoder = S.Encoder(encoders[name])
         assert encoder.pooling == pooling
         tokens = encoder.tokenizer(texts, padding=True, return_tensors="pt")
         with torch.no_grad():
@@ -128,16 +130,16 @@ def test_text_encoders_pool_as_their_folder_declares(tmp_path, encoders):
 
 def test_dense_text_search_with_prefixes_and_over_the_searchr1_protocol(tmp_path, encoders):
     T.write_jsonl(tmp_path / "corpus.jsonl", CORPUS)
-    T.build_index(str(tmp_path / "corpus.jsonl"), encoders["e5"], str(tmp_path / "idx"), progress=False,
+    S.build_index(str(tmp_path / "corpus.jsonl"), encoders["e5"], str(tmp_path / "idx"), progress=False,
                   query_prefix="query: ", passage_prefix="query: ")  # the same prefix: a document's own text finds it
-    index = T.DenseIndex(str(tmp_path / "idx"))
+    index = S.DenseIndex(str(tmp_path / "idx"))
     assert index.meta["kind"] == "text"
     for doc in CORPUS:
         assert index.search(f"{doc['title']}\n{doc['text']}", 1)[0]["id"] == doc["id"]
-    server = T.SearchServer(index, None, "127.0.0.1", 0)
+    server = serve.SearchServer(index, None, "127.0.0.1", 0)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        got = T.SearchR1TextSearch(f"http://127.0.0.1:{server.server_port}/retrieve").search("blue river\na blue river in the city", 2)
+        got = S.SearchR1TextSearch(f"http://127.0.0.1:{server.server_port}/retrieve").search("blue river\na blue river in the city", 2)
     finally:
         server.shutdown()
         server.server_close()
@@ -147,15 +149,15 @@ def test_dense_text_search_with_prefixes_and_over_the_searchr1_protocol(tmp_path
 def test_an_index_refuses_an_encoder_that_changed(tmp_path, encoders):
     encoder = tiny_bert(str(tmp_path / "enc"))
     T.write_jsonl(tmp_path / "corpus.jsonl", CORPUS)
-    T.build_index(str(tmp_path / "corpus.jsonl"), encoder, str(tmp_path / "idx"), progress=False)
+    S.build_index(str(tmp_path / "corpus.jsonl"), encoder, str(tmp_path / "idx"), progress=False)
     colour_clip(encoder)  # another checkpoint now sits where the index's encoder was
     with pytest.raises(ValueError, match="not the one"):
-        T.DenseIndex(str(tmp_path / "idx"))
+        S.DenseIndex(str(tmp_path / "idx"))
 
 
 def test_index_command_line(tmp_path, encoders):
     folder = photos(tmp_path / "photos", n=4)
-    cmd = [sys.executable, str(ROOT / "tools.py"), "index", str(folder), "--encoder", encoders["clip"],
+    cmd = [sys.executable, str(ROOT / "search.py"), "index", str(folder), "--encoder", encoders["clip"],
            "--out", str(tmp_path / "idx"), "--batch_size", "3"]
     done = subprocess.run(cmd, capture_output=True, text=True, check=True)
     assert "4 images x 6 dims" in done.stdout, done.stdout + done.stderr
@@ -164,7 +166,7 @@ def test_index_command_line(tmp_path, encoders):
 
 def test_index_command_resumes_after_kill_9(tmp_path, encoders):
     folder = photos(tmp_path / "photos", n=160)
-    cmd = [sys.executable, str(ROOT / "tools.py"), "index", str(folder), "--encoder", encoders["clip"],
+    cmd = [sys.executable, str(ROOT / "search.py"), "index", str(folder), "--encoder", encoders["clip"],
            "--out", str(tmp_path / "idx"), "--batch_size", "2", "--part_size", "2"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     parts = tmp_path / "idx" / "parts"
@@ -177,6 +179,6 @@ def test_index_command_resumes_after_kill_9(tmp_path, encoders):
         pytest.skip("the build finished before the kill")
     saved = len(list(parts.glob("*.npy")))
     subprocess.run(cmd, check=True, capture_output=True)
-    T.build_index(str(folder), encoders["clip"], str(tmp_path / "fresh"), batch_size=2, part_size=2, progress=False)
+    S.build_index(str(folder), encoders["clip"], str(tmp_path / "fresh"), batch_size=2, part_size=2, progress=False)
     np.testing.assert_array_equal(np.load(tmp_path / "idx" / "embeddings.npy"), np.load(tmp_path / "fresh" / "embeddings.npy"))
     assert saved >= 3 and T.read_jsonl(tmp_path / "idx" / "rows.jsonl") == T.read_jsonl(tmp_path / "fresh" / "rows.jsonl")

@@ -14,6 +14,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 import eval as E
+import search as S
 import tools as T
 from conftest import icon
 
@@ -301,7 +302,7 @@ KW = dict(max_turns=3, max_new_tokens=12, batch_size=4)
 
 def test_direct_mode_never_searches(tiny, world):
     model, proc = tiny
-    tl = T.make_tools(world)
+    tl = S.make_tools(world)
     qs = T.load_questions(world / "questions_eval.jsonl")
     trajs = E.run_mode("direct", model, proc, tl, qs, **KW)
     assert len(trajs) == len(qs) and tl.max_calls == 10            # the caller's tools are untouched
@@ -314,7 +315,7 @@ def test_direct_mode_never_searches(tiny, world):
 def test_rag_mode_runs_the_fixed_workflow(tiny, world):
     model, proc = tiny
     qs = T.load_questions(world / "questions_eval.jsonl")
-    trajs = E.run_mode("rag", model, proc, T.make_tools(world), qs, **KW)
+    trajs = E.run_mode("rag", model, proc, S.make_tools(world), qs, **KW)
     assert [t.qid for t in trajs] == [q["id"] for q in qs]         # back in question order
     for q, t in zip(qs, trajs):
         forced = E.RAG_TURNS if q["image"] is not None else E.RAG_TURNS[1:]
@@ -330,7 +331,7 @@ def test_rag_mode_runs_the_fixed_workflow(tiny, world):
 def test_agent_mode_and_records(tiny, world):
     model, proc = tiny
     qs = T.load_questions(world / "questions_eval.jsonl")
-    recs, wall = E.evaluate("agent", model, proc, T.make_tools(world), qs, "synthetic", progress=False, **KW)
+    recs, wall = E.evaluate("agent", model, proc, S.make_tools(world), qs, "synthetic", progress=False, **KW)
     assert [r["index"] for r in recs] == list(range(len(qs))) and wall > 0
     for r, q in zip(recs, qs):
         assert r["qid"] == q["id"] and r["mode"] == "agent" and 1 <= r["turns"] <= 3
@@ -347,7 +348,7 @@ def _evaluate_worker(rank, world, init, ckpt, data):
     try:
         model, proc = M.load(ckpt, log=None)
         qs = T.load_questions(data / "questions_eval.jsonl")
-        recs, _ = E.evaluate("direct", model, proc, T.make_tools(data), qs, "synthetic", rank=rank, world=world,
+        recs, _ = E.evaluate("direct", model, proc, S.make_tools(data), qs, "synthetic", rank=rank, world=world,
                              max_new_tokens=4, progress=False)
         assert [(r["index"], r["qid"]) for r in recs] == [(i, q["id"]) for i, q in enumerate(qs)]
     finally:

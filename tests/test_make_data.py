@@ -10,6 +10,7 @@ import pytest
 
 import make_data
 import model
+import search
 import tools
 from eval import score
 
@@ -118,7 +119,7 @@ def scene_of(ents):
 @pytest.fixture(scope="module")
 def grounder(world):
     out, _ = world
-    return tools.SceneGrounder.from_entities(out / "entities.jsonl")  # training entities' icons
+    return search.SceneGrounder.from_entities(out / "entities.jsonl")  # training entities' icons
 
 
 def test_scene_grounder_finds_the_nth_object(world, grounder):
@@ -184,7 +185,7 @@ def test_attached_crops_are_saved_in_order(world, tmp_path):
     out = tmp_path / "w"
     shutil.copytree(world[0], out)
     crops = [q for q in tools.read_jsonl(out / "rl.jsonl") if q["meta"]["kind"] == "crop"][:4]
-    rows = make_data.make_sft(crops, out, tools.make_tools(str(out), attach="crop"), {}, 0, 0.0, True)
+    rows = make_data.make_sft(crops, out, search.make_tools(str(out), attach="crop"), {}, 0, 0.0, True)
     assert len(rows) == len(crops)
     for r in rows:
         assert len(r["images"]) == 2 and sum(m["content"].count("<image>") for m in r["messages"]) == 2

@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 import make_data  # noqa: E402
 import make_real_data  # noqa: E402
+import search  # noqa: E402
 import tools  # noqa: E402
 
 KEY_ENV, KEY = "FAKE_TEACHER_KEY", "sk-test-7f3a9c-DO-NOT-LEAK"
@@ -366,7 +367,7 @@ def test_retries_timeouts_and_rate_limits(reference):
 def test_trajectories_in_the_design_format(reference, world):
     out, summary, _, _ = reference
     rows = check_log(out)
-    fresh = tools.make_tools(str(world / "search"))
+    fresh = search.make_tools(str(world / "search"))
     for short in EXPECTED["kept"]:
         r = rows[qid(short)]
         msgs = r["messages"]

@@ -17,6 +17,7 @@ import model as M
 import rl
 import rollout as R
 import sft
+import search as S
 import tools as T
 from tests.conftest import template_messages, write_world
 from tests.dist_entry import token_reward
@@ -115,7 +116,7 @@ def test_rollout_in_bf16_with_tools(hub, tmp_path):
     model, proc = hub
     d = write_world(tmp_path)
     qs = T.load_questions(d / "rl.jsonl")[:2]
-    trajs = R.rollout(model, proc, T.make_tools(str(d)), qs, group_size=2, temperature=1.0, seed=0,
+    trajs = R.rollout(model, proc, S.make_tools(str(d)), qs, group_size=2, temperature=1.0, seed=0,
                       max_turns=2, max_new_tokens=6, dtype=torch.bfloat16)
     assert len(trajs) == 4 and all(t.finish for t in trajs)
     for t in trajs:

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 import model as M
 import rl
 import rollout as R
+import search as S
 import tools as T
 from tests.conftest import write_bad_questions, write_world
 from tests.dist_entry import token_reward
@@ -80,7 +81,7 @@ def test_first_minibatch_ratio_is_one_and_kl_zero(tiny_dir, tmp_path):
     d = write_world(tmp_path)
     model, proc = M.load(tiny_dir, log=None)
     ref, _ = M.load(tiny_dir, log=None)
-    tools = T.make_tools(str(d))
+    tools = S.make_tools(str(d))
     trajs = R.rollout(model, proc, tools, T.load_questions(d / "rl.jsonl")[:2], group_size=2,
                       temperature=1.0, seed=0, max_turns=2, max_new_tokens=8)
     b = M.collate([t.item() for t in trajs], proc, extra_keys=("logprobs",))

@@ -13,6 +13,7 @@ from PIL import Image
 
 import model as M
 import rollout as R
+import search as S
 import tools as T
 from conftest import icon
 
@@ -27,9 +28,9 @@ def world(tmp_path_factory):
         icon(c).save(d / f"{c}.png")
         rows.append({"id": f"e{i}", "image": f"{c}.png", "title": f"Entity {c}", "text": f"The {c} one.",
                      "url": f"http://x/{c}"})
-    text = T.BM25Index([{"id": r["id"], "title": r["title"], "text": r["text"] + " founded 1843",
+    text = S.BM25Index([{"id": r["id"], "title": r["title"], "text": r["text"] + " founded 1843",
                          "url": r["url"]} for r in rows])
-    images = T.LocalImageIndex(rows, base_dir=str(d))
+    images = S.LocalImageIndex(rows, base_dir=str(d))
     scene = Image.new("RGB", (112, 56), "white")
     scene.paste(icon("red"), (0, 0))
     scene.paste(icon("blue"), (56, 0))

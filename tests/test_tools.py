@@ -1,4 +1,5 @@
-"""Tests for tools.py: parser, prompts, crop, grounding, search backends, cache, server, budgets.
+"""Tests for tools.py, search.py and serve.py: parser, prompts, crop, grounding, search backends, cache,
+server, budgets.
 
     python -m pytest -q tests/test_tools.py
 
@@ -33,6 +34,8 @@ sys.path.insert(0, str(ROOT))
 
 import model as M  # noqa: E402
 import rollout as R  # noqa: E402
+import search as S  # noqa: E402
+import serve  # noqa: E402
 import tools as T  # noqa: E402
 
 
@@ -381,7 +384,7 @@ def test_write_jsonl_and_load_questions(tmp_path):
 
 
 def test_bm25_ranks_the_right_page():
-    index = T.BM25Index(CORPUS)
+    index = S.BM25Index(CORPUS)
     assert index.search("When was Kessin Valor founded?", 1)[0]["id"] == "p1"
     assert index.search("Orvale glass fair", 1)[0]["id"] == "p2"
     assert index.search("blue square founded", 2)[0]["id"] == "p3"
@@ -389,13 +392,13 @@ def test_bm25_ranks_the_right_page():
     assert [r["id"] for r in top] == ["p4", "p2"]  # only documents with the term
     assert top[0]["score"] > top[1]["score"] > 0 and set(top[0]) == {"id", "title", "text", "url", "score"}
     assert index.search("zzz unknown", 3) == []
-    twins = T.BM25Index([{"id": "a", "text": "same words"}, {"id": "b", "text": "same words"}])
+    twins = S.BM25Index([{"id": "a", "text": "same words"}, {"id": "b", "text": "same words"}])
     assert [r["id"] for r in twins.search("words", 2)] == ["a", "b"]  # ties: earlier document first
 
 
 def test_local_image_search_finds_the_entity_from_a_crop(world):
     d, scene, boxes = world
-    index = T.LocalImageIndex.from_jsonl(d / "image_index.jsonl")
+    index = S.LocalImageIndex.from_jsonl(d / "image_index.jsonl")
     best_scene = index.search(scene, 1)[0]["score"]
     for eid, box in boxes:
         for dx, dy in [(0, 0), (4, -3), (-3, 4)]:  # small shifts of the box
@@ -417,7 +420,7 @@ def test_local_image_search_finds_the_entity_from_a_crop(world):
 def test_cache_replay_returns_identical_results(world, tmp_path):
     d, scene, boxes = world
     path = tmp_path / "cache.sqlite"
-    live = T.make_tools(str(d), cache=str(path), cache_mode="rw")
+    live = S.make_tools(str(d), cache=str(path), cache_mode="rw")
     actions = [T.parse_action("<text_search>Kessin Valor founded</text_search>"),
                T.parse_action(f"<img_search>{list(boxes[1][1])}</img_search>")]
     first = [live.execute(a, scene, T.State()) for a in actions]
@@ -462,45 +465,45 @@ def test_cache_is_safe_with_several_writing_processes(tmp_path):
 
 def test_http_server_round_trip(world):
     d, scene, boxes = world
-    text_index = T.BM25Index.from_jsonl(d / "corpus.jsonl")
-    image_index = T.LocalImageIndex.from_jsonl(d / "image_index.jsonl")
-    with running(T.SearchServer(text_index, image_index, "127.0.0.1", 0)) as url:
-        client = T.HttpSearch(url)
+    text_index = S.BM25Index.from_jsonl(d / "corpus.jsonl")
+    image_index = S.LocalImageIndex.from_jsonl(d / "image_index.jsonl")
+    with running(serve.SearchServer(text_index, image_index, "127.0.0.1", 0)) as url:
+        client = S.HttpSearch(url)
         assert client.search("Kessin Valor founded", 2) == text_index.search("Kessin Valor founded", 2)
         piece = T.crop(scene, boxes[2][1])[0]
         assert client.search(piece, 3) == image_index.search(piece, 3)
         with pytest.raises(T.SearchError, match="HTTP 400"):  # a bad request is not retried
-            T._request_json("POST", url + "/text", payload={"query": "", "k": 3}, retries=0)
+            S._request_json("POST", url + "/text", payload={"query": "", "k": 3}, retries=0)
         with pytest.raises(T.SearchError, match="HTTP 400"):
-            T._request_json("POST", url + "/image", payload={"image": "not base64!", "k": 3}, retries=0)
+            S._request_json("POST", url + "/image", payload={"image": "not base64!", "k": 3}, retries=0)
         with pytest.raises(T.SearchError, match="HTTP 404"):
-            T._request_json("POST", url + "/video", payload={}, retries=0)
-    with running(T.SearchServer(text_index, None, "127.0.0.1", 0)) as url:
+            S._request_json("POST", url + "/video", payload={}, retries=0)
+    with running(serve.SearchServer(text_index, None, "127.0.0.1", 0)) as url:
         with pytest.raises(T.SearchError, match="no image index"):
-            T.HttpSearch(url, retries=0).search(piece, 3)
+            S.HttpSearch(url, retries=0).search(piece, 3)
 
 
 def test_searchr1_protocol_both_ways():
     """Our server answers Search-R1's /retrieve, our searchr1 backend reads it, and the backend also
     reads a reply laid out as Search-R1's own retrieval server writes it."""
-    index = T.BM25Index(CORPUS)
-    with running(T.SearchServer(index, None, "127.0.0.1", 0)) as url:
-        got = T.SearchR1TextSearch(url + "/retrieve").search("Kessin Valor founded", 2)
+    index = S.BM25Index(CORPUS)
+    with running(serve.SearchServer(index, None, "127.0.0.1", 0)) as url:
+        got = S.SearchR1TextSearch(url + "/retrieve").search("Kessin Valor founded", 2)
         want = index.search("Kessin Valor founded", 2)
         assert [(g["id"], g["title"], g["text"], g["score"]) for g in got] == \
             [(w["id"], w["title"], w["text"], w["score"]) for w in want]
-        plain = T._request_json("POST", url + "/retrieve", payload={"queries": ["glass", "founded"], "topk": 1})
+        plain = S._request_json("POST", url + "/retrieve", payload={"queries": ["glass", "founded"], "topk": 1})
         assert len(plain["result"]) == 2 and set(plain["result"][0][0]) == {"id", "contents"}
         with pytest.raises(T.SearchError, match="HTTP 400"):
-            T._request_json("POST", url + "/retrieve", payload={"queries": "glass"}, retries=0)
+            S._request_json("POST", url + "/retrieve", payload={"queries": "glass"}, retries=0)
     theirs = {"result": [[{"document": {"id": "42", "contents": '"Orvale"\nOrvale is a river town.'}, "score": 0.8}]]}
     with json_server(lambda *request: (200, theirs)) as url:
-        tools = T.Tools(T.SearchR1TextSearch(url), None)
+        tools = T.Tools(S.SearchR1TextSearch(url), None)
         obs = tools.execute(T.parse_action("<reason>r</reason><text_search>Orvale</text_search>"), None, T.State())
     assert not obs.error and "Orvale: Orvale is a river town." in obs.text
     with json_server(lambda *request: (200, {"result": "x"})) as url:
         with pytest.raises(T.SearchError, match="/retrieve"):
-            T.SearchR1TextSearch(url, retries=0).search("q", 3)
+            S.SearchR1TextSearch(url, retries=0).search("q", 3)
 
 
 def test_lens_upload_url_publishes_the_crop():
@@ -513,12 +516,12 @@ def test_lens_upload_url_publishes_the_crop():
         return reply
     for body in ('{"url": "https://img.example.org/c1.png"}', "https://img.example.org/c1.png\n"):
         with raw_server(reply_with(body)) as url:
-            assert T.upload_to(url)(b"PNGBYTES") == "https://img.example.org/c1.png"
+            assert S.upload_to(url)(b"PNGBYTES") == "https://img.example.org/c1.png"
     assert seen == [("image/png", "8")] * 2
     with raw_server(reply_with('{"url": "file:///etc/passwd"}')) as url:
         with pytest.raises(T.SearchError, match="not an http"):
-            T.upload_to(url)(b"x")
-    assert isinstance(T.make_tools(backend="serpapi", lens_upload_url="http://127.0.0.1:9/").image_backend, T.SerpApiLens)
+            S.upload_to(url)(b"x")
+    assert isinstance(S.make_tools(backend="serpapi", lens_upload_url="http://127.0.0.1:9/").image_backend, S.SerpApiLens)
 
 
 def wait_until(condition, seconds):
@@ -556,7 +559,7 @@ def closed_by_server(sock, timeout):
 
 def test_server_refuses_an_image_over_the_pixel_cap_before_decoding(world):
     d, scene, boxes = world
-    image_index = T.LocalImageIndex.from_jsonl(d / "image_index.jsonl")
+    image_index = S.LocalImageIndex.from_jsonl(d / "image_index.jsonl")
     # 9000x9000 (81 M pixels) is under PIL's own bomb warning (89 M): only our cap refuses it;
     # 14000x14000 (196 M) is past PIL's error (179 M). Decoded and described, the first alone
     # would take gigabytes and many seconds; as 1-bit PNGs they are a few KB each.
@@ -565,32 +568,32 @@ def test_server_refuses_an_image_over_the_pixel_cap_before_decoding(world):
         Image.new("1", size).save(buffer, format="PNG")
         png = buffer.getvalue()
         assert len(png) < 40_000
-        with running(T.SearchServer(None, image_index, "127.0.0.1", 0)) as url:
+        with running(serve.SearchServer(None, image_index, "127.0.0.1", 0)) as url:
             start = time.monotonic()
             reply = requests.post(url + "/image", json={"image": base64.b64encode(png).decode(), "k": 3}, timeout=10)
             assert time.monotonic() - start < 2.0
             assert reply.status_code == 400 and says in reply.json()["error"]
-            assert f"{T.MAX_IMAGE_PIXELS} pixels" in reply.json()["error"]
+            assert f"{serve.MAX_IMAGE_PIXELS} pixels" in reply.json()["error"]
             piece = T.crop(scene, boxes[0][1])[0]  # a normal request is still answered, and the same
-            assert T.HttpSearch(url, retries=0).search(piece, 3) == image_index.search(piece, 3)
+            assert S.HttpSearch(url, retries=0).search(piece, 3) == image_index.search(piece, 3)
 
 
 def test_server_answers_malformed_json_with_400_and_stays_up():
     bodies = [b"[" * 100_000, b'{"query": ' + b"{" * 100_000, b'{"query": "q"', b"\xff\xfe\x00q", b"[1, 2]",
               b"NaN", b'"text"']
-    with running(T.SearchServer(T.BM25Index(CORPUS), None, "127.0.0.1", 0)) as url:
+    with running(serve.SearchServer(S.BM25Index(CORPUS), None, "127.0.0.1", 0)) as url:
         for body in bodies:
             reply = requests.post(url + "/text", data=body, headers={"Content-Type": "application/json"}, timeout=5)
             assert reply.status_code == 400, body[:20]
             assert "JSON" in reply.json()["error"]
         assert "nested too deeply" in requests.post(url + "/text", data=b"[" * 100_000, timeout=5).json()["error"]
-        assert T.HttpSearch(url, retries=0).search("Orvale glass", 1)[0]["id"] == "p2"
+        assert S.HttpSearch(url, retries=0).search("Orvale glass", 1)[0]["id"] == "p2"
 
 
 def test_server_refuses_a_body_over_the_cap_unread():
-    server = T.SearchServer(T.BM25Index(CORPUS), None, "127.0.0.1", 0)
+    server = serve.SearchServer(S.BM25Index(CORPUS), None, "127.0.0.1", 0)
     with running(server) as url:
-        for declared in (str(T.MAX_BODY + 1), "9" * 5000):  # no body follows: reading it would wait forever
+        for declared in (str(serve.MAX_BODY + 1), "9" * 5000):  # no body follows: reading it would wait forever
             reply, seconds = raw_exchange(server.server_port, f"POST /text HTTP/1.0\r\nContent-Length: {declared}"
                                                               "\r\n\r\n".encode())
             assert reply.startswith(b"HTTP/1.0 413 ") and b"over the" in reply and seconds < 2.0
@@ -598,11 +601,11 @@ def test_server_refuses_a_body_over_the_cap_unread():
             reply, _ = raw_exchange(server.server_port, f"POST /text HTTP/1.0\r\nContent-Length: {declared}"
                                                         "\r\n\r\n".encode())
             assert reply.startswith(b"HTTP/1.0 400 ") and b"Content-Length" in reply
-        assert T.HttpSearch(url, retries=0).search("Orvale glass", 1)[0]["id"] == "p2"
+        assert S.HttpSearch(url, retries=0).search("Orvale glass", 1)[0]["id"] == "p2"
 
 
 def test_server_drops_stalled_and_trickling_clients():
-    server = T.SearchServer(T.BM25Index(CORPUS), None, "127.0.0.1", 0, timeout=0.5, deadline=2.0)
+    server = serve.SearchServer(S.BM25Index(CORPUS), None, "127.0.0.1", 0, timeout=0.5, deadline=2.0)
     with running(server) as url:
         before = threading.active_count()
         stalled = [socket.create_connection(("127.0.0.1", server.server_port)) for _ in range(20)]
@@ -610,7 +613,7 @@ def test_server_drops_stalled_and_trickling_clients():
             for sock in stalled:  # promises 1000 bytes, sends one
                 sock.sendall(b"POST /text HTTP/1.0\r\nContent-Length: 1000\r\n\r\n{")
             assert wait_until(lambda: threading.active_count() >= before + 20, 2.0)
-            assert T.HttpSearch(url, retries=0).search("Orvale glass", 1)[0]["id"] == "p2"  # answered meanwhile
+            assert S.HttpSearch(url, retries=0).search("Orvale glass", 1)[0]["id"] == "p2"  # answered meanwhile
             start = time.monotonic()
             assert all(closed_by_server(sock, 3.0) for sock in stalled)
             assert time.monotonic() - start < 0.5 + 1.0
@@ -635,7 +638,7 @@ def test_server_drops_stalled_and_trickling_clients():
 
 
 def test_server_bounds_handler_threads_and_answers_503_beyond():
-    server = T.SearchServer(T.BM25Index(CORPUS), None, "127.0.0.1", 0, timeout=2.0, deadline=5.0, max_handlers=4)
+    server = serve.SearchServer(S.BM25Index(CORPUS), None, "127.0.0.1", 0, timeout=2.0, deadline=5.0, max_handlers=4)
     with running(server) as url:
         before, peak = threading.active_count(), 0
         connections = []
@@ -657,13 +660,13 @@ def test_server_bounds_handler_threads_and_answers_503_beyond():
         assert peak <= before + 4
         assert sum(r.startswith(b"HTTP/1.0 503 ") for r in replies) == 196 and replies.count(b"") == 4
         assert wait_until(lambda: threading.active_count() <= before, 2.0)
-        assert T.HttpSearch(url, retries=0).search("Orvale glass", 1)[0]["id"] == "p2"
+        assert S.HttpSearch(url, retries=0).search("Orvale glass", 1)[0]["id"] == "p2"
 
 
 def test_http_client_retries_429_and_5xx_and_waits_for_retry_after():
     replies = iter([(429, {"error": "slow down"}), (503, {"error": "busy"}), (200, {"results": [{"id": "x"}]})])
     with json_server(lambda *request: next(replies)) as url:
-        assert T.HttpSearch(url, retries=2, backoff=0.01).search("q", 3) == [{"id": "x"}]
+        assert S.HttpSearch(url, retries=2, backoff=0.01).search("q", 3) == [{"id": "x"}]
 
     calls = []
 
@@ -674,13 +677,13 @@ def test_http_client_retries_429_and_5xx_and_waits_for_retry_after():
 
     with raw_server(reply) as url:
         start = time.monotonic()
-        assert T.HttpSearch(url, retries=1, backoff=0.01).search("q", 3) == [{"id": "x"}]
+        assert S.HttpSearch(url, retries=1, backoff=0.01).search("q", 3) == [{"id": "x"}]
         assert time.monotonic() - start >= 1.0 and calls[1] - calls[0] >= 0.95
 
     with raw_server(lambda h: send(h, 503, b"{}", Retry_After="30")) as url:  # more than the call has left
         start = time.monotonic()
         with pytest.raises(T.SearchError, match="HTTP 503: the service asked to retry after 30 s, .* 2 s deadline"):
-            T._request_json("GET", url, timeout=1.0, retries=3, deadline=2.0)
+            S._request_json("GET", url, timeout=1.0, retries=3, deadline=2.0)
         assert time.monotonic() - start < 1.0  # failed at once, not at the deadline
     assert T.retry_after_seconds("2") == 2.0 and T.retry_after_seconds("0.5") == 0.5
     assert T.retry_after_seconds("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # a date in the past: retry now
@@ -730,9 +733,9 @@ def test_serpapi_parses_recorded_responses(monkeypatch):
         return "https://img.example/x.png"
 
     with json_server(respond) as url:
-        text = T.SerpApiTextSearch(base_url=url + "/search.json")
+        text = S.SerpApiTextSearch(base_url=url + "/search.json")
         results = text.search("Kessin Valor", 2)
-        lens = T.SerpApiLens(upload, base_url=url + "/search.json")
+        lens = S.SerpApiLens(upload, base_url=url + "/search.json")
         matches = lens.search(icon("e0", 64), 1)
     assert [r["title"] for r in results] == ["Kessin Valor - Wikipedia", "Orvale history"]
     assert results[0]["text"].startswith("Kessin Valor is a red star") and results[0]["url"].startswith("https://en.")
@@ -747,17 +750,17 @@ def test_serpapi_parses_recorded_responses(monkeypatch):
 def test_serpapi_failures_become_observations_without_the_key(monkeypatch):
     monkeypatch.setenv("SERPAPI_API_KEY", "secret-key-123")
     with json_server(lambda *request: (500, {"error": "internal"})) as url:
-        tools = T.Tools(T.SerpApiTextSearch(base_url=url, retries=1, backoff=0.01), None)
+        tools = T.Tools(S.SerpApiTextSearch(base_url=url, retries=1, backoff=0.01), None)
         obs = tools.execute(T.parse_action("<text_search>q</text_search>"), None, T.State())
     assert obs.error and "HTTP 500" in obs.text and "secret-key-123" not in obs.text
     # a connection failure's exception text carries the URL (with the key): it must not leak
     with json_server(lambda *request: (200, {})) as url:
         pass  # the server is gone: connection refused
-    tools = T.Tools(T.SerpApiTextSearch(base_url=url, retries=0), None)
+    tools = T.Tools(S.SerpApiTextSearch(base_url=url, retries=0), None)
     obs = tools.execute(T.parse_action("<text_search>q</text_search>"), None, T.State())
     assert obs.error and "connection failed" in obs.text and "secret-key-123" not in obs.text
     with json_server(lambda *request: (200, {"error": "Google hasn't returned any results for this query."})) as url:
-        tools = T.Tools(T.SerpApiTextSearch(base_url=url), None)
+        tools = T.Tools(S.SerpApiTextSearch(base_url=url), None)
         obs = tools.execute(T.parse_action("<text_search>q</text_search>"), None, T.State())
     assert obs.error and "No results" in obs.text
     monkeypatch.delenv("SERPAPI_API_KEY")
@@ -771,7 +774,7 @@ def test_serpapi_failures_become_observations_without_the_key(monkeypatch):
 
 
 def test_execute_text_search_observation():
-    tools = T.Tools(T.BM25Index(CORPUS), None, topk=2, snippet_words=5)
+    tools = T.Tools(S.BM25Index(CORPUS), None, topk=2, snippet_words=5)
     state = T.State()
     obs = tools.execute(T.parse_action("<reason>r</reason><text_search>Kessin  Valor</text_search>"), None, state)
     assert not obs.error and obs.kind == "text_search" and len(obs.results) <= 2
@@ -782,7 +785,7 @@ def test_execute_text_search_observation():
 
 def test_execute_image_search_budget_and_crop(world):
     d, scene, boxes = world
-    tools = T.make_tools(str(d), attach="crop")
+    tools = S.make_tools(str(d), attach="crop")
     state = T.State()
     obs = tools.execute(T.parse_action("<img_search>[50, 50, 40, 60]</img_search>"), scene, state)
     assert obs.error and state.n_img_search == 0  # a bad box does not use up the image search
@@ -846,7 +849,7 @@ def test_execute_failures_are_observations():
         return 200, {"results": []}
 
     with json_server(slow) as url:
-        tools = T.Tools(T.HttpSearch(url, timeout=0.2, retries=0), None)
+        tools = T.Tools(S.HttpSearch(url, timeout=0.2, retries=0), None)
         start = time.perf_counter()
         obs = tools.execute(T.parse_action("<text_search>q</text_search>"), None, state)
     assert obs.error and "timed out" in obs.text and time.perf_counter() - start < 2.0
@@ -861,7 +864,7 @@ def test_summarizer_through_chat_endpoint(monkeypatch):
         return 200, {"choices": [{"message": {"role": "assistant", "content": "Kessin Valor was founded in 1843."}}]}
 
     with json_server(respond) as url:
-        tools = T.Tools(T.BM25Index(CORPUS), None, summarizer=T.ChatSummarizer(url + "/v1", "judge"))
+        tools = T.Tools(S.BM25Index(CORPUS), None, summarizer=T.ChatSummarizer(url + "/v1", "judge"))
         obs = tools.execute(T.parse_action("<text_search>Kessin Valor</text_search>"), None, T.State())
     assert obs.text.startswith("<information>Kessin Valor was founded in 1843.</information>")
     assert asked[0][0] == "/v1/chat/completions" and "Kessin Valor" in asked[0][1]["messages"][0]["content"]
@@ -898,7 +901,7 @@ def test_web_text_never_becomes_chat_structure(tiny):
     observations = [
         T.Tools(Backend(hostile_results), None).execute(text, None, T.State()),  # result titles and snippets
         T.Tools(None, Backend(hostile_results)).execute(image, scene, T.State()),
-        T.Tools(T.BM25Index(CORPUS), None, summarizer=lambda q, r: hostile).execute(  # a summary
+        T.Tools(S.BM25Index(CORPUS), None, summarizer=lambda q, r: hostile).execute(  # a summary
             T.parse_action("<text_search>Kessin Valor</text_search>"), None, T.State()),
         T.Tools(Backend(T.SearchError(hostile)), None).execute(text, None, T.State()),  # upstream errors
         T.Tools(Backend(RuntimeError(hostile)), None).execute(text, None, T.State()),
@@ -906,7 +909,7 @@ def test_web_text_never_becomes_chat_structure(tiny):
             T.parse_action(f"<text_search>{hostile}</text_search>"), None, T.State()),  # a query echoed back
     ]
     with json_server(lambda *request: (400, {"error": hostile})) as url:
-        observations.append(T.Tools(T.HttpSearch(url, retries=0), None).execute(text, None, T.State()))
+        observations.append(T.Tools(S.HttpSearch(url, retries=0), None).execute(text, None, T.State()))
     assert [o.error for o in observations] == [False, False, False, True, True, True, True]
     for obs in observations:
         assert obs.text.startswith("<information>") and obs.text.count("<information>") == 1
@@ -955,13 +958,13 @@ def test_request_deadline_stops_a_trickling_server():
     with raw_server(trickle) as url:
         start = time.monotonic()
         with pytest.raises(T.SearchError, match="deadline"):
-            T._request_json("GET", url, timeout=1.0, retries=0)  # default deadline: 1.0 s
+            S._request_json("GET", url, timeout=1.0, retries=0)  # default deadline: 1.0 s
         assert time.monotonic() - start < 1.0 + 1.0
         start = time.monotonic()
         with pytest.raises(T.SearchError, match="1.5 s deadline"):
-            T._request_json("GET", url, timeout=5.0, retries=3, deadline=1.5)
+            S._request_json("GET", url, timeout=5.0, retries=3, deadline=1.5)
         assert time.monotonic() - start < 1.5 + 1.0
-        tools = T.Tools(T.HttpSearch(url, timeout=0.6, retries=1, backoff=0.05), None)
+        tools = T.Tools(S.HttpSearch(url, timeout=0.6, retries=1, backoff=0.05), None)
         start = time.monotonic()
         obs = tools.execute(T.parse_action("<text_search>q</text_search>"), None, T.State())
         assert obs.error and "deadline" in obs.text and time.monotonic() - start < 0.6 * 2 + 0.05 + 1.0
@@ -979,7 +982,7 @@ def test_request_deadline_stops_a_trickling_server():
     with raw_server(stall) as url:
         start = time.monotonic()
         with pytest.raises(T.SearchError, match="2 s deadline"):
-            T._request_json("GET", url, timeout=10.0, retries=0, deadline=2.0)
+            S._request_json("GET", url, timeout=10.0, retries=0, deadline=2.0)
         assert time.monotonic() - start < 2.0 + 0.7  # not 1.6 s (the stall) + 2 s (the attempt's read timeout)
 
 
@@ -998,11 +1001,11 @@ def test_request_refuses_a_response_over_the_byte_cap():
     for reply in (declared, undeclared):
         with raw_server(reply) as url:
             with pytest.raises(T.SearchError, match=f"response larger than {2 << 20} bytes"):
-                T._request_json("GET", url, retries=0)
+                S._request_json("GET", url, retries=0)
             with pytest.raises(T.SearchError, match="response larger than 1000 bytes"):
-                T._request_json("GET", url, retries=0, max_bytes=1000)
-            assert T._request_json("GET", url, retries=0, max_bytes=len(big)) == json.loads(big)
-            obs = T.Tools(T.HttpSearch(url, retries=0), None).execute(
+                S._request_json("GET", url, retries=0, max_bytes=1000)
+            assert S._request_json("GET", url, retries=0, max_bytes=len(big)) == json.loads(big)
+            obs = T.Tools(S.HttpSearch(url, retries=0), None).execute(
                 T.parse_action("<text_search>q</text_search>"), None, T.State())
             assert obs.error and "larger than" in obs.text and len(obs.text) < 300
 
@@ -1014,7 +1017,7 @@ def test_request_refuses_a_response_over_the_byte_cap():
 def test_malformed_results_are_failures_and_never_cached(payload, tmp_path):
     cache = T.SearchCache(tmp_path / "cache.sqlite", "rw")
     with json_server(lambda *request: (200, payload)) as url:
-        tools = T.Tools(T.HttpSearch(url, retries=0), None, cache=cache)
+        tools = T.Tools(S.HttpSearch(url, retries=0), None, cache=cache)
         for _ in range(2):  # the second call is not a replay of the first
             obs = tools.execute(T.parse_action("<text_search>q</text_search>"), None, T.State())
             assert obs.error and obs.text.startswith("<information>Search failed: ") and "results" in obs.text
@@ -1027,7 +1030,7 @@ def test_results_are_cleaned_before_they_are_cached(tmp_path):
                            {"title": ["bad"], "text": "dropped"}, {"title": "Kept", "text": "fine", "url": "u"}]}
     cache = T.SearchCache(tmp_path / "cache.sqlite", "rw")
     with json_server(lambda *request: (200, payload)) as url:
-        obs = T.Tools(T.HttpSearch(url), None, cache=cache).execute(
+        obs = T.Tools(S.HttpSearch(url), None, cache=cache).execute(
             T.parse_action("<text_search>q</text_search>"), None, T.State())
     expected = [{"title": "1843", "text": "", "id": "a", "score": 2.0}, {"title": "Kept", "text": "fine", "url": "u"}]
     assert not obs.error and obs.results == expected
@@ -1047,7 +1050,7 @@ def test_empty_results_are_not_cached(tmp_path):
 
     cache = T.SearchCache(tmp_path / "cache.sqlite", "rw")
     with json_server(respond) as url:
-        tools = T.Tools(T.HttpSearch(url, retries=0), None, cache=cache)
+        tools = T.Tools(S.HttpSearch(url, retries=0), None, cache=cache)
         for _ in range(2):
             obs = tools.execute(T.parse_action("<text_search>q</text_search>"), None, T.State())
             assert obs.error and "No results" in obs.text
@@ -1066,7 +1069,7 @@ def test_secret_straddling_the_cut_is_masked(monkeypatch):
     with raw_server(reply) as url:
         for offset in range(200 - len(key) + 1, 200):  # the key straddles the 200-character cut
             with pytest.raises(T.SearchError, match="HTTP 403") as caught:
-                T._request_json("GET", url, params={"offset": offset}, retries=0, secret=key)
+                S._request_json("GET", url, params={"offset": offset}, retries=0, secret=key)
             assert not any(p in str(caught.value) for p in pieces), (offset, str(caught.value))
 
     monkeypatch.setenv("SERPAPI_API_KEY", key)
@@ -1077,7 +1080,7 @@ def test_secret_straddling_the_cut_is_masked(monkeypatch):
     with json_server(serpapi_error) as url:
         for offset in range(200 - len(key) + 1, 200):
             with pytest.raises(T.SearchError, match="SerpAPI") as caught:
-                T.SerpApiTextSearch(base_url=url, retries=0).search(str(offset))
+                S.SerpApiTextSearch(base_url=url, retries=0).search(str(offset))
             assert not any(p in str(caught.value) for p in pieces) and len(str(caught.value)) < 250
     assert T._detail("." * 190 + key, key) == "." * 190 + "***"
 
@@ -1114,18 +1117,18 @@ def build_tiny_grounding_dino(out):
 def test_grounding_dino_backend(world, tmp_path):
     d, scene, boxes = world
     build_tiny_grounding_dino(tmp_path / "gdino")
-    grounder = T.GroundingDinoGrounder(str(tmp_path / "gdino"), box_threshold=0.0, text_threshold=0.0)
+    grounder = S.GroundingDinoGrounder(str(tmp_path / "gdino"), box_threshold=0.0, text_threshold=0.0)
     box = grounder.ground(scene, "The green triangle")
     assert len(box) == 4 and all(isinstance(v, float) and math.isfinite(v) for v in box)
     grounder.box_threshold = 1.01  # no score reaches it: nothing found
     assert grounder.ground(scene, "red circle") is None
     grounder.box_threshold = 0.0
     # the same path through make_tools (a folder is a GroundingDINO) and execute
-    tools = T.make_tools(str(d), grounder=grounder)
+    tools = S.make_tools(str(d), grounder=grounder)
     obs = tools.execute(T.parse_action("<img_search>the green triangle</img_search>"), scene, T.State())
     assert obs.kind == "img_search" and (obs.error or obs.box is not None)  # a random model may box off-image
     with pytest.raises(FileNotFoundError):
-        T.make_tools(str(d), grounder=str(tmp_path / "absent"))
+        S.make_tools(str(d), grounder=str(tmp_path / "absent"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1135,20 +1138,20 @@ def test_grounding_dino_backend(world, tmp_path):
 
 def test_make_tools_backends(world, tmp_path):
     d, scene, boxes = world
-    local = T.make_tools(str(d), cache=str(tmp_path / "c.sqlite"), topk=2, max_calls=4)
-    assert isinstance(local.text_backend, T.BM25Index) and local.topk == 2 and local.max_calls == 4
+    local = S.make_tools(str(d), cache=str(tmp_path / "c.sqlite"), topk=2, max_calls=4)
+    assert isinstance(local.text_backend, S.BM25Index) and local.topk == 2 and local.max_calls == 4
     assert local.cache.mode == "rw"
-    assert T.make_tools(str(d), cache=str(tmp_path / "c.sqlite"), cache_mode="off").cache is None
-    remote = T.make_tools(backend="http", server_url="http://127.0.0.1:1/")
+    assert S.make_tools(str(d), cache=str(tmp_path / "c.sqlite"), cache_mode="off").cache is None
+    remote = S.make_tools(backend="http", server_url="http://127.0.0.1:1/")
     assert remote.text_backend.url == "http://127.0.0.1:1"
     with pytest.warns(UserWarning, match="lens_upload_url"):
-        assert T.make_tools(backend="serpapi").image_backend is None
+        assert S.make_tools(backend="serpapi").image_backend is None
     with pytest.raises(FileNotFoundError, match="make_data"):
-        T.make_tools(str(tmp_path / "nowhere"))
+        S.make_tools(str(tmp_path / "nowhere"))
     with pytest.raises(ValueError):
-        T.make_tools(backend="bing")
+        S.make_tools(backend="bing")
     with pytest.raises(ValueError, match="replay"):
-        T.make_tools(str(d), cache_mode="replay")
+        S.make_tools(str(d), cache_mode="replay")
 
 
 def test_tools_imports_without_torch():
@@ -1158,13 +1161,13 @@ def test_tools_imports_without_torch():
 
 def test_serve_command_line(world):
     d, scene, boxes = world
-    proc = subprocess.Popen([sys.executable, str(ROOT / "tools.py"), "serve", "--data", str(d), "--port", "0"],
+    proc = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), "--data", str(d), "--port", "0"],
                             stdout=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()  # "serving text and image search over ... on http://127.0.0.1:PORT"
         url = line.split(" on ")[-1].strip()
         assert url.startswith("http://127.0.0.1:") and "text and image" in line
-        assert T.HttpSearch(url).search("Orvale glass", 1)[0]["id"] == "p2"
+        assert S.HttpSearch(url).search("Orvale glass", 1)[0]["id"] == "p2"
     finally:
         proc.terminate()
         proc.wait(timeout=10)
