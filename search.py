@@ -64,7 +64,9 @@ class GroundingDinoGrounder:
             return None
         return tuple(float(v) for v in found["boxes"][int(found["scores"].argmax())].tolist())
 
+
 ORDINAL_WORDS = ("first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth")
+
 
 class SceneGrounder:
     """The offline world's GroundingDINO, from the pixels of separate objects on a plain background.
@@ -129,8 +131,10 @@ class SceneGrounder:
 
 _WORD = re.compile(r"\w+")
 
+
 def tokenize(text):
     return _WORD.findall(text.lower())
+
 
 def top_k(scores, k):
     """Indices of the k best scores, best first; ties go to the earlier index. Only the candidates
@@ -139,6 +143,7 @@ def top_k(scores, k):
     if len(scores) > k:
         keep = np.flatnonzero(scores >= np.partition(scores, len(scores) - k)[len(scores) - k])
     return keep[np.lexsort((keep, -scores[keep]))][:k]
+
 
 class BM25Index:
     """Okapi BM25 over {"id","title","text","url"} rows, as an inverted index: flat postings sorted by
@@ -192,12 +197,10 @@ class BM25Index:
 # ----------------------------------------------------------------------------- image search: a crop-robust descriptor
 
 FG_THRESHOLD = 40  # a pixel this far (max over channels) from the background colour is foreground
-
 COLOUR_LEVELS = 4  # per channel: 4**3 = 64 colour bins
-
 GRID = 2  # colour histograms per quadrant of the icon
-
 SHAPE_GRID = 8  # foreground occupancy on an 8x8 grid
+
 
 def _foreground(pixels):
     """Mask of the uint8 RGB pixels farther than FG_THRESHOLD, in some channel, from the background
@@ -211,6 +214,7 @@ def _foreground(pixels):
         fg[:] = True
     return fg
 
+
 def _outline(fg):
     """Signed occupancy (-0.5 empty .. +0.5 full) of a mask cut to its bounding box, on a SHAPE_GRID
     grid, as a unit vector: the silhouette, whatever its colours (empty cells counting against full
@@ -220,6 +224,7 @@ def _outline(fg):
     occupancy = Image.fromarray(fg.astype(np.uint8) * 255).resize((SHAPE_GRID, SHAPE_GRID), Image.BOX)
     shape = np.asarray(occupancy, dtype=np.float64).ravel() / 255 - 0.5
     return shape / max(np.linalg.norm(shape), 1e-12)
+
 
 def image_descriptor(image):
     """A unit vector describing an icon-like image (cosine compares two): the image cut to the box of
@@ -242,6 +247,7 @@ def image_descriptor(image):
     blocks = [np.sqrt(colours / colours.sum()), np.sqrt(placed / placed.sum()), _outline(fg)]
     vector = np.concatenate([block / max(np.linalg.norm(block), 1e-12) for block in blocks])
     return (vector / np.linalg.norm(vector)).astype(np.float32)
+
 
 class LocalImageIndex:
     """Nearest neighbours (cosine over image_descriptor) over {"id","image","title","text","url"}
@@ -277,8 +283,8 @@ class LocalImageIndex:
 # ----------------------------------------------------------------------------- dense retrieval (`search.py index`)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-
 INDEX_PART = 1024  # rows per resumable part of an index build: a kill loses at most this much work
+
 
 def _weights_signature(model_dir):
     """config.json and the weight files' names and sizes: tells one checkpoint from another."""
@@ -287,14 +293,17 @@ def _weights_signature(model_dir):
         return hashlib.sha256(f.read() + json.dumps([(n, os.path.getsize(os.path.join(model_dir, n))) for n in names])
                               .encode()).hexdigest()
 
+
 def _read_json(path):
     with open(path, encoding="utf-8") as f:
         return json.load(f)
+
 
 def _save(path, write):
     """write(f) into a file opened "wb", atomically."""
     with T.atomic_path(path) as tmp, open(tmp, "wb") as f:
         write(f)
+
 
 class Encoder:
     """Unit-length float32 embeddings from a local transformers checkpoint. A dual encoder (CLIP,
@@ -349,6 +358,7 @@ class Encoder:
             features = getattr(features, "pooler_output", features).float()  # transformers 5: an output object
             return self.torch.nn.functional.normalize(features, dim=-1).cpu().numpy()
 
+
 def index_rows(source):
     """(rows, base_dir) to index. A folder: its images, recursively, sorted, id the relative path and
     title the file name. A JSONL: image-index rows, or corpus rows when the first row has no "image"."""
@@ -365,6 +375,7 @@ def index_rows(source):
             warnings.warn(f"{source}: {len(rows) - len(kept)} row(s) without an image path skipped")
         rows = kept
     return [{**r, "id": str(r["id"])} for r in rows], os.path.dirname(os.path.abspath(source))
+
 
 def _embed_rows(encoder, rows, kind, base_dir, prefix, batch_size):
     """(len(rows), D) float32; NaN for an image that cannot be read, which is warned about and left out
@@ -389,6 +400,7 @@ def _embed_rows(encoder, rows, kind, base_dir, prefix, batch_size):
         vectors[[image is None for image in images]] = np.nan
         out.append(vectors)
     return np.concatenate(out)
+
 
 def build_index(source, encoder_dir, out, *, batch_size=32, query_prefix="", passage_prefix="", part_size=INDEX_PART,
                 progress=True):
@@ -437,6 +449,7 @@ def build_index(source, encoder_dir, out, *, batch_size=32, query_prefix="", pas
     shutil.rmtree(parts)
     return meta
 
+
 class DenseIndex:
     """Cosine top-k over a folder written by build_index. Queries are PIL images, or strings for any
     index whose encoder has a text tower (over an image index: text-to-image search)."""
@@ -476,8 +489,8 @@ class DenseIndex:
 # ----------------------------------------------------------------------------- remote backends, one request helper
 
 MAX_RESPONSE_BYTES = 2 << 20  # a search reply is a few KB: more is a misbehaving service, not results
-
 _READ_CHUNK = 64 << 10
+
 
 def _request_json(method, url, *, params=None, payload=None, timeout=10.0, retries=2, backoff=0.5, secret=None,
                   deadline=None, max_bytes=MAX_RESPONSE_BYTES):
@@ -530,6 +543,7 @@ def _request_json(method, url, *, params=None, payload=None, timeout=10.0, retri
     cut = f"; the {deadline:g} s deadline left no time for more" if tries < retries + 1 else ""
     raise T.SearchError(f"{last} ({tries} tries{cut})")
 
+
 def _read_body(response, end, deadline, max_bytes, timeout):
     """The body of a streamed response, read before time.monotonic() passes `end` and no longer than
     max_bytes, else SearchError. read1 returns what one read of the socket brings (read(n) waits for
@@ -557,6 +571,7 @@ def _read_body(response, end, deadline, max_bytes, timeout):
             raise T.SearchError(f"response larger than {max_bytes} bytes")
         chunks.append(chunk)
 
+
 class HttpSearch:
     """Client of `python serve.py`, for a text query or an image: POST {url}/text {"query", "k"}
     or {url}/image {"image": base64 PNG, "k"} -> {"results": [...]} (clean_results checks them later)."""
@@ -578,6 +593,7 @@ class HttpSearch:
         if not isinstance(reply, dict) or "results" not in reply:
             raise T.SearchError(f"the search service replied with a JSON {type(reply).__name__} without \"results\"")
         return reply["results"]
+
 
 class SearchR1TextSearch(HttpSearch):
     """Client of a Search-R1-style retrieval server (e5 / BGE servers of Search-R1, SenseNova-MARS...):
@@ -602,7 +618,9 @@ class SearchR1TextSearch(HttpSearch):
                 rows[-1]["score"] = float(entry["score"])
         return rows
 
+
 SERPAPI_URL = "https://serpapi.com/search.json"
+
 
 class SerpApiTextSearch:
     """Google web search through SerpAPI. The key is read from SERPAPI_API_KEY at each call and never
@@ -636,6 +654,7 @@ class SerpApiTextSearch:
                  "url": r.get("link", ""), "score": 1.0 / r.get("position", i + 1)}
                 for i, r in enumerate(self._get({"q": query, "num": k}, k))]
 
+
 class SerpApiLens(SerpApiTextSearch):
     """Google Lens (visual matches) through SerpAPI. Lens takes an image URL, not bytes:
     `upload_fn(png_bytes) -> url` puts the PNG where Google can fetch it (see upload_to)."""
@@ -650,6 +669,7 @@ class SerpApiLens(SerpApiTextSearch):
         return [{"id": r.get("link", ""), "title": r.get("title", ""), "text": r.get("source", ""),
                  "url": r.get("link", ""), "image": r.get("thumbnail", ""), "score": 1.0 / r.get("position", i + 1)}
                 for i, r in enumerate(self._get({"url": self.upload_fn(T._png_bytes(image))}, k))]
+
 
 def upload_to(url):
     """An upload_fn for SerpApiLens: POST the PNG (Content-Type image/png) to `url`, an endpoint of
@@ -676,6 +696,7 @@ def upload_to(url):
 # ----------------------------------------------------------------------------- building the tools
 
 BACKENDS = ("local", "http", "searchr1", "serpapi")
+
 
 def make_tools(data_dir="data", backend="local", cache=None, cache_mode="rw", grounder=None, server_url=None,
                lens_upload_url=None, text_index=None, image_index=None, **kw):
@@ -718,6 +739,7 @@ def make_tools(data_dir="data", backend="local", cache=None, cache_mode="rw", gr
         grounder = SceneGrounder.from_entities(world)
     return T.Tools(text, image, grounder=grounder or None, cache=cache, **kw)
 
+
 def _local_index(data_dir, kind, required):
     """BM25 over data_dir/corpus.jsonl or image nearest neighbours over data_dir/image_index.jsonl;
     None when the file is absent and not required."""
@@ -727,6 +749,7 @@ def _local_index(data_dir, kind, required):
             raise FileNotFoundError(f"missing {path} (run `python make_data.py` first, or give a {kind} index)")
         return None
     return (BM25Index if kind == "text" else LocalImageIndex).from_jsonl(path)
+
 
 def add_search_args(parser):
     """The search flags that eval.py, rl.py and make_real_data.py share; search_options(args) reads them."""
@@ -738,6 +761,7 @@ def add_search_args(parser):
                    "answers its public URL, for Google Lens (search.upload_to)")
     g.add_argument("--text_index", help="a `python search.py index` folder (e5 / BGE) for text search")
     g.add_argument("--image_index", help="a `python search.py index` folder (CLIP / SigLIP) for image search")
+
 
 def search_options(args):
     return {k: getattr(args, k) for k in ("backend", "server_url", "lens_upload_url", "text_index", "image_index")}
@@ -770,6 +794,7 @@ def bench(n_docs=100_000, n_queries=2000, seed=0):
     print(f"BM25 over {n_docs:,} generated documents ({index.n_tokens:,} tokens, {len(index.vocab):,} terms, "
           f"{len(index.post_docs):,} postings): build {build:.2f} s; {n_queries / elapsed:,.0f} queries/s (k=3); "
           f"the query's source document ranked first in {first:.0%} of queries")
+
 
 def get_args(argv=None):
     parser = argparse.ArgumentParser(description="Search backends: build a dense index, or benchmark BM25 "
@@ -806,6 +831,7 @@ def main(argv=None):
               f"{time.perf_counter() - start:.1f} s{left_out}", flush=True)
     else:
         bench()
+
 
 if __name__ == "__main__":
     main()

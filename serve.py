@@ -31,20 +31,14 @@ import tools as T
 
 # No client can hold the server for long, nor make it decode more than a photo's worth.
 MAX_BODY = 32 << 20  # bytes; a base64 PNG of a large photo fits. A longer body is refused (413) unread.
-
 MAX_K = 100
-
 MAX_IMAGE_PIXELS = 4096 * 4096  # a 12 MP photo fits; 16.7 M pixels already take 0.4 GB and 1 s to describe
-
 HANDLER_TIMEOUT = 10.0  # seconds one read or write on a connection may wait: a stalled client is dropped
-
 REQUEST_DEADLINE = 60.0  # seconds a connection may last in all: a trickling client is dropped too
-
 MAX_HANDLERS = 32  # connections handled at once (a thread each); the next ones get 503 at once
-
 BUSY_RETRY_AFTER = 1  # seconds, the Retry-After of that 503 (_request_json waits that long)
-
 _LINGER = 1.0  # seconds a refused connection stays half-open, so the client reads the 503 before a reset
+
 
 class _Refused(Exception):
     """A request answered with HTTP `status` and {"error": message}."""
@@ -52,6 +46,7 @@ class _Refused(Exception):
     def __init__(self, status, message):
         super().__init__(message)
         self.status = status
+
 
 def _decode_image(encoded):
     """The image of a request, decoded only once its header (all Image.open reads) shows at most
@@ -69,6 +64,7 @@ def _decode_image(encoded):
         raise _Refused(400, f"image of {width}x{height} = {width * height} pixels is over the "
                             f"{MAX_IMAGE_PIXELS} pixels this server decodes; send a smaller one")
     return image
+
 
 class _SearchHandler(BaseHTTPRequestHandler):
     """POST /text {"query", "k"} and /image {"image": base64 PNG, "k"} -> {"results": [...]}; POST
@@ -168,6 +164,7 @@ class _SearchHandler(BaseHTTPRequestHandler):
     def log_message(self, format, *args):
         pass  # one line per search would drown a training log
 
+
 class SearchServer(ThreadingHTTPServer):
     """A search server over the given indexes (either may be None); port 0 picks a free one; run it
     with serve_forever(). At most `max_handlers` connections are handled at once (the next ones get
@@ -242,6 +239,7 @@ class SearchServer(ThreadingHTTPServer):
             _close_drained(sock)
         self._lingering = []
 
+
 def _close_drained(sock):
     """Close a non-blocking socket after reading what the client sent (unread bytes would make the
     close a reset); at most 16 reads, so that a client still uploading cannot hold the loop."""
@@ -250,6 +248,7 @@ def _close_drained(sock):
             if not sock.recv(S._READ_CHUNK):
                 break
     sock.close()
+
 
 def serve(data_dir, host="127.0.0.1", port=8765, text_index=None, image_index=None):
     """Serve search over data_dir's local indexes, or the dense index folders given instead."""

@@ -49,6 +49,7 @@ def read_jsonl(path, strict=False, required=(), check=None):
                 warnings.warn(f"{path}:{lineno}: bad JSONL line: {e} (skipped)", stacklevel=2)
     return rows
 
+
 @contextlib.contextmanager
 def atomic_path(path):
     """A temporary path beside `path` that replaces it once the block succeeds: readers (and a run
@@ -62,13 +63,16 @@ def atomic_path(path):
         if os.path.exists(tmp):
             os.remove(tmp)
 
+
 def write_jsonl(path, rows):
     """Write rows atomically."""
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
 
+
 def _scalar(value):
     return isinstance(value, (str, int, float)) and not isinstance(value, bool)
+
 
 def check_question(row):
     """A question row checked (ValueError naming the field) and normalised: id and answers as text
@@ -88,6 +92,7 @@ def check_question(row):
         raise ValueError(f"'needs_search' must be true or false, got {row['needs_search']!r:.40}")
     return dict(row, id=str(row["id"]), answers=[str(a) for a in answers],
                 needs_search=row.get("needs_search", True), meta=row.get("meta", {}))
+
 
 def load_questions(path):
     """Checked question rows, "image" made absolute (or None); bad rows are skipped with a warning,
@@ -111,14 +116,13 @@ def neutralize(text):
     added after this, so it stays intact."""
     return str(text).replace("<", "\u2039")
 
+
 # Every token is paid for by a tiny model trained on a CPU: a few dozen words each.
 GIVE_UP = "Unable to answer due to lack of relevant information"
-
 IMAGE_SEARCH_PROMPT = "Image search results above. Answer, or <text_search> for missing facts."
-
 TEXT_SEARCH_PROMPT = "Text search results above. Answer, or search again with a better query."
-
 RETRY_PROMPT = "Fix this. Reply <reason>...</reason> then one action."  # after an error observation
+
 
 def initial_prompt(question, has_image=True):
     """The first user turn; the "<image>" placeholder and the image-search actions only with an image."""
@@ -133,16 +137,12 @@ def initial_prompt(question, has_image=True):
 # ----------------------------------------------------------------------------- actions and their parser
 
 ACTION_KINDS = ("answer", "text_search", "img_search")
-
 ACTION_END_TAGS = ("</answer>", "</text_search>", "</img_search>")
-
 _ACTION_TAGS = tuple(f"<{k}>" for k in ACTION_KINDS) + ACTION_END_TAGS
-
 _TRAILING_TOKENS = ("<|im_end|>", "<|endoftext|>")  # what a turn may end with after its action
-
 _WHOLE_IMAGE = ("<img>", "<img/>", "<img />", "<img></img>")
-
 MAX_ARG_CHARS = 1000  # longer answers/queries are junk, not a search
+
 
 @dataclass
 class Action:
@@ -159,6 +159,7 @@ class Action:
         if self.kind == "img_search" and (self.whole or self.box is not None):
             arg = "<img>" if self.whole else "[" + ", ".join(str(v) for v in self.box) + "]"
         return f"<reason>{self.reason}</reason>\n<{self.kind}>{arg}</{self.kind}>"
+
 
 def parse_action(text):
     """One assistant turn, `<reason>...</reason>` then one action at the very end, as an Action;
@@ -212,6 +213,7 @@ def parse_action(text):
         return Action("invalid", reason=reason, error=error)
     return Action(kind, arg=content, box=box, whole=kind == "img_search" and content in _WHOLE_IMAGE, reason=reason)
 
+
 def _four_numbers(values):
     """(four finite floats, "") or (None, message for the model)."""
     try:  # the length first: "[1,1,1,...]" may be megabytes long
@@ -226,6 +228,7 @@ def _four_numbers(values):
 # ----------------------------------------------------------------------------- crop
 
 MIN_CROP = 28  # one Qwen2.5-VL vision patch (14 px, merged 2x2): a smaller crop has no token
+
 
 def clamp_box(box, size):
     """A box clamped to an image of `size` (W, H), grown around its centre to at least MIN_CROP
@@ -249,10 +252,12 @@ def clamp_box(box, size):
         spans.append((lo, hi))
     return (spans[0][0], spans[1][0], spans[0][1], spans[1][1]), ""
 
+
 def crop(image, box):
     """(crop, "") or (None, message for the model). See clamp_box for the rules."""
     used, message = clamp_box(box, image.size)
     return (None, message) if used is None else (image.crop(used), "")
+
 
 def _rgb(image):
     """RGB with any transparency composited onto white (icons may be saved with alpha)."""
@@ -267,20 +272,24 @@ def _rgb(image):
 class SearchError(RuntimeError):
     """A search that failed in a way worth telling the model (the message is model-readable)."""
 
+
 def _png_bytes(image):
     buffer = io.BytesIO()
     _rgb(image).save(buffer, format="PNG")
     return buffer.getvalue()
+
 
 def image_hash(image):
     """Content hash of an image's pixels (not of an encoding, which varies between PIL versions)."""
     rgb = _rgb(image)
     return hashlib.sha256(f"{rgb.size}".encode() + rgb.tobytes()).hexdigest()
 
+
 def _detail(text, secret=None, limit=200):
     """Upstream text for an error message: the secret masked first, then cut (cut first, a key
     straddling the cut would lose its tail and no longer match the mask)."""
     return (str(text).replace(secret, "***") if secret else str(text))[:limit]
+
 
 def retry_after_seconds(value):
     """Seconds a Retry-After header (delta-seconds or an HTTP date) asks to wait, at most 600; None
@@ -357,6 +366,7 @@ class SearchCache:
             self.put(backend, query, k, results)
         return results
 
+
 def clean_results(results):
     """A backend's results, checked before they are cached or shown: objects whose id, title, text and
     url are text (numbers written out, None as ""); any other entry, or one that shows nothing, is
@@ -375,6 +385,7 @@ def clean_results(results):
     if results and not clean:
         raise SearchError(f"the search backend returned {len(results)} malformed results and no usable one")
     return clean
+
 
 def format_results(results, max_words=30):
     """One "title: snippet" line per result, snippets cut to `max_words` words."""
@@ -395,14 +406,18 @@ class TransientError(RuntimeError):
         super().__init__(message)
         self.kind = kind
 
+
 class ApiRejected(RuntimeError):
     """The API refused this request for good (HTTP 400, 413, 422...): the item is discarded."""
+
 
 class ApiFatal(RuntimeError):
     """The API refuses every request (HTTP 401, 403, 404: a wrong key, URL or model): the run stops
     rather than mark every item as done."""
 
+
 FATAL_STATUS = (401, 403, 404)
+
 
 class Meter:
     """Thread-safe counters: {group: {field: number}}."""
@@ -420,6 +435,7 @@ class Meter:
         with self._lock:
             return {g: dict(f) for g, f in self.data.items()}
 
+
 class RateGate:
     """When the next request may go: a 429's Retry-After holds back every thread (and every client)
     sharing the gate, since hammering a rate limit only extends it."""
@@ -435,10 +451,12 @@ class RateGate:
         while (left := self._not_before - time.time()) > 0:  # a float read is atomic: no lock needed
             time.sleep(left)
 
+
 def public_url(url):
     """scheme://host/path of a URL: never its query string (some APIs take a key there)."""
     parts = urlsplit(url)
     return f"{parts.scheme}://{parts.netloc.rsplit('@', 1)[-1]}{parts.path}"
+
 
 class ChatClient:
     """A client of any OpenAI-compatible /chat/completions endpoint (vLLM, a hosted API): the
@@ -520,11 +538,13 @@ class ChatClient:
         self.meter.add(self.name, failed=1)
         raise TransientError("api_error", f"{self.name}: {last} ({self.retries + 1} tries)")
 
+
 def _content_text(content):
     """A chat message's content as text (a string, or a list of {"type": "text", "text"} parts)."""
     if isinstance(content, list):
         return "".join(p.get("text", "") for p in content if isinstance(p, dict))
     return content if isinstance(content, str) else ""
+
 
 class ChatSummarizer:
     """`summarizer(query, results) -> str` through a chat endpoint (key from OPENAI_API_KEY). When it
@@ -560,6 +580,7 @@ class State:
     n_calls: int = 0  # searches sent to a backend or the cache, failed ones too; not refused ones
     n_errors: int = 0  # observations with error=True
 
+
 @dataclass
 class Observation:
     text: str  # the whole user turn: "<information>...</information>\n" + stage prompt
@@ -569,8 +590,10 @@ class Observation:
     box: tuple | None = None  # the crop box actually used, for reports
     results: list = field(default_factory=list)
 
+
 def _failure(kind, message, box=None):
     return Observation(f"<information>{message}</information>\n{RETRY_PROMPT}", error=True, kind=kind, box=box)
+
 
 class Tools:
     """Runs actions against the search backends, within budgets; build it with make_tools().
