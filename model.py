@@ -405,7 +405,8 @@ def collate(items, processor, extra_keys=()):
         for k in extra_keys:
             batch[k][b, :n] = torch.as_tensor(x[k], dtype=torch.float32)
     imgs = [x for x in items if x["image_grid_thw"] is not None]
-    batch[image_key(imgs)] = torch.cat([x[image_key(imgs)] for x in imgs]) if imgs else None
+    key = image_key(imgs)
+    batch[key] = torch.cat([x[key] for x in imgs]) if imgs else None
     batch["image_grid_thw"] = torch.cat([x["image_grid_thw"] for x in imgs]) if imgs else None
     return batch
 
