@@ -18,7 +18,7 @@ The synthetic world writes under --out (paths inside files are relative to that 
     rl.jsonl                RL prompts (question rows)
     questions_eval.jsonl    held-out entities, all five kinds
     questions_hard.jsonl    held-out entities, multi-hop and crop-then-search questions
-    tiny/                   the tiny tokenizer + checkpoint (model.build_tiny) trained on the texts above
+    tiny/                   the tiny tokenizer + checkpoint (build_tiny) trained on the texts above
     summary.json            the arguments, counts per kind, teacher and replay rates, image-search accuracies
 
 A tiny model learns from it in minutes on a CPU. An icon shows its entity's category in the shape
@@ -49,14 +49,20 @@ from pathlib import Path
 # OpenBLAS threads make ~10x slower on a busy 2-core machine (measured: 9 ms vs 0.9 ms a search).
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
+import torch  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers  # noqa: E402
 from tqdm import tqdm  # noqa: E402
+from transformers import PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration  # noqa: E402
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil  # noqa: E402
 
-import model  # noqa: E402
+import model as M  # noqa: E402
 import search  # noqa: E402
 import tools  # noqa: E402
+import training  # noqa: E402
 
 VERSION = 8  # bump when the world changes, so an old data/ is rebuilt rather than skipped
+
 
 # ----------------------------------------------------------------------------- the world's vocabulary
 
@@ -563,10 +569,125 @@ def image_search_accuracy(index, scene_questions, ents, icons, base):
 
 def tokens_per_trajectory(rows, tiny_dir):
     """Mean and max tokens per SFT trajectory with the tiny tokenizer (image tokens included)."""
-    proc = model.Processor.from_pretrained(tiny_dir)
-    lens = [len(model.render(proc, r["messages"], [Image.open(tiny_dir.parent / p).convert("RGB")
-                                                     for p in r["images"]])["input_ids"]) for r in rows]
+    proc = M.Processor.from_pretrained(tiny_dir)
+    lens = [len(M.render(proc, r["messages"], [Image.open(tiny_dir.parent / p).convert("RGB")
+                                                 for p in r["images"]])["input_ids"]) for r in rows]
     return {"mean": round(sum(lens) / max(len(lens), 1), 1), "max": max(lens, default=0)}
+
+
+# ----------------------------------------------------------------------------- the tiny checkpoint
+
+# The tiny BPE's split: Qwen2's, but a capitalised word or a number of up to 4 digits is one piece with
+# nothing joined to its front, so that a name is the same tokens on a result page (" by Vukuk Brillan")
+# as in an action ("<answer>Vukuk Brillan"): a random model cannot learn that they match (measured: it
+# copied the first word of a name wrong in most wrong answers). 11% more tokens than Qwen's split.
+TINY_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}>]?\p{Ll}+|\p{Lu}\p{L}*|\p{N}{1,4}"
+              r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s")
+CAPTION_PROMPT = "Describe the image."
+
+
+def train_tokenizer(texts, vocab_size=4096):
+    """A byte-level BPE with Qwen2's special tokens and our TINY_SPLIT pre-tokenizer, trained on `texts`."""
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(TINY_SPLIT), behavior="isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=M.SPECIAL_TOKENS,
+                                                       show_progress=False,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None,
+        additional_special_tokens=M.SPECIAL_TOKENS[1:], chat_template=M.chat_template_text(),
+        model_max_length=32768, clean_up_tokenization_spaces=False)
+
+
+def tiny_config(vocab_size, token_ids, hidden=128, layers=4, heads=4, kv_heads=2):
+    """A Qwen2.5-VL config of the real architecture at toy size: patch 14, merge 2, temporal 2, a
+    two-block vision tower (windowed attention, then full), M-RoPE sections scaled to the head size."""
+    half = hidden // heads // 2
+    sec = [half // 4, (half - half // 4) // 2]
+    sec.append(half - sum(sec))  # real 7B: [16, 24, 24] for head_dim 128
+    return Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=4 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                         max_position_embeddings=8192, rms_norm_eps=1e-6,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": sec},
+                         bos_token_id=token_ids["<|endoftext|>"], eos_token_id=token_ids["<|im_end|>"],
+                         pad_token_id=token_ids["<|endoftext|>"]),
+        vision_config=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=hidden,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                           fullatt_block_indexes=[1]),
+        image_token_id=token_ids["<|image_pad|>"], video_token_id=token_ids["<|video_pad|>"],
+        vision_start_token_id=token_ids["<|vision_start|>"], vision_end_token_id=token_ids["<|vision_end|>"],
+        tie_word_embeddings=True)
+
+
+def _warmup(model, next_batch, steps, lr, log, name, every):
+    """`steps` AdamW steps of next-token loss on the masked tokens of next_batch() (a collated batch)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    for step in range(steps):
+        b = next_batch()
+        loss = -(M.token_logprobs(model, b) * b["loss_mask"]).sum() / b["loss_mask"].sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if log and (step + 1) % every == 0:
+            log(f"{name} warm-up step {step + 1}/{steps}: loss {loss.item():.3f}")
+    return model.eval()
+
+
+def copy_warmup(model, token_ids, steps, seed=0, batch=16, lr=1e-3, log=None):
+    """Give a fresh model the in-context copying every pretrained LM has (induction heads): next-token
+    training on `x1..xn SEP x1..xn`, random tokens, n varying per batch (fixed, it learns a positional
+    shortcut). Without it SFT on the synthetic world never learns to read a name off the results."""
+    g, ids = torch.Generator().manual_seed(seed), torch.as_tensor(token_ids)
+
+    def next_batch():
+        n = int(torch.randint(4, 13, (1,), generator=g))
+        seq = ids[torch.randint(len(ids), (batch, n), generator=g)]  # (B, n)
+        x = torch.cat([seq, seq[:, :1] * 0 + ids[0], seq], 1)  # (B, 2n+1): the separator is ids[0]
+        mask, T = torch.zeros_like(x), x.shape[1]
+        mask[:, n + 1:] = 1
+        return {"input_ids": x, "position_ids": torch.arange(T).view(1, 1, T).expand(3, batch, T),
+                "attention_mask": torch.ones_like(x), "loss_mask": mask}
+    return _warmup(model, next_batch, steps, lr, log, "copy", 500)
+
+
+def caption_warmup(model, processor, pairs, steps, seed=0, batch=16, lr=1e-3, log=None):
+    """Give a fresh model the sight a pretrained VLM has: next-token training on `pairs` of (PIL image,
+    what it shows) as a user turn with the image and an assistant turn (without it the tiny vision
+    tower stays near chance on colours and shapes through SFT)."""
+    items = [M.render(processor, [{"role": "user", "content": M.IMAGE + CAPTION_PROMPT},
+                                {"role": "assistant", "content": text}], [im]) for im, text in pairs]
+    g = torch.Generator().manual_seed(seed)
+
+    def next_batch():
+        return M.collate([items[i] for i in torch.randint(len(items), (batch,), generator=g).tolist()], processor)
+    return _warmup(model, next_batch, steps, lr, log, "caption", 250)
+
+
+def build_tiny(out_dir, texts, seed=0, vocab_size=4096, copy_steps=0, captions=(), caption_steps=0, log=None,
+               **size):
+    """Write a random Qwen2.5-VL checkpoint + processor to `out_dir`, loaded by `load()` like a real one
+    (`size`: tiny_config's), after copy_steps of copy_warmup and caption_steps of caption_warmup on
+    `captions` ((PIL image, text) pairs): two skills of pretraining the synthetic world needs."""
+    # the chat template's own words, so that they merge like any frequent text (a real vocabulary has them)
+    template = M.conversation_text([{"role": "user", "content": "?"}, {"role": "assistant", "content": "."}])[0]
+    tok = train_tokenizer(list(texts) + [template.replace("<|im_start|>", "").replace("<|im_end|>", "")] * 200,
+                          vocab_size)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in M.SPECIAL_TOKENS}
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(tiny_config(len(tok), ids, **size))
+    if copy_steps:
+        copy_warmup(model, [i for i in range(len(tok)) if i not in ids.values()], copy_steps, seed, log=log)
+    processor = M.Processor(tok, Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=224 * 224))
+    if caption_steps:
+        caption_warmup(model, processor, captions, caption_steps, seed, log=log)
+    training.save(model, processor, out_dir, {"step": 0, "tiny": True, "seed": seed, "size": size,
+                                     "copy_steps": copy_steps, "caption_steps": caption_steps})
+    return out_dir
 
 
 # ----------------------------------------------------------------------------- build
@@ -640,7 +761,7 @@ def build(args, out):
         texts = [f"{r['title']}\n{r['text']}" for r in corpus]
         texts += [tools.initial_prompt(q["question"], has_image=q["image"] is not None) for q in all_questions]
         texts += [m["content"] for t in sft for m in t["messages"]]
-        model.build_tiny(out / "tiny", texts, seed=args.seed, vocab_size=args.vocab_size,
+        build_tiny(out / "tiny", texts, seed=args.seed, vocab_size=args.vocab_size,
                          log=None if args.quiet else tqdm.write, hidden=args.hidden, layers=args.layers,
                          heads=args.heads, kv_heads=max(1, args.heads // 2), copy_steps=args.copy_steps,
                          caption_steps=args.caption_steps,

@@ -3,8 +3,9 @@
 What must agree between rollout, SFT, RL and eval lives here: loading (a real Qwen2.5-VL folder or
 our tiny random checkpoint, through the same code path), `render` (a conversation to token ids and
 loss mask: the only place that builds them), M-RoPE positions of any chunk of a sequence, per-token
-log-probs, batching (and the layout that forwards a GRPO group's prompt once), LoRA, atomic
-checkpoints, torchrun helpers and run logs.
+log-probs, batching (and the layout that forwards a GRPO group's prompt once), torchrun helpers,
+precision and run logs. What only training needs (LoRA, checkpoints, DDP / FSDP2) is training.py;
+the tiny checkpoint is built by make_data.py.
 
 Rendering rule: the text is exactly Qwen2.5-VL's chat template; each `<|image_pad|>` becomes
 (t*h*w)/merge^2 copies, as the processor does; a token is trained (loss_mask=1) iff it starts inside
@@ -16,30 +17,16 @@ import datetime
 import json
 import os
 import platform
-import random
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 import torch.nn.functional as F
 import transformers
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
-from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
-                                                     set_optimizer_state_dict)
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
-from torch.nn.parallel import DistributedDataParallel
-from transformers import (AttentionInterface, AutoTokenizer, PreTrainedTokenizerFast, Qwen2_5_VLConfig,
-                          Qwen2_5_VLForConditionalGeneration)
+from transformers import AttentionInterface, AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 from transformers.image_utils import SizeDict
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
@@ -53,15 +40,8 @@ SPECIAL_TOKENS = [
     "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
     "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
 ]
-# The tiny BPE's split: Qwen2's, but a capitalised word or a number of up to 4 digits is one piece with
-# nothing joined to its front, so that a name is the same tokens on a result page (" by Vukuk Brillan")
-# as in an action ("<answer>Vukuk Brillan"): a random model cannot learn that they match (measured: it
-# copied the first word of a name wrong in most wrong answers). 11% more tokens than Qwen's split.
-TINY_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}>]?\p{Ll}+|\p{Lu}\p{L}*|\p{N}{1,4}"
-              r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s")
 CHAT_TEMPLATE_FILE = "qwen2_5_vl_chat_template.jinja"
 VISION_BLOCK = "<|vision_start|><|image_pad|><|vision_end|>"
-CAPTION_PROMPT = "Describe the image."
 SHARED_ATTN, CPU_ATTN = "shared_prompt", "sdpa_cpu_decode"  # our attention functions' names in transformers
 
 
@@ -208,112 +188,6 @@ def default_checkpoint(data="data"):
 def chat_template_text():
     """Qwen2.5-VL's chat template (Qwen2.5-VL-7B-Instruct's), carried so that tiny checkpoints render like real ones."""
     return (HERE / CHAT_TEMPLATE_FILE).read_text()
-
-
-# ----------------------------------------------------------------------------- the tiny checkpoint
-
-def train_tokenizer(texts, vocab_size=4096):
-    """A byte-level BPE with Qwen2's special tokens and our TINY_SPLIT pre-tokenizer, trained on `texts`."""
-    tok = Tokenizer(models.BPE())
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(TINY_SPLIT), behavior="isolated"),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
-                                                       show_progress=False,
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None,
-        additional_special_tokens=SPECIAL_TOKENS[1:], chat_template=chat_template_text(),
-        model_max_length=32768, clean_up_tokenization_spaces=False)
-
-
-def tiny_config(vocab_size, token_ids, hidden=128, layers=4, heads=4, kv_heads=2):
-    """A Qwen2.5-VL config of the real architecture at toy size: patch 14, merge 2, temporal 2, a
-    two-block vision tower (windowed attention, then full), M-RoPE sections scaled to the head size."""
-    half = hidden // heads // 2
-    sec = [half // 4, (half - half // 4) // 2]
-    sec.append(half - sum(sec))  # real 7B: [16, 24, 24] for head_dim 128
-    return Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=4 * hidden,
-                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                         max_position_embeddings=8192, rms_norm_eps=1e-6,
-                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": sec},
-                         bos_token_id=token_ids["<|endoftext|>"], eos_token_id=token_ids["<|im_end|>"],
-                         pad_token_id=token_ids["<|endoftext|>"]),
-        vision_config=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=hidden,
-                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
-                           fullatt_block_indexes=[1]),
-        image_token_id=token_ids["<|image_pad|>"], video_token_id=token_ids["<|video_pad|>"],
-        vision_start_token_id=token_ids["<|vision_start|>"], vision_end_token_id=token_ids["<|vision_end|>"],
-        tie_word_embeddings=True)
-
-
-def _warmup(model, next_batch, steps, lr, log, name, every):
-    """`steps` AdamW steps of next-token loss on the masked tokens of next_batch() (a collated batch)."""
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    model.train()
-    for step in range(steps):
-        b = next_batch()
-        loss = -(token_logprobs(model, b) * b["loss_mask"]).sum() / b["loss_mask"].sum()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if log and (step + 1) % every == 0:
-            log(f"{name} warm-up step {step + 1}/{steps}: loss {loss.item():.3f}")
-    return model.eval()
-
-
-def copy_warmup(model, token_ids, steps, seed=0, batch=16, lr=1e-3, log=None):
-    """Give a fresh model the in-context copying every pretrained LM has (induction heads): next-token
-    training on `x1..xn SEP x1..xn`, random tokens, n varying per batch (fixed, it learns a positional
-    shortcut). Without it SFT on the synthetic world never learns to read a name off the results."""
-    g, ids = torch.Generator().manual_seed(seed), torch.as_tensor(token_ids)
-
-    def next_batch():
-        n = int(torch.randint(4, 13, (1,), generator=g))
-        seq = ids[torch.randint(len(ids), (batch, n), generator=g)]  # (B, n)
-        x = torch.cat([seq, seq[:, :1] * 0 + ids[0], seq], 1)  # (B, 2n+1): the separator is ids[0]
-        mask, T = torch.zeros_like(x), x.shape[1]
-        mask[:, n + 1:] = 1
-        return {"input_ids": x, "position_ids": torch.arange(T).view(1, 1, T).expand(3, batch, T),
-                "attention_mask": torch.ones_like(x), "loss_mask": mask}
-    return _warmup(model, next_batch, steps, lr, log, "copy", 500)
-
-
-def caption_warmup(model, processor, pairs, steps, seed=0, batch=16, lr=1e-3, log=None):
-    """Give a fresh model the sight a pretrained VLM has: next-token training on `pairs` of (PIL image,
-    what it shows) as a user turn with the image and an assistant turn (without it the tiny vision
-    tower stays near chance on colours and shapes through SFT)."""
-    items = [render(processor, [{"role": "user", "content": IMAGE + CAPTION_PROMPT},
-                                {"role": "assistant", "content": text}], [im]) for im, text in pairs]
-    g = torch.Generator().manual_seed(seed)
-
-    def next_batch():
-        return collate([items[i] for i in torch.randint(len(items), (batch,), generator=g).tolist()], processor)
-    return _warmup(model, next_batch, steps, lr, log, "caption", 250)
-
-
-def build_tiny(out_dir, texts, seed=0, vocab_size=4096, copy_steps=0, captions=(), caption_steps=0, log=None,
-               **size):
-    """Write a random Qwen2.5-VL checkpoint + processor to `out_dir`, loaded by `load()` like a real one
-    (`size`: tiny_config's), after copy_steps of copy_warmup and caption_steps of caption_warmup on
-    `captions` ((PIL image, text) pairs): two skills of pretraining the synthetic world needs."""
-    # the chat template's own words, so that they merge like any frequent text (a real vocabulary has them)
-    template = conversation_text([{"role": "user", "content": "?"}, {"role": "assistant", "content": "."}])[0]
-    tok = train_tokenizer(list(texts) + [template.replace("<|im_start|>", "").replace("<|im_end|>", "")] * 200,
-                          vocab_size)
-    ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(tiny_config(len(tok), ids, **size))
-    if copy_steps:
-        copy_warmup(model, [i for i in range(len(tok)) if i not in ids.values()], copy_steps, seed, log=log)
-    processor = Processor(tok, Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=224 * 224))
-    if caption_steps:
-        caption_warmup(model, processor, captions, caption_steps, seed, log=log)
-    save(model, processor, out_dir, {"step": 0, "tiny": True, "seed": seed, "size": size,
-                                     "copy_steps": copy_steps, "caption_steps": caption_steps})
-    return out_dir
 
 
 # ----------------------------------------------------------------------------- rendering and positions
@@ -697,247 +571,6 @@ def token_logprobs(model, batch, temperature=1.0, chunk=None, return_entropy=Fal
     return (out, ent_out) if return_entropy else out
 
 
-# ----------------------------------------------------------------------------- LoRA
-
-class LoRALinear(nn.Module):
-    """y = W x + (alpha/r) B A x, B = 0 at start (the model unchanged). `enabled = False`: the base
-    layer alone, so a LoRA run's KL reference is the policy itself."""
-
-    def __init__(self, base: nn.Linear, rank, alpha):
-        super().__init__()
-        self.base, self.rank, self.alpha, self.scale, self.enabled = base, rank, alpha, alpha / rank, True
-        kw = dict(dtype=torch.float32, device=base.weight.device)  # trainable: fp32 masters over any base
-        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, **kw))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, **kw))
-        nn.init.kaiming_uniform_(self.lora_A, a=5 ** 0.5)
-
-    def forward(self, x):
-        y = self.base(x)
-        if not self.enabled:
-            return y
-        a, b = self.lora_A, self.lora_B
-        if not torch.is_autocast_enabled(x.device.type):  # fp32 run or bf16 parameters: match x's dtype
-            a, b = a.to(x.dtype), b.to(x.dtype)
-        return y + F.linear(F.linear(x, a), b) * self.scale
-
-
-def add_lora(model, rank=8, alpha=16, targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                               "down_proj")):
-    """Wrap the language model's linear layers named in `targets`; freeze everything else."""
-    model.requires_grad_(False)
-    for mod in list(model.model.language_model.modules()):
-        for name, child in list(mod.named_children()):
-            if name in targets and isinstance(child, nn.Linear):
-                setattr(mod, name, LoRALinear(child, rank, alpha))
-    if not any(p.requires_grad for p in model.parameters()):
-        raise ValueError(f"no linear layer named one of {targets} in the language model")
-    return model
-
-
-def _lora_layers(model):
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
-
-
-@contextlib.contextmanager
-def lora_disabled(model):
-    """The base model, adapters off (the reference policy of a LoRA run, at no memory cost)."""
-    mods = [m for _, m in _lora_layers(model)]
-    for m in mods:
-        m.enabled = False
-    try:
-        yield model
-    finally:
-        for m in mods:
-            m.enabled = True
-
-
-def _full(t):
-    """A parameter as a plain tensor; under FSDP2 an all-gather (every rank calls it, in the same order)."""
-    return (t.full_tensor() if isinstance(t, DTensor) else t).detach()
-
-
-def merged_state_dict(model):
-    """The state dict in the original layout, LoRA folded in, every tensor fp32 (bf16 W + dW would round
-    most of a small LoRA delta away). A collective under FSDP2; rank 0 gets the dict, others None."""
-    sd, first, main = {}, {}, _rank() == 0
-    for k, v in model.state_dict(keep_vars=True).items():
-        if id(v) in first:  # a tied weight (lm_head = embed_tokens): one tensor under both names, so
-            if main:        # that save_pretrained stores it once
-                sd[k] = sd[first[id(v)]]
-            continue
-        first[id(v)], v = k, _full(v)
-        if main:
-            sd[k] = v.cpu().float() if v.is_floating_point() else v.cpu()
-    if not main:
-        return None
-    for name, mod in _lora_layers(model):
-        a, b = sd.pop(f"{name}.lora_A"), sd.pop(f"{name}.lora_B")
-        sd[f"{name}.weight"] = sd.pop(f"{name}.base.weight") + (b @ a) * mod.scale
-        if f"{name}.base.bias" in sd:
-            sd[f"{name}.bias"] = sd.pop(f"{name}.base.bias")
-    return sd
-
-
-# The adapter lives in a subfolder: transformers with peft installed attaches an adapter_config.json
-# found beside config.json on top of the weights, which would apply the (already merged) LoRA twice.
-ADAPTER_DIR, ADAPTER_FILE, ADAPTER_CONFIG = "adapter", "adapter_model.safetensors", "adapter_config.json"
-
-
-def lora_adapter(model, base=None):
-    """(tensors, config) of the LoRA factors in PEFT's layout (fp32), or None without LoRA: a LoRA run's
-    exact result. A collective under FSDP2; rank 0 gets the tensors."""
-    mods = _lora_layers(model)
-    if not mods:
-        return None
-    tensors = {f"base_model.model.{name}.{k}.weight": _full(getattr(m, k)).float().cpu().contiguous()
-               for name, m in mods for k in ("lora_A", "lora_B")}
-    targets = sorted({n.rsplit(".", 1)[1] for n, _ in mods})
-    return tensors, {"peft_type": "LORA", "task_type": None, "r": mods[0][1].rank, "lora_alpha": mods[0][1].alpha,
-                     "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
-                     "base_model_name_or_path": str(base) if base else None,
-                     # a regex: the vision tower has gate/up/down_proj too, which our LoRA leaves alone
-                     "target_modules": rf".*language_model.*\.({'|'.join(targets)})"}
-
-
-def load_adapter(model, path):
-    """Load the adapter that `save_checkpoint` wrote (path/adapter/, PEFT layout) into model's LoRA layers."""
-    f = Path(path) / ADAPTER_DIR / ADAPTER_FILE
-    if not f.is_file():
-        raise FileNotFoundError(f"{f}: missing (the LoRA factors of the run)")
-    tensors, mods = load_file(str(f)), dict(_lora_layers(model))
-    for key, t in tensors.items():
-        name, k = key.removeprefix("base_model.model.").removesuffix(".weight").rsplit(".", 1)
-        if name not in mods or k not in ("lora_A", "lora_B"):
-            raise ValueError(f"{f}: {key} matches no LoRA layer of this model (other base or rank?)")
-        with torch.no_grad():
-            getattr(mods[name], k).copy_(t)
-    if len(tensors) != 2 * len(mods):
-        raise ValueError(f"{f}: {len(tensors)} tensors for {len(mods)} LoRA layers")
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-TRAIN_STATE = "train_state.pt"  # optimizer, scheduler, RNG, data position: beside the HF files, ignored by loaders
-SIDE_FILES = ("log.txt",)  # a run's files in its checkpoint folder that are not part of the checkpoint
-
-
-def save(model, processor, out_dir, meta, state_dict=None, train_state=None, adapter=None):
-    """Atomic checkpoint: fp32 safetensors, processor files, meta.json, and a training run's train state
-    and LoRA adapter, written to a temporary folder beside `out_dir` and swapped in as one unit: a kill
-    -9 at any moment leaves the old unit or the new one (`recover`). out_dir's SIDE_FILES are kept.
-    `state_dict`: a gathered full state dict (FSDP)."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; a checkpoint is an ordinary shared folder
-    try:
-        sd = state_dict if state_dict is not None else merged_state_dict(model)
-        model.save_pretrained(tmp, state_dict=sd, safe_serialization=True)
-        cfg = json.loads((tmp / "config.json").read_text())
-        cfg["dtype"] = "float32"  # what the tensors are; `dtype="auto"` loaders must not read bf16
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
-        processor.save_pretrained(tmp)
-        if adapter is not None:
-            (tmp / ADAPTER_DIR).mkdir()
-            save_file(adapter[0], str(tmp / ADAPTER_DIR / ADAPTER_FILE), metadata={"format": "pt"})
-            (tmp / ADAPTER_DIR / ADAPTER_CONFIG).write_text(json.dumps(adapter[1], indent=1))
-        if train_state is not None:
-            torch.save(train_state, tmp / TRAIN_STATE)
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
-        for f in tmp.rglob("*"):  # data on disk before the rename makes it visible
-            if f.is_file():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-        # side files -> .keep, out_dir -> .old, tmp -> out_dir, side files back: each step one rename,
-        # and `recover` finishes from between any two
-        keep, old = _side(out_dir, "keep"), _side(out_dir, "old")
-        if out_dir.exists():
-            keep.mkdir(exist_ok=True)
-            for name in SIDE_FILES:
-                if (out_dir / name).exists():
-                    os.replace(out_dir / name, keep / name)
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        recover(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
-
-
-def _side(out_dir, what):
-    return out_dir.with_name(f".{out_dir.name}.{what}")
-
-
-def recover(out_dir):
-    """Finish a swap that a kill interrupted (rank 0, before anything reads out_dir): the previous unit
-    back if the new one never arrived, old and unfinished temporary folders gone, side files back."""
-    out_dir = Path(out_dir)
-    keep, old = _side(out_dir, "keep"), _side(out_dir, "old")
-    if not out_dir.exists() and old.is_dir():
-        os.replace(old, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
-    for tmp in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):
-        shutil.rmtree(tmp, ignore_errors=True)
-    if keep.is_dir():
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for f in keep.iterdir():
-            os.replace(f, out_dir / f.name)
-        keep.rmdir()
-
-
-def rng_states():
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def set_rng_states(s):
-    random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
-    torch.set_rng_state(s["torch"])
-    if s.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
-
-
-def save_checkpoint(wrapped, processor, out_dir, meta, optimizer=None, scheduler=None, step=0, extra=None):
-    """A training run's checkpoint from any wrapping, one atomic unit (`save`): weights (FSDP2 shards
-    gathered, LoRA folded in), the PEFT adapter of a LoRA run, and the train state: optimizer (FSDP2
-    shards gathered to rank 0), scheduler, every rank's RNG states, `step` (the data position) and
-    `extra` (a picklable dict). A collective: every rank calls it; rank 0 writes."""
-    model = unwrap(wrapped)
-    sd, adapter, state = merged_state_dict(model), lora_adapter(model, meta.get("base")), None
-    if optimizer is not None:
-        opt = get_optimizer_state_dict(wrapped, optimizer, options=StateDictOptions(
-            full_state_dict=True, cpu_offload=True)) if is_sharded(model) else optimizer.state_dict()
-        state = {"step": step, "optimizer": opt, "scheduler": scheduler.state_dict() if scheduler else None,
-                 "rng": gather(rng_states()), "extra": extra or {}}
-    if _rank() == 0:
-        save(model, processor, out_dir, dict(meta, step=step), state_dict=sd, train_state=state, adapter=adapter)
-    barrier()
-    return Path(out_dir)
-
-
-def load_train_state(out_dir, optimizer, scheduler, model=None):
-    """Restore what save_checkpoint wrote into `optimizer` and `scheduler` (built as for a fresh run) and
-    this rank's RNG states -> (step, extra). Memory-mapped: under FSDP2 rank 0 reads the optimizer and
-    sends each rank its shard. Another world size keeps all but RNG, which restarts from rank 0's."""
-    path = Path(out_dir) / TRAIN_STATE
-    s = torch.load(path, map_location="cpu", weights_only=False, mmap=True)  # ours: numpy RNG state inside
-    if model is not None and is_sharded(unwrap(model)):
-        set_optimizer_state_dict(model, optimizer, s["optimizer"] if _rank() == 0 else {},
-                                 options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    else:
-        optimizer.load_state_dict(s["optimizer"])
-    if scheduler is not None and s["scheduler"] is not None:
-        scheduler.load_state_dict(s["scheduler"])
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    if len(s["rng"]) != world:
-        print0(f"warning: {path} was saved by {len(s['rng'])} ranks, now {world}: RNG streams restart from rank 0's")
-    set_rng_states(s["rng"][_rank()] if len(s["rng"]) == world else s["rng"][0])
-    return s["step"], s["extra"]
-
-
 # ----------------------------------------------------------------------------- torchrun, precision, logs
 
 def setup_dist():
@@ -952,12 +585,12 @@ def setup_dist():
     return rank, world, device
 
 
-def _rank():
+def get_rank():
     return dist.get_rank() if dist.is_initialized() else 0
 
 
 def print0(*a, **kw):
-    if _rank() == 0:
+    if get_rank() == 0:
         print(*a, **kw, flush=True)
 
 
@@ -993,7 +626,7 @@ class RunLog:
 
     def __init__(self, path, args):
         self.path, self.f = Path(path), None
-        if _rank() != 0:
+        if get_rank() != 0:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.f = open(self.path, "a")
@@ -1025,144 +658,3 @@ def compute_dtype(precision, device):
 def autocast(device, dtype):
     """Matmuls in `dtype` over fp32 master weights (CPU too: the tests run the GPU's dtype path)."""
     return contextlib.nullcontext() if dtype == torch.float32 else torch.autocast(torch.device(device).type, dtype=dtype)
-
-
-# ----------------------------------------------------------------------------- distributed training
-
-class LogProbs(nn.Module):
-    """token_logprobs as a module's forward: DDP synchronises gradients, and FSDP2 gathers the root's
-    parameters, only for work inside the wrapped module's forward, so the wrappers go around this."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, batch, temperature=1.0, return_entropy=False):
-        out = token_logprobs(self.model, batch, temperature, return_entropy=return_entropy)
-        if not torch.is_grad_enabled():
-            return out
-        # A text-only micro-batch leaves a trainable vision tower without gradients, one with no token
-        # to score (an empty trajectory) every parameter, while another rank's may use them: DDP and
-        # FSDP2 would reduce different gradients on different ranks, and backward() of a loss with no
-        # graph fails. A zero-valued term gives every parameter left out a (zero) gradient.
-        lp = out[0] if return_entropy else out
-        if not lp.requires_grad:
-            idle = self.model
-        elif batch.get("shared", batch).get("pixel_values") is None:
-            idle = self.model.model.visual
-        else:
-            return out
-        zero = sum((p.sum() for p in idle.parameters() if p.requires_grad), lp.new_zeros(())) * 0.0
-        return (lp + zero, out[1]) if return_entropy else lp + zero
-
-
-def wrap(model, mode="ddp", device=None, dtype=torch.float32):
-    """-> w with w(batch, temperature=1.0, return_entropy=False) == token_logprobs(model, ...), gradients
-    averaged over ranks. ddp: every rank holds the whole model. fsdp: FSDP2 `fully_shard` on each
-    decoder block, then on the root (embeddings, lm_head, norms, vision tower: tied weights share a
-    unit), parameters gathered in `dtype`, gradients reduced in fp32 into fp32 shards. none, or no
-    process group: no wrapper. `unwrap(w)` is `model` (FSDP2 shards it in place)."""
-    root = LogProbs(model)
-    if mode == "none" or not dist.is_initialized():
-        return root
-    device = torch.device(device or next(model.parameters()).device)
-    if mode == "ddp":  # every trainable parameter gets a gradient (LogProbs); rotary tables are constants
-        return DistributedDataParallel(root, device_ids=[device.index] if device.type == "cuda" else None,
-                                       find_unused_parameters=False, broadcast_buffers=False)
-    if mode != "fsdp":
-        raise ValueError(f"unknown wrap mode {mode!r} (ddp | fsdp | none)")
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    mp = MixedPrecisionPolicy(param_dtype=None if dtype == torch.float32 else dtype, reduce_dtype=torch.float32)
-    # decoder blocks only: a vision unit would be gathered only by ranks whose micro-batch has images
-    for block in model.model.language_model.layers:
-        fully_shard(block, mesh=mesh, mp_policy=mp)
-    fully_shard(root, mesh=mesh, mp_policy=mp)
-    # FSDP2 picks its root unit at the first forward; the rollout's call into the decoder blocks
-    # (`unsharded`) would make a block a root of its own
-    root._get_fsdp_state()._lazy_init()
-    return root
-
-
-def unwrap(wrapped):
-    """The Hugging Face model inside a `wrap` result (or the model itself)."""
-    m = getattr(wrapped, "module", wrapped)  # DDP keeps it as .module
-    return m.model if isinstance(m, LogProbs) else m
-
-
-def is_sharded(model):
-    return any(isinstance(p, DTensor) for p in model.parameters())
-
-
-@contextlib.contextmanager
-def unsharded(wrapped):
-    """Whole parameters on every rank and no collectives, for generation (ranks decode different numbers
-    of steps): every FSDP2 unit gathered once in the compute dtype and kept through its forwards, then
-    resharded on exit. A no-op for DDP and one process."""
-    units = [m for m in wrapped.modules() if isinstance(m, FSDPModule)]
-    for m in units:
-        if m is not wrapped:  # the root's forward is never called by the rollout
-            m.set_reshard_after_forward(False, recurse=False)
-        m.unshard()
-    try:
-        yield unwrap(wrapped)
-    finally:
-        for m in units:
-            m.reshard()
-            if m is not wrapped:
-                m.set_reshard_after_forward(True, recurse=False)
-
-
-def grad_sync(wrapped, enabled):
-    """One micro-batch's backward: DDP skips its all-reduce while accumulating (enabled=False); FSDP2
-    reduce-scatters every micro-batch anyway (its gradients stay sharded)."""
-    return wrapped.no_sync() if not enabled and hasattr(wrapped, "no_sync") else contextlib.nullcontext()
-
-
-def clip_grad_norm(params, max_norm):
-    """Clip to `max_norm` (<= 0: no clipping) -> the global gradient norm (FSDP2: reduced over ranks)."""
-    params = [p for p in params if p.grad is not None]
-    if not params:
-        return 0.0
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-    return (norm.full_tensor() if isinstance(norm, DTensor) else norm).item()
-
-
-# ----------------------------------------------------------------------------- a training run's start (sft.py, rl.py)
-
-def start_run(args):
-    """-> (rank, world, device, log, resume): torch threads (--threads, 0: torch's default), the process
-    group, a checkpoint swap in --out that a kill interrupted finished (rank 0, before anything reads
-    it), the run log, and whether --resume finds a train state to continue from (a job script may
-    always pass --resume, from its first launch on)."""
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    rank, world, device = setup_dist()
-    out = Path(args.out)
-    if rank == 0:
-        recover(out)
-    barrier()
-    log = RunLog(out / "log.txt", args)
-    resume = args.resume and (out / TRAIN_STATE).is_file()
-    if args.resume and not resume:
-        log(f"--resume: no {out / TRAIN_STATE}, starting fresh")
-    return rank, world, device, log, resume
-
-
-def load_trainable(args, path, resume, device, dtype, log, freeze_vision=True):
-    """The model a run trains -> (model, processor): trainable weights in fp32, a LoRA run's frozen base
-    in the compute dtype `dtype`. Full fine-tuning resumes from the run's own weights (--out), LoRA
-    (--lora_rank, alpha 16) from the base `path` plus the saved adapter. The LoRA factors are drawn
-    after torch.manual_seed(--seed), the same on every rank (FSDP2 does not broadcast them)."""
-    out = Path(args.out)
-    model, processor = load(out if resume and not args.lora_rank else path, device=device,
-                            dtype=dtype if args.lora_rank else torch.float32, log=log, max_pixels=args.max_pixels)
-    if args.lora_rank:
-        torch.manual_seed(args.seed)
-        add_lora(model, args.lora_rank)
-        if resume:
-            load_adapter(model, out)
-    if freeze_vision:
-        model.model.visual.requires_grad_(False)
-    if args.grad_ckpt:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return model, processor

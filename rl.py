@@ -39,6 +39,7 @@ import model as M
 import rollout as R
 import search as S
 import tools as T
+import training
 
 PRESETS = {  # the paper's RL settings (section 4.1 and appendix); explicit flags still win
     "paper": dict(lr=2e-6, warmup=45, group=8, clip=0.2, beta=0.001, max_turns=11, max_total_tokens=8192,
@@ -204,14 +205,14 @@ def update(wrapped, optimizer, params, items, proc, device, dtype, args, micro, 
         for k, mb in enumerate(micros):
             b = M.to_device(collate(mb, proc, extra_keys=keys), device)
             adv = torch.tensor([it["adv"] for it in mb], device=device)  # (B,)
-            with M.grad_sync(wrapped, k == len(micros) - 1):
+            with training.grad_sync(wrapped, k == len(micros) - 1):
                 with M.autocast(device, dtype):
                     lp, ent = wrapped(b, return_entropy=True)  # (B, T)
                 loss, st = grpo_loss(lp.float(), b["old"], adv, b["loss_mask"], args.clip, b.get("ref"),
                                      args.beta, n_tokens=n_tok / world)  # DDP / FSDP average over ranks: undo it
                 loss.backward()
             stats.update(st, entropy=(ent * b["loss_mask"]).sum().item())
-        stats.update(grad_norm=M.clip_grad_norm(params, 1.0), updates=1)
+        stats.update(grad_norm=training.clip_grad_norm(params, 1.0), updates=1)
         optimizer.step()
     return stats
 
@@ -236,12 +237,12 @@ def bench(wrapped, ref, optimizer, params, proc, tools, questions, args, device,
     forward per trajectory from pixels (model.collate, the vision tower in every forward), each group's
     prompt forwarded once (model.collate_shared) from pixels, and the same from the rollout's image
     features (rl.py's way: no vision tower after the rollout)."""
-    policy = M.unwrap(wrapped)
+    policy = training.unwrap(wrapped)
     images = []  # images through a vision tower, the policy's and the reference's
-    towers = [policy.model.visual] + ([M.unwrap(ref).model.visual] if isinstance(ref, nn.Module) else [])
+    towers = [policy.model.visual] + ([training.unwrap(ref).model.visual] if isinstance(ref, nn.Module) else [])
     count = lambda m, a, kw: images.append(len(kw.get("grid_thw", a[1] if len(a) > 1 else [])))  # noqa: E731
     hooks = [t.register_forward_pre_hook(count, with_kwargs=True) for t in towers]
-    with M.unsharded(wrapped):
+    with training.unsharded(wrapped):
         trajs, _, _, items = rollout_items(policy, proc, tools, step_prompts(questions, 0, args.batch, args.seed),
                                            args, 0, 0, 1, dtype)
     n, n_tok = len(items), sum(len(it["input_ids"]) for it in items)
@@ -280,7 +281,7 @@ def main(argv=None):
     micro = args.micro_batch or args.mini_batch
     if args.mini_batch % micro:
         raise SystemExit(f"rl.py: --mini_batch {args.mini_batch} is not a multiple of --micro_batch {args.micro_batch}")
-    rank, world, device, log, resume = M.start_run(args)
+    rank, world, device, log, resume = training.start_run(args)
     if args.batch % world:
         raise SystemExit(f"rl.py: --batch {args.batch} must divide over {world} ranks")
     out, dtype = Path(args.out), M.compute_dtype(args.precision, device)
@@ -294,7 +295,7 @@ def main(argv=None):
     for w in skipped:
         log(str(w.message))
 
-    policy, proc = M.load_trainable(args, args.ckpt, resume, device, dtype, log)
+    policy, proc = training.load_trainable(args, args.ckpt, resume, device, dtype, log)
     # The KL reference, the frozen start (beta 0: none): a LoRA policy with its adapters off, or a frozen
     # fp32 copy stored and run like the policy, so that the same forward gives KL exactly 0 at the start.
     ref = None
@@ -305,18 +306,18 @@ def main(argv=None):
         if m is not None and not args.separate_forwards:
             M.use_shared_prompt_attention(m)
     mode = "fsdp" if args.fsdp else "ddp"
-    wrapped = M.wrap(policy, mode, device, dtype)
+    wrapped = training.wrap(policy, mode, device, dtype)
     if ref is not None:
-        ref = M.wrap(ref, "fsdp" if args.fsdp else "none", device, dtype)
+        ref = training.wrap(ref, "fsdp" if args.fsdp else "none", device, dtype)
     elif args.beta > 0:
         def ref(b):
-            with M.lora_disabled(policy):
+            with training.lora_disabled(policy):
                 return wrapped(b)
     params = [p for p in wrapped.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, betas=(0.9, 0.99))
     start = 0
     if resume:
-        start, _ = M.load_train_state(out, optimizer, None, model=wrapped)
+        start, _ = training.load_train_state(out, optimizer, None, model=wrapped)
         log(f"resumed at step {start}")
     judge = E.Judge(args.judge_url, args.judge_model) if args.judge_url else None
     tools = S.make_tools(args.data, cache=args.cache, **S.search_options(args))
@@ -338,7 +339,7 @@ def main(argv=None):
             g["lr"] = lr
         prompts = step_prompts(questions, step, args.batch, args.seed, rank, world)
         t0 = time.perf_counter()
-        with M.unsharded(wrapped):  # FSDP2: whole weights, no collectives while ranks decode
+        with training.unsharded(wrapped):  # FSDP2: whole weights, no collectives while ranks decode
             trajs, rewards, adv, items = rollout_items(policy, proc, tools, prompts, args, step, rank, world, dtype,
                                                        judge)
         t1 = time.perf_counter()
@@ -371,7 +372,7 @@ def main(argv=None):
             raise SystemExit(f"rl.py: step {step + 1}: all {n:.0f} samples failed before generating (first: {why}); "
                              "nothing of this step is saved")
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
-            M.save_checkpoint(wrapped, proc, out, {"stage": "rl", "base": args.ckpt, "config": vars(args)},
+            training.save_checkpoint(wrapped, proc, out, {"stage": "rl", "base": args.ckpt, "config": vars(args)},
                               optimizer, step=step + 1)
     if dist.is_initialized():
         dist.destroy_process_group()

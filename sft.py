@@ -39,6 +39,7 @@ import eval as E
 import model as M
 import search as S
 import tools as T
+import training
 
 
 def get_args(argv=None):
@@ -250,11 +251,11 @@ def evaluate(wrapped, held, processor, agent, micro, device, dtype, rank, world,
     nll, n = M.reduce([nll, n])
     line = f"loss {nll / max(n, 1):.6f} | trajectories {len(held)}"
     if agent:
-        rng = M.rng_states()  # generation must not shift the training run's random streams
-        with M.unsharded(wrapped) as model:  # ranks decode independently on whole weights
+        rng = training.rng_states()  # generation must not shift the training run's random streams
+        with training.unsharded(wrapped) as model:  # ranks decode independently on whole weights
             records, _ = E.evaluate("agent", model, processor, agent[1], agent[0], "sft", rank=rank, world=world,
                                     max_new_tokens=64, seed=seed, progress=False, dtype=dtype)
-        M.set_rng_states(rng)
+        training.set_rng_states(rng)
         line += f" | agent_acc {E.metrics(records)['accuracy']:.4f} (n={len(agent[0])})"
     wrapped.train()
     return nll / max(n, 1), line
@@ -264,11 +265,11 @@ def evaluate(wrapped, held, processor, agent, micro, device, dtype, rank, world,
 
 def main(argv=None):
     args = get_args(argv)
-    rank, world, device, log, resume = M.start_run(args)
+    rank, world, device, log, resume = training.start_run(args)
     out, dtype = Path(args.out), M.compute_dtype(args.precision, device)
     meta_file = Path(args.model) / "meta.json"
     tiny = meta_file.is_file() and bool(json.loads(meta_file.read_text()).get("tiny"))
-    model, processor = M.load_trainable(args, args.model, resume, device, dtype, log, args.freeze_vision)
+    model, processor = training.load_trainable(args, args.model, resume, device, dtype, log, args.freeze_vision)
     model.train()
 
     # The data and the plan: every rank knows every batch; a resumed run must find the same plan.
@@ -287,14 +288,14 @@ def main(argv=None):
     warmup = math.ceil(args.warmup_ratio * total)
     lr = args.lr if args.lr is not None else 1e-4 if args.lora_rank else 2e-3 if tiny else 1e-5
     mode = "fsdp" if args.fsdp else "ddp"
-    wrapped = M.wrap(model, mode, device, dtype)
+    wrapped = training.wrap(model, mode, device, dtype)
     params = [p for p in wrapped.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warmup, args.min_lr_ratio))
     plan = {"data": data_fingerprint(items), "batch_size": G, "seed": args.seed, "total": total, "per_epoch": per_epoch}
     start, skipped, consecutive = 0, 0, 0
     if resume:
-        start, extra = M.load_train_state(out, opt, sched, model=wrapped)
+        start, extra = training.load_train_state(out, opt, sched, model=wrapped)
         if extra["plan"] != plan:
             raise SystemExit(f"sft.py: cannot resume exactly: the run in {out} had plan {extra['plan']}, "
                              f"this one {plan} (same data, batch size, seed and schedule needed)")
@@ -329,14 +330,14 @@ def main(argv=None):
         mbs = micro_batches(gb, lengths, micro, rank, world)
         for k, mb in enumerate(mbs):
             batch = M.to_device(M.collate([render_item(items[j], processor) for j in mb], processor), device)
-            with M.grad_sync(wrapped, k == len(mbs) - 1):  # DDP all-reduces after the last micro-batch only
+            with training.grad_sync(wrapped, k == len(mbs) - 1):  # DDP all-reduces after the last micro-batch only
                 with M.autocast(device, dtype):
                     logp = wrapped(batch)  # (B, T) log p of each trained token, 0 elsewhere
                 loss, part = micro_loss(logp, batch["loss_mask"], n_tok, world)
                 loss.backward()
             nll += part.item()
         (nll,) = M.reduce([nll])
-        loss_val, gnorm = nll / n_tok, M.clip_grad_norm(params, 1.0)
+        loss_val, gnorm = nll / n_tok, training.clip_grad_norm(params, 1.0)
         good = math.isfinite(loss_val) and math.isfinite(gnorm)
         if good:  # else the update is skipped; the batch is consumed and the LR schedule moves on
             opt.step()
@@ -362,7 +363,7 @@ def main(argv=None):
             last_eval, line = evaluate(wrapped, held, processor, agent, micro, device, dtype, rank, world, args.seed)
             log(f"eval step {step} | {line}")
         if step == end or (args.save_every and step % args.save_every == 0 and consecutive == 0):
-            M.save_checkpoint(wrapped, processor, out, dict(meta, eval_loss=last_eval), opt, sched, step,
+            training.save_checkpoint(wrapped, processor, out, dict(meta, eval_loss=last_eval), opt, sched, step,
                               {"plan": plan, "skipped": skipped, "consecutive": consecutive})
             log(f"saved {out} at step {step}")
     if step < total:

@@ -83,9 +83,9 @@ def write_bad_questions(folder, good):
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
-    import model
+    import make_data
     out = tmp_path_factory.mktemp("tiny") / "ckpt"
-    model.build_tiny(out, TINY_TEXTS, seed=0, vocab_size=600)
+    make_data.build_tiny(out, TINY_TEXTS, seed=0, vocab_size=600)
     return out
 
 

@@ -4,7 +4,7 @@ vocabulary and random weights of toy size.
 What real users load is a hub download: a flat config.json (the pre-v5 layout that transformers 5
 converts), sharded safetensors under the old key names (`model.layers.N`, `visual.blocks.N`, no
 `lm_head.weight` since the embeddings are tied), Qwen2's 151,643-token byte-level BPE plus 22 added
-tokens, and the processor files. Our tiny checkpoint (model.build_tiny) is written by our own code
+tokens, and the processor files. Our tiny checkpoint (make_data.build_tiny) is written by our own code
 and so cannot catch a mismatch with that layout; this one can.
 
 The BPE ranks come from `qwen_agent/utils/qwen.tiktoken` (pip install --no-deps -r requirements-test.txt):

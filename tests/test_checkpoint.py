@@ -1,4 +1,4 @@
-"""model.py checkpoints: one atomic unit under a kill at any step, LoRA adapters in PEFT's layout,
+"""training.py checkpoints: one atomic unit under a kill at any step, LoRA adapters in PEFT's layout,
 merged weights in fp32, the adapters-off reference."""
 import importlib.util
 import json
@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import model as M
+import training
 from tests.conftest import ROOT, icon
 
 CONV = [{"role": "user", "content": "<image>\nWhat is this?"},
@@ -26,7 +27,7 @@ def _batch(proc):
 def _unit(out):
     """(meta step, train-state step, one weight) of the checkpoint in `out`."""
     meta = json.loads((out / "meta.json").read_text())["step"]
-    state = torch.load(out / M.TRAIN_STATE, weights_only=False)["step"]
+    state = torch.load(out / training.TRAIN_STATE, weights_only=False)["step"]
     w = load_file(out / "model.safetensors")["model.norm.weight"]
     return meta, state, w
 
@@ -47,7 +48,7 @@ def test_kill_at_any_step_of_a_save_leaves_one_complete_unit(tiny_dir, tmp_path,
         out = tmp_path / f"run{k}" / "ck"
         with torch.no_grad():
             model.model.language_model.norm.weight.fill_(1.0)
-        M.save_checkpoint(model, proc, out, {}, opt, step=1)
+        training.save_checkpoint(model, proc, out, {}, opt, step=1)
         (out / "log.txt").write_text("line one\n")
         with torch.no_grad():
             model.model.language_model.norm.weight.fill_(2.0)
@@ -60,16 +61,16 @@ def test_kill_at_any_step_of_a_save_leaves_one_complete_unit(tiny_dir, tmp_path,
                     raise Killed
                 return real(*a, **kw)
             return f
-        monkeypatch.setattr(M.os, "replace", op(real_replace))
-        monkeypatch.setattr(M.torch, "save", op(real_save))
-        monkeypatch.setattr(M.shutil, "rmtree", lambda *a, **kw: None)  # a killed process cleans nothing
+        monkeypatch.setattr(training.os, "replace", op(real_replace))
+        monkeypatch.setattr(training.torch, "save", op(real_save))
+        monkeypatch.setattr(training.shutil, "rmtree", lambda *a, **kw: None)  # a killed process cleans nothing
         try:
-            M.save_checkpoint(model, proc, out, {}, opt, step=2)
+            training.save_checkpoint(model, proc, out, {}, opt, step=2)
             finished = True
         except Killed:
             finished = False
         monkeypatch.undo()
-        M.recover(out)
+        training.recover(out)
         meta, state, w = _unit(out)
         assert meta == state and w.eq(float(meta)).all(), (k, meta, state)
         assert (out / "log.txt").read_text() == "line one\n", k
@@ -82,16 +83,16 @@ def test_kill_at_any_step_of_a_save_leaves_one_complete_unit(tiny_dir, tmp_path,
 
 def test_lora_checkpoint_has_a_peft_adapter_and_fp32_merged_weights(tiny_dir, tmp_path):
     model, proc = M.load(tiny_dir, dtype=torch.bfloat16, log=None)  # a bf16 base, as on a GPU
-    M.add_lora(model, rank=4, alpha=8)
+    training.add_lora(model, rank=4, alpha=8)
     assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
     torch.manual_seed(0)
     for n, p in model.named_parameters():
         if "lora_B" in n:
             p.data.normal_(0, 1e-3)  # a small delta: bf16 merged weights would round most of it away
-    out = M.save_checkpoint(model, proc, tmp_path / "ck", {"base": str(tiny_dir)})
-    cfg = json.loads((out / M.ADAPTER_DIR / M.ADAPTER_CONFIG).read_text())
+    out = training.save_checkpoint(model, proc, tmp_path / "ck", {"base": str(tiny_dir)})
+    cfg = json.loads((out / training.ADAPTER_DIR / training.ADAPTER_CONFIG).read_text())
     assert cfg["peft_type"] == "LORA" and cfg["r"] == 4 and cfg["lora_alpha"] == 8
-    adapter = load_file(out / M.ADAPTER_DIR / M.ADAPTER_FILE)
+    adapter = load_file(out / training.ADAPTER_DIR / training.ADAPTER_FILE)
     assert all(k.startswith("base_model.model.model.language_model.layers.") and
                k.endswith((".lora_A.weight", ".lora_B.weight")) for k in adapter)
     merged = load_file(out / "model.safetensors")
@@ -101,8 +102,8 @@ def test_lora_checkpoint_has_a_peft_adapter_and_fp32_merged_weights(tiny_dir, tm
     assert torch.equal(merged["model.layers.0.self_attn.q_proj.weight"], exact.detach())
     # base + adapter reproduces the trained model exactly
     again, _ = M.load(tiny_dir, dtype=torch.bfloat16, log=None)
-    M.add_lora(again, rank=4, alpha=8)
-    M.load_adapter(again, out)
+    training.add_lora(again, rank=4, alpha=8)
+    training.load_adapter(again, out)
     b = _batch(proc)
     with torch.no_grad():
         assert torch.equal(M.token_logprobs(model, b), M.token_logprobs(again, b))
@@ -115,13 +116,13 @@ def test_peft_users_get_the_trained_model_both_ways(tiny_dir, tmp_path):
     from peft import PeftModel
     from transformers import Qwen2_5_VLForConditionalGeneration
     model, proc = M.load(tiny_dir, log=None)
-    M.add_lora(model, rank=4, alpha=8)
+    training.add_lora(model, rank=4, alpha=8)
     for n, p in model.named_parameters():
         if "lora_B" in n:
             p.data.normal_(0, 0.05)
-    out = M.save_checkpoint(model, proc, tmp_path / "ck", {"base": str(tiny_dir)})
+    out = training.save_checkpoint(model, proc, tmp_path / "ck", {"base": str(tiny_dir)})
     base = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_dir, dtype=torch.float32)
-    peft_model = PeftModel.from_pretrained(base, out / M.ADAPTER_DIR).eval()
+    peft_model = PeftModel.from_pretrained(base, out / training.ADAPTER_DIR).eval()
     merged = Qwen2_5_VLForConditionalGeneration.from_pretrained(out).eval()
     b = _batch(proc)
     with torch.no_grad():
@@ -135,11 +136,11 @@ def test_lora_disabled_is_the_base_model(tiny_dir):
     b = _batch(proc)
     with torch.no_grad():
         base = M.token_logprobs(model, b)
-        M.add_lora(model, rank=4, alpha=8)
+        training.add_lora(model, rank=4, alpha=8)
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.data.normal_(0, 0.1)
-        with M.lora_disabled(model):
+        with training.lora_disabled(model):
             off = M.token_logprobs(model, b)
         on = M.token_logprobs(model, b)
     assert torch.equal(off, base) and not torch.allclose(on, base)

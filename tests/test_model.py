@@ -6,7 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
+import make_data as D
 import model as M
+import training
 from tests.conftest import TINY_TEXTS, template_messages
 
 RED, BLUE = Image.new("RGB", (56, 56), "red"), Image.new("RGB", (84, 112), "blue")
@@ -129,7 +131,7 @@ def test_token_logprobs_match_full_softmax(tiny):
 
 def test_save_load_identical_logits(tiny, tmp_path):
     model, proc = tiny
-    M.save(model, proc, tmp_path / "ck", {"step": 3})
+    training.save(model, proc, tmp_path / "ck", {"step": 3})
     m2, p2 = M.load(tmp_path / "ck", log=None)
     b = M.collate([M.render(proc, CONV, [RED, BLUE])], proc)
     with torch.no_grad():
@@ -166,7 +168,7 @@ def test_lora_init_unchanged_and_only_lora_trains(tiny_dir):
     b = M.collate([M.render(proc, CONV, [RED, BLUE])], proc)
     with torch.no_grad():
         before = M.token_logprobs(model, b)
-    M.add_lora(model, rank=4, alpha=8)
+    training.add_lora(model, rank=4, alpha=8)
     after = M.token_logprobs(model, b)
     assert torch.allclose(before, after, atol=1e-6)
     (-(after * b["loss_mask"]).sum()).backward()
@@ -179,7 +181,7 @@ def test_lora_init_unchanged_and_only_lora_trains(tiny_dir):
     for n, p in model.named_parameters():
         if "lora_B" in n:
             p.data.normal_(0, 0.1)
-    sd = M.merged_state_dict(model)
+    sd = training.merged_state_dict(model)
     assert not any("lora_" in k or ".base." in k for k in sd)
     plain, _ = M.load(tiny_dir, log=None)
     plain.load_state_dict(sd)
@@ -199,8 +201,8 @@ def test_tiny_generates_with_model_generate(tiny):
 
 
 def test_build_tiny_deterministic(tmp_path):
-    a = M.build_tiny(tmp_path / "a", TINY_TEXTS, seed=1, vocab_size=400)
-    b = M.build_tiny(tmp_path / "b", TINY_TEXTS, seed=1, vocab_size=400)
+    a = D.build_tiny(tmp_path / "a", TINY_TEXTS, seed=1, vocab_size=400)
+    b = D.build_tiny(tmp_path / "b", TINY_TEXTS, seed=1, vocab_size=400)
     for f in ("model.safetensors", "tokenizer.json"):
         assert (a / f).read_bytes() == (b / f).read_bytes()
 
@@ -227,14 +229,14 @@ def test_copy_warmup_trains_copying(tiny_dir):
         with torch.no_grad():
             return -(M.token_logprobs(model, b) * mask).sum().item() / mask.sum().item()
     before = copy_loss()
-    M.copy_warmup(model, ids.tolist(), steps=60, seed=0)
+    D.copy_warmup(model, ids.tolist(), steps=60, seed=0)
     assert copy_loss() < before - 0.3 and not model.training
 
 
 def test_tiny_tokens_of_a_name_are_the_same_on_a_page_and_in_an_action():
     texts = TINY_TEXTS + ["Bunork Bubus is made by Vukuk Brillan.", "<answer>Vukuk Brillan</answer>",
                           "It was founded in 1894.", "<answer>1894</answer>"] * 20
-    tok = M.train_tokenizer(texts, 400)
+    tok = D.train_tokenizer(texts, 400)
 
     def pieces(text):
         return tok.convert_ids_to_tokens(tok(text, add_special_tokens=False)["input_ids"])
@@ -250,14 +252,14 @@ def test_tiny_tokens_of_a_name_are_the_same_on_a_page_and_in_an_action():
 def test_caption_warmup_trains_seeing(tiny_dir):
     model, proc = M.load(tiny_dir, log=None)
     pairs = [(Image.new("RGB", (56, 56), c), f"A {c} square.") for c in ("red", "blue", "green", "black")]
-    b = M.collate([M.render(proc, [{"role": "user", "content": M.IMAGE + M.CAPTION_PROMPT},
+    b = M.collate([M.render(proc, [{"role": "user", "content": M.IMAGE + D.CAPTION_PROMPT},
                                    {"role": "assistant", "content": t}], [im]) for im, t in pairs], proc)
 
     def loss():
         with torch.no_grad():
             return -(M.token_logprobs(model, b) * b["loss_mask"]).sum().item() / b["loss_mask"].sum().item()
     before = loss()
-    M.caption_warmup(model, proc, pairs, steps=30, seed=0, batch=4)
+    D.caption_warmup(model, proc, pairs, steps=30, seed=0, batch=4)
     assert loss() < before - 1.0 and not model.training
 
 

@@ -19,6 +19,7 @@ import rollout as R
 import sft
 import search as S
 import tools as T
+import training
 from tests.conftest import template_messages, write_world
 from tests.dist_entry import token_reward
 from tests.test_sft import write_sft
@@ -101,7 +102,7 @@ def test_max_pixels_caps_image_tokens(hub_dir, hub, tiny_dir):
 def test_saved_checkpoint_reloads_in_transformers(hub, tmp_path):
     from transformers import Qwen2_5_VLForConditionalGeneration
     model, proc = hub
-    M.save(model, proc, tmp_path / "ck", {"step": 0})
+    training.save(model, proc, tmp_path / "ck", {"step": 0})
     m2, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path / "ck", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     sd, sd2 = model.state_dict(), m2.state_dict()
@@ -145,11 +146,11 @@ def test_sft_lora_checkpoint_reloads_in_transformers_with_its_adapter(hub_dir, h
     m, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     assert m.dtype == torch.float32  # merged weights are written in fp32
-    cfg = json.loads((out / M.ADAPTER_DIR / M.ADAPTER_CONFIG).read_text())
+    cfg = json.loads((out / training.ADAPTER_DIR / training.ADAPTER_CONFIG).read_text())
     assert cfg["r"] == 4 and cfg["base_model_name_or_path"] == str(hub_dir)
     base, proc = M.load(hub_dir, dtype=torch.bfloat16, log=None)
-    M.add_lora(base, rank=4, alpha=16)
-    M.load_adapter(base, out)
+    training.add_lora(base, rank=4, alpha=16)
+    training.load_adapter(base, out)
     assert any(p.abs().sum() > 0 for n, p in base.named_parameters() if "lora_B" in n)  # it trained
 
 
@@ -161,7 +162,7 @@ def test_one_rl_step_from_the_sft_checkpoint(hub_sft, monkeypatch):
              "--lora_rank", "4", "--precision", "bf16", "--grad_ckpt"])
     log = (d / "rl" / "log.txt").read_text()
     assert "reference adapters off" in log and "step    1 |" in log and "gnorm 0.00" not in log
-    assert (d / "rl" / M.ADAPTER_DIR / M.ADAPTER_FILE).is_file() and (d / "rl" / M.TRAIN_STATE).is_file()
+    assert (d / "rl" / training.ADAPTER_DIR / training.ADAPTER_FILE).is_file() and (d / "rl" / training.TRAIN_STATE).is_file()
 
 
 def test_eval_of_two_questions(hub_sft, tmp_path):

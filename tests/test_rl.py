@@ -18,6 +18,7 @@ import rl
 import rollout as R
 import search as S
 import tools as T
+import training
 from tests.conftest import write_bad_questions, write_world
 from tests.dist_entry import token_reward
 
@@ -224,7 +225,7 @@ def test_bad_prompts_cost_their_samples_not_the_run(tiny_dir, tmp_path, monkeypa
     log = (tmp_path / "o" / "log.txt").read_text()
     assert f"{len(kept)} RL prompts" in log and "| errors 8 |" in log  # 4 bad images x G = 2
     assert log.count(f"{path}:") == 7  # each skipped line named: 4 bad fields, not JSON, [1, 2], bad UTF-8
-    assert (tmp_path / "o" / M.TRAIN_STATE).is_file()
+    assert (tmp_path / "o" / training.TRAIN_STATE).is_file()
 
 
 def test_a_step_where_every_sample_fails_stops_the_run(tiny_dir, tmp_path, monkeypatch):
@@ -237,4 +238,4 @@ def test_a_step_where_every_sample_fails_stops_the_run(tiny_dir, tmp_path, monke
     with pytest.raises(SystemExit, match="step 1: all 4 samples failed before generating"):
         rl.main(["--ckpt", str(tiny_dir), "--data", str(d), "--prompts", str(moved), "--out", str(tmp_path / "o"),
                  "--steps", "2", "--batch", "2", *SMALL[2:]])
-    assert not (tmp_path / "o" / M.TRAIN_STATE).exists()
+    assert not (tmp_path / "o" / training.TRAIN_STATE).exists()

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 import model as M
 import sft
+import training
 
 ROOT = Path(__file__).resolve().parent.parent
 COLORS = ["red", "blue", "green", "orange", "purple", "gray"]
@@ -82,7 +83,7 @@ def test_bf16_keeps_fp32_masters_so_small_updates_land(tiny_dir, tmp_path):
     sft.main(common(tiny_dir, data, tmp_path / "o", "--precision", "bf16", "--lr", "1e-6", "--warmup_ratio", "0",
                     "--max_steps", "1", "--batch_size", "4", "--micro_batch", "2"))
     assert "compute torch.bfloat16" in (tmp_path / "o" / "log.txt").read_text()
-    state = torch.load(tmp_path / "o" / M.TRAIN_STATE, weights_only=False)["optimizer"]["state"]
+    state = torch.load(tmp_path / "o" / training.TRAIN_STATE, weights_only=False)["optimizer"]["state"]
     assert {v["exp_avg"].dtype for v in state.values()} == {torch.float32}
     a, b = load_file(tiny_dir / "model.safetensors"), load_file(tmp_path / "o" / "model.safetensors")
     trained = [k for k in a if not k.startswith("visual.")]  # the vision tower is frozen by default
@@ -104,7 +105,7 @@ def test_masked_tokens_get_zero_gradient(tiny):
 
     hook = model.model.language_model.norm.register_forward_hook(keep)
     try:
-        logp = M.wrap(model, "none")(batch)  # (B, T)
+        logp = training.wrap(model, "none")(batch)  # (B, T)
         n_tok = int(batch["loss_mask"].sum())
         loss, nll = sft.micro_loss(logp, batch["loss_mask"], n_tok, world=1)
         loss.backward()
@@ -318,7 +319,7 @@ def test_nonfinite_steps_skipped_then_abort_keeps_checkpoint(tiny_dir, tmp_path,
     with pytest.raises(SystemExit, match=r"2 non-finite steps in a row .* at step 4: .*\(step 2\), untouched"):
         sft.main(args)
     assert json.loads((out / "meta.json").read_text())["step"] == 2
-    assert (out / M.TRAIN_STATE).is_file() and (out / "log.txt").is_file()
+    assert (out / training.TRAIN_STATE).is_file() and (out / "log.txt").is_file()
     lines = (out / "log.txt").read_text()
     assert "loss nan" in lines and "skipped 1" in lines and "skipped 2" in lines
     w = load_file(out / "model.safetensors")
