@@ -54,7 +54,8 @@ def get_args(argv=None):
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--max_steps", type=int, default=0, help="cap on optimizer steps and the LR schedule (0: none)")
     p.add_argument("--batch_size", type=int, default=16, help="global batch in trajectories")
-    p.add_argument("--micro_batch", type=int, default=8, help="trajectories per forward per rank")
+    p.add_argument("--micro_batch", type=int, default=4, help="trajectories per forward per rank (each global "
+                   "batch is sorted by length, then cut: on the tiny model 4 pads 11%% of tokens, 8 pads 24%%)")
     p.add_argument("--lr", type=float, default=None, help="peak LR; default 1e-4 with LoRA (the paper), else "
                    "2e-3 for a tiny model, 1e-5 for a real one")
     p.add_argument("--warmup_ratio", type=float, default=0.1)
