@@ -686,7 +686,7 @@ def build_tiny(out_dir, texts, seed=0, vocab_size=4096, copy_steps=0, captions=(
     if caption_steps:
         caption_warmup(model, processor, captions, caption_steps, seed, log=log)
     training.save(model, processor, out_dir, {"step": 0, "tiny": True, "seed": seed, "size": size,
-                                     "copy_steps": copy_steps, "caption_steps": caption_steps})
+                                              "copy_steps": copy_steps, "caption_steps": caption_steps})
     return out_dir
 
 

@@ -373,7 +373,7 @@ def main(argv=None):
                              "nothing of this step is saved")
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
             training.save_checkpoint(wrapped, proc, out, {"stage": "rl", "base": args.ckpt, "config": vars(args)},
-                              optimizer, step=step + 1)
+                                     optimizer, step=step + 1)
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -365,7 +365,7 @@ def main(argv=None):
             log(f"eval step {step} | {line}")
         if step == end or (args.save_every and step % args.save_every == 0 and consecutive == 0):
             training.save_checkpoint(wrapped, processor, out, dict(meta, eval_loss=last_eval), opt, sched, step,
-                              {"plan": plan, "skipped": skipped, "consecutive": consecutive})
+                                     {"plan": plan, "skipped": skipped, "consecutive": consecutive})
             log(f"saved {out} at step {step}")
     if step < total:
         log(f"stopped at step {step}/{total}; continue with --resume")
