@@ -762,10 +762,10 @@ def build(args, out):
         texts += [tools.initial_prompt(q["question"], has_image=q["image"] is not None) for q in all_questions]
         texts += [m["content"] for t in sft for m in t["messages"]]
         build_tiny(out / "tiny", texts, seed=args.seed, vocab_size=args.vocab_size,
-                         log=None if args.quiet else tqdm.write, hidden=args.hidden, layers=args.layers,
-                         heads=args.heads, kv_heads=max(1, args.heads // 2), copy_steps=args.copy_steps,
-                         caption_steps=args.caption_steps,
-                         captions=captions(ents, icons, len(train), args.seed) if args.caption_steps else ())
+                   log=None if args.quiet else tqdm.write, hidden=args.hidden, layers=args.layers,
+                   heads=args.heads, kv_heads=max(1, args.heads // 2), copy_steps=args.copy_steps,
+                   caption_steps=args.caption_steps,
+                   captions=captions(ents, icons, len(train), args.seed) if args.caption_steps else ())
         summary["sft_tokens"] = tokens_per_trajectory(sft, out / "tiny")
         seconds["tiny tokenizer+checkpoint"] = time.time() - t1
     return summary, seconds

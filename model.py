@@ -657,4 +657,6 @@ def compute_dtype(precision, device):
 
 def autocast(device, dtype):
     """Matmuls in `dtype` over fp32 master weights (CPU too: the tests run the GPU's dtype path)."""
-    return contextlib.nullcontext() if dtype == torch.float32 else torch.autocast(torch.device(device).type, dtype=dtype)
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)

@@ -324,7 +324,8 @@ def main(argv=None):
     log(f"{len(questions)} RL prompts; {args.batch} x G={args.group} per step on {world} rank(s) ({mode}); "
         f"{sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters "
         f"({', '.join(sorted({str(p.dtype) for p in params}))}); compute {dtype}; attention "
-        f"{policy.config._attn_implementation} (text decoder {policy.model.language_model.config._attn_implementation}); "
+        f"{policy.config._attn_implementation} "
+        f"(text decoder {policy.model.language_model.config._attn_implementation}); "
         f"reference {('adapters off' if args.lora_rank else 'frozen copy') if ref is not None else None}; "
         f"old log-probs {'rollout' if dtype == torch.float32 else 'recomputed'}")
     if args.bench:
@@ -351,18 +352,21 @@ def main(argv=None):
         t3 = time.perf_counter()
 
         # statistics: sums over ranks; times, lp_gap and grad norm: the slowest / largest rank's
-        s = dict(summarize(trajs, rewards, adv, args.group), **{k: st[k] for k in ("clip_frac", "kl", "tokens", "entropy")})
+        s = dict(summarize(trajs, rewards, adv, args.group),
+                 **{k: st[k] for k in ("clip_frac", "kl", "tokens", "entropy")})
         tot = dict(zip(s, M.reduce(s.values())))
         mx = dict(zip(("t_roll", "t_score", "t_upd", "gap", "gnorm"),
                       M.reduce([t1 - t0, t2 - t1, t3 - t2, gap, st["grad_norm"] / max(1, st["updates"])], op="max")))
         n, tok, obs = tot["n"], max(tot["tokens"], 1.0), max(tot["obs"], 1.0)
-        log(f"step {step + 1:4d} | reward {tot['reward'] / n:.3f} | acc {tot['acc'] / n:.3f} | fmt {tot['fmt'] / n:.2f} | "
+        log(f"step {step + 1:4d} | reward {tot['reward'] / n:.3f} | acc {tot['acc'] / n:.3f} | "
+            f"fmt {tot['fmt'] / n:.2f} | "
             f"turns {tot['turns'] / n:.2f} | search/q text {tot['text'] / n:.2f} img {tot['img'] / n:.2f} "
             f"crop {tot['crop'] / n:.2f} | tool_err {tot['tool_err'] / obs:.2f} | len {tot['gen_tokens'] / n:.0f} | "
             f"zero_adv {tot['zero_adv'] / n:.2f} | too_long {tot['too_long']:.0f} | errors {tot['errors']:.0f} | "
             f"clip {tot['clip_frac'] / tok:.3f} | kl {tot['kl'] / tok:.4f} | ent {tot['entropy'] / tok:.3f} | "
             f"lp_gap {mx['gap']:.4f} | gnorm {mx['gnorm']:.2f} | lr {lr:.2e} | "
-            f"tok/s roll {tot['gen_tokens'] / max(mx['t_roll'], 1e-9):.0f} upd {tot['seq_tokens'] / max(mx['t_upd'], 1e-9):.0f} "
+            f"tok/s roll {tot['gen_tokens'] / max(mx['t_roll'], 1e-9):.0f} "
+            f"upd {tot['seq_tokens'] / max(mx['t_upd'], 1e-9):.0f} "
             f"(trained {tot['tokens'] / max(mx['t_upd'], 1e-9):.0f}) | "
             f"time roll {mx['t_roll']:.1f}s score {mx['t_score']:.1f}s upd {mx['t_upd']:.1f}s")
         if not all(math.isfinite(tot[k]) for k in ("reward", "kl", "entropy")):

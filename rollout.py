@@ -544,7 +544,8 @@ def rollout(model, processor, tools, questions, group_size=1, max_turns=6, max_n
     dtype = dtype or model.get_input_embeddings().weight.dtype
     cache = SlotCache(cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads,
                       getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads, dtype,
-                      next(model.parameters()).device, max_capacity=2 * max_total_tokens + 1024)  # padding may overshoot
+                      next(model.parameters()).device,
+                      max_capacity=2 * max_total_tokens + 1024)  # padding may overshoot
     eng = Engine(model, processor, tools, max_turns, max_new_tokens, max_total_tokens, temperature, top_p,
                  forced_actions, tool_threads, dtype, keep_features)
     base_seed = seed if seed is not None else int(torch.randint(0, 2 ** 31, ()).item())
@@ -563,7 +564,8 @@ def rollout(model, processor, tools, questions, group_size=1, max_turns=6, max_n
                     if r.phase == TOOL and r.future.done():
                         eng.observe(r)
                 compact(live, cache, bar)
-                chunks = sorted((r for r in live if r.phase == FEED and len(r.pending) > 1), key=lambda r: len(r.pending))
+                chunks = sorted((r for r in live if r.phase == FEED and len(r.pending) > 1),
+                                key=lambda r: len(r.pending))
                 for part in buckets(chunks):  # prefill: chunks, in buckets of similar length
                     eng.step(cache, part)
                     compact(live, cache, bar)

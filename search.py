@@ -33,7 +33,7 @@ from tqdm import tqdm
 import tools as T
 
 
-# ----------------------------------------------------------------------------- grounding: a referring expression to a box
+# ----------------------------------------------------------------------------- grounding: an expression to a box
 
 # A grounder is any object with ground(image, expression) -> (x1, y1, x2, y2) | None.
 

@@ -92,7 +92,8 @@ def read_line(line, base_dir):
     try:
         row = json.loads(line)
     except ValueError as e:  # JSONDecodeError or UnicodeDecodeError
-        raise ValueError("not valid UTF-8" if isinstance(e, UnicodeDecodeError) else f"not valid JSON ({e.msg})") from None
+        why = "not valid UTF-8" if isinstance(e, UnicodeDecodeError) else f"not valid JSON ({e.msg})"
+        raise ValueError(why) from None
     need(isinstance(row, dict), "not a JSON object")
     for k in ("id", "images", "messages"):
         need(k in row, f"missing field {k!r}")
@@ -307,7 +308,8 @@ def main(argv=None):
         f"compute {dtype}, attention {model.config._attn_implementation}, "
         f"global batch {G} = micro {micro} x accum {G // (micro * world)} x world {world}, {per_epoch} steps/epoch, "
         f"{total} steps, warmup {warmup}, lr {lr:g}, trainable {sum(p.numel() for p in params) / 1e6:.2f}M"
-        f"{f' (LoRA r={args.lora_rank})' if args.lora_rank else ''}, {'resuming at step %d' % start if resume else 'fresh'}")
+        f"{f' (LoRA r={args.lora_rank})' if args.lora_rank else ''}, "
+        f"{'resuming at step %d' % start if resume else 'fresh'}")
     qfile, qs = Path(args.data).parent / "questions_eval.jsonl", []
     if args.agent_eval_n and qfile.is_file():
         with contextlib.suppress(ValueError):  # no usable question in it
