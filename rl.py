@@ -359,8 +359,8 @@ def main(argv=None):
                       M.reduce([t1 - t0, t2 - t1, t3 - t2, gap, st["grad_norm"] / max(1, st["updates"])], op="max")))
         n, tok, obs = tot["n"], max(tot["tokens"], 1.0), max(tot["obs"], 1.0)
         log(f"step {step + 1:4d} | reward {tot['reward'] / n:.3f} | acc {tot['acc'] / n:.3f} | "
-            f"fmt {tot['fmt'] / n:.2f} | "
-            f"turns {tot['turns'] / n:.2f} | search/q text {tot['text'] / n:.2f} img {tot['img'] / n:.2f} "
+            f"fmt {tot['fmt'] / n:.2f} | turns {tot['turns'] / n:.2f} | "
+            f"search/q text {tot['text'] / n:.2f} img {tot['img'] / n:.2f} "
             f"crop {tot['crop'] / n:.2f} | tool_err {tot['tool_err'] / obs:.2f} | len {tot['gen_tokens'] / n:.0f} | "
             f"zero_adv {tot['zero_adv'] / n:.2f} | too_long {tot['too_long']:.0f} | errors {tot['errors']:.0f} | "
             f"clip {tot['clip_frac'] / tok:.3f} | kl {tot['kl'] / tok:.4f} | ent {tot['entropy'] / tok:.3f} | "
