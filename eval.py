@@ -7,20 +7,13 @@
     python eval.py --judge_url http://127.0.0.1:8000/v1 --judge_model Qwen2.5-72B-Instruct   # LLM judge
     torchrun --standalone --nproc_per_node=4 eval.py --questions bench/infoseek.jsonl     # shards questions
 
-Scoring: `score` is the one scorer (rl.py's rewards call it too). 1.0 when the prediction matches a gold alias
-after normalisation (case, accents, punctuation, articles), or is the gold with at most two extra words and no
-hedge ("or", "not", ...), or both are numbers that agree (rounding, a gold range containing the prediction, a
-narrow predicted range containing the gold (years: at most 5 wide), unit conversions); empty answers score 0.
-A `Judge` (any OpenAI-compatible endpoint, verdicts cached) decides what the rules reject, as the paper does.
-
-Modes, all through `rollout.rollout` (the trained conversation format, token ids never re-tokenized), greedy:
-direct (the paper's direct answer: one turn, no tools), rag (its fixed workflow: a forced whole-image search
-and a forced text search with the question, `RAG_TURNS`, then one answer turn), agent (on-demand search).
-
-Questions: data/questions_eval.jsonl, or the paper's benchmarks converted by benchmarks.py. Outputs (--out):
-metrics.json, table.md (the paper's Table 1 shape, then the search behaviour), trajectories.jsonl and with
---report one self-contained HTML page of every trajectory; --compare: compare.md, compare.json,
-compare_trajectories.jsonl, curves.svg (training curves).
+`score` is the one scorer (rl.py's rewards call it too): 1.0 when the prediction matches a gold alias after
+normalisation, or is the gold plus at most two words and no hedge, or both are numbers that agree (rounding, ranges,
+units); empty answers score 0. A `Judge` (any OpenAI-compatible endpoint, verdicts cached) decides what the rules
+reject, as the paper does. Modes, all through `rollout.rollout`, greedy: direct (one turn, no tools), rag (the paper's
+fixed workflow: forced whole-image and question searches, `RAG_TURNS`, then one answer turn), agent (on-demand search).
+Outputs (--out): metrics.json, table.md (the paper's Table 1 shape, then the search behaviour), trajectories.jsonl,
+with --report one self-contained HTML page; --compare: compare.md, compare.json, compare_trajectories.jsonl, curves.svg.
 """
 import argparse
 import base64
@@ -67,10 +60,8 @@ def get_args(argv=None):
     p.add_argument("--max_turns", type=int, default=6)
     p.add_argument("--max_new_tokens", type=int, default=256, help="per assistant turn")
     p.add_argument("--batch_size", type=int, default=64, help="questions per rollout batch")
-    p.add_argument("--max_pixels", type=int, help="image size cap (default: the checkpoint's, at most 1280x28x28 "
-                   "for real ones)")
-    p.add_argument("--judge_url", help="OpenAI-compatible endpoint of an LLM judge, e.g. http://127.0.0.1:8000/v1 "
-                   "(key from $OPENAI_API_KEY if set); verdicts cached in --out/judge_cache.sqlite")
+    p.add_argument("--max_pixels", type=int, help="image size cap (default: the checkpoint's)")
+    p.add_argument("--judge_url", help="OpenAI-compatible LLM judge endpoint (key: $OPENAI_API_KEY if set)")
     p.add_argument("--judge_model", default="gpt-4o-mini", help="model name sent to the judge endpoint")
     p.add_argument("--out", default=str(HERE / "out" / "eval"), help="folder for the outputs")
     p.add_argument("--report", help="write a self-contained HTML report of every trajectory")
@@ -83,13 +74,10 @@ def get_args(argv=None):
 # ----------------------------------------------------------------------------- scorer
 
 MAX_EXTRA_WORDS = 2  # "the answer is Paris" / "Eiffel Tower, Paris" pass; long answers go to the judge
-# Words that turn "<gold> + a few words" into a hedge, a list or a negation: never a match.
 HEDGE_WORDS = set("or and not no never nor neither either maybe perhaps possibly probably unlikely unknown unsure "
                   "except but than".split())
 RANGE_MAX_WIDTH = 0.25  # a predicted range counts only if narrow: width <= 25% of the gold value
-# ... and for years, at most 5 years wide: the paper's judge accepts "1990-1995" for 1993, while a
-# decade ("1990-2000") says too little (a share of the value means nothing for years)
-YEAR_RANGE_MAX_WIDTH = 5.0
+YEAR_RANGE_MAX_WIDTH = 5.0  # the paper's judge accepts "1990-1995" for 1993, not a decade
 
 
 def normalize_answer(text):
@@ -107,12 +95,8 @@ def normalize_answer(text):
 
 def _text_match(pred_n, gold_n):
     """The gold itself, or the gold among at most MAX_EXTRA_WORDS more words, none of them a hedge."""
-    if not gold_n:
-        return False
     pt, gt = pred_n.split(), gold_n.split()
-    if pt == gt:
-        return True
-    if not 0 < len(pt) - len(gt) <= MAX_EXTRA_WORDS:
+    if not gt or not 0 <= len(pt) - len(gt) <= MAX_EXTRA_WORDS:
         return False
     for i in range(len(pt) - len(gt) + 1):  # the first place the gold's words appear
         if pt[i:i + len(gt)] == gt:
@@ -153,7 +137,6 @@ NUMBER_WORDS = {w: i for i, w in enumerate(
     "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen seventeen "
     "eighteen nineteen twenty".split())}
 NUMBER_WORDS.update(thirty=30, forty=40, fifty=50, sixty=60, seventy=70, eighty=80, ninety=90, dozen=12)
-# Words that may surround a number without making the answer something other than a number.
 NUMBER_FILLER = set("about approximately approx around roughly circa ca c nearly almost some estimated an a the ~ ≈ "
                     "is of".split())
 RANGE_WORDS = {"-", "to", "and", "between", "from"}
@@ -162,9 +145,8 @@ _QTY = re.compile(
     r"(?P<cur>[$€£¥])?\s*(?P<num>" + _NUM + r")"
     r"(?:\s*(?P<scale>hundred|thousand|million|billion|trillion|mln|mn|bn)\b|(?P<k>k)(?![a-z]))?"
     r"(?:\s*(?P<unit>" + "|".join(re.escape(u) for u in sorted(UNITS, key=len, reverse=True)) + r"))?(?![a-z0-9])")
-# A number or a range lo..hi as written, in `unit` (dimension dim; base unit value: (v + offset) x factor).
-# tol_pred: half the resolution the written number stands for (as a prediction it may round the gold);
-# tol_gold: the same, but only for a gold written with decimals.
+# A number or range lo..hi in `unit` (base unit value: (v + offset) x factor). tol_pred: half the resolution the
+# number stands for (a prediction may round the gold); tol_gold: the same, only for a gold written with decimals.
 Quantity = namedtuple("Quantity", "lo hi unit dim factor offset tol_pred tol_gold year")
 
 
@@ -185,8 +167,7 @@ def _parse_one(m):
     else:  # 1,200 stands for "1,200 to the nearest hundred"
         res = 10.0 ** trailing if trailing and sig >= 2 else 1.0
     res *= scale
-    # One significant digit is too coarse to call a rounding: "2 million" is not 1.6 million, "2000"
-    # is not 1990, "3" is not 3.4; "3.4" is 3.42, "12" is 12.3, "1,200" is 1,234.
+    # One significant digit is too coarse to call a rounding: "2 million" is not 1.6 million, "3.4" is 3.42.
     return {"value": float(num.replace(",", "")) * scale, "unit": unit, "scale": scale, "year": year,
             "tol_pred": res / 2 if (frac or sig >= 2) else 0.0, "tol_gold": res / 2 if frac else 0.0}
 
@@ -220,7 +201,7 @@ def parse_quantity(text):
 
 
 def numbers_match(p, g):
-    """Does the predicted quantity p agree with the gold quantity g (see the module docstring)?"""
+    """Does the predicted quantity p agree with the gold quantity g?"""
     if p.dim and g.dim and p.dim != g.dim:
         return False
     both_units = bool(p.unit and g.unit)
@@ -246,24 +227,18 @@ def numbers_match(p, g):
 
 
 def score(pred, answers, question=None, judge=None):
-    """The scorer (eval metrics and rl.py rewards): 1.0 if pred matches a gold alias, else 0.0.
-    pred: the model's answer (None or empty scores 0); answers: the gold aliases; with a `Judge` and the
-    question, an answer the rules reject is judged by the LLM (its verdicts are cached)."""
+    """The scorer (eval metrics and rl.py rewards): 1.0 if pred (None or empty: 0) matches a gold alias, else 0.0.
+    With a `Judge` and the question, an answer the rules reject is judged by the LLM."""
     if pred is None or not str(pred).strip():
         return 0.0
     pred_n, pred_q = normalize_answer(pred), parse_quantity(pred)
     golds = [answers] if isinstance(answers, (str, int, float)) else answers
-    for gold in golds:
-        if gold is None:
-            continue
+    for gold in (g for g in golds if g is not None):
         if _text_match(pred_n, normalize_answer(gold)):
             return 1.0
-        gold_q = parse_quantity(gold) if pred_q is not None else None
-        if gold_q is not None and numbers_match(pred_q, gold_q):
+        if pred_q is not None and (gold_q := parse_quantity(gold)) is not None and numbers_match(pred_q, gold_q):
             return 1.0
-    if judge is None or question is None:
-        return 0.0
-    return 1.0 if judge(question, pred, golds) else 0.0
+    return 1.0 if judge is not None and question is not None and judge(question, pred, golds) else 0.0
 
 
 # ----------------------------------------------------------------------------- LLM judge
@@ -296,8 +271,8 @@ def parse_verdict(reply):
 
 
 class Judge:
-    """An LLM judge behind any OpenAI-compatible endpoint (tools.ChatClient; the key, if any, from the
-    environment variable api_key_env), its verdicts cached by (model, prompt) in tools.SearchCache."""
+    """An LLM judge behind any OpenAI-compatible endpoint (key from $api_key_env, if set), verdicts cached by
+    (model, prompt) in a tools.SearchCache."""
 
     def __init__(self, url, model, cache=None, api_key_env="OPENAI_API_KEY", timeout=60.0, retries=2):
         self.client = tools.ChatClient(url, model, name="judge", api_key_env=api_key_env, timeout=timeout,
@@ -331,16 +306,14 @@ class Judge:
 
 # ----------------------------------------------------------------------------- inference modes
 
-# The paper's fixed RAG workflow as forced assistant turns (whole-image search, then the question as the
-# text query; rollout fills in {question}); rollout runs them with the real tools, then the model answers.
+# The paper's fixed RAG workflow as forced assistant turns (rollout fills in {question}), then the model answers.
 RAG_TURNS = ("<reason>I will search the web with the whole image to identify what it shows.</reason>"
              "<img_search><img></img_search>",
              "<reason>I will search the web with the question.</reason><text_search>{question}</text_search>")
 
 
 def with_budget(tools_, max_calls):
-    """The same tools (backends, cache) with another call budget: a search past it gets an <information>
-    saying no calls are left."""
+    """The same tools (backends, cache) with another call budget."""
     t = copy.copy(tools_)
     t.max_calls = max_calls
     return t
@@ -348,8 +321,7 @@ def with_budget(tools_, max_calls):
 
 def run_mode(mode, model, processor, tools_, questions, max_turns=6, max_new_tokens=256, batch_size=64,
              seed=0, progress=False, dtype=None):
-    """Greedy rollouts of one mode over questions (tools.load_questions rows), batch_size trajectories in
-    flight. Returns one Trajectory per question, in order."""
+    """Greedy rollouts of one mode: one Trajectory per question, in order."""
     kw = dict(group_size=1, max_turns=max_turns, max_new_tokens=max_new_tokens, temperature=0.0, seed=seed,
               batch_size=batch_size, progress=progress, dtype=dtype)
     if mode == "agent":
