@@ -312,29 +312,27 @@ RAG_TURNS = ("<reason>I will search the web with the whole image to identify wha
              "<reason>I will search the web with the question.</reason><text_search>{question}</text_search>")
 
 
-def with_budget(tools_, max_calls):
-    """The same tools (backends, cache) with another call budget."""
-    t = copy.copy(tools_)
-    t.max_calls = max_calls
-    return t
-
-
 def run_mode(mode, model, processor, tools_, questions, max_turns=6, max_new_tokens=256, batch_size=64,
              seed=0, progress=False, dtype=None):
     """Greedy rollouts of one mode: one Trajectory per question, in order."""
+    def with_budget(max_calls):  # the same tools (backends, cache) with another call budget
+        t = copy.copy(tools_)
+        t.max_calls = max_calls
+        return t
+
     kw = dict(group_size=1, max_turns=max_turns, max_new_tokens=max_new_tokens, temperature=0.0, seed=seed,
               batch_size=batch_size, progress=progress, dtype=dtype)
     if mode == "agent":
         return rollout.rollout(model, processor, tools_, questions, **kw)
     if mode == "direct":  # one turn, no search at all (the zero budget is a second guard)
-        return rollout.rollout(model, processor, with_budget(tools_, 0), questions, **dict(kw, max_turns=1))
+        return rollout.rollout(model, processor, with_budget(0), questions, **dict(kw, max_turns=1))
     if mode != "rag":
         raise ValueError(f"unknown mode {mode!r}: use one of {MODES}")
     out = [None] * len(questions)
     for forced in (list(RAG_TURNS), list(RAG_TURNS[1:])):  # with an image, then without (no image search)
         idx = [i for i, q in enumerate(questions) if bool(q.get("image")) == (len(forced) == 2)]
         if idx:  # the workflow's searches are all it gets, then one answer turn
-            trajs = rollout.rollout(model, processor, with_budget(tools_, len(forced)), [questions[i] for i in idx],
+            trajs = rollout.rollout(model, processor, with_budget(len(forced)), [questions[i] for i in idx],
                                     forced_actions=forced, **dict(kw, max_turns=len(forced) + 1))
             for i, tr in zip(idx, trajs):
                 out[i] = tr
@@ -346,7 +344,6 @@ def run_mode(mode, model, processor, tools_, questions, max_turns=6, max_new_tok
 def traj_record(traj, question, bench, mode, s, judged=False, index=None):
     """A Trajectory -> a plain JSON-able record: what metrics, reports and model.gather need."""
     steps = []
-    # the last turn (an answer, or one cut by a budget) has no observation
     for text, a, o in zip(traj.texts, traj.actions, list(traj.observations) + [None] * len(traj.texts)):
         action = {"kind": a.kind, "arg": a.arg, "box": list(a.box) if a.box else None, "whole": a.whole,
                   "reason": a.reason, "error": a.error}
@@ -359,7 +356,6 @@ def traj_record(traj, question, bench, mode, s, judged=False, index=None):
             "image": question.get("image"), "answers": list(question.get("answers", [])),
             "meta": question.get("meta") or {}, "answer": traj.answer, "score": float(s), "judged": bool(judged),
             "finish": traj.finish, "turns": int(traj.turns), "gen_tokens": int(traj.gen_tokens),
-            # searches by kind as tools.State counts them (n_img_search includes the crops)
             "n_text": int(traj.n_text_search), "n_image": int(traj.n_img_search - traj.n_crop),
             "n_crop": int(traj.n_crop), "n_errors": int(traj.n_tool_errors), "steps": steps}
 
@@ -368,8 +364,7 @@ def _calls(r):
     return r["n_text"] + r["n_image"] + r["n_crop"]
 
 
-# The paper's tool-usage analysis (its Fig. 4): which searches a trajectory made. The first five
-# are exclusive; the last (self-reflection: the query refined after a first text search) overlaps them.
+# The paper's tool-usage analysis (its Fig. 4). The first five are exclusive; the last (self-reflection) overlaps.
 USAGE = {"no search": lambda r: _calls(r) == 0,
          "text only": lambda r: r["n_text"] and not r["n_image"] and not r["n_crop"],
          "image only": lambda r: r["n_image"] and not r["n_text"] and not r["n_crop"],
@@ -378,9 +373,8 @@ USAGE = {"no search": lambda r: _calls(r) == 0,
 
 
 def metrics(records, wall_s=0.0):
-    """The one aggregate of records (a benchmark x mode, or a kind group): accuracy, share of questions that
-    searched, searches per question by kind, turns, tokens generated, tool errors, share answered, judged,
-    wall time, the share in each USAGE class, and accuracy by question kind (the synthetic world's)."""
+    """The one aggregate of records (a benchmark x mode, or a kind group): accuracy, search behaviour, turns,
+    tokens, errors, wall time, the share in each USAGE class, and accuracy by question kind."""
     n = len(records)
 
     def mean(f):
@@ -410,7 +404,7 @@ BEHAVIOUR = ["Searched %", "Text/q", "Image/q", "Crop/q", "Turns", "Tokens/q", "
 
 
 def _behaviour(m):
-    """A metrics dict's cells under N, accuracy and BEHAVIOUR (the Markdown and HTML tables)."""
+    """A metrics dict's cells under N, accuracy and BEHAVIOUR."""
     return [m["n"], _pct(m["accuracy"]), _pct(m["searched"])] + [f"{m[k]:.2f}" for k in (
         "text_per_q", "image_per_q", "crop_per_q", "turns")] + [f"{m['gen_tokens']:.1f}", f"{m['tool_errors']:.2f}"]
 
@@ -422,8 +416,8 @@ def _md_table(header, rows, left=1):
 
 
 def markdown_table(results):
-    """results: {bench: {mode: metrics}} -> Markdown: accuracy in the shape of the paper's Table 1 (a row per
-    mode, a column per benchmark, then the average), the search behaviour, accuracy by question kind."""
+    """results: {bench: {mode: metrics}} -> Markdown: accuracy in the paper's Table 1 shape (a row per mode, a
+    column per benchmark, the average), the search behaviour, accuracy by question kind."""
     benches = list(results)
     modes = [m for m in MODES if any(m in results[b] for b in benches)]
     rows = []
@@ -453,8 +447,7 @@ KIND_GROUPS = {"search-free": ("search_free",), "image": ("image",), "image + te
 
 
 def paired_bootstrap(a, b, n=10_000, seed=0):
-    """Mean of b - a over paired per-question scores, and its 95% percentile interval from `n`
-    resamples of the questions (seeded: the same scores give the same interval)."""
+    """Mean of b - a over paired per-question scores, and its 95% interval from `n` seeded resamples."""
     d = np.asarray(b, dtype=float) - np.asarray(a, dtype=float)
     lo, hi = np.percentile(d[np.random.default_rng(seed).integers(0, len(d), size=(n, len(d)))].mean(1), [2.5, 97.5])
     return float(d.mean()), float(lo), float(hi)
@@ -465,10 +458,8 @@ def _words(text):
 
 
 def wasted_calls(r):
-    """(tool calls, wasted calls) of record r. A call is used when its result brought a word (3+
-    letters or digits, any case) that neither the question nor an earlier result held, and a later
-    action wrote it: a query, a crop's expression, the answer (reasoning does not count). A repeated
-    search brings no new word; a failed call none the agent can write; an ignored result is unused."""
+    """(tool calls, wasted calls) of record r. A call is used when its result brought a word (3+ characters)
+    that neither the question nor an earlier result held, and a later action (not its reasoning) wrote it."""
     known, used, steps = _words(r["question"]), 0, r["steps"]
     for i, s in enumerate(steps):
         if s["action"]["kind"] in ("text_search", "img_search") and (o := s.get("obs")) and not o["error"]:
@@ -479,10 +470,8 @@ def wasted_calls(r):
 
 
 def compare_text(rows, records):
-    """rows: [(label, {kind group: metrics})] -> the pipeline's table in Markdown: accuracy % (searches per
-    question) by kind group; the two agent rows paired by question: RL - SFT, and wasted tool calls (the
-    second criterion for RL: as accurate with fewer calls whose results went unused), each with its 95%
-    paired-bootstrap interval; the share of questions in each tool-usage class."""
+    """rows: [(label, {kind group: metrics})] -> the pipeline's Markdown: accuracy (searches per question) by kind
+    group; RL - SFT agent and wasted tool calls, paired by question with bootstrap intervals; tool usage."""
     lines = _md_table(["Method", *(f"{g} (n={rows[0][1][g]['n']})" for g in KIND_GROUPS)],
                       [[label, *(f"{_pct(gm[g]['accuracy'])} ({gm[g]['searches_per_q']:.2f})" for g in KIND_GROUPS)]
                        for label, gm in rows])
@@ -535,8 +524,7 @@ def _esc(x):
 
 
 def _figure(img, alt, caption, max_side=384, min_side=168):
-    """A PIL image inlined as a JPEG data URL (nothing beside the report to fetch), small ones (the synthetic
-    world's 56 px icons) enlarged by a whole factor so that they can be read."""
+    """A PIL image inlined as a JPEG data URL, small ones (56 px icons) enlarged by a whole factor to be read."""
     img = img.convert("RGB")
     if max(img.size) < min_side:
         f = -(-min_side // max(img.size))
@@ -604,9 +592,8 @@ def _record_html(r, open_=False):
 
 
 def write_report(path, records, results=None, svg=None):
-    """One self-contained HTML page at path: svg first (the pipeline's training curves), the summary table,
-    then every trajectory (image with crop boxes, crops, each reasoning step, query and what came back, the
-    answer and its verdict). All model and web text is escaped; images are inlined."""
+    """One self-contained HTML page at path: svg (training curves), the summary table, then every trajectory
+    (image with crop boxes, each step, what came back, the verdict). All text is escaped; images are inlined."""
     body = [f"<h1>{_esc(TITLE)}</h1>"] + ([svg] if svg else [])
     if results:
         body.append("<table><tr>" + "".join(f"<th>{h}</th>" for h in ("Benchmark", "Mode", "N", "Acc %", *BEHAVIOUR))
@@ -634,9 +621,8 @@ CURVE_COLOURS = ("#1f77b4", "#d62728", "#2ca02c")
 
 
 def log_series(path, prefix="step "):
-    """{field: [(step, value)]} from the lines of a run's log.txt that start with `prefix` (sft.py's and
-    rl.py's one line per step, or "eval step "): a field's first number, or for rl.py's
-    "search/q text . img . crop ." the sum (searches per question)."""
+    """{field: [(step, value)]} from a log.txt's lines that start with `prefix`: a field's first number, or for
+    rl.py's "search/q text . img . crop ." the sum."""
     out = defaultdict(list)
     for line in Path(path).read_text().splitlines():
         if line.startswith(prefix):
@@ -649,8 +635,8 @@ def log_series(path, prefix="step "):
 
 
 def curves_svg(panels, width=230, height=170):
-    """panels: [(title, [(label, [(x, y)])], log_y)] -> one SVG image, the panels side by side, each with
-    its own y range (printed at the top and bottom of its axis) and a legend under its title."""
+    """panels: [(title, [(label, [(x, y)])], log_y)] -> one SVG image, the panels side by side, each with its
+    own y range and a legend under its title."""
     pad, parts = 34, []
     for i, (title, series, log_y) in enumerate(panels):
         if log_y:
@@ -686,8 +672,7 @@ def curves_svg(panels, width=230, height=170):
 
 
 def pipeline_curves(sft_dir, rl_dir):
-    """The pipeline's picture: SFT loss and held-out agent accuracy, RL reward, accuracy and searches
-    per question, per step, from the two runs' log.txt (a missing log leaves its panels empty)."""
+    """The pipeline's training curves from the two runs' log.txt (a missing log leaves its panels empty)."""
     def read(d, prefix):
         return log_series(Path(d) / "log.txt", prefix) if (Path(d) / "log.txt").is_file() else {}
     sft, sft_eval, rl = read(sft_dir, "step "), read(sft_dir, "eval step "), read(rl_dir, "step ")
@@ -701,8 +686,7 @@ def pipeline_curves(sft_dir, rl_dir):
 # ----------------------------------------------------------------------------- running
 
 def read_questions(path, limit=0):
-    """The first `limit` (0: all) rows of tools.load_questions (a bad line is skipped with a warning naming
-    path:line); a missing or unusable file exits with a clear message."""
+    """The first `limit` (0: all) rows of tools.load_questions; a missing or unusable file exits."""
     if not Path(path).is_file():
         sys.exit(f"{path}: not found (python make_data.py writes the synthetic questions)")
     try:
@@ -713,16 +697,15 @@ def read_questions(path, limit=0):
 
 
 def bench_name(path, questions):
-    """A benchmark's name: its rows' meta.bench (converted benchmarks), else from the file name:
-    questions_eval.jsonl -> synthetic, questions_hard.jsonl -> synthetic-hard."""
+    """meta.bench of converted benchmarks, else questions_eval.jsonl -> synthetic, questions_hard -> synthetic-hard."""
     bench, stem = questions[0]["meta"].get("bench") if questions else None, Path(path).stem
     return bench or ("synthetic" if stem == "questions_eval" else stem.replace("questions_", "synthetic-"))
 
 
 def evaluate(mode, model, processor, tools_, questions, bench, judge=None, rank=0, world=1,
              max_turns=6, max_new_tokens=256, batch_size=64, seed=0, progress=True, dtype=None):
-    """Run one mode on this rank's share of questions (every world-th, from rank), score it, gather all
-    ranks' records. Returns (records in question order, wall seconds of the slowest rank)."""
+    """Run and score one mode on every world-th question from rank, gather all ranks' records. Returns
+    (records in question order, wall seconds of the slowest rank)."""
     mine = questions[rank::world]
     if rank == 0 and progress:
         print(f"{bench} / {mode}: {len(questions)} questions on {world} rank(s)", file=sys.stderr, flush=True)
@@ -745,15 +728,12 @@ def run(args):
     question_sets = {q: read_questions(q, args.limit) for q in args.questions}  # bad input fails before any work
     ckpt = Path(args.ckpt or M.default_checkpoint(args.data))
     mdl, proc = M.load(ckpt, device=device, log=M.print0, max_pixels=args.max_pixels)
-    tl = search.make_tools(args.data, cache=args.cache, cache_mode=args.cache_mode, **search.search_options(args))
-    judge = make_judge(args)
+    tl, judge, kw = tools_judge_kw(args)
     results, records = {}, []
     for path, qs in question_sets.items():
         bench = bench_name(path, qs)
         for mode in args.modes:
-            recs, wall = evaluate(mode, mdl, proc, tl, qs, bench, judge=judge, rank=rank, world=world,
-                                  max_turns=args.max_turns, max_new_tokens=args.max_new_tokens,
-                                  batch_size=args.batch_size, progress=not args.no_progress)
+            recs, wall = evaluate(mode, mdl, proc, tl, qs, bench, rank=rank, world=world, **kw)
             results.setdefault(bench, {})[mode] = metrics(recs, wall)
             records += recs
     if world > 1:
@@ -774,10 +754,14 @@ def run(args):
     return results
 
 
-def make_judge(args):
-    """The LLM judge of --judge_url, its verdicts cached in --out/judge_cache.sqlite; None: rules only."""
-    return Judge(args.judge_url, args.judge_model, cache=str(Path(args.out) / "judge_cache.sqlite")) \
+def tools_judge_kw(args):
+    """The search tools, the LLM judge of --judge_url (verdicts cached in --out; None: rules only), and
+    evaluate's keywords."""
+    tl = search.make_tools(args.data, cache=args.cache, cache_mode=args.cache_mode, **search.search_options(args))
+    judge = Judge(args.judge_url, args.judge_model, cache=str(Path(args.out) / "judge_cache.sqlite")) \
         if args.judge_url else None
+    return tl, judge, dict(judge=judge, max_turns=args.max_turns, max_new_tokens=args.max_new_tokens,
+                           batch_size=args.batch_size, progress=not args.no_progress)
 
 
 def judge_line(judge):
@@ -786,16 +770,14 @@ def judge_line(judge):
 
 
 def compare(args):
-    """The pipeline's table on the held-out entities: direct answer and the RAG workflow with the SFT
-    model, then the agent with the SFT model and with the SFT+RL model (a missing checkpoint's rows
-    are left out, with a line that says so)."""
+    """The pipeline's table: direct answer and the RAG workflow with the SFT model, then the agent with the SFT
+    and with the SFT+RL model (a missing checkpoint's rows are left out, with a line that says so)."""
     qs = read_questions(args.questions[0], args.limit)
     (sft, rl), rows, loaded, records = args.compare, [], {}, []
     missing = [c for c in (sft, rl) if not (Path(c) / "config.json").is_file()]
     if len(missing) == 2:
         sys.exit(f"eval.py --compare: no checkpoint at {sft} nor at {rl} (a folder with config.json)")
-    tl = search.make_tools(args.data, cache=args.cache, cache_mode=args.cache_mode, **search.search_options(args))
-    judge = make_judge(args)
+    tl, judge, kw = tools_judge_kw(args)
     for label, ckpt, mode in [("Direct answer (SFT model, no search)", sft, "direct"),
                               ("RAG workflow (SFT model: whole-image search, then text search)", sft, "rag"),
                               ("SFT agent (on-demand search)", sft, "agent"),
@@ -805,9 +787,7 @@ def compare(args):
             continue
         if ckpt not in loaded:  # one model in memory at a time
             loaded = {ckpt: M.load(ckpt, log=None)}
-        recs, wall = evaluate(mode, *loaded[ckpt], tl, qs, bench_name(args.questions[0], qs), judge=judge,
-                              max_turns=args.max_turns, max_new_tokens=args.max_new_tokens,
-                              batch_size=args.batch_size, progress=not args.no_progress)
+        recs, wall = evaluate(mode, *loaded[ckpt], tl, qs, bench_name(args.questions[0], qs), **kw)
         records += [dict(r, method=label) for r in recs]
         rows.append((label, {g: metrics([r for r in recs if kinds is None or r["meta"].get("kind") in kinds])
                              for g, kinds in KIND_GROUPS.items()}))
@@ -829,10 +809,7 @@ def compare(args):
 
 def main(argv=None):
     args = get_args(argv)
-    if args.compare:
-        return compare(args)
-    else:
-        return run(args)
+    return compare(args) if args.compare else run(args)
 
 
 if __name__ == "__main__":
