@@ -453,13 +453,12 @@ def paired_bootstrap(a, b, n=10_000, seed=0):
     return float(d.mean()), float(lo), float(hi)
 
 
-def _words(text):
-    return {w for w in search.tokenize(text or "") if len(w) >= 3}
-
-
 def wasted_calls(r):
     """(tool calls, wasted calls) of record r. A call is used when its result brought a word (3+ characters)
     that neither the question nor an earlier result held, and a later action (not its reasoning) wrote it."""
+    def _words(text):
+        return {w for w in search.tokenize(text or "") if len(w) >= 3}
+
     known, used, steps = _words(r["question"]), 0, r["steps"]
     for i, s in enumerate(steps):
         if s["action"]["kind"] in ("text_search", "img_search") and (o := s.get("obs")) and not o["error"]:
