@@ -4,11 +4,9 @@
     python benchmarks.py --help                     # every benchmark's expected layout
     python eval.py --questions bench/infoseek.jsonl # then evaluate on it
 
-One row function per benchmark (LOADERS) turns a source record into a question row; `load` reads the
-sources (JSONL, JSON, CSV, Parquet with pyarrow) and finds each image by file name under --images, or
-writes an embedded one out. A record that cannot be read is skipped, counted and named; a row without
-an image file or without answers is skipped and counted. make_real_data.py reads
-InfoSeek through `load_infoseek`.
+One row function per benchmark (LOADERS) turns a source record (JSONL, JSON, CSV, Parquet) into a question row,
+its image found by file name under --images or written out. A record that cannot be read is skipped, counted and
+named; a row without an image file or without answers is skipped and counted.
 """
 import argparse
 import ast
@@ -30,7 +28,7 @@ IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 
 
 def read_records(path):
-    """Rows of a .jsonl, .json, .csv or .parquet file (parquet needs pyarrow)."""
+    """Rows of a .jsonl, .json, .csv or .parquet file."""
     path, suffix = Path(path), Path(path).suffix.lower()
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not found")
@@ -46,7 +44,7 @@ def read_records(path):
             return list(csv.DictReader(f))
     if suffix not in (".parquet", ".pq"):  # MMSearch-R1 ships mini_data.pq
         raise ValueError(f"{path}: unknown file type {suffix!r} (expected .jsonl, .json, .csv or .parquet / .pq)")
-    try:  # optional: only parquet sources need it
+    try:
         import pyarrow.parquet as pq
     except ImportError:
         raise ValueError(f"{path}: reading parquet needs pyarrow (pip install pyarrow), "
@@ -65,14 +63,12 @@ def _rows(obj):
 
 
 def _text(x):
-    """x as text that can be written as UTF-8: escaped surrogate pairs (an emoji as "\\ud83d\\ude00"
-    read by a Python-literal parser) joined, a lone surrogate replaced."""
+    """x as UTF-8-writable text: surrogate pairs (from a Python-literal parser) joined, lone ones replaced."""
     return str(x).encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
 def _listify(x):
-    """A gold field as a flat list of aliases: lists (nested ones flattened: Dyn-VQA 202410's alias groups
-    [["M3系列"], ["M3", "M3 pro"]]), '[...]' strings (JSON, or Python literals), scalars."""
+    """A gold field as a flat list of aliases: lists (nested ones flattened), '[...]' strings, scalars."""
     if x is None:
         return []
     if isinstance(x, (list, tuple)):
@@ -88,15 +84,15 @@ def _listify(x):
 
 
 def _by_count(answers):
-    """Annotator answers, most frequent first (VQA-style 10-answer lists), and their counts."""
+    """Annotator answers, most frequent first, and their counts."""
     counts = Counter(" ".join(str(a).split()) for a in answers if str(a).strip())
     return [a for a, _ in counts.most_common()], dict(counts)
 
 
 class Images:
-    """A benchmark's image files under root, found by file name, relative path or bare id in any sub-folder
-    (of files sharing a name, the one whose folders match most of the name's own, a relative path or a URL's:
-    Dyn-VQA has four image_1.jpeg, LiveVQA an x1.png per paper); images embedded in rows go to save_dir."""
+    """A benchmark's image files under root, found by file name, relative path or bare id in any sub-folder (of
+    files sharing a name, the one whose folders best match the name's: Dyn-VQA has four image_1.jpeg); images
+    embedded in rows go to save_dir."""
 
     def __init__(self, root=None, save_dir=None):
         self.root, self.save_dir = Path(root) if root else None, Path(save_dir) if save_dir else None
@@ -140,8 +136,7 @@ class Images:
         return path.resolve()
 
     def resolve(self, key, value):
-        """An image field of any shape (file name, URL, path, bytes, {'bytes','path'}, base64, list of
-        those) -> a local file path or None."""
+        """An image field (file name, URL, path, bytes, {'bytes','path'}, base64, a list of those) -> a path or None."""
         if value is None:
             return None
         if isinstance(value, (list, tuple)):
@@ -162,8 +157,7 @@ class Images:
 
 
 def make_row(bench, source_id, question, answers, image, missing=None, needs_search=True, **meta):
-    """One question row of the design's format (aliases as text, deduplicated in order ignoring case);
-    image is an absolute path or None (missing names it)."""
+    """One question row (aliases deduplicated ignoring case); image: an absolute path or None (missing names it)."""
     meta = {"bench": bench, "source_id": str(source_id), **{k: v for k, v in meta.items() if v is not None}}
     if image is None and missing:
         meta["missing_image"] = str(missing)[:100]
@@ -176,8 +170,8 @@ def make_row(bench, source_id, question, answers, image, missing=None, needs_sea
 
 
 # ----------------------------------------------------------------------------- the eight benchmarks
-# A row function per benchmark: (record, its number, source file, Images, a dict for this load) -> a row or a
-# list of rows; its docstring is the layout `convert --help` shows. A reader, where the sources need one.
+# A row function per benchmark: (record, its number, source file, Images, ctx) -> a row or a list of rows; its
+# docstring is the layout --help shows. A reader, where the sources need one, fills ctx.
 
 def infoseek_row(r, i, src, images, ctx):
     """InfoSeek (Chen et al., 2023). --src: infoseek_{val,test,human}.jsonl, {"data_id", "image_id", "question",
@@ -259,8 +253,7 @@ def dynvqa_row(r, i, src, images, ctx):
 
 
 def okvqa_read(srcs, ctx):
-    """The questions, with their annotations in ctx: the given file, or the *annotations*.json of their split
-    beside them (the release ships train2014 and val2014 side by side)."""
+    """The questions, their annotations in ctx: the given file, or the *annotations*.json of their split beside them."""
     loaded = [read_records(s) for s in srcs]
     qfile = next((d for d in loaded if isinstance(d, dict) and "questions" in d), None)
     afile = next((d for d in loaded if isinstance(d, dict) and "annotations" in d), None)
@@ -363,8 +356,7 @@ LOADERS = {"infoseek": (infoseek_row, None), "evqa": (evqa_row, evqa_read), "sim
 
 
 def load(bench, srcs, images):
-    """Rows of bench's source files. A record its row function fails on (a missing field, a wrong type)
-    becomes a {"skipped": why} marker, which convert counts and names: one bad record never ends a conversion."""
+    """Rows of bench's source files; a record its row function fails on becomes a {"skipped": why} marker."""
     row, read = LOADERS[bench]
     ctx, rows = {}, []
     for src, records in (read(srcs, ctx) if read else ((s, _rows(read_records(s))) for s in srcs)):
@@ -382,9 +374,8 @@ def load_infoseek(srcs, images):  # make_real_data.py reads InfoSeek sources wit
 
 
 def convert(bench, srcs, images_dir, out, limit=0, log=print):
-    """Benchmark files -> the design's question JSONL at out (image paths relative to it; embedded images
-    written to <out folder>/images/<bench>/). Rows without an image file or without answers are skipped
-    and counted. Returns the rows written."""
+    """Benchmark files -> question JSONL at out (image paths relative to it; embedded images written to
+    <out folder>/images/<bench>/). Returns the rows written."""
     out = Path(out)
     kept, no_image, no_answer, bad = [], [], 0, []
     for r in load(bench, [Path(s) for s in srcs], Images(images_dir, out.parent / "images" / bench)):

@@ -7,20 +7,13 @@
     python eval.py --judge_url http://127.0.0.1:8000/v1 --judge_model Qwen2.5-72B-Instruct   # LLM judge
     torchrun --standalone --nproc_per_node=4 eval.py --questions bench/infoseek.jsonl     # shards questions
 
-Scoring: `score` is the one scorer (rl.py's rewards call it too). 1.0 when the prediction matches a gold alias
-after normalisation (case, accents, punctuation, articles), or is the gold with at most two extra words and no
-hedge ("or", "not", ...), or both are numbers that agree (rounding, a gold range containing the prediction, a
-narrow predicted range containing the gold (years: at most 5 wide), unit conversions); empty answers score 0.
-A `Judge` (any OpenAI-compatible endpoint, verdicts cached) decides what the rules reject, as the paper does.
-
-Modes, all through `rollout.rollout` (the trained conversation format, token ids never re-tokenized), greedy:
-direct (the paper's direct answer: one turn, no tools), rag (its fixed workflow: a forced whole-image search
-and a forced text search with the question, `RAG_TURNS`, then one answer turn), agent (on-demand search).
-
-Questions: data/questions_eval.jsonl, or the paper's benchmarks converted by benchmarks.py. Outputs (--out):
-metrics.json, table.md (the paper's Table 1 shape, then the search behaviour), trajectories.jsonl and with
---report one self-contained HTML page of every trajectory; --compare: compare.md, compare.json,
-compare_trajectories.jsonl, curves.svg (training curves).
+`score` is the one scorer (rl.py's rewards call it too): 1.0 when the prediction matches a gold alias after
+normalisation, or is the gold plus at most two words and no hedge, or both are numbers that agree (rounding, ranges,
+units); empty answers score 0. A `Judge` (any OpenAI-compatible endpoint, verdicts cached) decides what the rules
+reject, as the paper does. Modes, all through `rollout.rollout`, greedy: direct (one turn, no tools), rag (the paper's
+fixed workflow: forced whole-image and question searches, `RAG_TURNS`, then one answer turn), agent (on-demand search).
+Outputs (--out): metrics.json, table.md (the paper's Table 1 shape, then the search behaviour), trajectories.jsonl,
+with --report one self-contained HTML page; --compare: compare.md, compare.json, compare_trajectories.jsonl, curves.svg.
 """
 import argparse
 import base64
@@ -67,10 +60,8 @@ def get_args(argv=None):
     p.add_argument("--max_turns", type=int, default=6)
     p.add_argument("--max_new_tokens", type=int, default=256, help="per assistant turn")
     p.add_argument("--batch_size", type=int, default=64, help="questions per rollout batch")
-    p.add_argument("--max_pixels", type=int, help="image size cap (default: the checkpoint's, at most 1280x28x28 "
-                   "for real ones)")
-    p.add_argument("--judge_url", help="OpenAI-compatible endpoint of an LLM judge, e.g. http://127.0.0.1:8000/v1 "
-                   "(key from $OPENAI_API_KEY if set); verdicts cached in --out/judge_cache.sqlite")
+    p.add_argument("--max_pixels", type=int, help="image size cap (default: the checkpoint's)")
+    p.add_argument("--judge_url", help="OpenAI-compatible LLM judge endpoint (key: $OPENAI_API_KEY if set)")
     p.add_argument("--judge_model", default="gpt-4o-mini", help="model name sent to the judge endpoint")
     p.add_argument("--out", default=str(HERE / "out" / "eval"), help="folder for the outputs")
     p.add_argument("--report", help="write a self-contained HTML report of every trajectory")
@@ -83,13 +74,10 @@ def get_args(argv=None):
 # ----------------------------------------------------------------------------- scorer
 
 MAX_EXTRA_WORDS = 2  # "the answer is Paris" / "Eiffel Tower, Paris" pass; long answers go to the judge
-# Words that turn "<gold> + a few words" into a hedge, a list or a negation: never a match.
 HEDGE_WORDS = set("or and not no never nor neither either maybe perhaps possibly probably unlikely unknown unsure "
                   "except but than".split())
 RANGE_MAX_WIDTH = 0.25  # a predicted range counts only if narrow: width <= 25% of the gold value
-# ... and for years, at most 5 years wide: the paper's judge accepts "1990-1995" for 1993, while a
-# decade ("1990-2000") says too little (a share of the value means nothing for years)
-YEAR_RANGE_MAX_WIDTH = 5.0
+YEAR_RANGE_MAX_WIDTH = 5.0  # the paper's judge accepts "1990-1995" for 1993, not a decade
 
 
 def normalize_answer(text):
@@ -107,12 +95,8 @@ def normalize_answer(text):
 
 def _text_match(pred_n, gold_n):
     """The gold itself, or the gold among at most MAX_EXTRA_WORDS more words, none of them a hedge."""
-    if not gold_n:
-        return False
     pt, gt = pred_n.split(), gold_n.split()
-    if pt == gt:
-        return True
-    if not 0 < len(pt) - len(gt) <= MAX_EXTRA_WORDS:
+    if not gt or not 0 <= len(pt) - len(gt) <= MAX_EXTRA_WORDS:
         return False
     for i in range(len(pt) - len(gt) + 1):  # the first place the gold's words appear
         if pt[i:i + len(gt)] == gt:
@@ -153,7 +137,6 @@ NUMBER_WORDS = {w: i for i, w in enumerate(
     "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen seventeen "
     "eighteen nineteen twenty".split())}
 NUMBER_WORDS.update(thirty=30, forty=40, fifty=50, sixty=60, seventy=70, eighty=80, ninety=90, dozen=12)
-# Words that may surround a number without making the answer something other than a number.
 NUMBER_FILLER = set("about approximately approx around roughly circa ca c nearly almost some estimated an a the ~ ≈ "
                     "is of".split())
 RANGE_WORDS = {"-", "to", "and", "between", "from"}
@@ -162,9 +145,8 @@ _QTY = re.compile(
     r"(?P<cur>[$€£¥])?\s*(?P<num>" + _NUM + r")"
     r"(?:\s*(?P<scale>hundred|thousand|million|billion|trillion|mln|mn|bn)\b|(?P<k>k)(?![a-z]))?"
     r"(?:\s*(?P<unit>" + "|".join(re.escape(u) for u in sorted(UNITS, key=len, reverse=True)) + r"))?(?![a-z0-9])")
-# A number or a range lo..hi as written, in `unit` (dimension dim; base unit value: (v + offset) x factor).
-# tol_pred: half the resolution the written number stands for (as a prediction it may round the gold);
-# tol_gold: the same, but only for a gold written with decimals.
+# A number or range lo..hi in `unit` (base unit value: (v + offset) x factor). tol_pred: half the resolution the
+# number stands for (a prediction may round the gold); tol_gold: the same, only for a gold written with decimals.
 Quantity = namedtuple("Quantity", "lo hi unit dim factor offset tol_pred tol_gold year")
 
 
@@ -185,8 +167,7 @@ def _parse_one(m):
     else:  # 1,200 stands for "1,200 to the nearest hundred"
         res = 10.0 ** trailing if trailing and sig >= 2 else 1.0
     res *= scale
-    # One significant digit is too coarse to call a rounding: "2 million" is not 1.6 million, "2000"
-    # is not 1990, "3" is not 3.4; "3.4" is 3.42, "12" is 12.3, "1,200" is 1,234.
+    # One significant digit is too coarse to call a rounding: "2 million" is not 1.6 million, "3.4" is 3.42.
     return {"value": float(num.replace(",", "")) * scale, "unit": unit, "scale": scale, "year": year,
             "tol_pred": res / 2 if (frac or sig >= 2) else 0.0, "tol_gold": res / 2 if frac else 0.0}
 
@@ -220,7 +201,7 @@ def parse_quantity(text):
 
 
 def numbers_match(p, g):
-    """Does the predicted quantity p agree with the gold quantity g (see the module docstring)?"""
+    """Does the predicted quantity p agree with the gold quantity g?"""
     if p.dim and g.dim and p.dim != g.dim:
         return False
     both_units = bool(p.unit and g.unit)
@@ -246,24 +227,18 @@ def numbers_match(p, g):
 
 
 def score(pred, answers, question=None, judge=None):
-    """The scorer (eval metrics and rl.py rewards): 1.0 if pred matches a gold alias, else 0.0.
-    pred: the model's answer (None or empty scores 0); answers: the gold aliases; with a `Judge` and the
-    question, an answer the rules reject is judged by the LLM (its verdicts are cached)."""
+    """The scorer (eval metrics and rl.py rewards): 1.0 if pred (None or empty: 0) matches a gold alias, else 0.0.
+    With a `Judge` and the question, an answer the rules reject is judged by the LLM."""
     if pred is None or not str(pred).strip():
         return 0.0
     pred_n, pred_q = normalize_answer(pred), parse_quantity(pred)
     golds = [answers] if isinstance(answers, (str, int, float)) else answers
-    for gold in golds:
-        if gold is None:
-            continue
+    for gold in (g for g in golds if g is not None):
         if _text_match(pred_n, normalize_answer(gold)):
             return 1.0
-        gold_q = parse_quantity(gold) if pred_q is not None else None
-        if gold_q is not None and numbers_match(pred_q, gold_q):
+        if pred_q is not None and (gold_q := parse_quantity(gold)) is not None and numbers_match(pred_q, gold_q):
             return 1.0
-    if judge is None or question is None:
-        return 0.0
-    return 1.0 if judge(question, pred, golds) else 0.0
+    return 1.0 if judge is not None and question is not None and judge(question, pred, golds) else 0.0
 
 
 # ----------------------------------------------------------------------------- LLM judge
@@ -296,8 +271,8 @@ def parse_verdict(reply):
 
 
 class Judge:
-    """An LLM judge behind any OpenAI-compatible endpoint (tools.ChatClient; the key, if any, from the
-    environment variable api_key_env), its verdicts cached by (model, prompt) in tools.SearchCache."""
+    """An LLM judge behind any OpenAI-compatible endpoint (key from $api_key_env, if set), verdicts cached by
+    (model, prompt) in a tools.SearchCache."""
 
     def __init__(self, url, model, cache=None, api_key_env="OPENAI_API_KEY", timeout=60.0, retries=2):
         self.client = tools.ChatClient(url, model, name="judge", api_key_env=api_key_env, timeout=timeout,
@@ -331,38 +306,33 @@ class Judge:
 
 # ----------------------------------------------------------------------------- inference modes
 
-# The paper's fixed RAG workflow as forced assistant turns (whole-image search, then the question as the
-# text query; rollout fills in {question}); rollout runs them with the real tools, then the model answers.
+# The paper's fixed RAG workflow as forced assistant turns (rollout fills in {question}), then the model answers.
 RAG_TURNS = ("<reason>I will search the web with the whole image to identify what it shows.</reason>"
              "<img_search><img></img_search>",
              "<reason>I will search the web with the question.</reason><text_search>{question}</text_search>")
 
 
-def with_budget(tools_, max_calls):
-    """The same tools (backends, cache) with another call budget: a search past it gets an <information>
-    saying no calls are left."""
-    t = copy.copy(tools_)
-    t.max_calls = max_calls
-    return t
-
-
 def run_mode(mode, model, processor, tools_, questions, max_turns=6, max_new_tokens=256, batch_size=64,
              seed=0, progress=False, dtype=None):
-    """Greedy rollouts of one mode over questions (tools.load_questions rows), batch_size trajectories in
-    flight. Returns one Trajectory per question, in order."""
+    """Greedy rollouts of one mode: one Trajectory per question, in order."""
+    def with_budget(max_calls):  # the same tools (backends, cache) with another call budget
+        t = copy.copy(tools_)
+        t.max_calls = max_calls
+        return t
+
     kw = dict(group_size=1, max_turns=max_turns, max_new_tokens=max_new_tokens, temperature=0.0, seed=seed,
               batch_size=batch_size, progress=progress, dtype=dtype)
     if mode == "agent":
         return rollout.rollout(model, processor, tools_, questions, **kw)
     if mode == "direct":  # one turn, no search at all (the zero budget is a second guard)
-        return rollout.rollout(model, processor, with_budget(tools_, 0), questions, **dict(kw, max_turns=1))
+        return rollout.rollout(model, processor, with_budget(0), questions, **dict(kw, max_turns=1))
     if mode != "rag":
         raise ValueError(f"unknown mode {mode!r}: use one of {MODES}")
     out = [None] * len(questions)
     for forced in (list(RAG_TURNS), list(RAG_TURNS[1:])):  # with an image, then without (no image search)
         idx = [i for i, q in enumerate(questions) if bool(q.get("image")) == (len(forced) == 2)]
         if idx:  # the workflow's searches are all it gets, then one answer turn
-            trajs = rollout.rollout(model, processor, with_budget(tools_, len(forced)), [questions[i] for i in idx],
+            trajs = rollout.rollout(model, processor, with_budget(len(forced)), [questions[i] for i in idx],
                                     forced_actions=forced, **dict(kw, max_turns=len(forced) + 1))
             for i, tr in zip(idx, trajs):
                 out[i] = tr
@@ -374,7 +344,6 @@ def run_mode(mode, model, processor, tools_, questions, max_turns=6, max_new_tok
 def traj_record(traj, question, bench, mode, s, judged=False, index=None):
     """A Trajectory -> a plain JSON-able record: what metrics, reports and model.gather need."""
     steps = []
-    # the last turn (an answer, or one cut by a budget) has no observation
     for text, a, o in zip(traj.texts, traj.actions, list(traj.observations) + [None] * len(traj.texts)):
         action = {"kind": a.kind, "arg": a.arg, "box": list(a.box) if a.box else None, "whole": a.whole,
                   "reason": a.reason, "error": a.error}
@@ -387,7 +356,6 @@ def traj_record(traj, question, bench, mode, s, judged=False, index=None):
             "image": question.get("image"), "answers": list(question.get("answers", [])),
             "meta": question.get("meta") or {}, "answer": traj.answer, "score": float(s), "judged": bool(judged),
             "finish": traj.finish, "turns": int(traj.turns), "gen_tokens": int(traj.gen_tokens),
-            # searches by kind as tools.State counts them (n_img_search includes the crops)
             "n_text": int(traj.n_text_search), "n_image": int(traj.n_img_search - traj.n_crop),
             "n_crop": int(traj.n_crop), "n_errors": int(traj.n_tool_errors), "steps": steps}
 
@@ -396,8 +364,7 @@ def _calls(r):
     return r["n_text"] + r["n_image"] + r["n_crop"]
 
 
-# The paper's tool-usage analysis (its Fig. 4): which searches a trajectory made. The first five
-# are exclusive; the last (self-reflection: the query refined after a first text search) overlaps them.
+# The paper's tool-usage analysis (its Fig. 4). The first five are exclusive; the last (self-reflection) overlaps.
 USAGE = {"no search": lambda r: _calls(r) == 0,
          "text only": lambda r: r["n_text"] and not r["n_image"] and not r["n_crop"],
          "image only": lambda r: r["n_image"] and not r["n_text"] and not r["n_crop"],
@@ -406,9 +373,8 @@ USAGE = {"no search": lambda r: _calls(r) == 0,
 
 
 def metrics(records, wall_s=0.0):
-    """The one aggregate of records (a benchmark x mode, or a kind group): accuracy, share of questions that
-    searched, searches per question by kind, turns, tokens generated, tool errors, share answered, judged,
-    wall time, the share in each USAGE class, and accuracy by question kind (the synthetic world's)."""
+    """The one aggregate of records (a benchmark x mode, or a kind group): accuracy, search behaviour, turns,
+    tokens, errors, wall time, the share in each USAGE class, and accuracy by question kind."""
     n = len(records)
 
     def mean(f):
@@ -438,7 +404,7 @@ BEHAVIOUR = ["Searched %", "Text/q", "Image/q", "Crop/q", "Turns", "Tokens/q", "
 
 
 def _behaviour(m):
-    """A metrics dict's cells under N, accuracy and BEHAVIOUR (the Markdown and HTML tables)."""
+    """A metrics dict's cells under N, accuracy and BEHAVIOUR."""
     return [m["n"], _pct(m["accuracy"]), _pct(m["searched"])] + [f"{m[k]:.2f}" for k in (
         "text_per_q", "image_per_q", "crop_per_q", "turns")] + [f"{m['gen_tokens']:.1f}", f"{m['tool_errors']:.2f}"]
 
@@ -450,8 +416,8 @@ def _md_table(header, rows, left=1):
 
 
 def markdown_table(results):
-    """results: {bench: {mode: metrics}} -> Markdown: accuracy in the shape of the paper's Table 1 (a row per
-    mode, a column per benchmark, then the average), the search behaviour, accuracy by question kind."""
+    """results: {bench: {mode: metrics}} -> Markdown: accuracy in the paper's Table 1 shape (a row per mode, a
+    column per benchmark, the average), the search behaviour, accuracy by question kind."""
     benches = list(results)
     modes = [m for m in MODES if any(m in results[b] for b in benches)]
     rows = []
@@ -481,22 +447,18 @@ KIND_GROUPS = {"search-free": ("search_free",), "image": ("image",), "image + te
 
 
 def paired_bootstrap(a, b, n=10_000, seed=0):
-    """Mean of b - a over paired per-question scores, and its 95% percentile interval from `n`
-    resamples of the questions (seeded: the same scores give the same interval)."""
+    """Mean of b - a over paired per-question scores, and its 95% interval from `n` seeded resamples."""
     d = np.asarray(b, dtype=float) - np.asarray(a, dtype=float)
     lo, hi = np.percentile(d[np.random.default_rng(seed).integers(0, len(d), size=(n, len(d)))].mean(1), [2.5, 97.5])
     return float(d.mean()), float(lo), float(hi)
 
 
-def _words(text):
-    return {w for w in search.tokenize(text or "") if len(w) >= 3}
-
-
 def wasted_calls(r):
-    """(tool calls, wasted calls) of record r. A call is used when its result brought a word (3+
-    letters or digits, any case) that neither the question nor an earlier result held, and a later
-    action wrote it: a query, a crop's expression, the answer (reasoning does not count). A repeated
-    search brings no new word; a failed call none the agent can write; an ignored result is unused."""
+    """(tool calls, wasted calls) of record r. A call is used when its result brought a word (3+ characters)
+    that neither the question nor an earlier result held, and a later action (not its reasoning) wrote it."""
+    def _words(text):
+        return {w for w in search.tokenize(text or "") if len(w) >= 3}
+
     known, used, steps = _words(r["question"]), 0, r["steps"]
     for i, s in enumerate(steps):
         if s["action"]["kind"] in ("text_search", "img_search") and (o := s.get("obs")) and not o["error"]:
@@ -507,10 +469,8 @@ def wasted_calls(r):
 
 
 def compare_text(rows, records):
-    """rows: [(label, {kind group: metrics})] -> the pipeline's table in Markdown: accuracy % (searches per
-    question) by kind group; the two agent rows paired by question: RL - SFT, and wasted tool calls (the
-    second criterion for RL: as accurate with fewer calls whose results went unused), each with its 95%
-    paired-bootstrap interval; the share of questions in each tool-usage class."""
+    """rows: [(label, {kind group: metrics})] -> the pipeline's Markdown: accuracy (searches per question) by kind
+    group; RL - SFT agent and wasted tool calls, paired by question with bootstrap intervals; tool usage."""
     lines = _md_table(["Method", *(f"{g} (n={rows[0][1][g]['n']})" for g in KIND_GROUPS)],
                       [[label, *(f"{_pct(gm[g]['accuracy'])} ({gm[g]['searches_per_q']:.2f})" for g in KIND_GROUPS)]
                        for label, gm in rows])
@@ -563,8 +523,7 @@ def _esc(x):
 
 
 def _figure(img, alt, caption, max_side=384, min_side=168):
-    """A PIL image inlined as a JPEG data URL (nothing beside the report to fetch), small ones (the synthetic
-    world's 56 px icons) enlarged by a whole factor so that they can be read."""
+    """A PIL image inlined as a JPEG data URL, small ones (56 px icons) enlarged by a whole factor to be read."""
     img = img.convert("RGB")
     if max(img.size) < min_side:
         f = -(-min_side // max(img.size))
@@ -632,9 +591,8 @@ def _record_html(r, open_=False):
 
 
 def write_report(path, records, results=None, svg=None):
-    """One self-contained HTML page at path: svg first (the pipeline's training curves), the summary table,
-    then every trajectory (image with crop boxes, crops, each reasoning step, query and what came back, the
-    answer and its verdict). All model and web text is escaped; images are inlined."""
+    """One self-contained HTML page at path: svg (training curves), the summary table, then every trajectory
+    (image with crop boxes, each step, what came back, the verdict). All text is escaped; images are inlined."""
     body = [f"<h1>{_esc(TITLE)}</h1>"] + ([svg] if svg else [])
     if results:
         body.append("<table><tr>" + "".join(f"<th>{h}</th>" for h in ("Benchmark", "Mode", "N", "Acc %", *BEHAVIOUR))
@@ -662,9 +620,8 @@ CURVE_COLOURS = ("#1f77b4", "#d62728", "#2ca02c")
 
 
 def log_series(path, prefix="step "):
-    """{field: [(step, value)]} from the lines of a run's log.txt that start with `prefix` (sft.py's and
-    rl.py's one line per step, or "eval step "): a field's first number, or for rl.py's
-    "search/q text . img . crop ." the sum (searches per question)."""
+    """{field: [(step, value)]} from a log.txt's lines that start with `prefix`: a field's first number, or for
+    rl.py's "search/q text . img . crop ." the sum."""
     out = defaultdict(list)
     for line in Path(path).read_text().splitlines():
         if line.startswith(prefix):
@@ -677,8 +634,8 @@ def log_series(path, prefix="step "):
 
 
 def curves_svg(panels, width=230, height=170):
-    """panels: [(title, [(label, [(x, y)])], log_y)] -> one SVG image, the panels side by side, each with
-    its own y range (printed at the top and bottom of its axis) and a legend under its title."""
+    """panels: [(title, [(label, [(x, y)])], log_y)] -> one SVG image, the panels side by side, each with its
+    own y range and a legend under its title."""
     pad, parts = 34, []
     for i, (title, series, log_y) in enumerate(panels):
         if log_y:
@@ -714,8 +671,7 @@ def curves_svg(panels, width=230, height=170):
 
 
 def pipeline_curves(sft_dir, rl_dir):
-    """The pipeline's picture: SFT loss and held-out agent accuracy, RL reward, accuracy and searches
-    per question, per step, from the two runs' log.txt (a missing log leaves its panels empty)."""
+    """The pipeline's training curves from the two runs' log.txt (a missing log leaves its panels empty)."""
     def read(d, prefix):
         return log_series(Path(d) / "log.txt", prefix) if (Path(d) / "log.txt").is_file() else {}
     sft, sft_eval, rl = read(sft_dir, "step "), read(sft_dir, "eval step "), read(rl_dir, "step ")
@@ -729,8 +685,7 @@ def pipeline_curves(sft_dir, rl_dir):
 # ----------------------------------------------------------------------------- running
 
 def read_questions(path, limit=0):
-    """The first `limit` (0: all) rows of tools.load_questions (a bad line is skipped with a warning naming
-    path:line); a missing or unusable file exits with a clear message."""
+    """The first `limit` (0: all) rows of tools.load_questions; a missing or unusable file exits."""
     if not Path(path).is_file():
         sys.exit(f"{path}: not found (python make_data.py writes the synthetic questions)")
     try:
@@ -741,16 +696,15 @@ def read_questions(path, limit=0):
 
 
 def bench_name(path, questions):
-    """A benchmark's name: its rows' meta.bench (converted benchmarks), else from the file name:
-    questions_eval.jsonl -> synthetic, questions_hard.jsonl -> synthetic-hard."""
+    """meta.bench of converted benchmarks, else questions_eval.jsonl -> synthetic, questions_hard -> synthetic-hard."""
     bench, stem = questions[0]["meta"].get("bench") if questions else None, Path(path).stem
     return bench or ("synthetic" if stem == "questions_eval" else stem.replace("questions_", "synthetic-"))
 
 
 def evaluate(mode, model, processor, tools_, questions, bench, judge=None, rank=0, world=1,
              max_turns=6, max_new_tokens=256, batch_size=64, seed=0, progress=True, dtype=None):
-    """Run one mode on this rank's share of questions (every world-th, from rank), score it, gather all
-    ranks' records. Returns (records in question order, wall seconds of the slowest rank)."""
+    """Run and score one mode on every world-th question from rank, gather all ranks' records. Returns
+    (records in question order, wall seconds of the slowest rank)."""
     mine = questions[rank::world]
     if rank == 0 and progress:
         print(f"{bench} / {mode}: {len(questions)} questions on {world} rank(s)", file=sys.stderr, flush=True)
@@ -773,15 +727,12 @@ def run(args):
     question_sets = {q: read_questions(q, args.limit) for q in args.questions}  # bad input fails before any work
     ckpt = Path(args.ckpt or M.default_checkpoint(args.data))
     mdl, proc = M.load(ckpt, device=device, log=M.print0, max_pixels=args.max_pixels)
-    tl = search.make_tools(args.data, cache=args.cache, cache_mode=args.cache_mode, **search.search_options(args))
-    judge = make_judge(args)
+    tl, judge, kw = tools_judge_kw(args)
     results, records = {}, []
     for path, qs in question_sets.items():
         bench = bench_name(path, qs)
         for mode in args.modes:
-            recs, wall = evaluate(mode, mdl, proc, tl, qs, bench, judge=judge, rank=rank, world=world,
-                                  max_turns=args.max_turns, max_new_tokens=args.max_new_tokens,
-                                  batch_size=args.batch_size, progress=not args.no_progress)
+            recs, wall = evaluate(mode, mdl, proc, tl, qs, bench, rank=rank, world=world, **kw)
             results.setdefault(bench, {})[mode] = metrics(recs, wall)
             records += recs
     if world > 1:
@@ -802,10 +753,14 @@ def run(args):
     return results
 
 
-def make_judge(args):
-    """The LLM judge of --judge_url, its verdicts cached in --out/judge_cache.sqlite; None: rules only."""
-    return Judge(args.judge_url, args.judge_model, cache=str(Path(args.out) / "judge_cache.sqlite")) \
+def tools_judge_kw(args):
+    """The search tools, the LLM judge of --judge_url (verdicts cached in --out; None: rules only), and
+    evaluate's keywords."""
+    tl = search.make_tools(args.data, cache=args.cache, cache_mode=args.cache_mode, **search.search_options(args))
+    judge = Judge(args.judge_url, args.judge_model, cache=str(Path(args.out) / "judge_cache.sqlite")) \
         if args.judge_url else None
+    return tl, judge, dict(judge=judge, max_turns=args.max_turns, max_new_tokens=args.max_new_tokens,
+                           batch_size=args.batch_size, progress=not args.no_progress)
 
 
 def judge_line(judge):
@@ -814,16 +769,14 @@ def judge_line(judge):
 
 
 def compare(args):
-    """The pipeline's table on the held-out entities: direct answer and the RAG workflow with the SFT
-    model, then the agent with the SFT model and with the SFT+RL model (a missing checkpoint's rows
-    are left out, with a line that says so)."""
+    """The pipeline's table: direct answer and the RAG workflow with the SFT model, then the agent with the SFT
+    and with the SFT+RL model (a missing checkpoint's rows are left out, with a line that says so)."""
     qs = read_questions(args.questions[0], args.limit)
     (sft, rl), rows, loaded, records = args.compare, [], {}, []
     missing = [c for c in (sft, rl) if not (Path(c) / "config.json").is_file()]
     if len(missing) == 2:
         sys.exit(f"eval.py --compare: no checkpoint at {sft} nor at {rl} (a folder with config.json)")
-    tl = search.make_tools(args.data, cache=args.cache, cache_mode=args.cache_mode, **search.search_options(args))
-    judge = make_judge(args)
+    tl, judge, kw = tools_judge_kw(args)
     for label, ckpt, mode in [("Direct answer (SFT model, no search)", sft, "direct"),
                               ("RAG workflow (SFT model: whole-image search, then text search)", sft, "rag"),
                               ("SFT agent (on-demand search)", sft, "agent"),
@@ -833,9 +786,7 @@ def compare(args):
             continue
         if ckpt not in loaded:  # one model in memory at a time
             loaded = {ckpt: M.load(ckpt, log=None)}
-        recs, wall = evaluate(mode, *loaded[ckpt], tl, qs, bench_name(args.questions[0], qs), judge=judge,
-                              max_turns=args.max_turns, max_new_tokens=args.max_new_tokens,
-                              batch_size=args.batch_size, progress=not args.no_progress)
+        recs, wall = evaluate(mode, *loaded[ckpt], tl, qs, bench_name(args.questions[0], qs), **kw)
         records += [dict(r, method=label) for r in recs]
         rows.append((label, {g: metrics([r for r in recs if kinds is None or r["meta"].get("kind") in kinds])
                              for g, kinds in KIND_GROUPS.items()}))
@@ -857,10 +808,7 @@ def compare(args):
 
 def main(argv=None):
     args = get_args(argv)
-    if args.compare:
-        return compare(args)
-    else:
-        return run(args)
+    return compare(args) if args.compare else run(args)
 
 
 if __name__ == "__main__":
