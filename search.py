@@ -730,10 +730,8 @@ def add_search_args(parser):
     """The search flags that eval.py, rl.py and make_real_data.py share; search_options(args) reads them."""
     g = parser.add_argument_group("search")
     g.add_argument("--backend", default="local", choices=BACKENDS, help="search backend (see search.make_tools)")
-    g.add_argument("--server_url", help="backend http: a `python serve.py` address; backend searchr1: a "
-                   "Search-R1 /retrieve address")
-    g.add_argument("--lens_upload_url", help="backend serpapi: an endpoint of yours that takes a POSTed PNG and "
-                   "answers its public URL, for Google Lens (search.upload_to)")
+    g.add_argument("--server_url", help="http: a `python serve.py` address; searchr1: a Search-R1 /retrieve address")
+    g.add_argument("--lens_upload_url", help="serpapi: an endpoint taking a POSTed PNG, answering its public URL")
     g.add_argument("--text_index", help="a `python search.py index` folder (e5 / BGE) for text search")
     g.add_argument("--image_index", help="a `python search.py index` folder (CLIP / SigLIP) for image search")
 
