@@ -127,8 +127,11 @@ class SceneGrounder:
 
 # ----------------------------------------------------------------------------- text search: BM25
 
+_WORD = re.compile(r"\w+")
+
+
 def tokenize(text):
-    return re.findall(r"\w+", text.lower())
+    return _WORD.findall(text.lower())
 
 
 def top_k(scores, k):

@@ -241,8 +241,7 @@ def _close_drained(sock):
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="Serve data/corpus.jsonl and data/image_index.jsonl (or dense indexes) "
-                                "over HTTP.")
+    p = argparse.ArgumentParser(description="Serve corpus.jsonl and image_index.jsonl (or dense indexes) over HTTP.")
     p.add_argument("--data", default="data", help="folder with corpus.jsonl and/or image_index.jsonl")
     p.add_argument("--text_index", help="a `search.py index` folder to serve for text search instead of BM25")
     p.add_argument("--image_index", help="a `search.py index` folder to serve for image search instead")
