@@ -218,26 +218,23 @@ class SearchServer(ThreadingHTTPServer):
         for sock in late:
             with contextlib.suppress(OSError):  # its handler may have closed it meanwhile
                 sock.shutdown(socket.SHUT_RDWR)
-        done = [sock for end, sock in self._lingering if end <= now]
-        self._lingering = [(end, sock) for end, sock in self._lingering if end > now]
-        for sock in done:
-            _close_drained(sock)
+        self._close_lingering(now)
 
     def server_close(self):
         super().server_close()
-        for _, sock in self._lingering:
-            _close_drained(sock)
-        self._lingering = []
+        self._close_lingering(float("inf"))
 
-
-def _close_drained(sock):
-    """Close a non-blocking socket after reading what the client sent (unread bytes make the close a reset);
-    at most 16 reads, so that a client still uploading cannot hold the loop."""
-    with contextlib.suppress(OSError):
-        for _ in range(16):
-            if not sock.recv(S._READ_CHUNK):
-                break
-    sock.close()
+    def _close_lingering(self, now):
+        """Close the refused connections due by `now`, after reading what the client sent (unread bytes make
+        the close a reset); at most 16 reads each, so that a client still uploading cannot hold the loop."""
+        done = [sock for end, sock in self._lingering if end <= now]
+        self._lingering = [(end, sock) for end, sock in self._lingering if end > now]
+        for sock in done:
+            with contextlib.suppress(OSError):
+                for _ in range(16):
+                    if not sock.recv(S._READ_CHUNK):
+                        break
+            sock.close()
 
 
 def get_args(argv=None):
