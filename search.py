@@ -41,7 +41,7 @@ class GroundingDinoGrounder:
     """GroundingDINO from a local folder (e.g. IDEA-Research/grounding-dino-tiny), on the CPU."""
 
     def __init__(self, model_dir, box_threshold=0.3, text_threshold=0.25):
-        import torch  # optional heavy dependencies, imported when built: search.py stays torch-free
+        import torch  # imported when built: search.py stays torch-free
         from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
 
         if not os.path.isdir(model_dir):
@@ -69,11 +69,10 @@ ORDINAL_WORDS = ("first", "second", "third", "fourth", "fifth", "sixth", "sevent
 
 
 class SceneGrounder:
-    """The offline world's GroundingDINO, from the pixels of separate objects on a plain background.
-    Objects are the runs of foreground columns. "the third object from the left" (or "right") picks
-    by position; "the square" picks the one object whose silhouette is nearest (cosine) to the mean
-    silhouette of the `examples` ({name: [PIL images]}) of that name. Returns its box padded by 2
-    pixels, or None when the expression names nothing there."""
+    """The offline world's GroundingDINO: objects are the runs of foreground columns on a plain background.
+    "the third object from the left" (or "right") picks by position; "the square" the one object whose
+    silhouette is nearest (cosine) to the mean silhouette of the `examples` ({name: [PIL images]}) so named.
+    Returns its box padded by 2 pixels, or None when the expression names nothing there."""
 
     def __init__(self, examples):
         if not examples:
@@ -85,8 +84,7 @@ class SceneGrounder:
 
     @classmethod
     def from_entities(cls, path):
-        """From make_data.py's entities.jsonl: the icons of the training entities, labelled by their
-        category (the grounder learns nothing about held-out ones)."""
+        """From make_data.py's entities.jsonl: the training entities' icons, labelled by category."""
         examples, base = {}, os.path.dirname(os.path.abspath(path))
         for row in T.read_jsonl(path, required=("image", "category")):
             if row.get("split") == "train":
@@ -137,18 +135,16 @@ def tokenize(text):
 
 
 def top_k(scores, k):
-    """Indices of the k best scores, best first; ties go to the earlier index. Only the candidates
-    at or above the k-th best score are sorted."""
+    """Indices of the k best scores, best first; ties go to the earlier index."""
     keep = np.arange(len(scores))
-    if len(scores) > k:
+    if len(scores) > k:  # sort only the candidates at or above the k-th best score
         keep = np.flatnonzero(scores >= np.partition(scores, len(scores) - k)[len(scores) - k])
     return keep[np.lexsort((keep, -scores[keep]))][:k]
 
 
 class BM25Index:
-    """Okapi BM25 over {"id","title","text","url"} rows, as an inverted index: flat postings sorted by
-    term, `indptr[t]:indptr[t+1]` being term t's slice of `post_docs` (documents) and `post_weights`
-    (its BM25 score in each). A query touches only the postings of its own terms."""
+    """Okapi BM25 over {"id","title","text","url"} rows as an inverted index: `indptr[t]:indptr[t+1]` is
+    term t's slice of `post_docs` (documents) and `post_weights` (its BM25 score in each)."""
 
     name = "local"
 
@@ -163,8 +159,7 @@ class BM25Index:
         # Term ids in order of first appearance; the C-level map() keeps six million tokens fast.
         self.vocab = {t: i for i, t in enumerate(dict.fromkeys(everything(tokens)))}
         terms = np.fromiter(map(self.vocab.__getitem__, everything(tokens)), dtype=np.int64, count=self.n_tokens)
-        # One sort gives everything: the (term, doc) pairs, packed into one integer, come out unique,
-        # in term-major order, with their counts (term frequencies).
+        # One sort of the (term, doc) pairs packed into one integer: unique, term-major, with their counts (tf).
         width = max(n, 1)
         pairs, tf = np.unique(terms * width + np.repeat(np.arange(n, dtype=np.int64), lengths), return_counts=True)
         post_terms, self.post_docs = pairs // width, (pairs % width).astype(np.int32)
@@ -179,14 +174,14 @@ class BM25Index:
         return cls(T.read_jsonl(path, required=("id", "text")))
 
     def search(self, query, k=3):
-        """Top-k documents: dicts {id, title, text, url, score}; ties go to the earlier document."""
+        """Top-k documents with a "score"; ties go to the earlier document."""
         terms = sorted({self.vocab[t] for t in tokenize(query) if t in self.vocab})
         if not terms or k <= 0:
             return []
         spans = [slice(self.indptr[t], self.indptr[t + 1]) for t in terms]
         docs = np.concatenate([self.post_docs[s] for s in spans])
         weights = np.concatenate([self.post_weights[s] for s in spans])
-        if len(spans) > 1:  # a stable sort (timsort) of sorted runs is a merge: O(P log terms)
+        if len(spans) > 1:  # timsort of sorted runs is a merge
             order = np.argsort(docs, kind="stable")
             docs, weights = docs[order], weights[order]
         starts = np.flatnonzero(np.concatenate([[True], docs[1:] != docs[:-1]]))  # each document's run
@@ -203,9 +198,8 @@ SHAPE_GRID = 8  # foreground occupancy on an 8x8 grid
 
 
 def _foreground(pixels):
-    """Mask of the uint8 RGB pixels farther than FG_THRESHOLD, in some channel, from the background
-    (the median border pixel); all of them when fewer than 4 are (a blank image is described whole).
-    Compared on the uint8 pixels: a signed or float copy of 16 M pixels would take 0.1 to 0.4 GB."""
+    """Mask of the pixels farther than FG_THRESHOLD, in some channel, from the background (the median
+    border pixel); all of them when fewer than 4 are. Compared in uint8: a float copy of 16 M pixels is GBs."""
     background = np.median(np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]]), axis=0)
     fg = np.zeros(pixels.shape[:2], dtype=bool)
     for c in range(3):  # |p - b| > T is p > b + T or p < b - T
@@ -216,9 +210,8 @@ def _foreground(pixels):
 
 
 def _outline(fg):
-    """Signed occupancy (-0.5 empty .. +0.5 full) of a mask cut to its bounding box, on a SHAPE_GRID
-    grid, as a unit vector: the silhouette, whatever its colours (empty cells counting against full
-    ones tell a circle from a square far better than two mostly-full grids would)."""
+    """Signed occupancy (-0.5 empty .. +0.5 full) of a mask cut to its box, on a SHAPE_GRID grid, as a unit
+    vector: the silhouette (empty cells counting against full ones tell a circle from a square)."""
     rows, cols = np.flatnonzero(fg.any(axis=1)), np.flatnonzero(fg.any(axis=0))
     fg = fg[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
     occupancy = Image.fromarray(fg.astype(np.uint8) * 255).resize((SHAPE_GRID, SHAPE_GRID), Image.BOX)
@@ -227,12 +220,10 @@ def _outline(fg):
 
 
 def image_descriptor(image):
-    """A unit vector describing an icon-like image (cosine compares two): the image cut to the box of
-    its foreground, then three blocks of equal weight: a 64-bin colour histogram (an entity is its
-    colours), one per quadrant (where its marks sit), and its outline; histograms square-rooted
-    (Hellinger: one big bin cannot dominate). A crop, a small shift or a rescale changes only what the
-    box and the normalisation remove; a scene of several icons matches each poorly: cropping pays."""
-    pixels = np.asarray(T._rgb(image))  # uint8: every array the size of the image stays 1-2 bytes a pixel
+    """A unit vector describing an icon-like image (cosine compares two), cut to its foreground's box:
+    three blocks of equal weight, a 64-bin colour histogram, one per quadrant, and the outline; histograms
+    square-rooted (Hellinger). Robust to a crop, shift or rescale; a scene of several icons matches each poorly."""
+    pixels = np.asarray(T._rgb(image))  # uint8: arrays the size of the image stay 1-2 bytes a pixel
     fg = _foreground(pixels)
     rows, cols = np.flatnonzero(fg.any(axis=1)), np.flatnonzero(fg.any(axis=0))
     box = np.s_[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
@@ -250,8 +241,7 @@ def image_descriptor(image):
 
 
 class LocalImageIndex:
-    """Nearest neighbours (cosine over image_descriptor) over {"id","image","title","text","url"}
-    rows; "image" paths are relative to `base_dir`."""
+    """Nearest neighbours (cosine of image_descriptor) over {"id","image","title","text","url"} rows."""
 
     name = "local"
 
@@ -273,7 +263,7 @@ class LocalImageIndex:
         return cls(T.read_jsonl(path, required=("id", "image")), base_dir=os.path.dirname(os.path.abspath(path)))
 
     def search(self, image, k=3):
-        """Top-k rows: dicts {id, title, text, url, image, score}; ties go to the earlier row."""
+        """Top-k rows with a "score"; ties go to the earlier row."""
         if not self.rows or k <= 0:
             return []
         scores = self.matrix @ image_descriptor(image)
@@ -306,13 +296,12 @@ def _save(path, write):
 
 
 class Encoder:
-    """Unit-length float32 embeddings from a local transformers checkpoint. A dual encoder (CLIP,
-    SigLIP) embeds images and texts into one space, so text can search images too; any other (e5,
-    BGE) embeds texts, pooled by `pooling` ("mean" or "cls"; by default what the sentence-transformers
-    folder's 1_Pooling/config.json says, else "mean")."""
+    """Unit float32 embeddings from a local checkpoint. A dual encoder (CLIP, SigLIP) embeds images and texts
+    into one space; any other (e5, BGE) embeds texts, pooled by `pooling` ("mean" or "cls"; by default what a
+    sentence-transformers folder's 1_Pooling/config.json says, else "mean")."""
 
     def __init__(self, model_dir, pooling=None):
-        import torch  # optional heavy dependencies, as for the grounder
+        import torch  # imported when built, as for the grounder
         import transformers
 
         if not os.path.isfile(os.path.join(model_dir, "config.json")):
@@ -360,8 +349,8 @@ class Encoder:
 
 
 def index_rows(source):
-    """(rows, base_dir) to index. A folder: its images, recursively, sorted, id the relative path and
-    title the file name. A JSONL: image-index rows, or corpus rows when the first row has no "image"."""
+    """(rows, base_dir). A folder: its images, recursively, sorted, id the relative path, title the file name.
+    A JSONL: image-index rows, or corpus rows when the first row has no "image"."""
     if os.path.isdir(source):
         base = os.path.abspath(source)
         paths = sorted(os.path.relpath(os.path.join(folder, name), base) for folder, _, names in os.walk(base)
@@ -378,8 +367,7 @@ def index_rows(source):
 
 
 def _embed_rows(encoder, rows, kind, base_dir, prefix, batch_size):
-    """(len(rows), D) float32; NaN for an image that cannot be read, which is warned about and left out
-    of the index (a corrupt or huge file must not end a build of hours)."""
+    """(len(rows), D) float32; NaN rows for unreadable images, warned about (a corrupt file must not end a build)."""
     out = []
     for start in range(0, len(rows), batch_size):
         batch = rows[start : start + batch_size]
@@ -404,10 +392,9 @@ def _embed_rows(encoder, rows, kind, base_dir, prefix, batch_size):
 
 def build_index(source, encoder_dir, out, *, batch_size=32, query_prefix="", passage_prefix="", part_size=INDEX_PART,
                 progress=True):
-    """Embed `source` (see index_rows) into the folder `out`: rows.jsonl, embeddings.npy (N, D) float32
-    of unit rows, and index.json, written last (its presence means complete). Resumable: each
-    `part_size` rows are saved atomically under out/parts/, and the same command run again goes on
-    from the last saved part. Returns index.json's contents."""
+    """Embed `source` (see index_rows) into the folder `out`: rows.jsonl, embeddings.npy (N, D) of unit rows,
+    and index.json, written last. Resumable: each `part_size` rows are saved under out/parts/, and the same
+    command run again goes on from there. Returns index.json's contents."""
     rows, base_dir = index_rows(source)
     if not rows:
         raise ValueError(f"{source}: nothing to index")
@@ -451,8 +438,7 @@ def build_index(source, encoder_dir, out, *, batch_size=32, query_prefix="", pas
 
 
 class DenseIndex:
-    """Cosine top-k over a folder written by build_index. Queries are PIL images, or strings for any
-    index whose encoder has a text tower (over an image index: text-to-image search)."""
+    """Cosine top-k over a build_index folder, for PIL images or strings (over an image index: text-to-image)."""
 
     def __init__(self, folder):
         meta_path = os.path.join(folder, "index.json")
@@ -473,8 +459,7 @@ class DenseIndex:
         self.lock = threading.Lock()  # one encoder forward at a time when the server's threads share it
 
     def search(self, query, k=3):
-        """The rows' {id, title, text, url[, image]} and a score, best first. Which of the rows tied at the
-        k-th score make the cut is argpartition's choice; among those kept, ties go to the earlier row."""
+        """Rows with a "score", best first; argpartition picks among ties at the k-th score, then earlier first."""
         if not self.rows or k <= 0:
             return []
         with self.lock:
@@ -494,12 +479,10 @@ _READ_CHUNK = 64 << 10
 
 def _request_json(method, url, *, params=None, payload=None, timeout=10.0, retries=2, backoff=0.5, secret=None,
                   deadline=None, max_bytes=MAX_RESPONSE_BYTES):
-    """One JSON request, or SearchError with a short message (never requests' own texts: they hold the
-    URL, and so a key sent as a query parameter). Timeouts, connection errors, HTTP 429 and 5xx are
-    retried with exponential backoff, a 429 or 503 with Retry-After after the time it asks (failed at
-    once when that is past the deadline); other statuses fail at once. timeout: per connection
-    attempt and per read; deadline: the whole call, every try, sleep and byte included (by default
-    what the tries and sleeps could take); max_bytes: the most bytes of body read."""
+    """One JSON request, or SearchError with a short message (never requests' texts: they hold the URL, and
+    so a key). Timeouts, connection errors, 429 and 5xx are retried with exponential backoff, or after a
+    429's or 503's Retry-After (failed at once when past the deadline). timeout: per attempt and per read;
+    deadline: the whole call (by default what the tries and sleeps could take); max_bytes: of the body."""
     if deadline is None:
         deadline = timeout * (retries + 1) + sum(backoff * 2**i for i in range(retries))
     end = time.monotonic() + deadline
@@ -545,10 +528,8 @@ def _request_json(method, url, *, params=None, payload=None, timeout=10.0, retri
 
 
 def _read_body(response, end, deadline, max_bytes, timeout):
-    """The body of a streamed response, read before time.monotonic() passes `end` and no longer than
-    max_bytes, else SearchError. read1 returns what one read of the socket brings (read(n) waits for
-    n bytes, which a trickling server sends past any deadline), and before each read the socket's
-    timeout is cut to the time left."""
+    """The body of a streamed response, read by time.monotonic() `end` and within max_bytes, else SearchError.
+    read1, not read(n), which waits for n bytes that a trickling server sends past any deadline."""
     declared = response.headers.get("Content-Length", "")
     if declared.isdigit() and int(declared) > max_bytes:
         raise T.SearchError(f"response larger than {max_bytes} bytes")
@@ -573,8 +554,8 @@ def _read_body(response, end, deadline, max_bytes, timeout):
 
 
 class HttpSearch:
-    """Client of `python serve.py`, for a text query or an image: POST {url}/text {"query", "k"}
-    or {url}/image {"image": base64 PNG, "k"} -> {"results": [...]} (clean_results checks them later)."""
+    """Client of `python serve.py`: POST {url}/text {"query", "k"} or {url}/image {"image": base64 PNG, "k"}
+    -> {"results": [...]} (clean_results checks them later)."""
 
     name = "http"
 
@@ -656,8 +637,8 @@ class SerpApiTextSearch:
 
 
 class SerpApiLens(SerpApiTextSearch):
-    """Google Lens (visual matches) through SerpAPI. Lens takes an image URL, not bytes:
-    `upload_fn(png_bytes) -> url` puts the PNG where Google can fetch it (see upload_to)."""
+    """Google Lens (visual matches) through SerpAPI. Lens takes an image URL: `upload_fn(png_bytes) -> url`
+    puts the PNG where Google can fetch it (see upload_to)."""
 
     engine, entries = "google_lens", "visual_matches"
 
@@ -672,9 +653,8 @@ class SerpApiLens(SerpApiTextSearch):
 
 
 def upload_to(url):
-    """An upload_fn for SerpApiLens: POST the PNG (Content-Type image/png) to `url`, an endpoint of
-    yours that stores it where Google can fetch it (e.g. a bucket, with a presigned GET URL) and
-    answers its public URL, as plain text or as JSON {"url": ...}."""
+    """An upload_fn for SerpApiLens: POST the PNG to `url`, an endpoint of yours that stores it where Google
+    can fetch it (e.g. a bucket) and answers its public URL, as plain text or JSON {"url": ...}."""
     def upload(png):
         try:
             r = requests.post(url, data=png, headers={"Content-Type": "image/png"}, timeout=10.0)
@@ -700,13 +680,12 @@ BACKENDS = ("local", "http", "searchr1", "serpapi")
 
 def make_tools(data_dir="data", backend="local", cache=None, cache_mode="rw", grounder=None, server_url=None,
                lens_upload_url=None, text_index=None, image_index=None, **kw):
-    """The one factory every script uses. backend: "local" (data_dir's corpus.jsonl and
-    image_index.jsonl), "http" (server_url: a `python serve.py`), "searchr1" (server_url: a
-    /retrieve address; images through data_dir's local index if any), "serpapi" (image search needs
-    `lens_upload_url`, see upload_to). text_index / image_index: `python search.py index` folders,
-    each replacing the search of its kind. cache: a SQLite path (or a SearchCache) used in
-    `cache_mode`. grounder: a GroundingDINO folder or any grounder; None: data_dir's world's
-    SceneGrounder if it has one; False: none. Other keywords go to Tools."""
+    """The one factory every script uses. backend: "local" (data_dir's corpus.jsonl and image_index.jsonl),
+    "http" (server_url: a `python serve.py`), "searchr1" (server_url: a /retrieve address; images through
+    data_dir's local index if any), "serpapi" (image search needs `lens_upload_url`). text_index / image_index:
+    `python search.py index` folders replacing the search of their kind. cache: a SQLite path or a
+    SearchCache. grounder: a GroundingDINO folder or any grounder; None: data_dir's world's SceneGrounder
+    if any; False: none. Other keywords go to Tools."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}: use local, http, searchr1 or serpapi")
     if backend in ("http", "searchr1") and not server_url:
@@ -741,8 +720,7 @@ def make_tools(data_dir="data", backend="local", cache=None, cache_mode="rw", gr
 
 
 def _local_index(data_dir, kind, required):
-    """BM25 over data_dir/corpus.jsonl or image nearest neighbours over data_dir/image_index.jsonl;
-    None when the file is absent and not required."""
+    """BM25 over data_dir/corpus.jsonl or LocalImageIndex over image_index.jsonl; None if absent and not required."""
     path = os.path.join(data_dir, "corpus.jsonl" if kind == "text" else "image_index.jsonl")
     if not os.path.exists(path):
         if required:
@@ -755,10 +733,8 @@ def add_search_args(parser):
     """The search flags that eval.py, rl.py and make_real_data.py share; search_options(args) reads them."""
     g = parser.add_argument_group("search")
     g.add_argument("--backend", default="local", choices=BACKENDS, help="search backend (see search.make_tools)")
-    g.add_argument("--server_url", help="backend http: a `python serve.py` address; backend searchr1: a "
-                   "Search-R1 /retrieve address")
-    g.add_argument("--lens_upload_url", help="backend serpapi: an endpoint of yours that takes a POSTed PNG and "
-                   "answers its public URL, for Google Lens (search.upload_to)")
+    g.add_argument("--server_url", help="http: a `python serve.py` address; searchr1: a Search-R1 /retrieve address")
+    g.add_argument("--lens_upload_url", help="serpapi: an endpoint taking a POSTed PNG, answering its public URL")
     g.add_argument("--text_index", help="a `python search.py index` folder (e5 / BGE) for text search")
     g.add_argument("--image_index", help="a `python search.py index` folder (CLIP / SigLIP) for image search")
 
@@ -770,8 +746,8 @@ def search_options(args):
 # ----------------------------------------------------------------------------- bench and command line
 
 def bench(n_docs=100_000, n_queries=2000, seed=0):
-    """BM25 over a generated corpus (Zipf-distributed pseudo-words): build time, queries (three words
-    of a random document) per second, and how often that document comes first."""
+    """BM25 over Zipf-distributed pseudo-words: build time, queries (three words of a document) per second,
+    and how often that document comes first."""
     rng = np.random.default_rng(seed)
     letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
     words = np.array(["".join(rng.choice(letters, size=rng.integers(3, 10))) for _ in range(30_000)])
@@ -797,20 +773,15 @@ def bench(n_docs=100_000, n_queries=2000, seed=0):
 
 
 def get_args(argv=None):
-    parser = argparse.ArgumentParser(description="Search backends: build a dense index, or benchmark BM25 "
-                                     "(serve.py serves indexes).")
+    parser = argparse.ArgumentParser(description="Build a dense index, or benchmark BM25 (serve.py serves them).")
     parser.add_argument("--bench", action="store_true", help="time BM25 build and queries on 100k generated documents")
     commands = parser.add_subparsers(dest="command")
-    index = commands.add_parser("index", help="embed a folder of images or a JSONL with a local CLIP / SigLIP / "
-                                "e5 / BGE checkpoint (resumable: run it again after a kill)")
-    index.add_argument("source", help="a folder of images, an image index JSONL ({id, image, title, text, url}) "
-                       "or a corpus JSONL ({id, title, text, url})")
-    index.add_argument("--encoder", required=True, help="local checkpoint folder: CLIP or SigLIP for images "
-                       "(and text-to-image), any of them or e5 / BGE for texts")
+    index = commands.add_parser("index", help="embed images or a JSONL with a CLIP / SigLIP / e5 / BGE (resumable)")
+    index.add_argument("source", help="a folder of images, an image index JSONL or a corpus JSONL")
+    index.add_argument("--encoder", required=True, help="checkpoint folder: CLIP / SigLIP for images, or e5 / BGE")
     index.add_argument("--out", required=True, help="index folder to write (rows.jsonl, embeddings.npy, index.json)")
     index.add_argument("--batch_size", type=int, default=32)
-    index.add_argument("--part_size", type=int, default=INDEX_PART, help="rows saved at a time: a kill loses at "
-                       "most this much work")
+    index.add_argument("--part_size", type=int, default=INDEX_PART, help="rows saved at a time (lost to a kill)")
     index.add_argument("--query_prefix", default="", help='put before every query, e.g. "query: " for e5')
     index.add_argument("--passage_prefix", default="", help='put before every indexed text, e.g. "passage: " for e5')
     args = parser.parse_args(argv)

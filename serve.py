@@ -41,16 +41,12 @@ _LINGER = 1.0  # seconds a refused connection stays half-open, so the client rea
 
 
 class _Refused(Exception):
-    """A request answered with HTTP `status` and {"error": message}."""
-
-    def __init__(self, status, message):
-        super().__init__(message)
-        self.status = status
+    """_Refused(status, message): a request answered with HTTP status and {"error": message}."""
 
 
 def _decode_image(encoded):
-    """The image of a request, decoded only once its header (all Image.open reads) shows at most
-    MAX_IMAGE_PIXELS: a one-colour PNG of a few KB can declare 12000x12000 pixels."""
+    """The request's image, decoded only once its header shows at most MAX_IMAGE_PIXELS (a PNG of a few KB
+    can declare 12000x12000 pixels)."""
     try:
         image = Image.open(io.BytesIO(base64.b64decode(encoded or "", validate=True)))
         width, height = image.size
@@ -67,9 +63,8 @@ def _decode_image(encoded):
 
 
 class _SearchHandler(BaseHTTPRequestHandler):
-    """POST /text {"query", "k"} and /image {"image": base64 PNG, "k"} -> {"results": [...]}; POST
-    /retrieve, Search-R1's protocol over the text index (so that our indexes and Search-R1's e5 / BGE
-    servers serve either side); GET /health. The indexes and limits live on self.server."""
+    """POST /text {"query", "k"} and /image {"image": base64 PNG, "k"} -> {"results": [...]}; POST /retrieve,
+    Search-R1's protocol over the text index; GET /health. The indexes and limits live on self.server."""
 
     def setup(self):
         self.timeout = self.server.handler_timeout  # StreamRequestHandler.setup puts it on the socket
@@ -92,7 +87,7 @@ class _SearchHandler(BaseHTTPRequestHandler):
             payload = self._payload()
             queries, k = self._queries(payload)
         except _Refused as e:
-            return self._reply(e.status, {"error": str(e)})
+            return self._reply(e.args[0], {"error": e.args[1]})
         try:
             found = [indexes[self.path].search(query, k) for query in queries]
         except Exception:
@@ -107,7 +102,6 @@ class _SearchHandler(BaseHTTPRequestHandler):
         self._reply(200, {"result": result})
 
     def _queries(self, payload):
-        """(queries, k) of a valid request, or _Refused(400)."""
         if self.path == "/retrieve":
             queries, k = payload.get("queries"), payload.get("topk", 3)
             if not isinstance(queries, list) or not queries or not all(isinstance(q, str) for q in queries):
@@ -125,9 +119,8 @@ class _SearchHandler(BaseHTTPRequestHandler):
         return [payload["query"]], k
 
     def _payload(self):
-        """The body's JSON object, or _Refused. The body is read as long as its Content-Length says; one
-        over MAX_BODY is refused unread. A client that stalls mid-body times out (the socket's
-        timeout) and http.server drops the connection."""
+        """The body's JSON object, or _Refused. A body over MAX_BODY is refused unread; a client stalling
+        mid-body times out (the socket's timeout) and http.server drops it."""
         declared = self.headers.get("Content-Length", "").strip()
         wrong = f"body must be 1 to {MAX_BODY} bytes of JSON, with a Content-Length"
         if not re.fullmatch(r"[0-9]+", declared):
@@ -166,11 +159,9 @@ class _SearchHandler(BaseHTTPRequestHandler):
 
 
 class SearchServer(ThreadingHTTPServer):
-    """A search server over the given indexes (either may be None); port 0 picks a free one; run it
-    with serve_forever(). At most `max_handlers` connections are handled at once (the next ones get
-    503 from the accept loop, which starts no thread for them); each read or write waits at most
-    `timeout` seconds; a connection older than `deadline` seconds is shut down by service_actions
-    (serve_forever's loop)."""
+    """A search server over the given indexes (either may be None; port 0 picks a free one). At most
+    `max_handlers` connections are handled at once (the next get 503 from the accept loop); each read or
+    write waits at most `timeout` s; service_actions shuts down connections older than `deadline` s."""
 
     daemon_threads = True
     request_queue_size = 128  # a burst of connects waits in the kernel's backlog, not in SYN retries
@@ -208,9 +199,8 @@ class SearchServer(ThreadingHTTPServer):
         self._slots.release()
 
     def _refuse_busy(self, request):
-        """503 from the accept loop, which must never wait: non-blocking (a fresh socket takes these few
-        hundred bytes at once), half-closed now and closed in _LINGER s (closed while the request still
-        arrives, it would answer with a reset that can destroy the 503 before the client reads it)."""
+        """503 from the accept loop, which must never wait: non-blocking, half-closed now and closed in _LINGER s
+        (closed while the request still arrives, it would reset and destroy the 503 before the client reads it)."""
         body = json.dumps({"error": f"the search server is busy: retry after {BUSY_RETRY_AFTER} s"}).encode()
         head = ("HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\n"
                 f"Content-Length: {len(body)}\r\nRetry-After: {BUSY_RETRY_AFTER}\r\nConnection: close\r\n\r\n")
@@ -228,46 +218,27 @@ class SearchServer(ThreadingHTTPServer):
         for sock in late:
             with contextlib.suppress(OSError):  # its handler may have closed it meanwhile
                 sock.shutdown(socket.SHUT_RDWR)
-        done = [sock for end, sock in self._lingering if end <= now]
-        self._lingering = [(end, sock) for end, sock in self._lingering if end > now]
-        for sock in done:
-            _close_drained(sock)
+        self._close_lingering(now)
 
     def server_close(self):
         super().server_close()
-        for _, sock in self._lingering:
-            _close_drained(sock)
-        self._lingering = []
+        self._close_lingering(float("inf"))
 
-
-def _close_drained(sock):
-    """Close a non-blocking socket after reading what the client sent (unread bytes would make the
-    close a reset); at most 16 reads, so that a client still uploading cannot hold the loop."""
-    with contextlib.suppress(OSError):
-        for _ in range(16):
-            if not sock.recv(S._READ_CHUNK):
-                break
-    sock.close()
-
-
-def serve(data_dir, host="127.0.0.1", port=8765, text_index=None, image_index=None):
-    """Serve search over data_dir's local indexes, or the dense index folders given instead."""
-    text = S.DenseIndex(text_index) if text_index else S._local_index(data_dir, "text", required=False)
-    image = S.DenseIndex(image_index) if image_index else S._local_index(data_dir, "image", required=False)
-    if text is None and image is None:
-        raise FileNotFoundError(f"nothing to serve: {data_dir} has no corpus.jsonl or image_index.jsonl")
-    server = SearchServer(text, image, host, port)
-    served = [(kind, index.name) for kind, index in (("text", text), ("image", image)) if index is not None]
-    print(f"serving {' and '.join(k for k, _ in served)} search ({', '.join(n for _, n in served)}) "
-          f"on http://{host}:{server.server_port}", flush=True)
-    with contextlib.suppress(KeyboardInterrupt):
-        server.serve_forever()
-    server.server_close()
+    def _close_lingering(self, now):
+        """Close the refused connections due by `now`, after reading what the client sent (unread bytes make
+        the close a reset); at most 16 reads each, so that a client still uploading cannot hold the loop."""
+        done = [sock for end, sock in self._lingering if end <= now]
+        self._lingering = [(end, sock) for end, sock in self._lingering if end > now]
+        for sock in done:
+            with contextlib.suppress(OSError):
+                for _ in range(16):
+                    if not sock.recv(S._READ_CHUNK):
+                        break
+            sock.close()
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="Serve data/corpus.jsonl and data/image_index.jsonl (or dense indexes) "
-                                "over HTTP.")
+    p = argparse.ArgumentParser(description="Serve corpus.jsonl and image_index.jsonl (or dense indexes) over HTTP.")
     p.add_argument("--data", default="data", help="folder with corpus.jsonl and/or image_index.jsonl")
     p.add_argument("--text_index", help="a `search.py index` folder to serve for text search instead of BM25")
     p.add_argument("--image_index", help="a `search.py index` folder to serve for image search instead")
@@ -278,7 +249,17 @@ def get_args(argv=None):
 
 def main(argv=None):
     args = get_args(argv)
-    serve(args.data, args.host, args.port, text_index=args.text_index, image_index=args.image_index)
+    text = S.DenseIndex(args.text_index) if args.text_index else S._local_index(args.data, "text", required=False)
+    image = S.DenseIndex(args.image_index) if args.image_index else S._local_index(args.data, "image", required=False)
+    if text is None and image is None:
+        raise FileNotFoundError(f"nothing to serve: {args.data} has no corpus.jsonl or image_index.jsonl")
+    server = SearchServer(text, image, args.host, args.port)
+    served = [(kind, index.name) for kind, index in (("text", text), ("image", image)) if index is not None]
+    print(f"serving {' and '.join(k for k, _ in served)} search ({', '.join(n for _, n in served)}) "
+          f"on http://{args.host}:{server.server_port}", flush=True)
+    with contextlib.suppress(KeyboardInterrupt):
+        server.serve_forever()
+    server.server_close()
 
 
 if __name__ == "__main__":
