@@ -61,10 +61,8 @@ VERSION = 8  # bump when the world changes, so an old data/ is rebuilt rather th
 ICON = 56  # px; the vision tower sees 14 px patches merged 2x2, so an icon is 4 image tokens
 BACKGROUND = (236, 236, 236)
 SHAPES = ("circle", "square", "triangle", "diamond", "star", "hexagon", "cross", "arrow")
-COLOURS = {
-    "red": (215, 40, 40), "orange": (245, 140, 20), "yellow": (235, 205, 25), "green": (40, 155, 60),
-    "blue": (40, 80, 215), "purple": (135, 50, 180), "pink": (245, 125, 185), "black": (30, 30, 30),
-}
+COLOURS = {"red": (215, 40, 40), "orange": (245, 140, 20), "yellow": (235, 205, 25), "green": (40, 155, 60),
+           "blue": (40, 80, 215), "purple": (135, 50, 180), "pink": (245, 125, 185), "black": (30, 30, 30)}
 MARKS = ("dot", "bar", "stripe", "ring", "x", "box", "border")  # in the second colour: "a blue dot"
 ORDINALS = ("first", "second", "third", "fourth")
 MAX_SLOTS = len(ORDINALS)
@@ -76,17 +74,14 @@ RELATIONS = {
     "city": {"key": "home city", "sentence": "{s} is based in {v}.",
              "questions": ("In which city is {obj} based?", "Where is {obj} based?")},
     "maker": {"key": "maker", "sentence": "{s} is made by {v}.",
-              "questions": ("Who makes {obj}?", "Who is the maker of {obj}?")},
-}
+              "questions": ("Who makes {obj}?", "Who is the maker of {obj}?")}}
 NAME_QUESTIONS = ("What is the name of {obj}?", "What is {obj} called?", "Which entity is {obj}?")
 HOP_QUESTIONS = {  # multi-hop: a fact of the maker of the object
     "city": ("In which city is the maker of {obj} based?", "Where is the maker of {obj} based?"),
-    "founded": ("In what year was the maker of {obj} founded?", "When was the maker of {obj} founded?"),
-}
+    "founded": ("In what year was the maker of {obj} founded?", "When was the maker of {obj} founded?")}
 FREE_QUESTIONS = {  # answerable from the pixels
     "shape": ("What shape is {obj}?", "Which shape is {obj}?"),
-    "colour": ("What is the main colour of {obj}?", "What colour is {obj} mostly?"),
-}
+    "colour": ("What is the main colour of {obj}?", "What colour is {obj} mostly?")}
 IMAGE_INDEX_TEXTS = ("{name} is {a_category}.", "A photo of {name}.", "{name}, {colour} and {colour2}.")
 
 # Templated reasons: after a search the reason names what was found, so the next query is a copy.
@@ -510,12 +505,12 @@ def replay(traj, tk, base):
 def image_search_accuracy(index, scene_questions, ents, icons, base):
     """Top-1 accuracy of image search on every slot crop, on whole scenes (the question's entity) and icons."""
     by_id = {e["id"]: e for e in ents}
-    crop_hits = crop_n = scene_hits = 0
+    crop_hits = scene_hits = 0
+    crop_n = sum(len(q["meta"]["scene"]) for q in scene_questions)
     for q in scene_questions:
         img = Image.open(base / q["image"]).convert("RGB")
         for i, eid in enumerate(q["meta"]["scene"]):
             crop_hits += index.search(tools.crop(img, slot_box(i))[0], 1)[0]["title"] == by_id[eid]["name"]
-            crop_n += 1
         scene_hits += index.search(img, 1)[0]["title"] == by_id[q["meta"]["entity"]]["name"]
     icon_hits = sum(index.search(icons[e["id"]], 1)[0]["title"] == e["name"] for e in ents)
     return {"crop_of_scene": round(crop_hits / max(crop_n, 1), 4),

@@ -67,12 +67,10 @@ TEACHER_SYSTEM = (
     "<text_search>query</text_search>\n"
     "{image_actions}"
     "Answer at once when you are sure; search when the question needs knowledge you may lack.{crop_hint} "
-    "At most {max_turns} replies in all. Search results come back inside <information>...</information>."
-)
+    "At most {max_turns} replies in all. Search results come back inside <information>...</information>.")
 TEACHER_IMAGE_ACTIONS = (
     "<img_search><img></img_search> searches the whole image (at most one image search)\n"
-    "<img_search>[x1, y1, x2, y2]</img_search> searches a crop; the image is {width}x{height} pixels\n"
-)
+    "<img_search>[x1, y1, x2, y2]</img_search> searches a crop; the image is {width}x{height} pixels\n")
 TEACHER_EXPRESSION = "<img_search>object description</img_search> searches the object so described\n"
 CLASSIFY_PROMPT = ("Which category of knowledge does this question ask about?\nQuestion: {question}\n"
                    "Categories: {categories}.\nReply with one category, nothing else.")
