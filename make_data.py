@@ -6,33 +6,27 @@ tiny checkpoint.
     python make_data.py --small --out /tmp/w    # a few dozen entities in seconds (tests, CI)
     python make_data.py --n_entities 2000 --n_sft 8000 --n_eval 500 --seed 1
 
-The synthetic world writes under --out (paths inside files are relative to that folder):
+It writes under --out (paths inside files are relative to it):
 
     entities.jsonl          {"id","name","category","colour","colour2","mark","image","split","facts","maker"}
     corpus.jsonl            {"id","title","text","url"}: profile, fact and near-miss distractor pages
     image_index.jsonl       {"id","image","title","text","url"}: every entity's icon, on a few pages
     images/*.png            icons e*.png (56x56), scenes <qid>.png (2-4 icons in a row), tool images <qid>_t<k>.png
     questions_train.jsonl   question rows for training-split entities (the SFT ones + the RL ones)
-    sft.jsonl               teacher trajectories through search.make_tools(out) with its defaults (topk,
-                            attach): a rollout with the same defaults sees the same turns
+    sft.jsonl               teacher trajectories through search.make_tools(out) with its defaults
     rl.jsonl                RL prompts (question rows)
     questions_eval.jsonl    held-out entities, all five kinds
     questions_hard.jsonl    held-out entities, multi-hop and crop-then-search questions
     tiny/                   the tiny tokenizer + checkpoint (build_tiny) trained on the texts above
     summary.json            the arguments, counts per kind, teacher and replay rates, image-search accuracies
 
-A tiny model learns from it in minutes on a CPU. An icon shows its entity's category in the shape
-and its identity in a random colour pair and mark: a held-out entity is only known through image
-search, its facts (founding year, home city, maker) only through text search, each fact on its own
-page "<name> <relation>", so a query is a copy of the name found plus a relation word; near-miss
-names make a sloppy query land on the wrong page. Scenes put 2-4 icons in 56 px slots, so the
-teacher crops, with a referring expression from the question ("the third object from the left",
-"the square") that search.SceneGrounder turns into a box. The teacher runs the real tools, decides
-from the last observation (never from the gold answer), keeps what reaches gold; every kept
-trajectory is replayed through fresh backends. The split is by entity.
-
-The real DeepMMSearchVQA pipeline (a teacher MLLM playing InfoSeek questions with our search tools)
-is make_real_data.py.
+An icon shows its entity's category in the shape and its identity in a colour pair and mark: a held-out
+entity is known only through image search, its facts only through text search (one page per "<name>
+<relation>"; near-miss names catch a sloppy query). Scenes of 2-4 icons make the teacher crop by a referring
+expression ("the third object from the left", "the square") that search.SceneGrounder turns into a box. The
+teacher runs the real tools, decides from the last observation (never from the gold answer) and keeps what
+reaches gold, each replayed through fresh backends. The split is by entity. The real DeepMMSearchVQA
+pipeline is make_real_data.py.
 """
 import argparse
 import json
@@ -45,8 +39,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-# Before numpy loads (through tools): the image index's searches are small mat-vecs, which
-# OpenBLAS threads make ~10x slower on a busy 2-core machine (measured: 9 ms vs 0.9 ms a search).
+# before numpy loads: OpenBLAS threads make the image index's small mat-vecs ~10x slower on 2 busy cores
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import torch  # noqa: E402
@@ -63,16 +56,13 @@ import training  # noqa: E402
 
 VERSION = 8  # bump when the world changes, so an old data/ is rebuilt rather than skipped
 
-
 # ----------------------------------------------------------------------------- the world's vocabulary
 
 ICON = 56  # px; the vision tower sees 14 px patches merged 2x2, so an icon is 4 image tokens
 BACKGROUND = (236, 236, 236)
 SHAPES = ("circle", "square", "triangle", "diamond", "star", "hexagon", "cross", "arrow")
-COLOURS = {
-    "red": (215, 40, 40), "orange": (245, 140, 20), "yellow": (235, 205, 25), "green": (40, 155, 60),
-    "blue": (40, 80, 215), "purple": (135, 50, 180), "pink": (245, 125, 185), "black": (30, 30, 30),
-}
+COLOURS = {"red": (215, 40, 40), "orange": (245, 140, 20), "yellow": (235, 205, 25), "green": (40, 155, 60),
+           "blue": (40, 80, 215), "purple": (135, 50, 180), "pink": (245, 125, 185), "black": (30, 30, 30)}
 MARKS = ("dot", "bar", "stripe", "ring", "x", "box", "border")  # in the second colour: "a blue dot"
 ORDINALS = ("first", "second", "third", "fourth")
 MAX_SLOTS = len(ORDINALS)
@@ -84,21 +74,17 @@ RELATIONS = {
     "city": {"key": "home city", "sentence": "{s} is based in {v}.",
              "questions": ("In which city is {obj} based?", "Where is {obj} based?")},
     "maker": {"key": "maker", "sentence": "{s} is made by {v}.",
-              "questions": ("Who makes {obj}?", "Who is the maker of {obj}?")},
-}
+              "questions": ("Who makes {obj}?", "Who is the maker of {obj}?")}}
 NAME_QUESTIONS = ("What is the name of {obj}?", "What is {obj} called?", "Which entity is {obj}?")
 HOP_QUESTIONS = {  # multi-hop: a fact of the maker of the object
     "city": ("In which city is the maker of {obj} based?", "Where is the maker of {obj} based?"),
-    "founded": ("In what year was the maker of {obj} founded?", "When was the maker of {obj} founded?"),
-}
+    "founded": ("In what year was the maker of {obj} founded?", "When was the maker of {obj} founded?")}
 FREE_QUESTIONS = {  # answerable from the pixels
     "shape": ("What shape is {obj}?", "Which shape is {obj}?"),
-    "colour": ("What is the main colour of {obj}?", "What colour is {obj} mostly?"),
-}
+    "colour": ("What is the main colour of {obj}?", "What colour is {obj} mostly?")}
 IMAGE_INDEX_TEXTS = ("{name} is {a_category}.", "A photo of {name}.", "{name}, {colour} and {colour2}.")
 
-# Short, templated reasons: after a search the reason names what was found, so the next query
-# (or the answer) is a copy from the information.
+# Templated reasons: after a search the reason names what was found, so the next query is a copy.
 R_IDENTIFY = "I need to identify {obj}."
 R_FOUND = {"whole": "The image is {name}.", "crop": "The object is {name}."}
 R_NEED = " I need its {key}."
@@ -108,10 +94,8 @@ R_FREE = {"shape": "I can see the shape of {obj}.", "colour": "I can see the col
 
 KINDS = ("search_free", "image", "image_text", "multihop", "crop")
 # Question kinds per file. SFT: half search-free, so that the agent learns when not to search.
+# RL: GRPO learns only from groups that disagree, and SFT rarely fails one hop: lean to the multi-step kinds.
 SFT_MIX = {"search_free": 0.5, "image": 0.075, "image_text": 0.15, "multihop": 0.1, "crop": 0.175}
-# RL: GRPO learns only from groups whose samples disagree, and the SFT model rarely fails a one-hop
-# question: the prompts lean to the multi-step kinds, with enough search-free ones that RL does not
-# learn to search them.
 RL_MIX = {"search_free": 0.15, "image": 0.05, "image_text": 0.2, "multihop": 0.3, "crop": 0.3}
 BY_CATEGORY = 0.6  # share of scene objects named by their category ("the square") when it is unique there
 FREE_ON_SCENE = 0.25  # share of search-free questions asked about one object of a scene
@@ -119,8 +103,6 @@ CROP_WITH_FACT = 0.5  # share of crop questions that need a text search after th
 URL = "https://synth.local/"
 OUTPUTS = ("entities.jsonl", "corpus.jsonl", "image_index.jsonl", "images", "questions_train.jsonl", "sft.jsonl",
            "rl.jsonl", "questions_eval.jsonl", "questions_hard.jsonl", "tiny", "summary.json")
-
-# ----------------------------------------------------------------------------- arguments
 
 
 def get_args(argv=None):
@@ -134,8 +116,7 @@ def get_args(argv=None):
     p.add_argument("--n_rl", type=int, default=1000, help="RL prompts")
     p.add_argument("--n_eval", type=int, default=300, help="questions in each eval set")
     p.add_argument("--self_correct", type=float, default=0.2, help="share of SFT text searches that first miss")
-    # Small on purpose: a big BPE vocabulary turns whole names into tokens of their own (with 4096,
-    # 18% of the tokens of held-out names never occur in sft.jsonl; with 1024, 0.2%).
+    # small on purpose: with 4096, whole names become tokens (18% of held-out names' tokens unseen in SFT)
     p.add_argument("--vocab_size", type=int, default=1536, help="tiny BPE vocabulary (every name word one token)")
     p.add_argument("--copy_steps", type=int, default=2000, help="tiny model's copy warm-up steps (0: none)")
     p.add_argument("--caption_steps", type=int, default=1000, help="tiny model's caption warm-up steps (0: none)")
@@ -154,13 +135,12 @@ def get_args(argv=None):
 
 
 def build_key(args):
-    """What the output depends on: equal keys mean identical files, so the build can be skipped."""
+    """What the output depends on: equal keys mean identical files."""
     skip = {"out", "force", "quiet", "small"}
     return {"version": VERSION, **{k: v for k, v in sorted(vars(args).items()) if k not in skip}}
 
 
 # ----------------------------------------------------------------------------- entities
-
 
 def template_words():
     """Every word our templates use: a generated name must never be one of them (BM25 would match it)."""
@@ -193,8 +173,7 @@ def fresh(rng, used, make):
 
 
 def make_entities(n, held_out, seed):
-    """n entities: unique two-word names, a unique (shape, colour, colour2, mark) look, facts, a split.
-    Makers are chosen inside the same split so that no held-out name reaches training text."""
+    """n entities: unique two-word names and looks, facts, a split; makers from the same split."""
     rng = random.Random(f"{seed}-entities")
     used = template_words()
     looks = [(s, c, c2, m) for s in SHAPES for c in COLOURS for c2 in COLOURS if c2 != c for m in MARKS]
@@ -202,8 +181,7 @@ def make_entities(n, held_out, seed):
         raise ValueError(f"at most {len(looks)} distinct looks; asked for {n} entities")
     looks = rng.sample(looks, n)
     cities = [fresh(rng, used, lambda r: make_word(r)[:-1] + r.choice(CITY_ENDS)) for _ in range(max(8, n // 20))]
-    # Names are pairs of words from two small pools: each word recurs, so the tiny tokenizer learns it
-    # as one token and copying a name is copying two tokens. A held-out name is a pair never seen in training...
+    # Names pair words of two small pools (each word recurs: one token); a held-out name is a new pair...
     pool = 2 * math.isqrt(3 * n) + 8  # pool^2 >= 12 n pairs: room for entities and their distractors
     firsts = [fresh(rng, used, make_word) for _ in range(pool)]
     lasts = [fresh(rng, used, make_word) for _ in range(pool)]
@@ -211,18 +189,15 @@ def make_entities(n, held_out, seed):
     pairs = [(f, la) for f in firsts for la in lasts]
     rng.shuffle(pairs)
     train_pairs = pairs[:n - n_held]
-    # ...made of words that training names use: a word no training trajectory shows is an untrained
-    # token to copy (measured: "Genar", in held-out names only, was copied wrong in every answer that needed it)
+    # ...of words training names use (an unseen word is an untrained token, measured copied wrong every time)
     seen = {w for p in train_pairs for w in p}
     pairs = [p for p in pairs[n - n_held:] if set(p) <= seen][:n_held] + train_pairs
     if len(pairs) < n:
         raise ValueError(f"{n} entities: too few names for the held-out share {held_out}")
-    ents = []
-    for i, (shape, colour, colour2, mark) in enumerate(looks):
-        ents.append({"id": f"e{i:04d}", "name": " ".join(pairs[i]), "category": shape, "colour": colour,
-                     "colour2": colour2, "mark": mark, "image": f"images/e{i:04d}.png",
-                     "split": "heldout" if i < n_held else "train",
-                     "facts": {"founded": str(rng.randint(1800, 2019)), "city": rng.choice(cities)}})
+    ents = [{"id": f"e{i:04d}", "name": " ".join(pairs[i]), "category": shape, "colour": colour, "colour2": colour2,
+             "mark": mark, "image": f"images/e{i:04d}.png", "split": "heldout" if i < n_held else "train",
+             "facts": {"founded": str(rng.randint(1800, 2019)), "city": rng.choice(cities)}}
+            for i, (shape, colour, colour2, mark) in enumerate(looks)]
     for split in ("train", "heldout"):
         group = [e for e in ents if e["split"] == split]
         for e in group:
@@ -232,8 +207,7 @@ def make_entities(n, held_out, seed):
 
 
 def make_distractors(ents, cities, pools, k, seed):
-    """k near-miss names per entity (one of its two words swapped for another pool word, a name no
-    entity has), each with its own random facts."""
+    """k near-miss names per entity (one word swapped, a name no entity has), with random facts."""
     rng = random.Random(f"{seed}-distractors")
     taken, train, out = {e["name"] for e in ents}, [e for e in ents if e["split"] == "train"], []
     for e in ents:
@@ -253,7 +227,6 @@ def make_distractors(ents, cities, pools, k, seed):
 
 
 # ----------------------------------------------------------------------------- corpus and image index
-
 
 def slug(text):
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
@@ -289,9 +262,8 @@ def make_corpus(ents, distractors, seed):
 
 
 def make_image_index(ents):
-    """Every icon on len(IMAGE_INDEX_TEXTS) = 3 pages (as one picture sits on several web pages), as
-    many as Tools' default topk: an exact match fills the results with one entity, so no other
-    entity's name (a held-out one, say) shows up in a training trajectory's image-search results."""
+    """Every icon on 3 pages, Tools' default topk: an exact match fills the results with one entity,
+    so no held-out name shows up in a training trajectory's image-search results."""
     return [{"id": f"i-{e['id']}-{j}", "image": e["image"], "title": e["name"],
              "text": t.format(name=e["name"], a_category=a(e["category"]), colour=e["colour"], colour2=e["colour2"]),
              "url": URL + slug(e["name"])} for e in ents for j, t in enumerate(IMAGE_INDEX_TEXTS)]
@@ -299,8 +271,7 @@ def make_image_index(ents):
 
 # ----------------------------------------------------------------------------- rendering
 
-
-OUTLINES = {  # polygons in units of the radius about the centre (the circle is an ellipse, the star below)
+OUTLINES = {  # polygons in radii about the centre (the circle is an ellipse, the star in outline())
     "square": ((-.82, -.82), (.82, -.82), (.82, .82), (-.82, .82)),
     "triangle": ((0, -1), (1, .85), (-1, .85)),
     "diamond": ((0, -1), (1, 0), (0, 1), (-1, 0)),
@@ -312,7 +283,6 @@ OUTLINES = {  # polygons in units of the radius about the centre (the circle is 
 
 
 def outline(shape, c=ICON / 2, r=ICON / 2 - 3):
-    """A shape's polygon in an icon's pixels."""
     if shape == "star":  # outer points at r, inner ones at 0.45 r
         return [(c + (r if i % 2 == 0 else r * 0.45) * math.sin(i * math.pi / 5),
                  c - (r if i % 2 == 0 else r * 0.45) * math.cos(i * math.pi / 5)) for i in range(10)]
@@ -320,7 +290,7 @@ def outline(shape, c=ICON / 2, r=ICON / 2 - 3):
 
 
 def render_icon(e):
-    """A 56x56 icon: the category's shape filled with the main colour, a mark in the second colour."""
+    """The category's shape in the main colour, a mark in the second colour."""
     img = Image.new("RGB", (ICON, ICON), BACKGROUND)
     d = ImageDraw.Draw(img)
     main, second = COLOURS[e["colour"]], COLOURS[e["colour2"]]
@@ -331,29 +301,24 @@ def render_icon(e):
     else:
         d.polygon(outline(e["category"]), fill=main, **border)
     c = ICON // 2 + (5 if e["category"] == "triangle" else 0)  # a triangle's middle sits low
-    if m == "dot":
-        d.ellipse([c - 7, c - 7, c + 7, c + 7], fill=second)
-    elif m == "bar":
-        d.rectangle([c - 11, c - 3, c + 11, c + 3], fill=second)
-    elif m == "stripe":
-        d.rectangle([c - 3, c - 11, c + 3, c + 11], fill=second)
+    filled = {"dot": (7, 7), "bar": (11, 3), "stripe": (3, 11), "box": (6, 6)}  # half width, half height
+    if m in filled:
+        w, h = filled[m]
+        (d.ellipse if m == "dot" else d.rectangle)([c - w, c - h, c + w, c + h], fill=second)
     elif m == "ring":
         d.ellipse([c - 9, c - 9, c + 9, c + 9], outline=second, width=3)
     elif m == "x":
         d.line([c - 8, c - 8, c + 8, c + 8], fill=second, width=4)
         d.line([c - 8, c + 8, c + 8, c - 8], fill=second, width=4)
-    elif m == "box":
-        d.rectangle([c - 6, c - 6, c + 6, c + 6], fill=second)
     return img
 
 
 def slot_box(i):
-    """The i-th slot of a scene, [x1, y1, x2, y2] in the scene's pixels."""
     return [i * ICON, 0, (i + 1) * ICON, ICON]
 
 
 def render_scene(icons):
-    """Icons side by side, one per 56 px slot: a crop of slot i is exactly icon i."""
+    """Icons side by side: a crop of slot i is exactly icon i."""
     img = Image.new("RGB", (ICON * len(icons), ICON), BACKGROUND)
     for i, icon in enumerate(icons):
         img.paste(icon, tuple(slot_box(i)[:2]))
@@ -361,9 +326,8 @@ def render_scene(icons):
 
 
 def captions(ents, icons, n_scenes, seed):
-    """(image, text) pairs for the tiny model's caption warm-up (what a pretrained VLM can already
-    see), from training entities only: every icon ("A red star with a blue dot."), and n_scenes
-    scenes of 2-4 of them ("From the left: a red star with a blue dot, a ...")."""
+    """(image, text) pairs of training entities for the caption warm-up: every icon ("A red star with
+    a blue dot."), and n_scenes scenes ("From the left: a red star with a blue dot, a ...")."""
     rng = random.Random(f"{seed}-captions")
     train = [e for e in ents if e["split"] == "train"]
     pairs = [(icons[e["id"]], look(e)[0].upper() + look(e)[1:] + ".") for e in train]
@@ -376,10 +340,8 @@ def captions(ents, icons, n_scenes, seed):
 
 # ----------------------------------------------------------------------------- questions
 
-
 def make_question(qid, kind, target, pool, by_id, rng, crop_fact_share=CROP_WITH_FACT):
-    """One question row about `target` (an entity), of `kind`. A scene question draws the other
-    objects from `pool` and keeps them in meta["scene"] (slot order); its image is rendered later."""
+    """One question row about `target`; a scene's objects (from `pool`) go to meta["scene"] in slot order."""
     meta = {"kind": kind, "entity": target["id"]}
     obj = "this object"
     attr = rng.choice(list(FREE_QUESTIONS)) if kind == "search_free" else None
@@ -388,8 +350,7 @@ def make_question(qid, kind, target, pool, by_id, rng, crop_fact_share=CROP_WITH
         others = rng.sample([e for e in pool if e is not target], n - 1)
         slot = rng.randrange(n)
         scene = others[:slot] + [target] + others[slot:]
-        # how the question names the object: its category when unique there (not for "What shape is
-        # the star?"), else its position
+        # named by its category when unique there (never "What shape is the star?"), else its position
         unique = Counter(e["category"] for e in scene)[target["category"]] == 1
         if attr != "shape" and unique and rng.random() < BY_CATEGORY:
             obj = f"the {target['category']}"
@@ -418,7 +379,7 @@ def make_question(qid, kind, target, pool, by_id, rng, crop_fact_share=CROP_WITH
 
 
 def kind_plan(n, mix, rng):
-    """n kinds in the shares of `mix` (the rounding remainder goes to crop); shuffled."""
+    """n kinds in the shares of `mix` (the remainder to crop), shuffled."""
     kinds = [k for k, share in mix.items() for _ in range(round(n * share))]
     kinds = (kinds + ["crop"] * n)[:n]
     rng.shuffle(kinds)
@@ -434,10 +395,8 @@ def make_questions(prefix, kinds, pool, seed, crop_fact_share=CROP_WITH_FACT):
 
 # ----------------------------------------------------------------------------- the teacher
 
-
 def read_fact(obs, subject, relation):
-    """(the value the top result's fact page states about `subject`, or None when the top result is
-    about something else; the subject the top result is about)."""
+    """(the value the top result states about `subject` or None, the subject the top result is about)."""
     top = obs.results[0] if obs.results else {"title": "", "text": ""}
     key = " " + RELATIONS[relation]["key"]
     about = top["title"][:-len(key)] if top["title"].endswith(key) else top["title"]
@@ -448,16 +407,13 @@ def read_fact(obs, subject, relation):
 
 
 def teacher(q, image, tk, typo=None):
-    """Play one question with the real tools, deciding each action from the last observation.
-    typo: a near-miss of the name to use in the first text query (a copy error the teacher then
-    notices in the result and corrects). Returns (messages, images the tools attached, answer,
-    self-corrected)."""
+    """Play one question with the real tools, each action from the last observation. typo: a near-miss
+    name for the first text query, corrected after. Returns (messages, attached images, answer, corrected)."""
     meta, state, attached = q["meta"], tools.State(), []
     messages = [{"role": "user", "content": tools.initial_prompt(q["question"], has_image=True)}]
     obj = meta.get("ref", "this object")
 
     def act(reason, kind, arg="", **where):
-        """Write the assistant turn (tools' own rendering), run it, write the observation."""
         action = tools.Action(kind, arg=arg, reason=reason, **where)
         messages.append({"role": "assistant", "content": action.render()})
         if kind == "answer":
@@ -467,11 +423,11 @@ def teacher(q, image, tk, typo=None):
         attached.extend(obs.images)
         return obs
 
-    if meta["kind"] == "search_free":  # the teacher sees the pixels: the shape and colour it drew
+    if meta["kind"] == "search_free":  # the teacher knows the shape and colour it drew
         act(R_FREE[meta["attribute"]].format(obj=obj), "answer", q["answers"][0])
         return messages, attached, q["answers"][0], False
     how = "crop" if "box" in meta else "whole"
-    # a crop is asked for as the paper does: a referring expression, which the grounder turns into a box
+    # a crop is asked for as in the paper: a referring expression, which the grounder turns into a box
     obs = act(R_IDENTIFY.format(obj=obj), "img_search", **({"arg": obj} if how == "crop" else {"whole": True}))
     name = obs.results[0]["title"] if obs.results else ""
     if not name:
@@ -501,8 +457,7 @@ def teacher(q, image, tk, typo=None):
 
 
 def save_tool_images(images, out, stem):
-    """The images the tools attached to a trajectory's observations, saved in order as
-    out/images/<stem>_t<k>.png; returns their paths relative to out."""
+    """Save a trajectory's tool images as out/images/<stem>_t<k>.png; returns their paths relative to out."""
     paths = [f"images/{stem}_t{k}.png" for k in range(len(images))]
     for path, img in zip(paths, images):
         img.save(out / path)
@@ -510,9 +465,7 @@ def save_tool_images(images, out, stem):
 
 
 def make_sft(questions, out, tk, near, seed, self_correct_share, quiet):
-    """Teacher trajectories for `questions`; keeps those that reach the gold answer.
-    near: {entity id: its near-miss names} for the self-corrected ones. Tool images are written
-    as images/<qid>_t<k>.png and listed after the question image, in order."""
+    """The teacher's trajectories that reach gold. near: {entity id: its near-miss names} for typos."""
     rng = random.Random(f"{seed}-teacher")
     rows = []
     for q in tqdm(questions, desc="teacher trajectories", disable=quiet):
@@ -530,10 +483,9 @@ def make_sft(questions, out, tk, near, seed, self_correct_share, quiet):
 
 # ----------------------------------------------------------------------------- checks
 
-
 def replay(traj, tk, base):
-    """Re-run a trajectory's actions through `tk`: True when every observation comes back identical
-    and the final answer is gold (and, when it searched, appears in what the tools returned)."""
+    """True when `tk` gives back every observation identically and the answer is gold (and, after a
+    search, appears in what the tools returned)."""
     image = Image.open(base / traj["images"][0]).convert("RGB")
     state, msgs, seen = tools.State(), traj["messages"], ""
     for i in range(1, len(msgs), 2):
@@ -551,15 +503,14 @@ def replay(traj, tk, base):
 
 
 def image_search_accuracy(index, scene_questions, ents, icons, base):
-    """Top-1 accuracy of local image search on every slot crop of every scene, on whole scenes (right
-    when the top result is the entity the question is about) and on every single icon."""
+    """Top-1 accuracy of image search on every slot crop, on whole scenes (the question's entity) and icons."""
     by_id = {e["id"]: e for e in ents}
-    crop_hits = crop_n = scene_hits = 0
+    crop_hits = scene_hits = 0
+    crop_n = sum(len(q["meta"]["scene"]) for q in scene_questions)
     for q in scene_questions:
         img = Image.open(base / q["image"]).convert("RGB")
         for i, eid in enumerate(q["meta"]["scene"]):
             crop_hits += index.search(tools.crop(img, slot_box(i))[0], 1)[0]["title"] == by_id[eid]["name"]
-            crop_n += 1
         scene_hits += index.search(img, 1)[0]["title"] == by_id[q["meta"]["entity"]]["name"]
     icon_hits = sum(index.search(icons[e["id"]], 1)[0]["title"] == e["name"] for e in ents)
     return {"crop_of_scene": round(crop_hits / max(crop_n, 1), 4),
@@ -568,7 +519,7 @@ def image_search_accuracy(index, scene_questions, ents, icons, base):
 
 
 def tokens_per_trajectory(rows, tiny_dir):
-    """Mean and max tokens per SFT trajectory with the tiny tokenizer (image tokens included)."""
+    """Mean and max tokens per SFT trajectory (image tokens included)."""
     proc = M.Processor.from_pretrained(tiny_dir)
     lens = [len(M.render(proc, r["messages"], [Image.open(tiny_dir.parent / p).convert("RGB")
                                                  for p in r["images"]])["input_ids"]) for r in rows]
@@ -577,17 +528,16 @@ def tokens_per_trajectory(rows, tiny_dir):
 
 # ----------------------------------------------------------------------------- the tiny checkpoint
 
-# The tiny BPE's split: Qwen2's, but a capitalised word or a number of up to 4 digits is one piece with
-# nothing joined to its front, so that a name is the same tokens on a result page (" by Vukuk Brillan")
-# as in an action ("<answer>Vukuk Brillan"): a random model cannot learn that they match (measured: it
-# copied the first word of a name wrong in most wrong answers). 11% more tokens than Qwen's split.
+# Qwen2's split, but a capitalised word or a number up to 4 digits is a piece with nothing joined to its front:
+# a name is the same tokens on a page (" by Vukuk Brillan") as in "<answer>Vukuk Brillan" (a random model
+# cannot learn that they match). 11% more tokens than Qwen's split.
 TINY_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}>]?\p{Ll}+|\p{Lu}\p{L}*|\p{N}{1,4}"
               r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s")
 CAPTION_PROMPT = "Describe the image."
 
 
 def train_tokenizer(texts, vocab_size=4096):
-    """A byte-level BPE with Qwen2's special tokens and our TINY_SPLIT pre-tokenizer, trained on `texts`."""
+    """A byte-level BPE with Qwen2's special tokens and TINY_SPLIT, trained on `texts`."""
     tok = Tokenizer(models.BPE())
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(TINY_SPLIT), behavior="isolated"),
@@ -603,8 +553,7 @@ def train_tokenizer(texts, vocab_size=4096):
 
 
 def tiny_config(vocab_size, token_ids, hidden=128, layers=4, heads=4, kv_heads=2):
-    """A Qwen2.5-VL config of the real architecture at toy size: patch 14, merge 2, temporal 2, a
-    two-block vision tower (windowed attention, then full), M-RoPE sections scaled to the head size."""
+    """Qwen2.5-VL at toy size: patch 14, merge 2, a windowed then a full vision block, M-RoPE scaled."""
     half = hidden // heads // 2
     sec = [half // 4, (half - half // 4) // 2]
     sec.append(half - sum(sec))  # real 7B: [16, 24, 24] for head_dim 128
@@ -624,7 +573,7 @@ def tiny_config(vocab_size, token_ids, hidden=128, layers=4, heads=4, kv_heads=2
 
 
 def _warmup(model, next_batch, steps, lr, log, name, every):
-    """`steps` AdamW steps of next-token loss on the masked tokens of next_batch() (a collated batch)."""
+    """`steps` AdamW steps of next-token loss on the masked tokens of next_batch()."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     model.train()
     for step in range(steps):
@@ -639,9 +588,8 @@ def _warmup(model, next_batch, steps, lr, log, name, every):
 
 
 def copy_warmup(model, token_ids, steps, seed=0, batch=16, lr=1e-3, log=None):
-    """Give a fresh model the in-context copying every pretrained LM has (induction heads): next-token
-    training on `x1..xn SEP x1..xn`, random tokens, n varying per batch (fixed, it learns a positional
-    shortcut). Without it SFT on the synthetic world never learns to read a name off the results."""
+    """The in-context copying every pretrained LM has: `x1..xn SEP x1..xn` of random tokens, n varying per
+    batch (fixed, it learns a positional shortcut). Without it SFT never learns to read a name off results."""
     g, ids = torch.Generator().manual_seed(seed), torch.as_tensor(token_ids)
 
     def next_batch():
@@ -656,9 +604,8 @@ def copy_warmup(model, token_ids, steps, seed=0, batch=16, lr=1e-3, log=None):
 
 
 def caption_warmup(model, processor, pairs, steps, seed=0, batch=16, lr=1e-3, log=None):
-    """Give a fresh model the sight a pretrained VLM has: next-token training on `pairs` of (PIL image,
-    what it shows) as a user turn with the image and an assistant turn (without it the tiny vision
-    tower stays near chance on colours and shapes through SFT)."""
+    """The sight a pretrained VLM has: (PIL image, caption) `pairs` as a user and an assistant turn
+    (without it the tiny vision tower stays near chance on colours and shapes through SFT)."""
     items = [M.render(processor, [{"role": "user", "content": M.IMAGE + CAPTION_PROMPT},
                                 {"role": "assistant", "content": text}], [im]) for im, text in pairs]
     g = torch.Generator().manual_seed(seed)
@@ -670,10 +617,9 @@ def caption_warmup(model, processor, pairs, steps, seed=0, batch=16, lr=1e-3, lo
 
 def build_tiny(out_dir, texts, seed=0, vocab_size=4096, copy_steps=0, captions=(), caption_steps=0, log=None,
                **size):
-    """Write a random Qwen2.5-VL checkpoint + processor to `out_dir`, loaded by `load()` like a real one
-    (`size`: tiny_config's), after copy_steps of copy_warmup and caption_steps of caption_warmup on
-    `captions` ((PIL image, text) pairs): two skills of pretraining the synthetic world needs."""
-    # the chat template's own words, so that they merge like any frequent text (a real vocabulary has them)
+    """Write a random Qwen2.5-VL checkpoint + processor (`size`: tiny_config's) to `out_dir`, after the
+    copy and caption warm-ups (`captions`: (PIL image, text) pairs)."""
+    # the chat template's own words, so that they merge like any frequent text
     template = M.conversation_text([{"role": "user", "content": "?"}, {"role": "assistant", "content": "."}])[0]
     tok = train_tokenizer(list(texts) + [template.replace("<|im_start|>", "").replace("<|im_end|>", "")] * 200,
                           vocab_size)
@@ -692,15 +638,13 @@ def build_tiny(out_dir, texts, seed=0, vocab_size=4096, copy_steps=0, captions=(
 
 # ----------------------------------------------------------------------------- build
 
-
 def counts(rows):
     c = Counter(r.get("kind") or r["meta"]["kind"] for r in rows)
     return {k: c[k] for k in KINDS if c[k]} | {"total": len(rows)}
 
 
 def build(args, out):
-    """Write the whole world into the (new) folder `out`. Returns (summary, seconds per phase):
-    the summary goes to summary.json, so it holds nothing that changes from run to run."""
+    """Write the world into the new folder `out`. Returns (summary: nothing that varies by run, seconds)."""
     t0 = time.time()
     (out / "images").mkdir(parents=True)
     ents, cities, pools = make_entities(args.n_entities, args.held_out, args.seed)
@@ -730,11 +674,10 @@ def build(args, out):
     for d in distractors:
         near.setdefault(d["of"], []).append(d["name"])
     sft = make_sft(sets["sft"], out, search.make_tools(str(out)), near, args.seed, args.self_correct, args.quiet)
-    tools.write_jsonl(out / "sft.jsonl", sft)
-    tools.write_jsonl(out / "questions_train.jsonl", sets["sft"] + sets["rl"])
-    tools.write_jsonl(out / "rl.jsonl", sets["rl"])
-    tools.write_jsonl(out / "questions_eval.jsonl", sets["eval"])
-    tools.write_jsonl(out / "questions_hard.jsonl", sets["hard"])
+    files = {"sft": sft, "rl": sets["rl"], "questions_train": sets["sft"] + sets["rl"],
+             "questions_eval": sets["eval"], "questions_hard": sets["hard"]}
+    for name, rows in files.items():
+        tools.write_jsonl(out / f"{name}.jsonl", rows)
     seconds = {"world": time.time() - t0}
 
     # checks, from the files just written, through fresh backends (as any later script builds them)
@@ -745,8 +688,7 @@ def build(args, out):
         "build": build_key(args),
         "entities": {"train": len(train), "heldout": len(held), "distractor_names": len(distractors)},
         "corpus_pages": len(corpus), "image_index_rows": len(index.rows), "scenes": len(scene_questions),
-        "files": {"sft": counts(sft), "rl": counts(sets["rl"]), "questions_train": counts(sets["sft"] + sets["rl"]),
-                  "questions_eval": counts(sets["eval"]), "questions_hard": counts(sets["hard"])},
+        "files": {name: counts(rows) for name, rows in files.items()},
         "sft_search_required": sum(t["needs_search"] for t in sft),
         "sft_self_correction": sum(t["self_correction"] for t in sft),
         "teacher": {"attempted": len(sets["sft"]), "reached_gold": len(sft),
@@ -772,8 +714,7 @@ def build(args, out):
 
 
 def install(tmp, out):
-    """Replace our outputs in `out` by the finished build `tmp`. Other files in `out` (a search
-    cache, say) stay; an output this build did not make (tiny/ under --no_tiny) goes."""
+    """Replace our outputs in `out` by `tmp`'s; other files (a search cache) stay."""
     out.mkdir(parents=True, exist_ok=True)
     for name in OUTPUTS:
         old = out / name
@@ -807,17 +748,15 @@ def print_summary(s):
 def main(argv=None):
     args = get_args(argv)
     out = Path(args.out)
-    key = build_key(args)
     summary_path = out / "summary.json"
     if not args.force and summary_path.is_file():
         old = json.loads(summary_path.read_text())
-        if old.get("build") == key:
+        if old.get("build") == build_key(args):
             print(f"make_data: {out} is up to date (same arguments); --force rebuilds it")
             print_summary(old)
             return old
     tmp = out.with_name(f".{out.name}.building")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    shutil.rmtree(tmp, ignore_errors=True)
     summary, seconds = build(args, tmp)
     (tmp / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     install(tmp, out)

@@ -16,14 +16,12 @@ As in the paper, every source question (InfoSeek, or any question JSONL) is play
 with real search tools; a conversation is discarded at its first malformed turn or when it runs out
 of turns, kept when its final answer is right.
 
-It writes under --out (default data_real/): attempts.jsonl (one line per finished item,
-appended as it finishes: the done-set of a resumed run), images/, sft.jsonl (kept trajectories,
-50:50 search-required : search-free, each side balanced across knowledge categories), summary.json
-(counts, discard reasons, calls and tokens; also printed), search_cache.sqlite, judge_cache.sqlite.
-An item that fails for a transient reason (the API failing after its retries, a search backend
-down) gets no line: the next run retries it. What it simplifies: the paper's teacher is Gemini 2.5 Pro
-over private search APIs; ours is any OpenAI-compatible MLLM over our tools (make_data.py's synthetic
-world replaces the web by default, its teacher a script).
+It writes under --out (default data_real/): attempts.jsonl (one line per finished item: the done-set
+of a resumed run; an item that failed transiently gets none and is retried), images/, sft.jsonl (kept
+trajectories, 50:50 search-required : search-free, each side balanced across knowledge categories),
+summary.json (counts, discard reasons, calls and tokens; also printed), search_cache.sqlite,
+judge_cache.sqlite. What it simplifies: the paper's teacher is Gemini 2.5 Pro over private search APIs;
+ours is any OpenAI-compatible MLLM over our tools.
 """
 import argparse
 import base64
@@ -42,8 +40,7 @@ from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 
-# Before numpy loads (through tools): the image index's searches are small mat-vecs, which
-# OpenBLAS threads make ~10x slower on a busy 2-core machine (measured: 9 ms vs 0.9 ms a search).
+# before numpy loads: OpenBLAS threads make the image index's small mat-vecs ~10x slower on 2 busy cores
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 from PIL import Image  # noqa: E402
@@ -70,21 +67,17 @@ TEACHER_SYSTEM = (
     "<text_search>query</text_search>\n"
     "{image_actions}"
     "Answer at once when you are sure; search when the question needs knowledge you may lack.{crop_hint} "
-    "At most {max_turns} replies in all. Search results come back inside <information>...</information>."
-)
+    "At most {max_turns} replies in all. Search results come back inside <information>...</information>.")
 TEACHER_IMAGE_ACTIONS = (
     "<img_search><img></img_search> searches the whole image (at most one image search)\n"
-    "<img_search>[x1, y1, x2, y2]</img_search> searches a crop; the image is {width}x{height} pixels\n"
-)
+    "<img_search>[x1, y1, x2, y2]</img_search> searches a crop; the image is {width}x{height} pixels\n")
 TEACHER_EXPRESSION = "<img_search>object description</img_search> searches the object so described\n"
 CLASSIFY_PROMPT = ("Which category of knowledge does this question ask about?\nQuestion: {question}\n"
                    "Categories: {categories}.\nReply with one category, nothing else.")
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(
-                description="DeepMMSearchVQA: a teacher MLLM (OpenAI-compatible API) plays source questions with our "
-                    "search tools; correct conversations are kept and sampled into sft.jsonl.")
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--source", help="InfoSeek file or question JSONL (the design's format); a category if given")
     p.add_argument("--images", help="InfoSeek/OVEN image folder (files <image_id>.jpg, any sub-folder)")
     p.add_argument("--n_source", type=int, default=0, help="a random (seeded) subset of the source; 0: all")
@@ -117,8 +110,8 @@ def get_args(argv=None):
 
 
 def teacher_system(size, grounder=False):
-    """The teacher's system prompt (the student never sees it): the protocol, and the image's size in
-    the pixels the teacher sees (its crop boxes are in them); size None: no image."""
+    """The teacher's system prompt (never the student's): the protocol and the image's size as the
+    teacher sees it (its crop boxes are in those pixels); size None: no image."""
     if size is None:
         return TEACHER_SYSTEM.format(about="", image_actions="", crop_hint="", max_turns=MAX_TURNS)
     actions = TEACHER_IMAGE_ACTIONS.format(width=size[0], height=size[1])
@@ -128,9 +121,8 @@ def teacher_system(size, grounder=False):
 
 
 def teacher_content(text, images):
-    """A user turn for the teacher: our text with each "<image>" placeholder replaced, in order, by an
-    image part (OpenAI's image_url format), a JPEG re-encoded from the decoded pixels so that no EXIF
-    rotation makes the teacher see other coordinates than the crop will use."""
+    """A user turn for the teacher: each "<image>" of `text` becomes an image_url part, a JPEG re-encoded
+    from the decoded pixels (no EXIF rotation: the teacher sees the coordinates the crop will use)."""
     parts = []
     for i, piece in enumerate(text.split("<image>")):
         if i:
@@ -144,9 +136,8 @@ def teacher_content(text, images):
 
 
 def normalise_turn(text, finish_reason, scale=1.0, stop_used=True):
-    """The teacher's reply -> (Action in the teacher's pixels, Action in the original image's pixels),
-    or (invalid Action, None). Whatever surrounds the reason and the action is dropped; a missing or
-    empty <reason> is invalid (the SFT data teaches the format)."""
+    """The teacher's reply -> (Action in the teacher's pixels, Action in the original's), or (invalid
+    Action, None). Text around the reason and the action is dropped; a missing <reason> is invalid."""
     if stop_used and finish_reason == "stop" and not text.rstrip().endswith(tools.ACTION_END_TAGS):
         # OpenAI-style servers drop the stop string they cut at: close the last opened action tag
         start, kind = max((text.rfind(f"<{k}>"), k) for k in tools.ACTION_KINDS)
@@ -171,13 +162,11 @@ def parse_category(reply, categories):
 
 # ----------------------------------------------------------------------------- the source and the log
 
-
 def load_source(path, images=None, n_source=0, seed=0):
-    """Source questions -> (rows in the design's question format, with meta["category"] when the source
-    has a "category", stats). InfoSeek (benchmarks.load_infoseek; `images` holds <image_id>.jpg) when its rows
-    have data_id and image_id, else a question JSONL (tools.load_questions). Rows without answers, an
-    InfoSeek record that is malformed or without its image file, and a repeated id are skipped;
-    n_source > 0 keeps a random (seeded) subset of that many, in source order."""
+    """Source questions -> (question rows, with meta["category"] when the source has one; stats).
+    InfoSeek when its rows have data_id and image_id (`images` holds <image_id>.jpg), else a question
+    JSONL. Skips rows without answers, malformed InfoSeek records or their missing images, repeated ids;
+    n_source > 0 keeps a seeded random subset of that many, in source order."""
     path = Path(path)
     raw = [r for r in read_records(path) if isinstance(r, dict)]
     fmt = "infoseek" if raw and {"data_id", "image_id"} <= set(raw[0]) else "questions"
@@ -188,7 +177,7 @@ def load_source(path, images=None, n_source=0, seed=0):
         rows = tools.load_questions(path)
     skipped, kept, seen = Counter(), [], set()
     for row in rows:
-        if "skipped" in row:  # a record the InfoSeek loader could not read (a missing field, a wrong type)
+        if "skipped" in row:  # a record the InfoSeek loader could not read
             skipped["malformed"] += 1
             continue
         row["id"] = str(row["id"])
@@ -216,9 +205,8 @@ def load_source(path, images=None, n_source=0, seed=0):
 
 
 def read_attempts(path):
-    """The finished items of previous runs, in order. A last line without its newline (a process
-    killed mid-write) is cut off the file, so that the next append starts a clean line; a bad line
-    is skipped with a warning (its item is simply done again)."""
+    """The finished items of previous runs. A last line without its newline (a kill mid-write) is cut
+    off, so the next append starts a clean line; a bad line is skipped with a warning (its item redone)."""
     if not os.path.exists(path):
         return []
     with open(path, "rb+") as f:
@@ -232,19 +220,15 @@ def read_attempts(path):
 
 
 def append_record(log, record):
-    """One line of the attempts log (an open file), in a single write, flushed before the item is taken
-    as done: a kill leaves at most a partial last line, which read_attempts cuts."""
+    """One line of the attempts log, one write, flushed: a kill leaves at most a partial last line."""
     log.write(json.dumps(record, ensure_ascii=False) + "\n")
     log.flush()
 
 
 # ----------------------------------------------------------------------------- one item
 
-
 @dataclasses.dataclass
 class RealContext:
-    """What every worker shares."""
-
     meter: tools.Meter  # this run's calls, tokens and tool actions, of every client and tool
     teacher: tools.ChatClient
     classifier: tools.ChatClient  # asks a kept question's category when the source has none
@@ -257,13 +241,10 @@ class RealContext:
 
 
 def play_item(q, ctx):
-    """Play one question with the teacher and the real tools; returns its attempt record (kept or
-    discarded). Raises tools.TransientError when it could not be finished (no record: a rerun retries it).
-
-    The trajectory: user 1 = tools.initial_prompt (with its "<image>" placeholder), then per turn the
-    teacher's reply normalised to <reason>..</reason> + one action (Action.render), then the observation
-    exactly as Tools.execute returns it. The teacher sees the same conversation (in its own pixels when
-    the image is downscaled for it), images as data URLs, and a system prompt."""
+    """Play one question with the teacher and the real tools -> its attempt record (kept or discarded);
+    tools.TransientError when it could not be finished (a rerun retries it). The trajectory: the initial
+    prompt, then per turn the teacher's reply as Action.render() and the observation as Tools.execute
+    returns it. The teacher sees the same conversation (in its own pixels) behind a system prompt."""
     usage = tools.Meter()  # this item's calls and tokens, kept in its record (summed over all runs)
 
     def discard(reason, turns, detail=""):
@@ -306,8 +287,8 @@ def play_item(q, ctx):
             return discard("turn_limit", turn, f"turn {turn} is a {action.kind}, not an answer")
         calls = state.n_calls
         obs = ctx.tools.execute(action, image, state)
-        # refused: a second image search, a box outside the image, no calls left (n_calls did not
-        # move); "No results" is a usable observation, a search failed after its retries is transient
+        # refused (n_calls did not move): a second image search, a box outside the image, no calls left;
+        # "No results" is a usable observation, a search failed after its retries is transient
         refused = obs.error and state.n_calls == calls
         group = "text_search" if action.kind == "text_search" else "image_search"
         fields = {"calls": 1, "refused": int(refused)}  # calls include the search cache's hits
@@ -347,7 +328,6 @@ def play_item(q, ctx):
 
 
 def classify(q, client, usage):
-    """The question's knowledge category, asked of the classifier, text only."""
     prompt = CLASSIFY_PROMPT.format(question=q["question"], categories=", ".join(CATEGORIES))
     try:
         text, u, _ = client.chat([{"role": "user", "content": prompt}], max_tokens=16)
@@ -360,10 +340,8 @@ def classify(q, client, usage):
 
 # ----------------------------------------------------------------------------- sampling
 
-
 def quotas(avail, k, rng):
-    """Split k among categories as evenly as their sizes allow (max-min fair): every category gets the
-    same share, a category with fewer items gives the rest to the others. avail: {category: n}."""
+    """Split k among categories ({category: n available}) max-min fairly: a small one's rest goes to others."""
     quota = {c: 0 for c in avail}
     remaining = min(k, sum(avail.values()))
     open_ = sorted(c for c in avail if avail[c] > 0)
@@ -382,14 +360,11 @@ def quotas(avail, k, rng):
 
 
 def sample_sft(kept, n, seed=0):
-    """Choose the SFT set from kept records (dicts with id, category, needs_search): half of it
-    search-required and half search-free, exactly (when one side is short the whole set shrinks, so
-    the ratio holds), each side balanced across categories. Deterministic for a seed whatever the
-    order of `kept` (the log's order depends on thread timing). Returns (chosen ids in a seeded
-    shuffled order, info)."""
-    sides = {True: [], False: []}
-    for r in sorted(kept, key=lambda r: r["id"]):
-        sides[bool(r["needs_search"])].append(r)
+    """The SFT set from kept records: exactly half search-required (a short side shrinks the whole set),
+    each side balanced across categories; the same for a seed whatever the order of `kept` (thread
+    timing). Returns (chosen ids in a seeded shuffled order, info)."""
+    kept = sorted(kept, key=lambda r: r["id"])
+    sides = {side: [r for r in kept if bool(r["needs_search"]) == side] for side in (True, False)}
     total = min(n, 2 * len(sides[True]), 2 * len(sides[False]))
     want = {True: round(total * 0.5), False: total - round(total * 0.5)}
     chosen, by_category = [], {}
@@ -410,8 +385,7 @@ def sample_sft(kept, n, seed=0):
 
 
 def write_sft(out, records, n, seed):
-    """Sample the kept records and write out/sft.jsonl (the design's format, image paths relative to
-    `out`); returns the sample's info."""
+    """Sample the kept records into out/sft.jsonl (image paths relative to `out`); returns the info."""
     kept = {r["id"]: r for r in records if r["status"] == "kept"}
     ids, info = sample_sft(kept.values(), n, seed)
     rows = []
@@ -426,7 +400,6 @@ def write_sft(out, records, n, seed):
 
 # ----------------------------------------------------------------------------- the run
 
-
 def metered(fn, meter, group, field="calls", lock=contextlib.nullcontext()):
     """fn, counting each call in meter[group][field], run inside `lock`."""
     def call(*args):
@@ -437,8 +410,7 @@ def metered(fn, meter, group, field="calls", lock=contextlib.nullcontext()):
 
 
 def build_real_context(args, out, meter):
-    """The teacher, the classifier and the judge (one rate gate: one API's limit) and the tools, every
-    call counted in `meter`."""
+    """The teacher, classifier and judge (one API: one rate gate) and the tools, every call counted."""
     grounder = False  # real photos: GroundingDINO or none, never the synthetic world's
     if args.grounder:  # one torch model shared by the worker threads: one call at a time
         grounder = search.GroundingDinoGrounder(args.grounder)
@@ -466,8 +438,8 @@ def build_real_context(args, out, meter):
 
 
 def play_all(todo, ctx, log, workers, quiet=False):
-    """Play `todo` on a bounded thread pool; the main thread appends each finished record to `log`, the
-    attempts file (one writer: lines never interleave). Returns this run's counts."""
+    """Play `todo` on a bounded thread pool; the main thread alone appends finished records to `log`.
+    Returns this run's counts."""
     run = {"attempted": 0, "kept": 0, "discarded": 0, "errors": Counter(), "seconds": 0.0}
     t0 = time.time()
     bar = tqdm(total=len(todo), desc="teacher", unit="item", disable=quiet, dynamic_ncols=True)
@@ -513,8 +485,7 @@ def play_all(todo, ctx, log, workers, quiet=False):
 
 
 def real_summary(records, source, sample, run, meter, args):
-    """summary.json: everything is counted over the whole log (all runs so far), except `this_run` and
-    `cost.this_run` (the calls and tokens this process spent, failures included)."""
+    """summary.json: counts over the whole log, except `this_run` and `cost.this_run` (this process)."""
     kept = [r for r in records if r["status"] == "kept"]
     reasons = Counter(r["reason"] for r in records if r["status"] == "discarded")
     cost_all = tools.Meter()
@@ -569,7 +540,6 @@ def print_real_summary(s):
 
 
 def main(argv=None):
-    """Play, sample, summarize. Returns the summary."""
     args = get_args(argv)
     out = Path(args.out)
     (out / "images").mkdir(parents=True, exist_ok=True)
