@@ -378,12 +378,9 @@ def clean_results(results):
 
 def format_results(results, max_words=30):
     """One "title: snippet" line per result, snippets cut to `max_words` words."""
-    lines = []
-    for r in results:
-        title = " ".join(str(r.get("title") or r.get("id") or "").split())
-        snippet = " ".join(str(r.get("text") or "").split()[:max_words])
-        lines.append(f"{title}: {snippet}" if snippet else title)
-    return "\n".join(lines)
+    pairs = [(" ".join(str(r.get("title") or r.get("id") or "").split()),
+              " ".join(str(r.get("text") or "").split()[:max_words])) for r in results]
+    return "\n".join(f"{title}: {snippet}" if snippet else title for title, snippet in pairs)
 
 
 # ----------------------------------------------------------------------------- the OpenAI-compatible chat client
@@ -526,8 +523,8 @@ def _content_text(content):
 
 
 class ChatSummarizer:
-    """`summarizer(query, results) -> str` through a chat endpoint (key from OPENAI_API_KEY). When it
-    fails, the plain results are used, with a warning: the model still gets its information."""
+    """`summarizer(query, results) -> str` through a chat endpoint (key from OPENAI_API_KEY); when it
+    fails, the plain results, with a warning."""
 
     max_words = 60  # of the summary
 
@@ -647,8 +644,7 @@ class Tools:
         return self._observation("img_search", label, results, IMAGE_SEARCH_PROMPT, images, box)
 
     def _search(self, backend, kind, key, query):
-        """backend.search(query)'s results, cached under `key`, cleaned before the cache sees them and
-        again after (an old cache file may hold anything)."""
+        """backend.search(query), cached under `key`; cleaned before and after the cache (old files)."""
         name, fetch = f"{backend.name}/{kind}", lambda: clean_results(backend.search(query, self.topk))
         return fetch() if self.cache is None else clean_results(self.cache.lookup(name, key, self.topk, fetch))
 
