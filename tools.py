@@ -1,9 +1,8 @@
-"""The agent's side of the world: the action format and its parser, prompts, crop, the search cache
-and the results the model reads, the chat client, and `Tools.execute`, which runs one action within
-the budgets and returns the next user turn. Every failure (a bad box, a timeout, HTTP errors after
-retries, no results, a second image search) is an observation that tells the model what went wrong:
-nothing raises into the rollout. The backends it calls are search.py's (`search.make_tools` builds a
-`Tools`); the search service is serve.py. No torch here.
+"""The agent's side of the world: the action parser and prompts, crop, the search cache and the
+results the model reads, the chat client, and `Tools.execute`, which runs one action within the
+budgets and returns the next user turn. Every failure is an observation that tells the model what went
+wrong: nothing raises into the rollout. The backends are search.py's (`search.make_tools` builds a
+`Tools`). No torch here.
 """
 
 import contextlib
@@ -28,9 +27,9 @@ from PIL import Image
 # ----------------------------------------------------------------------------- JSONL files and questions
 
 def read_jsonl(path, strict=False, required=(), check=None):
-    """Rows of a JSONL file. A bad line (not UTF-8, not JSON, not an object, lacking a `required`
-    key, or refused by `check(row)`, which raises ValueError saying why and may return the row
-    fixed) is skipped with a warning naming `path:lineno`, or raises ValueError when strict."""
+    """Rows of a JSONL file. A bad line (not UTF-8 JSON, not an object, lacking a `required` key, or
+    refused by `check(row)`, which raises ValueError or returns the row fixed) is skipped with a
+    warning naming `path:lineno`, or raises ValueError when strict."""
     rows = []
     with open(path, "rb") as f:
         for lineno, line in enumerate(f, 1):
@@ -52,8 +51,7 @@ def read_jsonl(path, strict=False, required=(), check=None):
 
 @contextlib.contextmanager
 def atomic_path(path):
-    """A temporary path beside `path` that replaces it once the block succeeds: readers (and a run
-    resumed after a kill) never see half a file."""
+    """A temporary path that replaces `path` once the block succeeds: nobody sees half a file."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
@@ -65,7 +63,6 @@ def atomic_path(path):
 
 
 def write_jsonl(path, rows):
-    """Write rows atomically."""
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
 
@@ -75,8 +72,8 @@ def _scalar(value):
 
 
 def check_question(row):
-    """A question row checked (ValueError naming the field) and normalised: id and answers as text
-    (a bare answer is a list of one), needs_search and meta True and {} when absent."""
+    """A question row checked (ValueError naming the field) and normalised: id and answers as text,
+    a bare answer a list of one, needs_search True and meta {} when absent."""
     answers = [row["answers"]] if _scalar(row["answers"]) else row["answers"]
     if not _scalar(row["id"]) or isinstance(row["id"], float):
         raise ValueError(f"'id' must be a string or an integer, got {row['id']!r:.40}")
@@ -96,7 +93,7 @@ def check_question(row):
 
 def load_questions(path):
     """Checked question rows, "image" made absolute (or None); bad rows are skipped with a warning,
-    and a file with no usable question is a ValueError, before any work."""
+    a file with no usable question is a ValueError."""
     base = os.path.dirname(os.path.abspath(path))
     rows = read_jsonl(path, required=("id", "question", "answers"), check=check_question)
     if not rows:
@@ -109,11 +106,9 @@ def load_questions(path):
 # ----------------------------------------------------------------------------- prompts (appendix E.1's structure)
 
 def neutralize(text):
-    """Text from outside (a result, a summary, an upstream error, a question) made inert for the chat
-    format: every "<" becomes U+2039 "‹". Every control token of Qwen's vocabulary and every piece of
-    our markup begins with "<", so a page can neither open or close a turn nor claim an image; NFC
-    and NFKC leave U+2039 as it is (the fullwidth U+FF1C would become "<" again). Our own markup is
-    added after this, so it stays intact."""
+    """Outside text (a result, an error, a question) made inert: every "<" becomes U+2039 "‹", since
+    every Qwen control token and all our markup begin with "<". NFKC keeps U+2039 (the fullwidth
+    U+FF1C would become "<" again). Our own markup is added after this."""
     return str(text).replace("<", "\u2039")
 
 
@@ -154,7 +149,7 @@ class Action:
     error: str = ""  # for invalid: a message the model can read
 
     def render(self):
-        """The assistant text for this action (inverse of parse_action): used to write SFT turns."""
+        """The assistant text for this action (inverse of parse_action), for SFT turns."""
         arg = self.arg
         if self.kind == "img_search" and (self.whole or self.box is not None):
             arg = "<img>" if self.whole else "[" + ", ".join(str(v) for v in self.box) + "]"
@@ -162,10 +157,9 @@ class Action:
 
 
 def parse_action(text):
-    """One assistant turn, `<reason>...</reason>` then one action at the very end, as an Action;
-    anything malformed is an `invalid` Action whose `error` tells the model what to fix. Never
-    raises, and linear time on any input (find/rfind/endswith and `in`, no regular expression):
-    megabytes of junk from an untrained policy cost milliseconds."""
+    """One assistant turn, `<reason>...</reason>` then one action at the very end, as an Action; anything
+    malformed is an `invalid` Action whose `error` tells the model what to fix. Never raises; linear time
+    (no regular expression): megabytes of junk from an untrained policy cost milliseconds."""
     if not isinstance(text, str):
         return Action("invalid", error="Invalid reply: not text.")
     end, token = len(text), True  # trailing space and end tokens dropped by moving an index, not slicing
@@ -231,8 +225,8 @@ MIN_CROP = 28  # one Qwen2.5-VL vision patch (14 px, merged 2x2): a smaller crop
 
 
 def clamp_box(box, size):
-    """A box clamped to an image of `size` (W, H), grown around its centre to at least MIN_CROP
-    pixels per side: ((x1, y1, x2, y2) ints, "") or (None, message for the model)."""
+    """A box clamped to an image of `size` (W, H), grown around its centre to at least MIN_CROP pixels
+    per side: ((x1, y1, x2, y2) ints, "") or (None, message for the model)."""
     values, error = _four_numbers(box)
     if error:
         return None, error
@@ -254,7 +248,7 @@ def clamp_box(box, size):
 
 
 def crop(image, box):
-    """(crop, "") or (None, message for the model). See clamp_box for the rules."""
+    """(crop, "") or (None, message for the model), by clamp_box's rules."""
     used, message = clamp_box(box, image.size)
     return (None, message) if used is None else (image.crop(used), "")
 
@@ -280,20 +274,18 @@ def _png_bytes(image):
 
 
 def image_hash(image):
-    """Content hash of an image's pixels (not of an encoding, which varies between PIL versions)."""
+    """Hash of the pixels (not of an encoding, which varies between PIL versions)."""
     rgb = _rgb(image)
     return hashlib.sha256(f"{rgb.size}".encode() + rgb.tobytes()).hexdigest()
 
 
 def _detail(text, secret=None, limit=200):
-    """Upstream text for an error message: the secret masked first, then cut (cut first, a key
-    straddling the cut would lose its tail and no longer match the mask)."""
+    """Upstream text for an error message: the secret masked, then cut (a key cut first would escape)."""
     return (str(text).replace(secret, "***") if secret else str(text))[:limit]
 
 
 def retry_after_seconds(value):
-    """Seconds a Retry-After header (delta-seconds or an HTTP date) asks to wait, at most 600; None
-    when absent or unreadable."""
+    """Seconds a Retry-After header (seconds or an HTTP date) asks, at most 600; None if unreadable."""
     if not value:
         return None
     try:
@@ -310,10 +302,9 @@ def retry_after_seconds(value):
 
 class SearchCache:
     """SQLite cache of search results (and eval's judge verdicts), keyed by (backend, query or image
-    hash, k). Modes: "off" (always run), "rw" (read, and write what was missing), "replay" (a miss
-    is a SearchError: a replayed evaluation makes no network call). Processes may share one file:
-    WAL journal, a busy timeout (writers queue), INSERT OR REPLACE (two ranks caching one query is
-    harmless). An empty list is never stored: it is often transient (a rate limit, a rebuild)."""
+    hash, k). Modes: "off", "rw" (write what was missing), "replay" (a miss is a SearchError: no
+    network call). Processes may share the file (WAL, a busy timeout, INSERT OR REPLACE). An empty
+    list is never stored: it is often transient (a rate limit, a rebuild)."""
 
     MODES = ("off", "rw", "replay")
 
@@ -330,7 +321,6 @@ class SearchCache:
         if self._conn is None or self._pid != os.getpid():  # a forked child must not reuse its parent's
             os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
             self._conn = sqlite3.connect(self.path, timeout=60, isolation_level=None, check_same_thread=False)
-            self._conn.execute("PRAGMA busy_timeout=60000")
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute("CREATE TABLE IF NOT EXISTS search (key TEXT PRIMARY KEY, backend TEXT, query TEXT,"
                                " k INTEGER, results TEXT NOT NULL, created REAL)")
@@ -368,10 +358,9 @@ class SearchCache:
 
 
 def clean_results(results):
-    """A backend's results, checked before they are cached or shown: objects whose id, title, text and
-    url are text (numbers written out, None as ""); any other entry, or one that shows nothing, is
-    dropped. SearchError for a reply that is not a list, or of which nothing is left: malformed
-    results must not be cached and replayed forever."""
+    """A backend's results, checked before they are cached or shown: id, title, text and url as text
+    (numbers written out, None as ""); other entries, or ones that show nothing, dropped. SearchError
+    for a non-list or nothing left: malformed results must not be cached and replayed forever."""
     if not isinstance(results, (list, tuple)):
         raise SearchError(f"the search backend's results are a {type(results).__name__}, not a list")
     clean = []
@@ -389,12 +378,9 @@ def clean_results(results):
 
 def format_results(results, max_words=30):
     """One "title: snippet" line per result, snippets cut to `max_words` words."""
-    lines = []
-    for r in results:
-        title = " ".join(str(r.get("title") or r.get("id") or "").split())
-        snippet = " ".join(str(r.get("text") or "").split()[:max_words])
-        lines.append(f"{title}: {snippet}" if snippet else title)
-    return "\n".join(lines)
+    pairs = [(" ".join(str(r.get("title") or r.get("id") or "").split()),
+              " ".join(str(r.get("text") or "").split()[:max_words])) for r in results]
+    return "\n".join(f"{title}: {snippet}" if snippet else title for title, snippet in pairs)
 
 
 # ----------------------------------------------------------------------------- the OpenAI-compatible chat client
@@ -412,11 +398,7 @@ class ApiRejected(RuntimeError):
 
 
 class ApiFatal(RuntimeError):
-    """The API refuses every request (HTTP 401, 403, 404: a wrong key, URL or model): the run stops
-    rather than mark every item as done."""
-
-
-FATAL_STATUS = (401, 403, 404)
+    """The API refuses every request (HTTP 401, 403, 404: a wrong key, URL or model): the run stops."""
 
 
 class Meter:
@@ -437,8 +419,7 @@ class Meter:
 
 
 class RateGate:
-    """When the next request may go: a 429's Retry-After holds back every thread (and every client)
-    sharing the gate, since hammering a rate limit only extends it."""
+    """When the next request may go: a 429's Retry-After holds back every client sharing the gate."""
 
     def __init__(self):
         self._lock, self._not_before = threading.Lock(), 0.0
@@ -459,12 +440,10 @@ def public_url(url):
 
 
 class ChatClient:
-    """A client of any OpenAI-compatible /chat/completions endpoint (vLLM, a hosted API): the
-    summarizer, eval's judge and make_data's teacher. Timeouts, connection errors, malformed replies,
-    HTTP 5xx and 429 are retried with exponential backoff and jitter (a 429's Retry-After holds back
-    every thread sharing the `gate`); 401/403/404 raise ApiFatal (the run stops), other 4xx
-    ApiRejected (the item is discarded). The key, read once from the environment variable
-    `api_key_env`, only travels in the Authorization header. Outcomes and tokens go to `meter`."""
+    """A client of any OpenAI-compatible /chat/completions endpoint: the summarizer, eval's judge and
+    make_data's teacher. Timeouts, connection errors, malformed replies, 5xx and 429 are retried with
+    backoff and jitter (or the gate's Retry-After); 401/403/404 raise ApiFatal, other 4xx ApiRejected.
+    The key (from env `api_key_env`) only travels in the Authorization header; counts go to `meter`."""
 
     def __init__(self, url, model, meter=None, name="teacher", api_key_env="OPENAI_API_KEY", timeout=300.0,
                  retries=6, backoff=2.0, max_backoff=60.0, gate=None):
@@ -477,9 +456,6 @@ class ChatClient:
 
     def __repr__(self):  # never shows the key
         return f"ChatClient({self.name}, {self.model!r} at {public_url(self.endpoint)})"
-
-    def _redact(self, text):
-        return text.replace(self._key, "***") if self._key else text
 
     def chat(self, messages, max_tokens=1024, temperature=None, stop=None):
         """(text, usage {prompt_tokens, completion_tokens, total_tokens}, finish_reason)."""
@@ -509,12 +485,12 @@ class ChatClient:
                     hold = retry_after_seconds(response.headers.get("Retry-After"))
                 elif status >= 500:
                     last, event = f"HTTP {status}", "server_errors"
-                elif status in FATAL_STATUS:
+                elif status in (401, 403, 404):  # a wrong key, URL or model: every request will fail
                     raise ApiFatal(f"{self.name} at {public_url(self.endpoint)}: HTTP {status}: "
-                                   f"{self._redact(response.text[:300])} (check the URL, the model and the key)")
+                                   f"{_detail(response.text, self._key, 300)} (check the URL, the model and the key)")
                 elif status != 200:
                     self.meter.add(self.name, rejected=1)
-                    raise ApiRejected(f"HTTP {status}: {self._redact(response.text[:300])}")
+                    raise ApiRejected(f"HTTP {status}: {_detail(response.text, self._key, 300)}")
                 else:
                     try:
                         reply = response.json()
@@ -540,15 +516,15 @@ class ChatClient:
 
 
 def _content_text(content):
-    """A chat message's content as text (a string, or a list of {"type": "text", "text"} parts)."""
+    """A message's content as text: a string, or a list of {"type": "text", "text"} parts."""
     if isinstance(content, list):
         return "".join(p.get("text", "") for p in content if isinstance(p, dict))
     return content if isinstance(content, str) else ""
 
 
 class ChatSummarizer:
-    """`summarizer(query, results) -> str` through a chat endpoint (key from OPENAI_API_KEY). When it
-    fails, the plain results are used, with a warning: the model still gets its information."""
+    """`summarizer(query, results) -> str` through a chat endpoint (key from OPENAI_API_KEY); when it
+    fails, the plain results, with a warning."""
 
     max_words = 60  # of the summary
 
@@ -627,17 +603,14 @@ class Tools:
             return _failure(action.kind, f"Unknown action {action.kind!r}.")
         if state.n_calls >= self.max_calls:
             return _failure(action.kind, f"No tool calls left (at most {self.max_calls}). Answer now.")
-        if action.kind == "text_search":
-            return self._text_search(" ".join(action.arg.split()), state)
-        return self._image_search(action, image, state)
-
-    def _text_search(self, query, state):
+        if action.kind == "img_search":
+            return self._image_search(action, image, state)
         if self.text_backend is None:
             return _failure("text_search", "Text search is not available. Answer now.")
+        query = " ".join(action.arg.split())
         state.n_text_search += 1
         state.n_calls += 1
-        backend = self.text_backend
-        results = self._cached(f"{backend.name}/text", query, lambda: backend.search(query, self.topk))
+        results = self._search(self.text_backend, "text", query, query)
         return self._observation("text_search", query, results, TEXT_SEARCH_PROMPT)
 
     def _image_search(self, action, image, state):
@@ -665,18 +638,15 @@ class Tools:
         state.n_img_search += 1
         state.n_crop += box is not None
         state.n_calls += 1
-        backend = self.image_backend
-        results = self._cached(f"{backend.name}/image", "image:" + image_hash(query_image),
-                               lambda: backend.search(query_image, self.topk))
+        results = self._search(self.image_backend, "image", "image:" + image_hash(query_image), query_image)
         images = [query_image] if self.attach == "crop" and box is not None else []
         label = "the whole image" if box is None else f"the crop {list(box)}"
         return self._observation("img_search", label, results, IMAGE_SEARCH_PROMPT, images, box)
 
-    def _cached(self, backend, query, run):
-        """run()'s results, cleaned before the cache sees them; a cached list is cleaned again (a file
-        written before results were checked may hold anything)."""
-        fetch = lambda: clean_results(run())  # noqa: E731
-        return fetch() if self.cache is None else clean_results(self.cache.lookup(backend, query, self.topk, fetch))
+    def _search(self, backend, kind, key, query):
+        """backend.search(query), cached under `key`; cleaned before and after the cache (old files)."""
+        name, fetch = f"{backend.name}/{kind}", lambda: clean_results(backend.search(query, self.topk))
+        return fetch() if self.cache is None else clean_results(self.cache.lookup(name, key, self.topk, fetch))
 
     def _observation(self, kind, query, results, prompt, images=(), box=None):
         if not results:  # the query is the model's own, but echoing "<image>" would still be a placeholder
