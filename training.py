@@ -175,7 +175,7 @@ def save(model, processor, out_dir, meta, state_dict=None, train_state=None, ada
                     os.fsync(fh.fileno())
         # side files -> .keep, out_dir -> .old, tmp -> out_dir, side files back: one rename each, `recover`
         # finishes from between any two
-        keep, old = _side(out_dir, "keep"), _side(out_dir, "old")
+        keep, old = (out_dir.with_name(f".{out_dir.name}.{s}") for s in ("keep", "old"))
         if out_dir.exists():
             keep.mkdir(exist_ok=True)
             for name in SIDE_FILES:
@@ -191,14 +191,10 @@ def save(model, processor, out_dir, meta, state_dict=None, train_state=None, ada
     return out_dir
 
 
-def _side(out_dir, what):
-    return out_dir.with_name(f".{out_dir.name}.{what}")
-
-
 def recover(out_dir):
     """Finish a swap that a kill interrupted (rank 0, before anything reads out_dir)."""
     out_dir = Path(out_dir)
-    keep, old = _side(out_dir, "keep"), _side(out_dir, "old")
+    keep, old = (out_dir.with_name(f".{out_dir.name}.{s}") for s in ("keep", "old"))
     if not out_dir.exists() and old.is_dir():
         os.replace(old, out_dir)
     shutil.rmtree(old, ignore_errors=True)
