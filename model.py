@@ -1,16 +1,13 @@
 """model.py: one way to load a Qwen2.5-VL model and one way to turn a conversation into tokens.
 
-What must agree between rollout, SFT, RL and eval lives here: loading (a real Qwen2.5-VL folder or
-our tiny random checkpoint, through the same code path), `render` (a conversation to token ids and
-loss mask: the only place that builds them), M-RoPE positions of any chunk of a sequence, per-token
-log-probs, batching (and the layout that forwards a GRPO group's prompt once), torchrun helpers,
-precision and run logs. What only training needs (LoRA, checkpoints, DDP / FSDP2) is training.py;
-the tiny checkpoint is built by make_data.py.
+What rollout, SFT, RL and eval must agree on: loading (a real Qwen2.5-VL folder or our tiny one, one code
+path), `render` (the only place that builds token ids and loss mask), M-RoPE positions of any chunk,
+per-token log-probs, batching (and the layout that forwards a GRPO group's prompt once), torchrun helpers,
+precision, run logs. LoRA, checkpoints and DDP / FSDP2: training.py.
 
 Rendering rule: the text is exactly Qwen2.5-VL's chat template; each `<|image_pad|>` becomes
 (t*h*w)/merge^2 copies, as the processor does; a token is trained (loss_mask=1) iff it starts inside
-an assistant message's content or is the `<|im_end|>` that closes it. System and user text,
-`<information>` tool results (user turns), image tokens and assistant headers never are.
+an assistant message's content or is the `<|im_end|>` that closes it.
 """
 import contextlib
 import datetime
@@ -19,6 +16,7 @@ import os
 import platform
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -41,15 +39,14 @@ SPECIAL_TOKENS = [
     "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
 ]
 CHAT_TEMPLATE_FILE = "qwen2_5_vl_chat_template.jinja"
-VISION_BLOCK = "<|vision_start|><|image_pad|><|vision_end|>"
 SHARED_ATTN, CPU_ATTN = "shared_prompt", "sdpa_cpu_decode"  # our attention functions' names in transformers
 
 
 # ----------------------------------------------------------------------------- loading
 
 class Processor:
-    """Tokenizer + image processor, reading and writing the real processor's files (transformers'
-    Qwen2_5_VLProcessor also wants a video processor, which imports torchvision)."""
+    """Tokenizer + image processor with the real processor's files (transformers' own also wants a video
+    processor, which imports torchvision)."""
 
     MAX_PIXELS = 1280 * 28 * 28  # Qwen's recommended cap: at most 1280 image tokens per image
 
@@ -62,8 +59,8 @@ class Processor:
 
     @classmethod
     def from_pretrained(cls, path, max_pixels=None):
-        """max_pixels: the most pixels an image is resized to. None: the folder's value, capped at
-        MAX_PIXELS (the hub's own 12,845,056 would turn one photo into up to 16,384 tokens)."""
+        """max_pixels: the most pixels an image is resized to; None: the folder's value capped at MAX_PIXELS
+        (the hub's own 12,845,056 would turn one photo into up to 16,384 tokens)."""
         tok, ip = AutoTokenizer.from_pretrained(path), Qwen2VLImageProcessorPil.from_pretrained(path)
         lo = ip.size.shortest_edge  # this processor keeps min/max pixels as shortest/longest_edge
         hi = max_pixels if max_pixels is not None else min(ip.size.longest_edge, cls.MAX_PIXELS)
@@ -80,8 +77,8 @@ class Processor:
         self.image_processor.save_pretrained(out_dir)
 
     def images(self, images, pixels=True):
-        """PIL images -> (pixel_values (P, C*t*p*p), image_grid_thw (N, 3)) or (None, None). pixels=False:
-        (None, the grids) from the images' sizes alone (the processor's own smart_resize), no pixel touched."""
+        """PIL images -> (pixel_values (P, C*t*p*p), image_grid_thw (N, 3)), or (None, None) without images.
+        pixels=False: (None, the grids) from the images' sizes alone (the processor's own smart_resize)."""
         if not images:
             return None, None
         if not pixels:
@@ -103,10 +100,8 @@ class Processor:
 
 
 def gqa_decode(query, key, value, mask, scale):
-    """One-token attention, grouped-query, as two matmuls: the H / KV query heads that share a KV head
-    are the rows of one product with its keys, so each key is read once, never repeated (SDPA with a
-    mask copies every head). query (b, H, 1, d), key/value (b, KV, T, d), mask (b, 1, 1, T) bool
-    (True: attend) -> (b, 1, H, d). Softmax in fp32."""
+    """One-token grouped-query attention, each key read once (SDPA with a mask copies it per head). query
+    (b, H, 1, d), key/value (b, KV, T, d), mask (b, 1, 1, T) bool (True: attend) -> (b, 1, H, d)."""
     b, H, _, d = query.shape
     kv = key.shape[1]
     s = torch.matmul(query.reshape(b, kv, H // kv, d), key.transpose(-1, -2)).float() * scale  # (b, KV, rep, T)
@@ -152,9 +147,8 @@ def _check_folder(path):
 
 
 def load(path, device=None, dtype=None, log=print, max_pixels=None):
-    """Any local Qwen2.5-VL checkpoint folder (HF layout) -> (model, processor). Defaults: cuda if
-    available, bf16 there and fp32 on CPU; max_pixels: see Processor.from_pretrained. Attention:
-    flash-attn on CUDA when it imports, else SDPA (on CPU with gqa_decode's decode step)."""
+    """A Qwen2.5-VL checkpoint folder (HF layout) -> (model, processor); default bf16 on CUDA, fp32 on CPU.
+    Attention: flash-attn on CUDA if it imports, else SDPA (gqa_decode on CPU)."""
     _check_folder(path)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or (torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32)
@@ -186,16 +180,15 @@ def default_checkpoint(data="data"):
 
 
 def chat_template_text():
-    """Qwen2.5-VL's chat template (Qwen2.5-VL-7B-Instruct's), carried so that tiny checkpoints render like real ones."""
+    """Qwen2.5-VL-7B-Instruct's chat template, carried so that tiny checkpoints render like real ones."""
     return (HERE / CHAT_TEMPLATE_FILE).read_text()
 
 
 # ----------------------------------------------------------------------------- rendering and positions
 
 def conversation_text(messages, add_generation_prompt=False):
-    """The chat template's text, built piece by piece so we know where each message's content lies.
-    Returns (text, spans): [(start, end)] of assistant contents, each with its closing `<|im_end|>`.
-    tests/test_model.py checks the text against the real template's."""
+    """The chat template's text, built piece by piece -> (text, [(start, end)] of the assistant contents,
+    each with its closing `<|im_end|>`)."""
     text, spans = "", []
     if not messages or messages[0]["role"] != "system":
         text = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
@@ -204,7 +197,7 @@ def conversation_text(messages, add_generation_prompt=False):
             raise ValueError(f"unknown role {m['role']!r}")
         text += f"<|im_start|>{m['role']}\n"
         start = len(text)
-        text += m["content"].replace(IMAGE, VISION_BLOCK)
+        text += m["content"].replace(IMAGE, "<|vision_start|><|image_pad|><|vision_end|>")
         if m["role"] == "assistant":
             spans.append((start, len(text) + len("<|im_end|>")))
         text += "<|im_end|>\n"
@@ -212,9 +205,8 @@ def conversation_text(messages, add_generation_prompt=False):
 
 
 def render(processor, messages, images=(), add_generation_prompt=False, pixels=True):
-    """Conversation -> dict(input_ids (T,), loss_mask (T,), pixel_values, image_grid_thw); `images`:
-    PIL images, one per `<image>` placeholder, in order. The rollout renders its chunks with it.
-    pixels=False: the tokens alone (pixel_values None), as sft.py's scan counts them."""
+    """Conversation -> dict(input_ids (T,), loss_mask (T,), pixel_values, image_grid_thw); `images`: PIL
+    images, one per `<image>`, in order. pixels=False: the tokens alone (pixel_values None), for counting."""
     text, spans = conversation_text(messages, add_generation_prompt)
     pixel_values, grid = processor.images(list(images), pixels)
     enc = processor.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -234,11 +226,9 @@ def render(processor, messages, images=(), add_generation_prompt=False, pixels=T
 
 
 def mrope_positions(input_ids, image_grid_thw, processor, start=0):
-    """3-D rotary positions (3, T) of a sequence chunk that starts at position `start`, as Qwen2.5-VL
-    computes them: text advances all three axes together; an image's tokens get (start, start+row,
-    start+col) and the text after it resumes at start + max(rows, cols). `image_grid_thw`: the grids of
-    this chunk's images. Returns (positions, next_start): chunks computed with the returned next_start
-    concatenate to the positions of one full forward, which lets the rollout append to a KV cache."""
+    """Qwen2.5-VL's 3-D rotary positions (3, T) of a chunk starting at `start` (its images' grids given)
+    -> (positions, next_start): text advances all three axes; an image's tokens get (start, start+row,
+    start+col), the text after it resumes at start + max(rows, cols). Chained chunks = one full forward."""
     ids = torch.as_tensor(input_ids)
     T, merge, is_img = len(ids), processor.merge, (ids == processor.image_token_id).tolist()
     pos, i, k, cur = torch.empty(3, T, dtype=torch.long), 0, 0, start
@@ -262,9 +252,8 @@ def mrope_positions(input_ids, image_grid_thw, processor, start=0):
 # ----------------------------------------------------------------------------- batching
 
 def collate(items, processor, extra_keys=()):
-    """Rendered dicts -> a right-padded batch: input_ids, loss_mask, attention_mask (B, T), position_ids
-    (3, B, T), pixel_values (P, D) | None (or image_embeds (image tokens, D): image_key), image_grid_thw
-    (N, 3) | None, per-token `extra_keys` (B, T)."""
+    """Rendered dicts -> a right-padded batch: input_ids, loss_mask, attention_mask, `extra_keys` (B, T),
+    position_ids (3, B, T), pixel_values (P, D) or the rollout's image_embeds | None, image_grid_thw | None."""
     B, T = len(items), max(len(x["input_ids"]) for x in items)
     batch = {"input_ids": torch.full((B, T), processor.pad_id, dtype=torch.long),
              "loss_mask": torch.zeros(B, T, dtype=torch.long), "attention_mask": torch.zeros(B, T, dtype=torch.long),
@@ -279,19 +268,13 @@ def collate(items, processor, extra_keys=()):
         for k in extra_keys:
             batch[k][b, :n] = torch.as_tensor(x[k], dtype=torch.float32)
     imgs = [x for x in items if x["image_grid_thw"] is not None]
-    key = image_key(imgs)
+    feats = {x.get("image_embeds") is not None for x in imgs}
+    if len(feats) > 1:
+        raise ValueError("a batch mixes items with image features and items with pixels")
+    key = "image_embeds" if feats == {True} else "pixel_values"
     batch[key] = torch.cat([x[key] for x in imgs]) if imgs else None
     batch["image_grid_thw"] = torch.cat([x["image_grid_thw"] for x in imgs]) if imgs else None
     return batch
-
-
-def image_key(items):
-    """Where the images of `items` (those with images) are: "image_embeds" (the rollout's features, rl.py)
-    or "pixel_values"; never a mix."""
-    feats = {x.get("image_embeds") is not None for x in items}
-    if len(feats) > 1:
-        raise ValueError("a batch mixes items with image features and items with pixels")
-    return "image_embeds" if feats == {True} else "pixel_values"
 
 
 def to_device(batch, device):
@@ -300,11 +283,10 @@ def to_device(batch, device):
 
 
 class SharedPrompt:
-    """The decoder's mask in a `collate_shared` forward. Rows [0, n) hold the distinct prompts, rows
-    [n, n + m) continuations packed end to end. seg (m, T): the prompt row each position continues (-1:
-    padding); start (m, T): where its continuation begins. A continuation token attends to the first
-    plen[j] keys of its prompt row j, then causally within its continuation; a prompt row, causally.
-    The masks are built on the batch's device when the first layer asks, then shared by every layer."""
+    """The decoder's mask in a `collate_shared` forward: rows [0, n) hold the distinct prompts, rows [n, n + m)
+    continuations packed end to end. seg (m, T): the prompt row each position continues (-1: padding);
+    start (m, T): where its continuation begins. A continuation token sees the first plen[j] keys of its
+    prompt row j, then causally its continuation; a prompt row, causally. Built once, on the first call."""
 
     def __init__(self, n, plen, seg, start):
         self.n, (self.m, self.T) = n, seg.shape
@@ -327,10 +309,9 @@ class SharedPrompt:
 
 
 def shared_prompt_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """The decoder's attention after `use_shared_prompt_attention`. With a SharedPrompt: query (n + m, H,
-    T, d), key/value (n + m, KV, T, d); a continuation row's keys are every prompt row's then its own,
-    masked to its prompt, so a prompt is computed once and every continuation's gradient flows into it.
-    Any other mask: transformers' SDPA."""
+    """The decoder's attention after `use_shared_prompt_attention` (SDPA for any mask but a SharedPrompt).
+    query (n + m, H, T, d), key/value (n + m, KV, T, d): a continuation row's keys are every prompt row's,
+    then its own, masked to its prompt; every continuation's gradient flows into its prompt."""
     lay = attention_mask
     if not isinstance(lay, SharedPrompt):
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
@@ -350,8 +331,8 @@ def shared_prompt_attention(module, query, key, value, attention_mask, scaling=N
 
 
 def use_shared_prompt_attention(model):
-    """The text decoder on shared_prompt_attention for good (gradient checkpointing's recompute looks it
-    up again after any forward-time context ended); the vision tower keeps its own."""
+    """The text decoder on shared_prompt_attention for good (gradient checkpointing's recompute looks it up
+    after the forward); the vision tower keeps its own."""
     register_attention(SHARED_ATTN, shared_prompt_attention)
     model.model.language_model.config._attn_implementation = SHARED_ATTN
     return model
@@ -362,8 +343,8 @@ def _same_pixels(a, b):
 
 
 def _image_cut(ids, L, grid, processor, per=1):
-    """(images, pixel rows / per) among a sequence's first L tokens; `grid` (N, 3): its images. per =
-    merge^2 counts rows of image features (one per image token) instead."""
+    """(images, pixel rows / per) among a sequence's first L tokens, `grid` (N, 3) its images (per = merge^2:
+    rows of image features)."""
     n, k, rows, tokens = int((ids[:L] == processor.image_token_id).sum()), 0, 0, 0
     while tokens < n:
         t, h, w = (int(v) for v in grid[k])
@@ -374,9 +355,8 @@ def _image_cut(ids, L, grid, processor, per=1):
 
 
 def _shared_prefix(group, P, processor, per=1):
-    """(L, [(images, rows) in it per item]) of a group of (ids, grid, pixels or features) that share their
-    first P tokens and pixels: their longest common prefix, cut back so as not to end inside an image,
-    and back to P if the images in it differ (crops of the same size)."""
+    """(L, [(images, rows) in it per item]) of (ids, grid, pixels or features) sharing their first P tokens
+    and pixels: their longest common prefix, not ending inside an image, back to P if its images differ."""
     ids0, grid0, pv0 = group[0]
     L = min(len(ids) for ids, _, _ in group)
     for ids, _, _ in group[1:]:
@@ -392,14 +372,13 @@ def _shared_prefix(group, P, processor, per=1):
 
 
 def collate_shared(items, processor, extra_keys=()):
-    """collate(items)'s tokens, loss masks and extra keys, plus "shared": the forward's inputs laid out so
-    that items with the same prompt (first `prompt_len` tokens and their images: a GRPO group; without
-    prompt_len an item is a prompt of its own) forward once what they share: one row per group holds
-    the prompt and on to where its items part; the distinct continuations are packed end to end into
-    rows of the same length (first fit, longest first), positioned after their prefix. token_logprobs
-    gives the same log-probs from it (tests/test_rollout.py). Needs use_shared_prompt_attention(model)."""
+    """collate(items) plus "shared": the forward's inputs laid out so that items with the same prompt (first
+    `prompt_len` tokens and their images: a GRPO group; else each item its own) forward once what they share.
+    One row per group holds the prompt and on to where its items part; the distinct continuations are packed
+    end to end into rows of one length (first fit, longest first). token_logprobs reads the same log-probs
+    from it. Needs use_shared_prompt_attention(model)."""
     batch = collate(items, processor, extra_keys)
-    key = image_key([x for x in items if x["image_grid_thw"] is not None])
+    key = "image_embeds" if "image_embeds" in batch else "pixel_values"
     per = processor.merge ** 2 if key == "image_embeds" else 1  # an image's pixel rows per feature row
     for k in (key, "image_grid_thw", "position_ids", "attention_mask"):
         del batch[k]  # the forward reads them from "shared": no second copy of the pixels to the device
@@ -478,14 +457,12 @@ def collate_shared(items, processor, extra_keys=()):
 # ----------------------------------------------------------------------------- log-probs
 
 def image_features(model, pixel_values, grid):
-    """The vision tower's output for these images (their image tokens, D), in order: what the model's
-    forward puts in place of their <|image_pad|> tokens. The rollout keeps it for training (embed)."""
+    """The vision tower's output (image tokens, D) for these images: what replaces their <|image_pad|>s."""
     return torch.cat(model.model.get_image_features(pixel_values, grid).pooler_output)
 
 
 def embed(model, input_ids, image_embeds=None):
-    """input_ids (B, T) -> the decoder's input (B, T, D): token embeddings, image_embeds (N, D) in the
-    image tokens' places in order, as the model's own forward does with pixels."""
+    """input_ids (B, T) -> the decoder's input (B, T, D), image_embeds (N, D) in the image tokens' places."""
     x = model.get_input_embeddings()(input_ids)
     if image_embeds is None:
         return x
@@ -496,8 +473,7 @@ def embed(model, input_ids, image_embeds=None):
 
 
 def forward_hidden(model, batch):
-    """The vision tower (or the batch's image_embeds) + decoder with our positions -> output whose
-    last_hidden_state is (B, T, D)."""
+    """Vision tower (or the batch's image_embeds) + decoder with our positions -> last_hidden_state (B, T, D)."""
     pv, feats, mask = batch.get("pixel_values"), batch.get("image_embeds"), batch.get("attention_mask")
     if isinstance(mask, SharedPrompt):
         if model.model.language_model.config._attn_implementation != SHARED_ATTN:
@@ -514,11 +490,10 @@ def forward_hidden(model, batch):
 
 
 def policy_logits(lm_head, h, config):
-    """fp32 next-token logits (N, V) of hidden states h (N, D), image and video placeholders made
-    impossible (they stand for pixels). Rollout samples from these and training scores with them."""
+    """fp32 next-token logits (N, V) of h (N, D), image and video placeholders impossible: what rollout
+    samples from and training scores with."""
     if h.device.type == "cpu" and (h.dtype != torch.float32 or torch.is_autocast_enabled("cpu")):
-        # the head in fp32 on CPU (the tests' twin of a bf16 GPU run): a bf16 GEMM with a 151k-long
-        # inner dimension, the head's backward, takes 4.3 s there against 0.05 s in fp32
+        # fp32 head on CPU: the bf16 GEMM of its backward (151k inner dimension) takes 4.3 s there, fp32 0.05 s
         with torch.autocast("cpu", enabled=False):
             logits = F.linear(h.float(), lm_head.weight.float())
     else:
@@ -538,9 +513,8 @@ def _chunk_logprobs(lm_head, h, targets, temperature, config):
 
 
 def token_logprobs(model, batch, temperature=1.0, chunk=None, return_entropy=False):
-    """log p(token_t | tokens_<t) (B, T) for batch["input_ids"], 0 at t=0 and where loss_mask is 0:
-    lm_head runs over the masked tokens only, `chunk` at a time (default 2^26 fp32 logits), under
-    activation checkpointing with autograd, so the whole batch's logits never exist at once."""
+    """log p(token_t | tokens_<t) (B, T), 0 at t=0 and where loss_mask is 0. lm_head runs on masked tokens only,
+    `chunk` at a time (default 2^26 fp32 logits), checkpointed: the batch's logits never exist at once."""
     ids = batch["input_ids"]
     want = batch.get("loss_mask", torch.ones_like(ids)).bool().clone()
     want[:, 0] = False
@@ -554,17 +528,14 @@ def token_logprobs(model, batch, temperature=1.0, chunk=None, return_entropy=Fal
         key, inv = torch.unique(shared["src"][idx[0], idx[1] - 1] * V + targets, return_inverse=True)
         hs, targets = h.flatten(0, 1)[key // V], key % V
     chunk = chunk or max(1, min(1024, 2 ** 26 // model.lm_head.out_features))
-    lps, ents = [], []
-    for s in range(0, len(targets), chunk):
-        args = (model.lm_head, hs[s:s + chunk], targets[s:s + chunk], temperature, model.config)
-        lp, ent = (torch.utils.checkpoint.checkpoint(_chunk_logprobs, *args, use_reentrant=False)
-                   if torch.is_grad_enabled() else _chunk_logprobs(*args))
-        lps.append(lp)
-        ents.append(ent)
+    step = (partial(torch.utils.checkpoint.checkpoint, _chunk_logprobs, use_reentrant=False)
+            if torch.is_grad_enabled() else _chunk_logprobs)
+    parts = [step(model.lm_head, hs[s:s + chunk], targets[s:s + chunk], temperature, model.config)
+             for s in range(0, len(targets), chunk)]
     out = torch.zeros(ids.shape, dtype=torch.float32, device=ids.device)
     ent_out = torch.zeros_like(out)
-    if lps:
-        lp, ent = torch.cat(lps), torch.cat(ents).detach()
+    if parts:
+        lp, ent = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]).detach()
         if inv is not None:
             lp, ent = lp[inv], ent[inv]
         out, ent_out = out.index_put(idx, lp), ent_out.index_put(idx, ent)
@@ -574,7 +545,7 @@ def token_logprobs(model, batch, temperature=1.0, chunk=None, return_entropy=Fal
 # ----------------------------------------------------------------------------- torchrun, precision, logs
 
 def setup_dist():
-    """From torchrun's environment (NCCL on CUDA, gloo on CPU), or one process -> (rank, world, device)."""
+    """torchrun's environment (NCCL on CUDA, gloo on CPU) or one process -> (rank, world, device)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
@@ -600,8 +571,7 @@ def barrier():
 
 
 def reduce(values, op="sum"):
-    """Floats summed ("sum") or maxed ("max") over ranks in one all-reduce, on the process group's device
-    (NCCL serves CUDA tensors only, gloo CPU ones); unchanged in one process."""
+    """Floats summed ("sum") or maxed ("max") over ranks in one all-reduce."""
     values = [float(v) for v in values]
     if not dist.is_initialized():
         return values
@@ -621,21 +591,20 @@ def gather(obj):
 
 
 class RunLog:
-    """Append-only log file + stdout on rank 0. The first line (JSON): the run's argv and config, the
-    versions it ran with and the git hash."""
+    """Append-only log file + stdout, on rank 0. Its first line (JSON): argv, config, versions, git hash."""
 
     def __init__(self, path, args):
-        self.path, self.f = Path(path), None
+        self.f = None
         if get_rank() != 0:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.f = open(self.path, "a")
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.f = open(path, "a")
         try:
             git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True,
                                  text=True, timeout=5).stdout.strip() or "unknown"
         except (OSError, subprocess.SubprocessError):
             git = "unknown"
-        self("# " + json.dumps({"argv": sys.argv, "config": vars(args) if hasattr(args, "__dict__") else args,
+        self("# " + json.dumps({"argv": sys.argv, "config": vars(args),
                                 "python": platform.python_version(), "torch": torch.__version__,
                                 "transformers": transformers.__version__, "git": git,
                                 "time": datetime.datetime.now().isoformat(timespec="seconds")}, default=str))

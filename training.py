@@ -1,10 +1,7 @@
-"""training.py: what sft.py and rl.py share beyond model.py (a library, no command of its own).
-
-LoRA (fp32 factors over any base, folded in on save, PEFT's adapter layout), the checkpoint format
-(a Hugging Face folder written atomically with the run's train state beside it, so `--resume`
-continues exactly after a kill -9), DDP / FSDP2 wrapping of `model.token_logprobs` with whole
-weights for generation (`unsharded`), and a training run's start (threads, process group, run log,
-the model it trains).
+"""training.py: what sft.py and rl.py share beyond model.py: LoRA (fp32 factors over any base, folded in
+on save, PEFT's adapter layout), checkpoints (a Hugging Face folder written atomically with the train state
+beside it, so `--resume` continues exactly after a kill -9), DDP / FSDP2 wrapping of `token_logprobs`
+(whole weights for generation: `unsharded`), and a training run's start.
 """
 import contextlib
 import json
@@ -33,8 +30,7 @@ import model as M
 # ----------------------------------------------------------------------------- LoRA
 
 class LoRALinear(nn.Module):
-    """y = W x + (alpha/r) B A x, B = 0 at start (the model unchanged). `enabled = False`: the base
-    layer alone, so a LoRA run's KL reference is the policy itself."""
+    """y = W x + (alpha/r) B A x, B = 0 at start. `enabled = False`: the base alone (a LoRA run's KL reference)."""
 
     def __init__(self, base: nn.Linear, rank, alpha):
         super().__init__()
@@ -62,8 +58,6 @@ def add_lora(model, rank=8, alpha=16, targets=("q_proj", "k_proj", "v_proj", "o_
         for name, child in list(mod.named_children()):
             if name in targets and isinstance(child, nn.Linear):
                 setattr(mod, name, LoRALinear(child, rank, alpha))
-    if not any(p.requires_grad for p in model.parameters()):
-        raise ValueError(f"no linear layer named one of {targets} in the language model")
     return model
 
 
@@ -90,12 +84,12 @@ def _full(t):
 
 
 def merged_state_dict(model):
-    """The state dict in the original layout, LoRA folded in, every tensor fp32 (bf16 W + dW would round
-    most of a small LoRA delta away). A collective under FSDP2; rank 0 gets the dict, others None."""
+    """The state dict in the original layout, LoRA folded in, all fp32 (bf16 W + dW would round a small
+    delta away). A collective under FSDP2; rank 0 gets the dict, others None."""
     sd, first, main = {}, {}, M.get_rank() == 0
     for k, v in model.state_dict(keep_vars=True).items():
-        if id(v) in first:  # a tied weight (lm_head = embed_tokens): one tensor under both names, so
-            if main:        # that save_pretrained stores it once
+        if id(v) in first:  # a tied weight (lm_head = embed_tokens): one tensor, stored once
+            if main:
                 sd[k] = sd[first[id(v)]]
             continue
         first[id(v)], v = k, _full(v)
@@ -117,8 +111,7 @@ ADAPTER_DIR, ADAPTER_FILE, ADAPTER_CONFIG = "adapter", "adapter_model.safetensor
 
 
 def lora_adapter(model, base=None):
-    """(tensors, config) of the LoRA factors in PEFT's layout (fp32), or None without LoRA: a LoRA run's
-    exact result. A collective under FSDP2; rank 0 gets the tensors."""
+    """(tensors, config) of the LoRA factors in PEFT's layout (fp32), or None without LoRA. A collective."""
     mods = _lora_layers(model)
     if not mods:
         return None
@@ -133,7 +126,7 @@ def lora_adapter(model, base=None):
 
 
 def load_adapter(model, path):
-    """Load the adapter that `save_checkpoint` wrote (path/adapter/, PEFT layout) into model's LoRA layers."""
+    """The adapter that `save_checkpoint` wrote (path/adapter/) into model's LoRA layers."""
     f = Path(path) / ADAPTER_DIR / ADAPTER_FILE
     if not f.is_file():
         raise FileNotFoundError(f"{f}: missing (the LoRA factors of the run)")
@@ -155,10 +148,9 @@ SIDE_FILES = ("log.txt",)  # a run's files in its checkpoint folder that are not
 
 
 def save(model, processor, out_dir, meta, state_dict=None, train_state=None, adapter=None):
-    """Atomic checkpoint: fp32 safetensors, processor files, meta.json, and a training run's train state
-    and LoRA adapter, written to a temporary folder beside `out_dir` and swapped in as one unit: a kill
-    -9 at any moment leaves the old unit or the new one (`recover`). out_dir's SIDE_FILES are kept.
-    `state_dict`: a gathered full state dict (FSDP)."""
+    """Atomic checkpoint (fp32 safetensors, processor files, meta.json, train state, LoRA adapter): written
+    beside `out_dir` and swapped in as one unit, so a kill -9 at any moment leaves the old unit or the new
+    one (`recover`). out_dir's SIDE_FILES are kept. `state_dict`: a gathered full state dict (FSDP)."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
@@ -181,9 +173,9 @@ def save(model, processor, out_dir, meta, state_dict=None, train_state=None, ada
             if f.is_file():
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
-        # side files -> .keep, out_dir -> .old, tmp -> out_dir, side files back: each step one rename,
-        # and `recover` finishes from between any two
-        keep, old = _side(out_dir, "keep"), _side(out_dir, "old")
+        # side files -> .keep, out_dir -> .old, tmp -> out_dir, side files back: one rename each, `recover`
+        # finishes from between any two
+        keep, old = (out_dir.with_name(f".{out_dir.name}.{s}") for s in ("keep", "old"))
         if out_dir.exists():
             keep.mkdir(exist_ok=True)
             for name in SIDE_FILES:
@@ -199,15 +191,10 @@ def save(model, processor, out_dir, meta, state_dict=None, train_state=None, ada
     return out_dir
 
 
-def _side(out_dir, what):
-    return out_dir.with_name(f".{out_dir.name}.{what}")
-
-
 def recover(out_dir):
-    """Finish a swap that a kill interrupted (rank 0, before anything reads out_dir): the previous unit
-    back if the new one never arrived, old and unfinished temporary folders gone, side files back."""
+    """Finish a swap that a kill interrupted (rank 0, before anything reads out_dir)."""
     out_dir = Path(out_dir)
-    keep, old = _side(out_dir, "keep"), _side(out_dir, "old")
+    keep, old = (out_dir.with_name(f".{out_dir.name}.{s}") for s in ("keep", "old"))
     if not out_dir.exists() and old.is_dir():
         os.replace(old, out_dir)
     shutil.rmtree(old, ignore_errors=True)
@@ -234,10 +221,9 @@ def set_rng_states(s):
 
 
 def save_checkpoint(wrapped, processor, out_dir, meta, optimizer=None, scheduler=None, step=0, extra=None):
-    """A training run's checkpoint from any wrapping, one atomic unit (`save`): weights (FSDP2 shards
-    gathered, LoRA folded in), the PEFT adapter of a LoRA run, and the train state: optimizer (FSDP2
-    shards gathered to rank 0), scheduler, every rank's RNG states, `step` (the data position) and
-    `extra` (a picklable dict). A collective: every rank calls it; rank 0 writes."""
+    """A training run's checkpoint from any wrapping (`save`): merged weights, a LoRA run's adapter, and the
+    train state: optimizer, scheduler, every rank's RNG, `step` (the data position), `extra` (a picklable
+    dict). A collective: every rank calls it; rank 0 writes."""
     model = unwrap(wrapped)
     sd, adapter, state = merged_state_dict(model), lora_adapter(model, meta.get("base")), None
     if optimizer is not None:
@@ -252,9 +238,8 @@ def save_checkpoint(wrapped, processor, out_dir, meta, optimizer=None, scheduler
 
 
 def load_train_state(out_dir, optimizer, scheduler, model=None):
-    """Restore what save_checkpoint wrote into `optimizer` and `scheduler` (built as for a fresh run) and
-    this rank's RNG states -> (step, extra). Memory-mapped: under FSDP2 rank 0 reads the optimizer and
-    sends each rank its shard. Another world size keeps all but RNG, which restarts from rank 0's."""
+    """Restore save_checkpoint's optimizer, scheduler and this rank's RNG -> (step, extra). Under FSDP2 rank 0
+    reads the optimizer and sends each rank its shard; another world size restarts RNG from rank 0's."""
     path = Path(out_dir) / TRAIN_STATE
     s = torch.load(path, map_location="cpu", weights_only=False, mmap=True)  # ours: numpy RNG state inside
     if model is not None and is_sharded(unwrap(model)):
@@ -274,8 +259,7 @@ def load_train_state(out_dir, optimizer, scheduler, model=None):
 # ----------------------------------------------------------------------------- distributed training
 
 class LogProbs(nn.Module):
-    """token_logprobs as a module's forward: DDP synchronises gradients, and FSDP2 gathers the root's
-    parameters, only for work inside the wrapped module's forward, so the wrappers go around this."""
+    """token_logprobs as a module's forward, for DDP and FSDP2 to wrap (they act only inside a forward)."""
 
     def __init__(self, model):
         super().__init__()
@@ -285,10 +269,8 @@ class LogProbs(nn.Module):
         out = M.token_logprobs(self.model, batch, temperature, return_entropy=return_entropy)
         if not torch.is_grad_enabled():
             return out
-        # A text-only micro-batch leaves a trainable vision tower without gradients, one with no token
-        # to score (an empty trajectory) every parameter, while another rank's may use them: DDP and
-        # FSDP2 would reduce different gradients on different ranks, and backward() of a loss with no
-        # graph fails. A zero-valued term gives every parameter left out a (zero) gradient.
+        # A text-only micro-batch leaves a trainable vision tower without gradients, an empty trajectory every
+        # parameter, while another rank's may use them: a zero term gives each one left out a gradient.
         lp = out[0] if return_entropy else out
         if not lp.requires_grad:
             idle = self.model
@@ -301,11 +283,9 @@ class LogProbs(nn.Module):
 
 
 def wrap(model, mode="ddp", device=None, dtype=torch.float32):
-    """-> w with w(batch, temperature=1.0, return_entropy=False) == token_logprobs(model, ...), gradients
-    averaged over ranks. ddp: every rank holds the whole model. fsdp: FSDP2 `fully_shard` on each
-    decoder block, then on the root (embeddings, lm_head, norms, vision tower: tied weights share a
-    unit), parameters gathered in `dtype`, gradients reduced in fp32 into fp32 shards. none, or no
-    process group: no wrapper. `unwrap(w)` is `model` (FSDP2 shards it in place)."""
+    """-> w, w(batch, temperature, return_entropy) == token_logprobs(model, ...) with gradients averaged over
+    ranks. ddp: whole model per rank. fsdp: FSDP2 on each decoder block, then the root (tied weights share
+    it), gathered in `dtype`, reduced in fp32. none, or no process group: no wrapper."""
     root = LogProbs(model)
     if mode == "none" or not dist.is_initialized():
         return root
@@ -313,16 +293,13 @@ def wrap(model, mode="ddp", device=None, dtype=torch.float32):
     if mode == "ddp":  # every trainable parameter gets a gradient (LogProbs); rotary tables are constants
         return DistributedDataParallel(root, device_ids=[device.index] if device.type == "cuda" else None,
                                        find_unused_parameters=False, broadcast_buffers=False)
-    if mode != "fsdp":
-        raise ValueError(f"unknown wrap mode {mode!r} (ddp | fsdp | none)")
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     mp = MixedPrecisionPolicy(param_dtype=None if dtype == torch.float32 else dtype, reduce_dtype=torch.float32)
     # decoder blocks only: a vision unit would be gathered only by ranks whose micro-batch has images
     for block in model.model.language_model.layers:
         fully_shard(block, mesh=mesh, mp_policy=mp)
     fully_shard(root, mesh=mesh, mp_policy=mp)
-    # FSDP2 picks its root unit at the first forward; the rollout's call into the decoder blocks
-    # (`unsharded`) would make a block a root of its own
+    # FSDP2 picks its root at the first forward; the rollout's call into the blocks would make one a root
     root._get_fsdp_state()._lazy_init()
     return root
 
@@ -339,9 +316,8 @@ def is_sharded(model):
 
 @contextlib.contextmanager
 def unsharded(wrapped):
-    """Whole parameters on every rank and no collectives, for generation (ranks decode different numbers
-    of steps): every FSDP2 unit gathered once in the compute dtype and kept through its forwards, then
-    resharded on exit. A no-op for DDP and one process."""
+    """Whole parameters and no collectives while ranks decode different numbers of steps: every FSDP2 unit
+    gathered once, resharded on exit. A no-op for DDP and one process."""
     units = [m for m in wrapped.modules() if isinstance(m, FSDPModule)]
     for m in units:
         if m is not wrapped:  # the root's forward is never called by the rollout
@@ -357,16 +333,13 @@ def unsharded(wrapped):
 
 
 def grad_sync(wrapped, enabled):
-    """One micro-batch's backward: DDP skips its all-reduce while accumulating (enabled=False); FSDP2
-    reduce-scatters every micro-batch anyway (its gradients stay sharded)."""
+    """DDP skips its all-reduce while accumulating (enabled=False); FSDP2 reduce-scatters every micro-batch."""
     return wrapped.no_sync() if not enabled and hasattr(wrapped, "no_sync") else contextlib.nullcontext()
 
 
 def clip_grad_norm(params, max_norm):
     """Clip to `max_norm` (<= 0: no clipping) -> the global gradient norm (FSDP2: reduced over ranks)."""
-    params = [p for p in params if p.grad is not None]
-    if not params:
-        return 0.0
+    params = [p for p in params if p.grad is not None]  # none: norm 0
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
     return (norm.full_tensor() if isinstance(norm, DTensor) else norm).item()
 
@@ -374,10 +347,8 @@ def clip_grad_norm(params, max_norm):
 # ----------------------------------------------------------------------------- a training run's start (sft.py, rl.py)
 
 def start_run(args):
-    """-> (rank, world, device, log, resume): torch threads (--threads, 0: torch's default), the process
-    group, a checkpoint swap in --out that a kill interrupted finished (rank 0, before anything reads
-    it), the run log, and whether --resume finds a train state to continue from (a job script may
-    always pass --resume, from its first launch on)."""
+    """Threads, process group, --out's interrupted swap finished, run log -> (rank, world, device, log,
+    resume): resume if --resume finds a train state (a job script may always pass --resume)."""
     if args.threads:
         torch.set_num_threads(args.threads)
     rank, world, device = M.setup_dist()
@@ -393,10 +364,9 @@ def start_run(args):
 
 
 def load_trainable(args, path, resume, device, dtype, log, freeze_vision=True):
-    """The model a run trains -> (model, processor): trainable weights in fp32, a LoRA run's frozen base
-    in the compute dtype `dtype`. Full fine-tuning resumes from the run's own weights (--out), LoRA
-    (--lora_rank, alpha 16) from the base `path` plus the saved adapter. The LoRA factors are drawn
-    after torch.manual_seed(--seed), the same on every rank (FSDP2 does not broadcast them)."""
+    """-> (model, processor): trainable weights fp32, a LoRA run's frozen base in `dtype`. A resume loads
+    --out's weights, or for LoRA the base `path` plus the saved adapter. LoRA factors are drawn after
+    torch.manual_seed(--seed), the same on every rank (FSDP2 does not broadcast them)."""
     out = Path(args.out)
     model, processor = M.load(out if resume and not args.lora_rank else path, device=device,
                             dtype=dtype if args.lora_rank else torch.float32, log=log, max_pixels=args.max_pixels)
