@@ -11,12 +11,12 @@ The loss is the negative log-likelihood of what the assistant writes (model.rend
 reasoning, action and closing <|im_end|>; never tool results, user text or image tokens), a mean over
 the trained tokens of the global batch, so 1 process and N give the same numbers. AdamW on fp32 masters
 (--precision bf16, the CUDA default, computes in bf16), linear warmup then cosine, gradient norm clipped
-at 1. The data are scanned once for lengths and each micro-batch is rendered when needed.
+at 1. The data are scanned once for lengths; each micro-batch is rendered when needed.
 The paper: LoRA r=8, LR 1e-4, cosine, warmup ratio 0.1, 3 epochs, vision frozen. Simplified: no weight
 decay; batches mix question kinds, never grouped by length (a batch of one kind hides the contrast that
-decides search vs answer); the tiny model is fully fine-tuned.
-Outputs in --out: the checkpoint (Hugging Face layout, fp32, LoRA folded in; a LoRA run's adapter in
-PEFT's layout in adapter/), log.txt (run header, one line per step, eval lines), train_state.pt.
+decides search vs answer); the tiny model is fully fine-tuned (its sight comes from make_data's caption
+warm-up, so vision stays frozen). Outputs in --out: the checkpoint (Hugging Face layout, fp32, LoRA
+folded in; a LoRA run's adapter in PEFT's layout in adapter/), log.txt, train_state.pt.
 """
 import argparse
 import contextlib
@@ -229,6 +229,22 @@ def micro_loss(logp, mask, n_tokens, world):
     return nll * (world / n_tokens), nll.detach()
 
 
+def forward_backward(wrapped, items, gb, processor, micro, device, dtype, rank, world):
+    """Gradients of this rank's share of global batch `gb` (item indices) -> its loss over all ranks."""
+    n_tok = sum(items[j]["n_trained"] for j in gb)  # of the whole global batch: every rank knows it
+    mbs, nll = micro_batches(gb, [x["length"] for x in items], micro, rank, world), 0.0
+    for k, mb in enumerate(mbs):
+        batch = M.to_device(M.collate([render_item(items[j], processor) for j in mb], processor), device)
+        with training.grad_sync(wrapped, k == len(mbs) - 1):  # DDP all-reduces after the last micro-batch only
+            with M.autocast(device, dtype):
+                logp = wrapped(batch)  # (B, T) log p of each trained token, 0 elsewhere
+            loss, part = micro_loss(logp, batch["loss_mask"], n_tok, world)
+            loss.backward()
+        nll += part.item()
+    (nll,) = M.reduce([nll])
+    return nll / n_tok
+
+
 def lr_factor(step, total, warmup, min_ratio):
     """Linear warmup over `warmup` steps, then cosine from 1 to min_ratio at step `total`."""
     if step < warmup:
@@ -283,7 +299,7 @@ def main(argv=None):
     except ValueError as e:
         raise SystemExit(f"sft.py: {e}") from None
     items, held = hold_out(items, args.eval_n, args.seed)
-    lengths, G, micro = [x["length"] for x in items], args.batch_size, args.micro_batch
+    G, micro = args.batch_size, args.micro_batch
     if G % (micro * world):
         raise SystemExit(f"sft.py: --batch_size {G} is not a multiple of micro_batch x world = {micro} x {world}")
     per_epoch = len(items) // G
@@ -324,20 +340,9 @@ def main(argv=None):
         epoch, i = divmod(step - 1, per_epoch)
         if step == start + 1 or i == 0:
             batches = epoch_batches(len(items), G, epoch, args.seed)
-        gb = batches[i]
-        n_tok = sum(items[j]["n_trained"] for j in gb)  # of the whole global batch: every rank knows it
-        t0, nll = time.time(), 0.0
-        mbs = micro_batches(gb, lengths, micro, rank, world)
-        for k, mb in enumerate(mbs):
-            batch = M.to_device(M.collate([render_item(items[j], processor) for j in mb], processor), device)
-            with training.grad_sync(wrapped, k == len(mbs) - 1):  # DDP all-reduces after the last micro-batch only
-                with M.autocast(device, dtype):
-                    logp = wrapped(batch)  # (B, T) log p of each trained token, 0 elsewhere
-                loss, part = micro_loss(logp, batch["loss_mask"], n_tok, world)
-                loss.backward()
-            nll += part.item()
-        (nll,) = M.reduce([nll])
-        loss_val, gnorm = nll / n_tok, training.clip_grad_norm(params, 1.0)
+        gb, t0 = batches[i], time.time()
+        loss_val = forward_backward(wrapped, items, gb, processor, micro, device, dtype, rank, world)
+        gnorm = training.clip_grad_norm(params, 1.0)
         good = math.isfinite(loss_val) and math.isfinite(gnorm)
         if good:  # else the update is skipped; the batch is consumed and the LR schedule moves on
             opt.step()
@@ -349,7 +354,7 @@ def main(argv=None):
         mem = (torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda"
                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20)  # Linux reports KiB
         log(f"step {step}/{total} | epoch {step / per_epoch:.2f} | loss {loss_val:.6f} | lr {cur_lr:.3e} | "
-            f"tok/s {sum(lengths[j] for j in gb) / (time.time() - t0):.0f} | gnorm {gnorm:.4f} | "
+            f"tok/s {sum(items[j]['length'] for j in gb) / (time.time() - t0):.0f} | gnorm {gnorm:.4f} | "
             f"mem {mem:.2f}GB | skipped {skipped}")
         if consecutive >= args.max_bad_steps:
             last = json.loads((out / "meta.json").read_text())["step"] if (out / "meta.json").is_file() else None
