@@ -10,16 +10,14 @@
 A step: sample G = --group trajectories for each of --batch prompts, tools called for real; reward each
 0.9 x correctness (eval.score) + 0.1 x format; advantage R - mean(R) within its group; then one AdamW
 step per mini-batch on the PPO-clipped surrogate + beta x k3 KL to the frozen start, over the sampled
-tokens only (prompt, tool output and image tokens are masked), each weighted 1 / (sampled tokens of the
-global mini-batch). Training scores the exact ids that were sampled, with the image features the
-rollout computed (the frozen vision tower runs once per image per step); trainable weights and AdamW state
-are fp32 masters (--precision bf16, the CUDA default, computes in bf16). In the log, `tok/s roll` counts
-sampled tokens per second of rollout, `upd` every token per second of update (as sft.py counts).
+tokens only, each weighted 1 / (sampled tokens of the global mini-batch). Training scores the exact ids
+that were sampled, with the rollout's image features (the frozen vision tower runs once per image per
+step), on fp32 master weights (--precision bf16, the CUDA default, computes in bf16). In the log,
+`tok/s roll` counts sampled tokens per second of rollout, `upd` every token per second of update.
 Simplified from the paper: no dynamic sampling or filtering of prompts (a group of equal rewards gets
 exactly zero advantage and no gradient; its share is logged as zero_adv), no std normalisation, one PPO
-epoch, a fixed LR after warmup, the vision tower frozen; tool budgets are tools.Tools' (the paper's).
-`--preset paper` sets the paper's settings (LR 2e-6, warmup 45, G = 8, clip 0.2, KL 0.001, 11 turns,
-8,192 tokens); the defaults make the tiny offline model learn in minutes.
+epoch, a fixed LR after warmup, the vision tower frozen. `--preset paper` sets the paper's settings;
+the defaults make the tiny offline model learn in minutes.
 """
 import argparse
 import collections
@@ -41,7 +39,7 @@ import search as S
 import tools as T
 import training
 
-PRESETS = {  # the paper's RL settings (section 4.1 and appendix); explicit flags still win
+PRESETS = {  # the paper's RL settings (section 4.1 and appendix); explicit flags win
     "paper": dict(lr=2e-6, warmup=45, group=8, clip=0.2, beta=0.001, max_turns=11, max_total_tokens=8192,
                   max_new_tokens=1024),
 }
@@ -60,8 +58,8 @@ def get_args(argv=None):
     p.add_argument("--group", type=int, default=8, help="samples per prompt (GRPO group size G)")
     p.add_argument("--mini_batch", type=int, default=16, help="trajectories per optimizer step (per rank)")
     p.add_argument("--micro_batch", type=int, default=0, help="trajectories per forward (1-2 for 7B; 0: mini_batch)")
-    p.add_argument("--lr", type=float, default=2e-5, help="the paper: 2e-6 for 7B; the tiny model wants more")
-    p.add_argument("--warmup", type=int, default=3, help="warmup RL steps (the paper: 45)")
+    p.add_argument("--lr", type=float, default=2e-5)
+    p.add_argument("--warmup", type=int, default=3, help="warmup RL steps")
     p.add_argument("--clip", type=float, default=0.2, help="PPO clip range of the ratio")
     p.add_argument("--beta", type=float, default=0.001, help="KL coefficient (k3) to the starting policy")
     p.add_argument("--judge_url", default=None, help="OpenAI-compatible endpoint for an LLM judge")
@@ -74,7 +72,7 @@ def get_args(argv=None):
     p.add_argument("--fsdp", action="store_true", help="FSDP2 sharding instead of DDP")
     p.add_argument("--grad_ckpt", action="store_true", help="gradient checkpointing in the decoder blocks")
     p.add_argument("--separate_forwards", action="store_true", help="one row per trajectory (the model's own "
-                   "attention, flash-attn included) instead of a group's prompt once with explicit masks")
+                   "attention) instead of a group's prompt once")
     p.add_argument("--precision", choices=sorted(M.PRECISIONS), default=None, help="default: bf16 on CUDA, else fp32")
     S.add_search_args(p)
     p.add_argument("--cache", default=None, help="SQLite search cache path")
@@ -83,17 +81,14 @@ def get_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--bench", action="store_true", help="time scoring + update: shared prompts, image features or not")
-    preset = p.parse_known_args(argv)[0].preset
-    if preset:
-        p.set_defaults(**PRESETS[preset])
+    p.set_defaults(**PRESETS.get(p.parse_known_args(argv)[0].preset, {}))
     return p.parse_args(argv)
 
 
 # ----------------------------------------------------------------------------- rewards and loss
 
 def format_ok(traj):
-    """Every turn was one well-formed action and the trajectory ended in an answer (not at a budget,
-    the token limit or an error)."""
+    """Every turn was one well-formed action and the trajectory ended in an answer (not a budget or error)."""
     return float(traj.finish == "answer" and all(a.kind != "invalid" for a in traj.actions))
 
 
@@ -114,11 +109,9 @@ def group_advantages(rewards, group_size):
 
 
 def grpo_loss(logprobs, old_logprobs, advantages, mask, clip=0.2, ref_logprobs=None, beta=0.0, n_tokens=None):
-    """PPO-clipped surrogate with token-level normalisation.
-    logprobs, old_logprobs, mask, ref_logprobs: (B, T); advantages: (B,) per trajectory.
-    n_tokens: the normaliser (default: mask.sum(); pass the global count when splitting a batch).
-    KL to the reference by the k3 estimator exp(ref - lp) - (ref - lp) - 1, which is >= 0 and
-    unbiased for KL(pi || ref). Returns (loss, stats)."""
+    """PPO-clipped surrogate + beta x KL, a sum over masked tokens / n_tokens (default mask.sum()) -> (loss, stats).
+    logprobs, old_logprobs, mask, ref_logprobs: (B, T); advantages: (B,). KL by the k3 estimator
+    exp(ref - lp) - (ref - lp) - 1: >= 0 and unbiased for KL(pi || ref)."""
     mask = mask.float()
     n = mask.sum() if n_tokens is None else n_tokens
     n = torch.clamp(torch.as_tensor(n, dtype=torch.float32, device=mask.device), min=1.0)
@@ -141,8 +134,8 @@ def grpo_loss(logprobs, old_logprobs, advantages, mask, clip=0.2, ref_logprobs=N
 # ----------------------------------------------------------------------------- one step
 
 def step_prompts(questions, step, batch, seed, rank=0, world=1):
-    """The prompts of RL step `step`: epochs are seeded permutations of the prompt set, so a resumed
-    run draws exactly the prompts an uninterrupted one would; this rank's shard of them."""
+    """This rank's share of step `step`'s prompts. Epochs are seeded permutations of the prompt set, so a
+    resumed run draws exactly the prompts an uninterrupted one would."""
     n, out = len(questions), []
     for i in range(step * batch, (step + 1) * batch):
         epoch, j = divmod(i, n)
@@ -157,10 +150,9 @@ def chunks(items, size):
 
 
 def rollout_items(policy, proc, tools, prompts, args, step, rank, world, dtype, judge=None):
-    """One step's rollout -> (trajectories, rewards, advantages, training items with "adv"). The items
-    carry the rollout's image features: scoring and the update never run the (frozen) vision tower. A
-    trajectory that sampled nothing (its image could not be read, its prompt is over the budget) trains
-    as one untrained token, so that every rank still runs the same forwards (FSDP2 gathers in lockstep)."""
+    """One step's rollout -> (trajectories, rewards, advantages, training items with "adv"). Items carry the
+    rollout's image features, so scoring and update never run the vision tower. A trajectory that sampled
+    nothing (bad image, prompt over budget) trains as one masked token: every rank runs the same forwards."""
     trajs = R.rollout(policy, proc, tools, prompts, group_size=args.group, max_turns=args.max_turns,
                       max_new_tokens=args.max_new_tokens, max_total_tokens=args.max_total_tokens, temperature=1.0,
                       seed=args.seed * 100_003 + step * world + rank, batch_size=max(args.group, 64), dtype=dtype,
@@ -175,9 +167,8 @@ def rollout_items(policy, proc, tools, prompts, args, step, rank, world, dtype, 
 
 @torch.no_grad()
 def score_old_and_ref(wrapped, ref, items, proc, device, dtype, args, micro, collate):
-    """Sets each item's "old" log-probs (the rollout's; in bf16 recomputed by the training forward over
-    the first update's micro-batches, so that its ratio is exactly 1) and "ref" ones of the KL reference
-    (None: no KL). Returns the mean |rollout - old| over sampled tokens."""
+    """Sets each item's "old" log-probs (the rollout's; in bf16 recomputed by the training forward, so that
+    the first update's ratio is exactly 1) and "ref" ones (ref None: no KL) -> mean |rollout - old|."""
     gap, n = 0.0, 0.0
     for mb in chunks(items, micro):
         b = M.to_device(collate(mb, proc, extra_keys=("logprobs",)), device)
@@ -195,7 +186,7 @@ def score_old_and_ref(wrapped, ref, items, proc, device, dtype, args, micro, col
 
 def update(wrapped, optimizer, params, items, proc, device, dtype, args, micro, world, collate):
     """One PPO epoch in rollout order: an optimizer step per mini-batch of args.mini_batch trajectories
-    (per rank), accumulated over micro-batches. Returns summed stats (divide by 'tokens')."""
+    (per rank), accumulated over micro-batches -> summed stats (divide by 'tokens')."""
     stats = collections.Counter()
     keys = ("old", "ref") if "ref" in items[0] else ("old",)
     for mini in chunks(items, args.mini_batch):
@@ -217,8 +208,8 @@ def update(wrapped, optimizer, params, items, proc, device, dtype, args, micro, 
     return stats
 
 
-def summarize(trajs, rewards, adv, group_size):
-    """Per-step rollout statistics of this rank's trajectories (sums; `n` counts them)."""
+def summarize(trajs, rewards, adv, group_size, st):
+    """One step's statistics on this rank (sums; `n` counts trajectories); st: update's."""
     acc = [E.score(t.answer if t.finish == "answer" else None, t.question.get("answers", [])) for t in trajs]
     return {"n": len(trajs), "reward": sum(rewards), "acc": sum(acc), "fmt": sum(format_ok(t) for t in trajs),
             "turns": sum(t.turns for t in trajs), "text": sum(t.n_text_search for t in trajs),
@@ -228,15 +219,14 @@ def summarize(trajs, rewards, adv, group_size):
             # prompts that do not fit the token budget (raise --max_total_tokens or lower --max_pixels)
             "too_long": sum(t.finish == "length" and t.gen_tokens == 0 for t in trajs),
             "errors": sum(t.finish == "error" for t in trajs),  # bad images: no tokens, no gradient
-            "zero_adv": (adv.view(-1, group_size).abs().amax(1) == 0).sum().item() * group_size}
+            "zero_adv": (adv.view(-1, group_size).abs().amax(1) == 0).sum().item() * group_size,
+            **{k: st[k] for k in ("clip_frac", "kl", "tokens", "entropy")}}
 
 
 def bench(wrapped, ref, optimizer, params, proc, tools, questions, args, device, dtype, micro, log):
-    """`--bench`: one step's rollout, then its scoring and update from the same weights and optimizer
-    state in three ways, in turn twice (the best counts: a first pass pays first-touch memory): one
-    forward per trajectory from pixels (model.collate, the vision tower in every forward), each group's
-    prompt forwarded once (model.collate_shared) from pixels, and the same from the rollout's image
-    features (rl.py's way: no vision tower after the rollout)."""
+    """`--bench`: one step's rollout, then its scoring and update from the same start three ways, in turn
+    twice (the best counts: a first pass pays first-touch memory): one forward per trajectory from pixels,
+    each group's prompt forwarded once from pixels, and that from the rollout's image features (rl.py's)."""
     policy = training.unwrap(wrapped)
     images = []  # images through a vision tower, the policy's and the reference's
     towers = [policy.model.visual] + ([training.unwrap(ref).model.visual] if isinstance(ref, nn.Module) else [])
@@ -295,9 +285,9 @@ def main(argv=None):
     for w in skipped:
         log(str(w.message))
 
+    # The policy and the KL reference, the frozen start (beta 0: none): a LoRA policy with its adapters off,
+    # or a frozen fp32 copy stored and run like the policy, so that the same forward gives KL exactly 0 at first.
     policy, proc = training.load_trainable(args, args.ckpt, resume, device, dtype, log)
-    # The KL reference, the frozen start (beta 0: none): a LoRA policy with its adapters off, or a frozen
-    # fp32 copy stored and run like the policy, so that the same forward gives KL exactly 0 at the start.
     ref = None
     if args.beta > 0 and not args.lora_rank:
         ref = M.load(args.ckpt, device=device, dtype=torch.float32, log=None, max_pixels=args.max_pixels)[0]
@@ -352,8 +342,7 @@ def main(argv=None):
         t3 = time.perf_counter()
 
         # statistics: sums over ranks; times, lp_gap and grad norm: the slowest / largest rank's
-        s = dict(summarize(trajs, rewards, adv, args.group),
-                 **{k: st[k] for k in ("clip_frac", "kl", "tokens", "entropy")})
+        s = summarize(trajs, rewards, adv, args.group, st)
         tot = dict(zip(s, M.reduce(s.values())))
         mx = dict(zip(("t_roll", "t_score", "t_upd", "gap", "gnorm"),
                       M.reduce([t1 - t0, t2 - t1, t3 - t2, gap, st["grad_norm"] / max(1, st["updates"])], op="max")))

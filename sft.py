@@ -5,18 +5,18 @@
     torchrun --standalone --nproc_per_node=2 sft.py   # DDP (gloo on CPU, NCCL on GPUs)
     torchrun --standalone --nproc_per_node=8 sft.py --lora_rank 8 --grad_ckpt \\
         --model /path/to/Qwen2.5-VL-7B-Instruct --data /path/to/sft.jsonl --out out/sft_7b_lora \\
-        --batch_size 64 --micro_batch 2   # the paper's recipe: LoRA r=8, LR 1e-4, cosine, warmup ratio 0.1,
-                                          # 3 epochs, vision frozen (full fine-tuning of 7B: --fsdp, no LoRA)
+        --batch_size 64 --micro_batch 2   # the paper's recipe (full fine-tuning of 7B: --fsdp, no LoRA)
 
 The loss is the negative log-likelihood of what the assistant writes (model.render's loss mask: its
 reasoning, action and closing <|im_end|>; never tool results, user text or image tokens), a mean over
 the trained tokens of the global batch, so 1 process and N give the same numbers. AdamW on fp32 masters
 (--precision bf16, the CUDA default, computes in bf16), linear warmup then cosine, gradient norm clipped
-at 1. The data are scanned once for lengths and each micro-batch is rendered when needed.
-Simplified from the paper: no weight decay; batches mix question kinds, never grouped by length (a batch
-of one kind hides the contrast that decides search vs answer); the tiny model is fully fine-tuned.
-Outputs in --out: the checkpoint (Hugging Face layout, fp32, LoRA folded in; a LoRA run's adapter in
-PEFT's layout in adapter/), log.txt (run header, one line per step, eval lines), train_state.pt.
+at 1. The data are scanned once for lengths; each micro-batch is rendered when needed.
+The paper: LoRA r=8, LR 1e-4, cosine, warmup ratio 0.1, 3 epochs, vision frozen. Simplified: no weight
+decay; batches mix question kinds, never grouped by length (a batch of one kind hides the contrast that
+decides search vs answer); the tiny model is fully fine-tuned (its sight comes from make_data's caption
+warm-up, so vision stays frozen). Outputs in --out: the checkpoint (Hugging Face layout, fp32, LoRA
+folded in; a LoRA run's adapter in PEFT's layout in adapter/), log.txt, train_state.pt.
 """
 import argparse
 import contextlib
@@ -54,25 +54,21 @@ def get_args(argv=None):
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--max_steps", type=int, default=0, help="cap on optimizer steps and the LR schedule (0: none)")
     p.add_argument("--batch_size", type=int, default=16, help="global batch in trajectories")
-    p.add_argument("--micro_batch", type=int, default=4, help="trajectories per forward per rank (each global "
-                   "batch is sorted by length, then cut: on the tiny model 4 pads 11%% of tokens, 8 pads 24%%)")
-    p.add_argument("--lr", type=float, default=None, help="peak LR; default 1e-4 with LoRA (the paper), else "
-                   "2e-3 for a tiny model, 1e-5 for a real one")
+    p.add_argument("--micro_batch", type=int, default=4, help="trajectories per forward per rank (tiny: 8 pads 24%%)")
+    p.add_argument("--lr", type=float, default=None, help="peak LR (default: LoRA 1e-4, tiny 2e-3, else 1e-5)")
     p.add_argument("--warmup_ratio", type=float, default=0.1)
     p.add_argument("--min_lr_ratio", type=float, default=0.0, help="cosine decays to lr x this")
     p.add_argument("--max_bad_steps", type=int, default=5, help="abort after this many non-finite steps in a row")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     p.add_argument("--lora_rank", type=int, default=0, help="LoRA rank (alpha 16; 0: full fine-tuning)")
-    p.add_argument("--freeze_vision", action=argparse.BooleanOptionalAction, default=True, help="as the paper "
-                   "does; the tiny model's sight comes from make_data's caption warm-up, which SFT would forget")
+    p.add_argument("--freeze_vision", action=argparse.BooleanOptionalAction, default=True, help="as the paper")
     p.add_argument("--grad_ckpt", action="store_true", help="gradient checkpointing in the decoder and vision blocks")
     p.add_argument("--fsdp", action="store_true", help="FSDP2 sharding per block instead of DDP (for 7B)")
     p.add_argument("--precision", choices=sorted(M.PRECISIONS), default=None, help="default: bf16 on CUDA, else fp32")
     p.add_argument("--max_pixels", type=int, default=None, help="image size cap (default: the checkpoint's)")
     p.add_argument("--eval_every", type=int, default=250, help="held-out loss every N steps and at the end")
-    p.add_argument("--agent_eval_n", type=int, default=16, help="questions (questions_eval.jsonl beside --data) "
-                   "for agent accuracy at each evaluation (0: off)")
+    p.add_argument("--agent_eval_n", type=int, default=16, help="agent accuracy on N questions at each evaluation")
     p.add_argument("--save_every", type=int, default=250, help="checkpoint every N steps and at the end")
     p.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
     p.add_argument("--stop_after_steps", type=int, default=0, help="stop cleanly after N steps, as if preempted")
@@ -87,8 +83,8 @@ def need(ok, why):
 
 
 def read_line(line, base_dir):
-    """One JSONL line (bytes) -> (row, [(RGB image, the file's bytes)]), or a ValueError saying what is
-    wrong. Images are decoded fully, so a truncated file whose header is fine fails here."""
+    """One JSONL line (bytes) -> (row, RGB images, sha1 of the line and the images' files), or a ValueError
+    saying what is wrong. Images are decoded fully, so a truncated file whose header is fine fails here."""
     try:
         row = json.loads(line)
     except ValueError as e:  # JSONDecodeError or UnicodeDecodeError
@@ -107,35 +103,29 @@ def read_line(line, base_dir):
     need(any(m["role"] == "assistant" for m in msgs), "no assistant message: nothing to train on")
     n_ph = sum(m["content"].count(M.IMAGE) for m in msgs)
     need(n_ph == len(paths), f"{n_ph} {M.IMAGE} placeholders but {len(paths)} images")
-    images = []
+    images, sha = [], hashlib.sha1(line)
     for f in (Path(base_dir) / rel for rel in paths):
         need(f.exists(), f"image not found: {f}")
         try:
             data = f.read_bytes()
             with Image.open(io.BytesIO(data)) as im:
-                images.append((im.convert("RGB"), data))
+                images.append(im.convert("RGB"))
         except (OSError, ValueError, Image.DecompressionBombError) as e:
             raise ValueError(f"corrupt image {f} ({e})") from None
-    return row, images
-
-
-def digest(line, images):
-    h = hashlib.sha1(line)
-    for _, data in images:
-        h.update(data)
-    return h.hexdigest()
+        sha.update(data)
+    return row, images, sha.hexdigest()
 
 
 def scan_line(line, base_dir, processor):
-    """One JSONL line (bytes) -> {id, length, n_trained, digest of the line and its images}, or ValueError.
-    model.render tokenises it with the images' patch grids from their sizes alone: no pixel is resized."""
-    row, images = read_line(line, base_dir)
+    """One JSONL line -> {id, length, n_trained, digest}, or ValueError. model.render counts the image
+    tokens from the images' sizes alone: no pixel is resized."""
+    row, images, sha = read_line(line, base_dir)
     try:
-        r = M.render(processor, row["messages"], [im for im, _ in images], pixels=False)
+        r = M.render(processor, row["messages"], images, pixels=False)
     except ValueError as e:
         raise ValueError(f"cannot render ({e})") from None
     return {"id": str(row["id"]), "length": len(r["input_ids"]), "n_trained": int(r["loss_mask"].sum()),
-            "digest": digest(line, images)}
+            "digest": sha}
 
 
 def load_sft(path, processor, strict=False, max_len=None, log=print, rank=0, world=1):
@@ -177,12 +167,12 @@ def render_item(x, processor):
         f.seek(x["offset"])
         line = f.readline()
     try:
-        row, images = read_line(line, Path(x["file"]).parent)
+        row, images, sha = read_line(line, Path(x["file"]).parent)
     except ValueError as e:
         raise ValueError(f"{x['where']}: {e} (it was fine when the run started)") from None
-    if digest(line, images) != x["digest"]:
+    if sha != x["digest"]:
         raise ValueError(f"{x['where']}: the line or its images changed since the run started; restart it")
-    return M.render(processor, row["messages"], [im for im, _ in images])
+    return M.render(processor, row["messages"], images)
 
 
 def data_fingerprint(items):
@@ -192,7 +182,7 @@ def data_fingerprint(items):
 
 
 def hold_out(items, n, seed):
-    """Split off n random items (at most a tenth) as a held-out set -> (train, held_out)."""
+    """-> (train, held_out): n random items (at most a tenth) held out."""
     idx = list(range(len(items)))
     random.Random(seed).shuffle(idx)
     held = set(idx[:min(n, len(items) // 10)])
@@ -200,8 +190,8 @@ def hold_out(items, n, seed):
 
 
 def epoch_batches(n, global_batch, epoch, seed):
-    """One epoch's global batches of item indices, a pure function of (seed, epoch), so every rank and a
-    resumed run see the same; the last partial batch is dropped."""
+    """One epoch's global batches of item indices, a pure function of (seed, epoch) so that every rank
+    and a resumed run see the same; the last partial batch is dropped."""
     rng = random.Random(seed * 1_000_003 + epoch)
     order = list(range(n))
     rng.shuffle(order)
@@ -216,6 +206,20 @@ def micro_batches(batch, lengths, micro, rank=0, world=1):
     return [order[s:s + micro] for s in range(0, len(order), micro)][rank::world]
 
 
+def agent_questions(args, log):
+    """-> (questions, tools) for agent accuracy, or None: a fixed sample of questions_eval.jsonl beside
+    --data, the same at every evaluation so that accuracies compare over the run."""
+    qfile, qs = Path(args.data).parent / "questions_eval.jsonl", []
+    if args.agent_eval_n and qfile.is_file():
+        with contextlib.suppress(ValueError):  # no usable question in it
+            qs = T.load_questions(qfile)
+    if args.agent_eval_n and not qs:
+        log(f"agent accuracy unavailable: no questions in {qfile}")
+    if not qs:
+        return None
+    return random.Random(args.seed).sample(qs, min(args.agent_eval_n, len(qs))), S.make_tools(str(qfile.parent))
+
+
 # ----------------------------------------------------------------------------- loss, schedule, evaluation
 
 def micro_loss(logp, mask, n_tokens, world):
@@ -223,6 +227,22 @@ def micro_loss(logp, mask, n_tokens, world):
     tokens weighs every token the same however the batch is split; `world` undoes DDP / FSDP's mean."""
     nll = -(logp * mask).sum()
     return nll * (world / n_tokens), nll.detach()
+
+
+def forward_backward(wrapped, items, gb, processor, micro, device, dtype, rank, world):
+    """Gradients of this rank's share of global batch `gb` (item indices) -> its loss over all ranks."""
+    n_tok = sum(items[j]["n_trained"] for j in gb)  # of the whole global batch: every rank knows it
+    mbs, nll = micro_batches(gb, [x["length"] for x in items], micro, rank, world), 0.0
+    for k, mb in enumerate(mbs):
+        batch = M.to_device(M.collate([render_item(items[j], processor) for j in mb], processor), device)
+        with training.grad_sync(wrapped, k == len(mbs) - 1):  # DDP all-reduces after the last micro-batch only
+            with M.autocast(device, dtype):
+                logp = wrapped(batch)  # (B, T) log p of each trained token, 0 elsewhere
+            loss, part = micro_loss(logp, batch["loss_mask"], n_tok, world)
+            loss.backward()
+        nll += part.item()
+    (nll,) = M.reduce([nll])
+    return nll / n_tok
 
 
 def lr_factor(step, total, warmup, min_ratio):
@@ -235,9 +255,8 @@ def lr_factor(step, total, warmup, min_ratio):
 
 @torch.no_grad()
 def evaluate(wrapped, held, processor, agent, micro, device, dtype, rank, world, seed):
-    """-> (held-out loss: NLL per trained token over all ranks, log line with agent accuracy). Every rank
-    runs as many forwards (FSDP2 gathers in lockstep): one short of work repeats a micro-batch, unused.
-    agent: (questions, tools) for greedy agent accuracy through eval.py, or None."""
+    """-> (held-out NLL per trained token over all ranks, log line with agent accuracy when `agent`).
+    Every rank runs as many forwards (FSDP2 gathers in lockstep): one short of work repeats a micro-batch."""
     wrapped.eval()
     chunks = micro_batches(range(len(held)), [x["length"] for x in held], micro)
     nll, n = 0.0, 0.0
@@ -280,7 +299,7 @@ def main(argv=None):
     except ValueError as e:
         raise SystemExit(f"sft.py: {e}") from None
     items, held = hold_out(items, args.eval_n, args.seed)
-    lengths, G, micro = [x["length"] for x in items], args.batch_size, args.micro_batch
+    G, micro = args.batch_size, args.micro_batch
     if G % (micro * world):
         raise SystemExit(f"sft.py: --batch_size {G} is not a multiple of micro_batch x world = {micro} x {world}")
     per_epoch = len(items) // G
@@ -288,13 +307,15 @@ def main(argv=None):
         raise SystemExit(f"sft.py: {len(items)} training trajectories, fewer than one global batch ({G})")
     total = min(args.epochs * per_epoch, args.max_steps or math.inf)
     warmup = math.ceil(args.warmup_ratio * total)
+    plan = {"data": data_fingerprint(items), "batch_size": G, "seed": args.seed, "total": total, "per_epoch": per_epoch}
+
+    # The optimizer, and where a resumed run stands (a resumed run restores every rank's RNG states)
     lr = args.lr if args.lr is not None else 1e-4 if args.lora_rank else 2e-3 if tiny else 1e-5
     mode = "fsdp" if args.fsdp else "ddp"
     wrapped = training.wrap(model, mode, device, dtype)
     params = [p for p in wrapped.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warmup, args.min_lr_ratio))
-    plan = {"data": data_fingerprint(items), "batch_size": G, "seed": args.seed, "total": total, "per_epoch": per_epoch}
     start, skipped, consecutive = 0, 0, 0
     if resume:
         start, extra = training.load_train_state(out, opt, sched, model=wrapped)
@@ -302,7 +323,7 @@ def main(argv=None):
             raise SystemExit(f"sft.py: cannot resume exactly: the run in {out} had plan {extra['plan']}, "
                              f"this one {plan} (same data, batch size, seed and schedule needed)")
         skipped, consecutive = extra["skipped"], extra["consecutive"]
-    else:  # a resumed run restores every rank's RNG state instead
+    else:
         torch.manual_seed(args.seed + rank)
     log(f"sft: {len(items)} train / {len(held)} held-out trajectories, world {world} ({mode}), "
         f"compute {dtype}, attention {model.config._attn_implementation}, "
@@ -310,15 +331,7 @@ def main(argv=None):
         f"{total} steps, warmup {warmup}, lr {lr:g}, trainable {sum(p.numel() for p in params) / 1e6:.2f}M"
         f"{f' (LoRA r={args.lora_rank})' if args.lora_rank else ''}, "
         f"{'resuming at step %d' % start if resume else 'fresh'}")
-    qfile, qs = Path(args.data).parent / "questions_eval.jsonl", []
-    if args.agent_eval_n and qfile.is_file():
-        with contextlib.suppress(ValueError):  # no usable question in it
-            qs = T.load_questions(qfile)
-    if args.agent_eval_n and not qs:
-        log(f"agent accuracy unavailable: no questions in {qfile}")
-    # a fixed sample of questions, the same at every evaluation, so accuracies compare over the run
-    agent = (random.Random(args.seed).sample(qs, min(args.agent_eval_n, len(qs))), S.make_tools(str(qfile.parent))
-             ) if qs else None
+    agent = agent_questions(args, log)
 
     meta = {"stage": "sft", "base": str(args.model), "tiny": tiny, "lora_rank": args.lora_rank, "config": vars(args)}
     end = min(total, start + args.stop_after_steps) if args.stop_after_steps else total  # a clean stop, resumable
@@ -327,20 +340,9 @@ def main(argv=None):
         epoch, i = divmod(step - 1, per_epoch)
         if step == start + 1 or i == 0:
             batches = epoch_batches(len(items), G, epoch, args.seed)
-        gb = batches[i]
-        n_tok = sum(items[j]["n_trained"] for j in gb)  # of the whole global batch: every rank knows it
-        t0, nll = time.time(), 0.0
-        mbs = micro_batches(gb, lengths, micro, rank, world)
-        for k, mb in enumerate(mbs):
-            batch = M.to_device(M.collate([render_item(items[j], processor) for j in mb], processor), device)
-            with training.grad_sync(wrapped, k == len(mbs) - 1):  # DDP all-reduces after the last micro-batch only
-                with M.autocast(device, dtype):
-                    logp = wrapped(batch)  # (B, T) log p of each trained token, 0 elsewhere
-                loss, part = micro_loss(logp, batch["loss_mask"], n_tok, world)
-                loss.backward()
-            nll += part.item()
-        (nll,) = M.reduce([nll])
-        loss_val, gnorm = nll / n_tok, training.clip_grad_norm(params, 1.0)
+        gb, t0 = batches[i], time.time()
+        loss_val = forward_backward(wrapped, items, gb, processor, micro, device, dtype, rank, world)
+        gnorm = training.clip_grad_norm(params, 1.0)
         good = math.isfinite(loss_val) and math.isfinite(gnorm)
         if good:  # else the update is skipped; the batch is consumed and the LR schedule moves on
             opt.step()
@@ -352,7 +354,7 @@ def main(argv=None):
         mem = (torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda"
                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20)  # Linux reports KiB
         log(f"step {step}/{total} | epoch {step / per_epoch:.2f} | loss {loss_val:.6f} | lr {cur_lr:.3e} | "
-            f"tok/s {sum(lengths[j] for j in gb) / (time.time() - t0):.0f} | gnorm {gnorm:.4f} | "
+            f"tok/s {sum(items[j]['length'] for j in gb) / (time.time() - t0):.0f} | gnorm {gnorm:.4f} | "
             f"mem {mem:.2f}GB | skipped {skipped}")
         if consecutive >= args.max_bad_steps:
             last = json.loads((out / "meta.json").read_text())["step"] if (out / "meta.json").is_file() else None
