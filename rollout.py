@@ -4,25 +4,22 @@
     python rollout.py --bench --ckpt out/sft --split questions_hard.jsonl --questions 16 --group 4 \
         --max_turns 6 --max_new_tokens 48        # this engine vs the model.generate re-prefill baseline
 
-nanochat's engine with tool turns. Each trajectory is a row of the batch (a slot of the KV cache) in one
-of three phases:
-  FEED  its `pending` tokens go into its slot, then it samples one token. A chunk (the prompt, or the end
-        of a turn + the tool's observation with its images + the next assistant header, all rendered by
-        model.render; or a forced turn of the RAG workflow, mask 0) is prefilled with rows of similar
-        length; single tokens are decoded for every such row in one forward.
-  TOOL  its turn ended with an action; the tool runs (in a thread for network backends) while the
-        others decode, and its observation becomes the next chunk.
-  DONE  an answer, a budget, or an error.
-No conversation is re-prefilled: a group's prompt is prefilled once and its cache copied to the group's
-rows, and a chunk's M-RoPE positions continue from the row's last, so the cache equals that of one full
-forward. Live rows hold the lowest slots (`compact`), so a decode step is one forward over a run of slots,
-read in place; rows in it that wait on a tool ride along as masked dummies.
+nanochat's engine with tool turns: each trajectory is a row of the batch and a slot of the KV cache, in
+one of three phases (Engine holds the transitions, `rollout` the loop):
+  FEED  its `pending` tokens go into its slot, then it samples a token. A chunk (the prompt; a turn's end,
+        the tool's observation and its images, the next assistant header; a forced turn of the RAG
+        workflow) comes from model.render, has mask 0 and is prefilled with rows of similar length; single
+        tokens of all rows are decoded in one forward.
+  TOOL  its turn ended with an action: the tool runs (in a thread for network backends) while the others
+        decode, and its observation is the next chunk.
+  DONE  an answer, a budget (turns, tokens), or an error (the question's image unusable, a tool raised).
+Nothing is re-prefilled: a group's prompt is prefilled once and copied to its rows, and a chunk's M-RoPE
+positions continue from the row's last. Live rows hold the lowest slots (`compact`), so a decode step
+reads one run of slots in place; rows in it that wait on a tool ride along as masked dummies.
 
-Exactness (tests/test_rollout.py): `token_ids` equal model.render of the conversation (image tokens
-expanded); `loss_mask` is 1 on sampled tokens only; `logprobs` are log softmax(logits / T) of each sampled
-token, what training recomputes (top-p only restricts where samples land; greedy records T = 1). A
-question whose image cannot be used gets trajectories with no tokens, finish "error" and an observation
-that says why; a tool's image the processor refuses is left out of the observation, which says so.
+Exactness (tests/test_rollout.py): `token_ids` are model.render of the conversation; `loss_mask` is 1 on
+sampled tokens only; `logprobs` are log softmax(logits / T) of each sampled token, what training
+recomputes (top-p only restricts where samples land; greedy records T = 1).
 """
 import argparse
 import dataclasses
@@ -247,7 +244,6 @@ class Row:
     image: object  # the question's image (PIL) or None
     tools_state: T.State
     gen: torch.Generator | None
-    forced: deque  # assistant turns still to force (the RAG workflow)
     slot: int = -1
     phase: str = FEED
     pending: list = field(default_factory=list)  # token ids not yet in the cache
@@ -278,11 +274,10 @@ class Engine:
         except ImageError as e:
             name = q["image"] if isinstance(q["image"], (str, os.PathLike)) else "the question's image"
             image, chunk, why = None, None, f"<information>error: image {name} could not be used: {e}</information>"
-        rows = [Row(Trajectory(qid=str(q.get("id", qi)), question=q), image, T.State(), g, deque(self.forced))
-                for g in gens]
+        rows = [Row(Trajectory(qid=str(q.get("id", qi)), question=q), image, T.State(), g) for g in gens]
         for row in rows:
             if chunk is None:
-                self.fail(row, why)
+                self.finish(row, "error", why)
             else:
                 self.append(row, chunk)
                 row.traj.prompt_len = len(chunk["ids"])
@@ -305,8 +300,8 @@ class Engine:
     def start_turn(self, row):
         """A new assistant turn: the next forced text if any (it acts at once), else the model samples."""
         row.turn_ids, row.phase = [], FEED
-        if row.forced:
-            text = row.forced.popleft().replace("{question}", row.traj.question["question"])
+        if row.traj.turns < len(self.forced):  # forced turns come first
+            text = self.forced[row.traj.turns].replace("{question}", row.traj.question["question"])
             self.append(row, {"ids": self.proc.encode(text), "images": [], "pixel_values": None, "grid": None})
             self.end_turn(row, text, closed=False)
 
@@ -360,7 +355,7 @@ class Engine:
                 obs = dataclasses.replace(obs, text=text.replace("<information>", note, 1), images=[])
                 chunk = tool_chunk(self.proc, obs, row.closed)
         except Exception as e:  # a tool that raised, or text that cannot be encoded, ends this trajectory
-            return self.fail(row, f"<information>error: {type(e).__name__}: {e}</information>")
+            return self.finish(row, "error", f"<information>error: {type(e).__name__}: {e}</information>")
         t.observations.append(obs)
         t.n_text_search, t.n_img_search, t.n_crop, t.n_tool_errors = \
             st.n_text_search, st.n_img_search, st.n_crop, st.n_errors
@@ -369,13 +364,11 @@ class Engine:
         self.append(row, chunk)
         self.start_turn(row)
 
-    def finish(self, row, why):
+    def finish(self, row, why, error=None):
+        """DONE; an error comes with an observation that says why (never a raise)."""
+        if error:
+            row.traj.observations.append(T.Observation(error, error=True, kind="error"))
         row.traj.finish, row.phase = why, DONE
-
-    def fail(self, row, text):
-        """End with finish "error" and an observation that says why (never a raise)."""
-        row.traj.observations.append(T.Observation(text, error=True, kind="error"))
-        self.finish(row, "error")
 
     # -- the model
     def step(self, rows, logits):
