@@ -379,9 +379,8 @@ class Engine:
 
     def feed(self, cache, rows, live=None):
         """One forward appending each row's pending tokens to its slot -> fp32 logits (len(rows), V) at each
-        row's last position. Decode (`live` given, one token per row): over the run of slots spanning `rows`,
-        the others in it (waiting on a tool) dummies: a pad written where their next token goes, its output
-        unread. Prefill: exactly `rows`, right-padded to the longest."""
+        row's last position. Prefill: `rows`, right-padded. Decode (`live` given): the run of slots spanning
+        `rows`; the others in it are dummies (a pad written where their next token goes, its output unread)."""
         dev, pvs, grids = self.device, [], []
         if live is not None:
             fed, lo, hi = set(rows), min(r.slot for r in rows), max(r.slot for r in rows) + 1
@@ -596,10 +595,9 @@ def _generate_turn(model, processor, trajs, max_new_tokens, dtype):
 
 
 def bench(model, processor, tools, questions, args):
-    """The same workload through both engines, greedy, `--runs` times each in turn, the best time of each
-    (these machines are noisy); tokens/s and a token-by-token comparison of the last run. The engine runs
-    GRPO groups of --group samples (the prompt prefilled once, as in rl.py); the baseline runs each
-    question --group times."""
+    """Both engines greedy on the same workload, `--runs` times each in turn, the best time of each (these
+    machines are noisy), and a token-by-token comparison. The engine runs groups of --group samples (the
+    prompt prefilled once, as in rl.py), the baseline each question --group times."""
     kw = dict(max_turns=args.max_turns, max_new_tokens=args.max_new_tokens)
     qs = [q for q in questions for _ in range(args.group)]
     rollout(model, processor, tools, questions[:2], temperature=0.0, **kw)  # warm-up
