@@ -4,32 +4,24 @@
     python rollout.py --bench --ckpt out/sft --split questions_hard.jsonl --questions 16 --group 4 \
         --max_turns 6 --max_new_tokens 48        # this engine vs the model.generate re-prefill baseline
 
-Each trajectory is a row of the batch, in one of three phases (nanochat's engine, with tool turns):
-  FEED  its `pending` tokens go into its slot of the KV cache, then it samples one token. A chunk (the
-        prompt, or the end of a turn + a user turn with a tool's observation and its images + the next
-        assistant header: both rendered by model.render) is prefilled with rows of similar length; a
-        single token is decoded with every other decoding row in one forward.
-  TOOL  its turn ended with an action; the tool runs (in a thread for network backends) while the
-        others decode, and its observation becomes the next chunk.
-  DONE  an answer, a budget, or an error.
-A forced turn (the RAG workflow's scripted actions) is appended with mask 0, then acts like a sampled
-one. Rows never re-prefill their conversation; a group's prompt is prefilled once and its cache copied
-to the group's rows; M-RoPE positions of each chunk continue from the row's last (model.mrope_positions),
-so the cache equals that of one full forward. Live rows hold the lowest slots (a finished row's slot
-gets the highest live row), so a decode step is one forward over a contiguous run of slots, read in
-place; rows in it that wait on a tool ride along as masked dummies. The text decoder runs our
-`slot_attention`, the vision tower its own. `dtype` is the compute dtype of the cache and of forwards
-(model.autocast, as in training); sampling is fp32.
+nanochat's engine with tool turns: each trajectory is a row of the batch and a slot of the KV cache, in
+one of three phases (Engine holds the transitions, `rollout` the loop):
+  FEED  its `pending` tokens go into its slot, then it samples a token. A chunk (the prompt; a turn's end,
+        the tool's observation and its images, the next assistant header; a forced turn of the RAG
+        workflow) comes from model.render, has mask 0 and is prefilled with rows of similar length; single
+        tokens of all rows are decoded in one forward.
+  TOOL  its turn ended with an action: the tool runs (in a thread for network backends) while the others
+        decode, and its observation is the next chunk.
+  DONE  an answer, a budget (turns, tokens), or an error (the question's image unusable, a tool raised).
+Nothing is re-prefilled: a group's prompt is prefilled once and copied to its rows, and a chunk's M-RoPE
+positions continue from the row's last. Live rows hold the lowest slots (`compact`), so a decode step
+reads one run of slots in place; rows in it that wait on a tool ride along as masked dummies.
 
-Exactness: `Trajectory.token_ids` is the sequence as the model saw it (image tokens expanded), the
-same as model.render of the conversation; `loss_mask` is 1 on sampled tokens only; `logprobs` holds
-log softmax(logits / T) of each sampled token (what training recomputes; top-p only restricts where
-samples land; greedy records T = 1). A question whose image cannot be used gets trajectories with no
-tokens, finish "error" and an observation that says why; a tool's image the processor refuses is left
-out of the observation, which says so. tests/test_rollout.py checks all of it.
+Exactness (tests/test_rollout.py): `token_ids` are model.render of the conversation; `loss_mask` is 1 on
+sampled tokens only; `logprobs` are log softmax(logits / T) of each sampled token, what training
+recomputes (top-p only restricts where samples land; greedy records T = 1).
 """
 import argparse
-import contextlib
 import dataclasses
 import os
 import time
@@ -75,27 +67,23 @@ class Trajectory:
     prompt_len: int = 0
 
     def item(self, pixels=False):
-        """The dict model.collate takes (model.render's keys), plus sampling log-probs and prompt_len. When
-        the rollout kept every image's features, they come instead of the pixels (training then skips the
-        vision tower), unless `pixels`."""
+        """The dict model.collate takes, plus log-probs and prompt_len (what its group shares). Kept image
+        features replace the pixels (training then skips the vision tower), unless `pixels`."""
         feats = bool(self.grids) and len(self.image_embeds) == len(self.grids) and not pixels
         return {"input_ids": torch.tensor(self.token_ids), "loss_mask": torch.tensor(self.loss_mask),
                 "logprobs": torch.tensor(self.logprobs),
                 "image_grid_thw": torch.cat(self.grids) if self.grids else None,
                 "pixel_values": torch.cat(self.pixel_values) if self.pixel_values and not feats else None,
                 "image_embeds": torch.cat(self.image_embeds) if feats else None,
-                "prompt_len": self.prompt_len}  # what its group shares (model.collate_shared)
+                "prompt_len": self.prompt_len}
 
 
 # ----------------------------------------------------------------------------- KV cache and attention
 
 class SlotCache:
-    """Keys/values of `slots` trajectories, (slots, KV heads, capacity, head dim) per layer, each slot
-    from position 0. A forward starts with `begin(rows, q)`: which slots it feeds, q new tokens each
-    written at the slot's length; it returns the attention mask. Each attention layer then calls
-    `update` (transformers' Cache interface), which writes its keys/values and returns the slots' up to
-    the longest row. stats: forwards by kind (decode / prefill, `_gather` when the slots were not a
-    contiguous run), dummy rows and slot moves."""
+    """Keys/values of `slots` rows, (slots, KV heads, capacity, head dim) per layer, each from position 0.
+    A forward calls `begin(rows, q)` (q new tokens per row, written at its length), then each attention
+    layer `update` (transformers' Cache interface). stats: forwards by kind, dummy rows, slot moves."""
 
     def __init__(self, n_layers, slots, kv_heads, head_dim, dtype, device, capacity=256, max_capacity=1 << 15):
         self.k = [torch.zeros(slots, kv_heads, capacity, head_dim, dtype=dtype, device=device)
@@ -115,8 +103,8 @@ class SlotCache:
                 raise ValueError(f"KV cache would need {self.used} positions (max {self.max_capacity})")
             for store in (self.k, self.v):
                 store[:] = [torch.cat([t, t.new_zeros(*t.shape[:2], cap - t.shape[2], t.shape[3])], 2) for t in store]
-        # A run of slots is a view of the cache; any other set is a gather (a copy of those rows in every
-        # layer). Decode steps never need one (see `compact`); a prefill chunk may, at about its own cost.
+        # A run of slots is a view of the cache, any other set a gather (a copy of those rows in every layer):
+        # decode steps never need one (see `compact`), a prefill chunk may.
         contiguous = rows == list(range(rows[0], rows[0] + len(rows)))
         self.rows = slice(rows[0], rows[0] + len(rows)) if contiguous else torch.tensor(rows, device=dev)
         self.stats[("decode" if q == 1 else "prefill") + ("" if contiguous else "_gather")] += 1
@@ -148,10 +136,9 @@ ROLLOUT_ATTN = "rollout_slots"  # no "flash" in the name: transformers gives suc
 
 
 def slot_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
-    """The text decoder's attention in a rollout: query (b, H, q, d); key/value (b, KV, T, d) from
-    SlotCache.update; attention_mask (b, 1, q, T) bool from SlotCache.begin (every query sees key 0, so
-    no row is fully masked) -> ((b, q, H, d), None) in the query's dtype. Decode: model.gqa_decode (each
-    cached key read once, in place). Chunks: SDPA with the mask and enable_gqa (exact either kernel)."""
+    """The text decoder's attention in a rollout: query (b, H, q, d), key/value (b, KV, T, d) from
+    SlotCache.update, mask (b, 1, q, T) -> ((b, q, H, d), None) in the query's dtype. Decode runs
+    model.gqa_decode (each cached key read once, in place), chunks SDPA with enable_gqa."""
     out_dtype, scale = query.dtype, scaling or query.shape[-1] ** -0.5
     query = query.to(key.dtype)  # fp32 out of RoPE under autocast; the cache holds the compute dtype
     if query.shape[2] == 1:
@@ -160,20 +147,6 @@ def slot_attention(module, query, key, value, attention_mask, scaling=None, **kw
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scale,
                                              enable_gqa=key.shape[1] != query.shape[1]).transpose(1, 2)
     return out.to(out_dtype), None
-
-
-@contextlib.contextmanager
-def rollout_attention(model):
-    """The text decoder on slot_attention inside, its own back on the way out (exceptions too). Only the
-    text config changes, so the vision tower keeps flash-attn or SDPA; no mask is built under this name:
-    Engine.feed passes the mask mapping itself."""
-    M.register_attention(ROLLOUT_ATTN, slot_attention)
-    cfg = model.model.language_model.config
-    old, cfg._attn_implementation = cfg._attn_implementation, ROLLOUT_ATTN
-    try:
-        yield
-    finally:
-        cfg._attn_implementation = old
 
 
 # ----------------------------------------------------------------------------- chunks, stops, sampling
@@ -189,16 +162,15 @@ def prompt_chunk(processor, question, image):
 
 
 def tool_chunk(processor, obs, closed):
-    """What follows an assistant turn's content once its tool returned: model.render of that turn (its
-    content left out) and a user turn with the observation, from the token that closes the turn (the
-    first one render trains) on, or after it when the model sampled it (`closed`)."""
+    """What follows a turn's content once its tool returned: the turn's end and a user turn with the
+    observation, from the token that closes the turn on, or after it when the model sampled it (`closed`)."""
     msgs = [{"role": "assistant", "content": ""}, {"role": "user", "content": obs.text}]
     return _render_chunk(processor, msgs, list(obs.images), after_turn=closed)
 
 
 def _render_chunk(processor, messages, images, after_turn=None):
-    """model.render(messages, images) with the assistant header to follow -> a chunk dict; after_turn:
-    start at the closing token of the conversation's first assistant turn (True: after it)."""
+    """model.render with the assistant header to follow -> a chunk dict; after_turn: start at the closing
+    token of the first assistant turn (the first one render trains; True: after it)."""
     try:
         r = M.render(processor, messages, images, add_generation_prompt=True)
     except Exception as e:  # whatever the image processor objects to, the image is at fault, not the run
@@ -223,13 +195,6 @@ def load_image(question):
         raise ImageError(f"{type(e).__name__}: {str(e)[:200]}") from e
 
 
-def without_images(obs, why):
-    """The observation without its images, and a line that says so (never an image the model does not get)."""
-    text = obs.text.replace(M.IMAGE + "\n", "").replace(M.IMAGE, "")
-    note = f"The image could not be used ({why}); no image attached.\n"
-    return dataclasses.replace(obs, text=text.replace("<information>", "<information>" + note, 1), images=[])
-
-
 def stop_reason(processor, turn_ids):
     """'tag' if the turn's text ends with an action's closing tag, 'eos' at <|im_end|>, else None."""
     if turn_ids[-1] in (processor.im_end_id, processor.pad_id):
@@ -238,11 +203,9 @@ def stop_reason(processor, turn_ids):
 
 
 class StopCheck:
-    """stop_reason(processor, turn_ids), decoding only when the last token could end a tag: its own text,
-    stripped of trailing whitespace, ends with ">" or is empty, or it is not whole UTF-8 alone. Any other
-    cannot: byte-level decoding resynchronises at a token that starts a character, so the turn's text
-    ends with that token's text, whose last non-space is not ">" (as every closing tag's and <|im_end|>'s
-    is). tests/test_rollout.py checks it against stop_reason on random sequences."""
+    """stop_reason, decoding only when the last token could end a tag: its text, right-stripped, is empty,
+    ends with ">" or is not whole UTF-8. Otherwise the turn's text ends with that token's text (byte-level
+    decoding resynchronises at a token that starts a character), so no tag or <|im_end|> ends it."""
 
     def __init__(self, processor):
         self.proc, self.can_end = processor, {}  # token id -> bool, filled as tokens are sampled
@@ -256,8 +219,8 @@ class StopCheck:
 
 
 def sample(logits, temperature, top_p, gens):
-    """logits (b, V) fp32 -> (tokens (b,), logprobs (b,)). One generator per row, so a row's samples do
-    not depend on which other rows share the batch."""
+    """logits (b, V) fp32 -> (tokens (b,), logprobs (b,)). A generator per row: its samples do not depend
+    on which rows share the batch."""
     if temperature <= 0:
         tok = logits.argmax(-1)
         return tok, torch.log_softmax(logits, -1).gather(-1, tok[:, None])[:, 0]
@@ -281,7 +244,6 @@ class Row:
     image: object  # the question's image (PIL) or None
     tools_state: T.State
     gen: torch.Generator | None
-    forced: deque  # assistant turns still to force (the RAG workflow)
     slot: int = -1
     phase: str = FEED
     pending: list = field(default_factory=list)  # token ids not yet in the cache
@@ -291,13 +253,6 @@ class Row:
     turn_ids: list = field(default_factory=list)  # sampled in this assistant turn
     future: Future | None = None  # the tool's observation
     closed: bool = False  # the turn ended with a sampled <|im_end|>
-
-
-def _inline(fn):
-    """fn() run now, as a finished future (tool_threads=0)."""
-    f = Future()
-    f.set_result(fn())
-    return f
 
 
 class Engine:
@@ -312,19 +267,17 @@ class Engine:
         self.device, self.dtype, self.stop = next(model.parameters()).device, dtype, StopCheck(processor)
 
     def new_rows(self, q, qi, gens):
-        """Rows for question q, one per generator, its prompt appended; DONE with an error when its image
-        cannot be used."""
+        """Question q's rows, one per generator, its prompt appended (DONE if its image cannot be used)."""
         try:
             image = load_image(q)
-            chunk, why = prompt_chunk(self.proc, q, image), None
+            chunk = prompt_chunk(self.proc, q, image)
         except ImageError as e:
             name = q["image"] if isinstance(q["image"], (str, os.PathLike)) else "the question's image"
             image, chunk, why = None, None, f"<information>error: image {name} could not be used: {e}</information>"
-        rows = [Row(Trajectory(qid=str(q.get("id", qi)), question=q), image, T.State(), g, deque(self.forced))
-                for g in gens]
+        rows = [Row(Trajectory(qid=str(q.get("id", qi)), question=q), image, T.State(), g) for g in gens]
         for row in rows:
             if chunk is None:
-                self.fail(row, why)
+                self.finish(row, "error", why)
             else:
                 self.append(row, chunk)
                 row.traj.prompt_len = len(chunk["ids"])
@@ -345,10 +298,10 @@ class Engine:
             row.pending_grids.append(chunk["grid"])
 
     def start_turn(self, row):
-        """A new assistant turn: the next forced text if any (then it acts at once), else the model samples."""
+        """A new assistant turn: the next forced text if any (it acts at once), else the model samples."""
         row.turn_ids, row.phase = [], FEED
-        if row.forced:
-            text = row.forced.popleft().replace("{question}", row.traj.question["question"])
+        if row.traj.turns < len(self.forced):  # forced turns come first
+            text = self.forced[row.traj.turns].replace("{question}", row.traj.question["question"])
             self.append(row, {"ids": self.proc.encode(text), "images": [], "pixel_values": None, "grid": None})
             self.end_turn(row, text, closed=False)
 
@@ -382,7 +335,11 @@ class Engine:
             self.finish(row, "budget")
         else:
             run = lambda: self.tools.execute(action, row.image, row.tools_state)  # noqa: E731
-            row.future = self.pool.submit(run) if self.pool else _inline(run)
+            if self.pool:
+                row.future = self.pool.submit(run)
+            else:  # local indexes answer in microseconds: run it now
+                row.future = Future()
+                row.future.set_result(run())
             row.phase, row.closed = TOOL, closed
 
     def observe(self, row):
@@ -392,11 +349,13 @@ class Engine:
             obs, row.future = row.future.result(), None
             try:
                 chunk = tool_chunk(self.proc, obs, row.closed)
-            except ImageError as e:  # the processor refuses the tool's image (a sliver of a crop): go on without it
-                obs = without_images(obs, str(e))
+            except ImageError as e:  # the processor refuses the tool's image (a sliver of a crop): leave it out
+                text = obs.text.replace(M.IMAGE + "\n", "").replace(M.IMAGE, "")
+                note = f"<information>The image could not be used ({e}); no image attached.\n"
+                obs = dataclasses.replace(obs, text=text.replace("<information>", note, 1), images=[])
                 chunk = tool_chunk(self.proc, obs, row.closed)
         except Exception as e:  # a tool that raised, or text that cannot be encoded, ends this trajectory
-            return self.fail(row, f"<information>error: {type(e).__name__}: {e}</information>")
+            return self.finish(row, "error", f"<information>error: {type(e).__name__}: {e}</information>")
         t.observations.append(obs)
         t.n_text_search, t.n_img_search, t.n_crop, t.n_tool_errors = \
             st.n_text_search, st.n_img_search, st.n_crop, st.n_errors
@@ -405,27 +364,23 @@ class Engine:
         self.append(row, chunk)
         self.start_turn(row)
 
-    def finish(self, row, why):
+    def finish(self, row, why, error=None):
+        """DONE; an error comes with an observation that says why (never a raise)."""
+        if error:
+            row.traj.observations.append(T.Observation(error, error=True, kind="error"))
         row.traj.finish, row.phase = why, DONE
 
-    def fail(self, row, text):
-        """End with finish "error" and an observation that says why (never a raise)."""
-        row.traj.observations.append(T.Observation(text, error=True, kind="error"))
-        self.finish(row, "error")
-
     # -- the model
-    def step(self, cache, rows, live=None):
-        """Feed `rows` (see feed for `live`), sample each one's next token, record it."""
-        toks, lps = sample(self.feed(cache, rows, live), self.temperature, self.top_p, [r.gen for r in rows])
+    def step(self, rows, logits):
+        """Sample each row's next token from its logits (len(rows), V), record it."""
+        toks, lps = sample(logits, self.temperature, self.top_p, [r.gen for r in rows])
         for r, tok, lp in zip(rows, toks.tolist(), lps.tolist()):
             self.on_token(r, tok, lp)
 
     def feed(self, cache, rows, live=None):
-        """One forward appending each row's pending tokens to its slot -> next-token logits (len(rows), V)
-        fp32 at each row's last position. Decode (`live` given, one token per row): the forward covers the
-        run of slots live[lo:hi] spanning `rows`; the others in it (waiting on a tool) are dummies: a pad
-        written at their length, where their next real token goes, and an output nobody reads. Prefill:
-        exactly `rows`, right-padded to the longest."""
+        """One forward appending each row's pending tokens to its slot -> fp32 logits (len(rows), V) at each
+        row's last position. Prefill: `rows`, right-padded. Decode (`live` given): the run of slots spanning
+        `rows`; the others in it are dummies (a pad written where their next token goes, its output unread)."""
         dev, pvs, grids = self.device, [], []
         if live is not None:
             fed, lo, hi = set(rows), min(r.slot for r in rows), max(r.slot for r in rows) + 1
@@ -469,8 +424,7 @@ class Engine:
 
     def admit(self, cache, q, qi, group_size, first, base_seed, share_prefix):
         """A question's group into slots first, first + 1, ...: its prompt prefilled once into the first
-        row's slot and the cache copied to the others, each sampling its own first token from the shared
-        logits. Rows that end at once (a bad image, a prompt over the token budget) come back DONE."""
+        row's slot and copied to the others, each sampling its first token from the shared logits."""
         rows = self.new_rows(q, qi, [torch.Generator().manual_seed(base_seed * 1_000_003 + qi * 1009 + g)
                                      for g in range(group_size)])
         for g, row in enumerate(rows):
@@ -485,9 +439,7 @@ class Engine:
                 cache.copy_slot(rows[0].slot, r.slot)
                 r.pending, r.pending_pv, r.pending_grids, r.next_pos = [], [], [], rows[0].next_pos
                 r.traj.image_embeds = list(rows[0].traj.image_embeds)
-            toks, lps = sample(logits.expand(len(rows), -1), self.temperature, self.top_p, [r.gen for r in rows])
-            for r, tok, lp in zip(rows, toks.tolist(), lps.tolist()):
-                self.on_token(r, tok, lp)
+            self.step(rows, logits.expand(len(rows), -1))
         else:
             for r in rows:
                 self.start_turn(r)
@@ -498,8 +450,7 @@ class Engine:
 
 def compact(live, cache, bar=None):
     """Drop DONE rows from `live` and move the highest live rows into their slots, so that live[i] holds
-    slot i again and a decode step is one contiguous run of slots: one copy of a row's cache per finished
-    trajectory, instead of a gather of every row in every decode step."""
+    slot i again: one copy of a row's cache per finished trajectory, never a gather in a decode step."""
     keep = [r for r in live if r.phase != DONE]
     holes = [r.slot for r in live[:len(keep)] if r.phase == DONE]
     for slot, r in zip(holes, [r for r in live[len(keep):] if r.phase != DONE]):  # as many movers as holes
@@ -527,12 +478,11 @@ def rollout(model, processor, tools, questions, group_size=1, max_turns=6, max_n
             max_total_tokens=4096, share_prefix=True, tool_threads=None, progress=False, dtype=None,
             keep_features=False):
     """Run every question `group_size` times to the end -> trajectories, question-major.
-    forced_actions: assistant turns fed (not sampled) before the model takes over, `{question}` replaced
-    (the RAG workflow). share_prefix: prefill a group's prompt once and copy it. tool_threads: tools run
-    in that many threads while other rows decode (default: inline for the local in-memory indexes, which
-    answer in microseconds; 8 for network backends). dtype: the compute dtype (default: the embeddings').
-    keep_features: keep each image's vision-tower output in its trajectories (Trajectory.item gives it to
-    training, which then never runs the tower: rl.py)."""
+    forced_actions: assistant turns fed before the model takes over, `{question}` replaced (the RAG
+    workflow). share_prefix: prefill a group's prompt once. tool_threads: default 0 (inline) for the local
+    in-memory indexes, 8 for network backends. dtype: the compute dtype of the cache and forwards
+    (model.autocast; default: the embeddings'); sampling is fp32. keep_features: keep each image's
+    vision-tower output for training (Trajectory.item)."""
     if tool_threads is None:
         local = (S.BM25Index, S.LocalImageIndex, type(None))
         tool_threads = 0 if (isinstance(getattr(tools, "text_backend", None), local)
@@ -551,31 +501,34 @@ def rollout(model, processor, tools, questions, group_size=1, max_turns=6, max_n
     base_seed = seed if seed is not None else int(torch.randint(0, 2 ** 31, ()).item())
     todo, out, live = deque(enumerate(questions)), [], []  # live[i] holds slot i (see compact)
     bar = tqdm(total=len(questions) * group_size, desc="rollout", unit="traj") if progress else None
+    # the text decoder runs slot_attention (Engine.feed passes the mask itself), the vision tower its own
+    M.register_attention(ROLLOUT_ATTN, slot_attention)
+    text_cfg = model.model.language_model.config
+    old_attn, text_cfg._attn_implementation = text_cfg._attn_implementation, ROLLOUT_ATTN
     try:
-        with rollout_attention(model):
-            while todo or live:
-                while todo and len(live) + group_size <= batch_size:  # whole groups into the free slots
-                    qi, q = todo.popleft()
-                    rows = eng.admit(cache, q, qi, group_size, len(live), base_seed, share_prefix)
-                    out += [r.traj for r in rows]
-                    live += rows
-                    compact(live, cache, bar)
-                for r in live:  # TOOL -> FEED (the observation's chunk) or DONE
-                    if r.phase == TOOL and r.future.done():
-                        eng.observe(r)
+        while todo or live:
+            while todo and len(live) + group_size <= batch_size:  # whole groups into the free slots
+                qi, q = todo.popleft()
+                rows = eng.admit(cache, q, qi, group_size, len(live), base_seed, share_prefix)
+                out += [r.traj for r in rows]
+                live += rows
                 compact(live, cache, bar)
-                chunks = sorted((r for r in live if r.phase == FEED and len(r.pending) > 1),
-                                key=lambda r: len(r.pending))
-                for part in buckets(chunks):  # prefill: chunks, in buckets of similar length
-                    eng.step(cache, part)
-                    compact(live, cache, bar)
-                ready = [r for r in live if r.phase == FEED and len(r.pending) == 1]
-                if ready:  # decode: one token for each, one forward over a run of slots
-                    eng.step(cache, ready, live)
-                    compact(live, cache, bar)
-                elif live and not chunks:
-                    time.sleep(0.001)  # every live row waits on a network tool
+            for r in live:  # TOOL -> FEED (the observation's chunk) or DONE
+                if r.phase == TOOL and r.future.done():
+                    eng.observe(r)
+            compact(live, cache, bar)
+            chunks = sorted((r for r in live if r.phase == FEED and len(r.pending) > 1), key=lambda r: len(r.pending))
+            for part in buckets(chunks):  # prefill: chunks, in buckets of similar length
+                eng.step(part, eng.feed(cache, part))
+                compact(live, cache, bar)
+            ready = [r for r in live if r.phase == FEED and len(r.pending) == 1]
+            if ready:  # decode: one token each, one forward over a run of slots
+                eng.step(ready, eng.feed(cache, ready, live))
+                compact(live, cache, bar)
+            elif live and not chunks:
+                time.sleep(0.001)  # every live row waits on a network tool
     finally:
+        text_cfg._attn_implementation = old_attn
         if eng.pool:
             eng.pool.shutdown(wait=False, cancel_futures=True)
         if bar:
@@ -595,27 +548,26 @@ def rollout_baseline(model, processor, tools, questions, max_turns=6, max_new_to
     eng = Engine(model, processor, tools, max_turns, max_new_tokens, max_total_tokens, 0.0, 1.0,
                  forced_actions, 0, dtype)
     rows = [r for qi, q in enumerate(questions) for r in eng.new_rows(q, qi, [None])]
-    active = [r for r in rows if r.phase != DONE]
-    for r in active:
-        eng.start_turn(r)
-    while active:
-        for r in active:  # tools ran inline; a forced turn may act again at once
+    for r in rows:
+        if r.phase != DONE:
+            eng.start_turn(r)
+    while True:
+        for r in rows:  # tools ran inline; a forced turn may act again at once
             while r.phase == TOOL:
                 eng.observe(r)
-        active = [r for r in active if r.phase != DONE]
+        active = [r for r in rows if r.phase == FEED]
         if not active:
-            break
-        for r, new in zip(active, _generate_turn(model, processor, [r.traj for r in active], max_new_tokens, dtype)):
-            for tok, lp in new:
-                eng.on_token(r, tok, lp)
+            return [r.traj for r in rows]
+        seq, lps = _generate_turn(model, processor, [r.traj for r in active], max_new_tokens, dtype)
+        for r, toks, lp in zip(active, seq.tolist(), lps):
+            for i, tok in enumerate(toks):  # up to the turn's end (its stop, max_new_tokens) or the token budget
+                eng.on_token(r, tok, lp[i, tok].item())
                 if r.phase != FEED:
                     break
-        active = [r for r in active if r.phase != DONE]
-    return [r.traj for r in rows]
 
 
 def _generate_turn(model, processor, trajs, max_new_tokens, dtype):
-    """One batched model.generate over whole conversations -> per row [(token, logprob)]."""
+    """One batched model.generate over whole conversations -> new tokens (b, n), their log-probs (b, n, V)."""
     L, dev = max(len(t.token_ids) for t in trajs), next(model.parameters()).device
     ids = torch.full((len(trajs), L), processor.pad_id, dtype=torch.long)
     att = torch.zeros_like(ids)
@@ -637,24 +589,15 @@ def _generate_turn(model, processor, trajs, max_new_tokens, dtype):
                              image_grid_thw=torch.cat(grids).to(dev) if grids else None,
                              mm_token_type_ids=(ids == processor.image_token_id).int().to(dev),
                              generation_config=cfg, stopping_criteria=[stop_at_action])
-    seq = out.sequences[:, L:].cpu()
     lps = torch.stack([torch.log_softmax(s.float().index_fill(-1, torch.tensor(forbid, device=s.device),
                                                                float("-inf")), -1) for s in out.logits], 1).cpu()
-    res = []
-    for b in range(len(trajs)):
-        res.append([])
-        for i, tok in enumerate(seq[b].tolist()):
-            res[-1].append((tok, lps[b, i, tok].item()))
-            if tok in (processor.im_end_id, processor.pad_id) or stop_reason(processor, seq[b, :i + 1].tolist()):
-                break
-    return res
+    return out.sequences[:, L:].cpu(), lps
 
 
 def bench(model, processor, tools, questions, args):
-    """The same workload through both engines, greedy, `--runs` times each in turn, the best time of each
-    (these machines are noisy); tokens/s and a token-by-token comparison of the last run. The engine runs
-    GRPO groups of --group samples (the prompt prefilled once, as in rl.py); the baseline runs each
-    question --group times."""
+    """Both engines greedy on the same workload, `--runs` times each in turn, the best time of each (these
+    machines are noisy), and a token-by-token comparison. The engine runs groups of --group samples (the
+    prompt prefilled once, as in rl.py), the baseline each question --group times."""
     kw = dict(max_turns=args.max_turns, max_new_tokens=args.max_new_tokens)
     qs = [q for q in questions for _ in range(args.group)]
     rollout(model, processor, tools, questions[:2], temperature=0.0, **kw)  # warm-up
