@@ -193,7 +193,7 @@ def _torchrun_rl(*args):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(ROOT / "tests" / "dist_entry.py"), "rl", *args]
     p = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-12000:]  # a hang: the watchdog's stacks
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-60000:]  # a hang: every rank's watchdog stacks
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])

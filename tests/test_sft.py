@@ -255,7 +255,7 @@ def torchrun2(tiny_dir, path, out, *extra):
            str(ROOT / "tests" / "dist_entry.py"), "sft", *common(tiny_dir, path, out, *DIST_ARGS, *extra)]
     p = subprocess.run(cmd, cwd=out.parent, env=dict(os.environ, OMP_NUM_THREADS="1", WATCHDOG_S="150"),
                        capture_output=True, text=True, timeout=180)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-12000:]  # a hang: the watchdog's stacks
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-60000:]  # a hang: every rank's watchdog stacks
 
 
 def assert_same_run(out, losses, weights):
